@@ -1,0 +1,83 @@
+"""The one protocol every generation backend implements.
+
+It is shaped after vLLM's offline API: a batch of requests in, ``n`` completions per request out, each
+request naming the LoRA adapter it runs with. That lets one batch mix adapters, so a hot-swap never
+has to wait for, or disturb, requests in flight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence, Union, runtime_checkable
+
+Message = dict[str, str]
+"""One chat message: ``{"role": "system" | "user" | "assistant", "content": "..."}``."""
+
+Prompt = Union[list[Message], str]
+"""Chat messages get the model's chat template; a plain string is fed to the model as it is."""
+
+
+class PromptTooLongError(ValueError):
+    """The prompt does not fit in the model's context window together with the requested new tokens."""
+
+
+class AdapterError(RuntimeError):
+    """An adapter folder is missing, incomplete or does not fit the base model."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to decode one request. ``temperature == 0`` is greedy decoding."""
+
+    n: int = 1
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 128
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: Prompt
+    params: SamplingParams = field(default_factory=SamplingParams)
+    adapter: str | None = None
+    """Name of a loaded adapter, or ``None`` for the base model."""
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    """Natural-log probability of each generated token under the sampling distribution's model."""
+    finish_reason: str
+    """``"stop"`` (end of sequence or a stop string) or ``"length"`` (ran into max_new_tokens)."""
+    prompt_tokens: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@runtime_checkable
+class Backend(Protocol):
+    model_name: str
+    context_length: int
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Completion]]:
+        """Run a batch; returns, per request, ``params.n`` completions."""
+        ...
+
+    def count_tokens(self, prompt: Prompt) -> int:
+        """Number of tokens ``prompt`` takes once templated."""
+        ...
+
+    def load_adapter(self, name: str, path: str) -> None:
+        """Load a LoRA adapter folder under ``name``; raises :class:`AdapterError` if it is unusable."""
+        ...
+
+    def unload_adapter(self, name: str) -> None: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,328 @@
+"""Consolidation: distil the buffer into a new LoRA adapter, gate it, promote it, serve it.
+
+One run (``agent consolidate``, ``Agent.consolidate()``, or the scheduler):
+1. take the consolidation lock in the store (never two runs at once, across processes), reap runs
+   that were killed, and remove half-written adapter folders they left;
+2. data: the ``pending`` System 2 examples; a seeded, stable share of them becomes ``holdout`` and
+   is never trained on; earlier ``used`` examples are replayed; retention examples (System 1's own
+   confident answers, from the store's history and a shipped general prompt set, answered by the
+   serving model now) keep current behaviour in place;
+3. train a LoRA adapter (:mod:`agent.training`) into a temporary folder;
+4. gate: candidate vs serving model on the task holdout (accuracy against the System 2 targets), on
+   the retention holdout (agreement with the serving model's answers), and on a fixed eval file when
+   configured; promote only if not worse on the task and retention stays above its threshold;
+5. promote: rename the folder into place, then commit the registry row: a crash at any moment
+   leaves the old or the new adapter complete, never half of one. The agent then hot-swaps it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+
+from agent.backends import GenerationRequest, SamplingParams
+from agent.loop import system1_messages
+from agent.training import TrainingDiverged, TrainingExample, train_lora
+from policies.answers import answers_match, normalise, similarity
+
+if TYPE_CHECKING:
+    from agent.loop import Agent
+
+logger = logging.getLogger(__name__)
+
+LOCK_NAME = "consolidation"
+TMP_PREFIX = ".tmp-"
+RETENTION_SIMILARITY = 0.8
+"""Long answers count as retained when their token-level F1 with the old answer reaches this."""
+
+
+@dataclass
+class ConsolidationReport:
+    """What one consolidation run did, with every number the gate looked at."""
+
+    status: str
+    """``promoted``, ``rejected``, ``failed``, ``skipped`` or ``dry-run``."""
+    reason: str
+    run_id: int | None = None
+    scope: str | None = None
+    adapter_version: int | None = None
+    parent_version: int | None = None
+    n_new: int = 0
+    n_replay: int = 0
+    n_retention: int = 0
+    n_holdout: int = 0
+    n_retention_holdout: int = 0
+    metrics: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    train_preview: list[dict[str, str]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def holdout_bucket(text: str, seed: int) -> float:
+    """A stable pseudo-random number in [0, 1) per input: the same example is always held out."""
+    digest = hashlib.sha256(f"{seed}:{text.strip().lower()}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def general_prompts() -> list[str]:
+    """The small general prompt set shipped with the package (retention data when the store is young)."""
+    text = resources.files("agent").joinpath("data/general_prompts.jsonl").read_text()
+    return [json.loads(line)["input"] for line in text.splitlines() if line.strip()]
+
+
+def consolidate(
+    agent: "Agent",
+    *,
+    scope: str | None = None,
+    dry_run: bool = False,
+    min_examples: int | None = None,
+    epochs: int | None = None,
+    progress: bool = False,
+    on_step: Callable[[int, int, float], None] | None = None,
+) -> ConsolidationReport:
+    """One consolidation run for ``scope`` (a task tag; None: the general adapter)."""
+    store, config = agent.store, agent.config.consolidation
+    owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    if not store.acquire_lock(LOCK_NAME, owner, ttl_s=900):
+        holder = store.lock_holder(LOCK_NAME)
+        who = f"pid {holder.pid} on {holder.host}" if holder else "another process"
+        return ConsolidationReport("skipped", f"another consolidation is running ({who})", scope=scope)
+    started = time.perf_counter()
+    try:
+        cleanup_after_crash(agent)
+        return _consolidate_locked(agent, owner, scope, dry_run, min_examples or config.min_examples,
+                                   epochs, progress, on_step, started)
+    finally:
+        store.release_lock(LOCK_NAME, owner)
+
+
+def cleanup_after_crash(agent: "Agent") -> list[int]:
+    """Mark killed runs ``crashed`` and delete the temporary adapter folders they left behind."""
+    crashed = agent.store.reap_crashed_runs()
+    root = agent.config.adapters_path()
+    if root.is_dir():
+        for leftover in root.glob(f"{TMP_PREFIX}*"):
+            logger.warning("removing half-written adapter folder %s", leftover)
+            shutil.rmtree(leftover, ignore_errors=True)
+    return crashed
+
+
+def _consolidate_locked(agent, owner, scope, dry_run, min_examples, epochs, progress, on_step, started):
+    store, cfg = agent.store, agent.config.consolidation
+    tag_filter = scope if (scope is not None or cfg.per_tag) else None
+    pending = [e for e in store.list_examples(status="pending", tag=tag_filter)
+               if scope is not None or not cfg.per_tag or e.tag is None]
+    to_holdout = [e for e in pending if holdout_bucket(e.input, cfg.seed) < cfg.holdout_fraction]
+    held = {e.id for e in to_holdout}
+    new = [e for e in pending if e.id not in held]
+    if len(new) < min_examples:
+        return ConsolidationReport(
+            "skipped", f"{len(new)} pending examples to train on, fewer than --min-examples {min_examples}",
+            scope=scope, n_new=len(new), seconds=time.perf_counter() - started,
+        )
+    if to_holdout and not dry_run:
+        store.set_example_status([e.id for e in to_holdout], "holdout")
+    holdout = store.list_examples(status="holdout", tag=tag_filter) if not dry_run else to_holdout
+    replay = store.sample_examples("used", int(cfg.replay_ratio * len(new)), seed=cfg.seed, tag=tag_filter)
+    serving = store.serving_adapter(scope) or (store.serving_adapter(None) if scope else None)
+    retention_inputs = _retention_inputs(agent, cfg)
+    n_retention_train = min(int(cfg.retention_ratio * (len(new) + len(replay))),
+                            sum(1 for p in retention_inputs if holdout_bucket(p, cfg.seed + 1) >= 0.5))
+    report = ConsolidationReport(
+        "dry-run", "", scope=scope, parent_version=serving.version if serving else None, n_new=len(new),
+        n_replay=len(replay), n_holdout=len(holdout),
+    )
+    if dry_run:
+        report.n_retention = n_retention_train
+        report.reason = "nothing was trained (dry run)"
+        report.train_preview = [{"input": e.input, "target": e.target, "source": src}
+                                for src, rows in (("new", new), ("replay", replay)) for e in rows]
+        report.seconds = time.perf_counter() - started
+        return report
+
+    run_id = store.start_run(scope=scope, config=asdict(cfg))
+    report.run_id = run_id
+    version = _next_version(agent)
+    root = agent.config.adapters_path()
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f"{TMP_PREFIX}v{version}-{uuid.uuid4().hex[:6]}"
+    candidate = f"candidate-v{version}"
+    loaded = False
+    try:
+        serving_name = agent._adapter_for(scope)[1]
+        # Retention: the serving model's own answers, now, are the targets to keep.
+        retention_answers = _system1_answers(agent, retention_inputs, serving_name)
+        retention_train = [(p, a) for p, a in zip(retention_inputs, retention_answers)
+                           if holdout_bucket(p, cfg.seed + 1) >= 0.5 and a.strip()][:n_retention_train]
+        retention_holdout = [(p, a) for p, a in zip(retention_inputs, retention_answers)
+                             if holdout_bucket(p, cfg.seed + 1) < 0.5 and normalise(a, "text")]
+        report.n_retention, report.n_retention_holdout = len(retention_train), len(retention_holdout)
+        system_prompt = agent.config.system_prompt
+        examples = [TrainingExample(system1_messages(e.input), e.target) for e in [*new, *replay]]
+        examples += [TrainingExample(system1_messages(p), a) for p, a in retention_train]
+
+        def step(i: int, total: int, loss: float) -> None:
+            if i % 10 == 0:
+                store.heartbeat(LOCK_NAME, owner)
+            if on_step:
+                on_step(i, total, loss)
+
+        stats = train_lora(
+            agent.model_path, examples, cfg, tmp, resume_from=serving.path if (cfg.resume and serving) else None,
+            system_prompt=system_prompt, epochs=epochs, on_step=step if not progress else _progress(step),
+        )
+        report.metrics.update(train_steps=stats.steps, train_seconds=round(stats.seconds, 2),
+                              first_loss=stats.first_loss, last_loss=stats.last_loss, bf16=stats.bf16,
+                              n_train=len(examples))
+        agent.backend.load_adapter(candidate, str(tmp))
+        loaded = True
+        passed, reason = _gate(agent, report, holdout, retention_holdout, candidate, serving_name, scope)
+    except TrainingDiverged as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return _finish(agent, report, "failed", f"training diverged: {exc}", started)
+    except Exception as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        logger.exception("consolidation failed")
+        _finish(agent, report, "failed", f"{type(exc).__name__}: {exc}", started)
+        raise
+    finally:
+        if loaded:
+            agent.backend.unload_adapter(candidate)
+
+    final = root / f"v{version}"
+    os.replace(tmp, final)  # the folder is complete before any registry row points at it
+    report.adapter_version = version
+    store.register_adapter(
+        version=version, path=str(final), parent=report.parent_version,
+        status="candidate", metrics=report.metrics, n_train=report.metrics.get("n_train", 0),
+        run_id=run_id, scope=scope,
+    )
+    if not passed:
+        store.update_adapter(version, status="rejected")
+        return _finish(agent, report, "rejected", reason, started)
+    store.promote_adapter(version)
+    store.set_example_status([e.id for e in new], "used", adapter_version=version)
+    return _finish(agent, report, "promoted", reason, started)
+
+
+def _finish(agent, report: ConsolidationReport, status: str, reason: str, started: float) -> ConsolidationReport:
+    report.status, report.reason = status, reason
+    report.seconds = round(time.perf_counter() - started, 2)
+    if report.run_id is not None:
+        agent.store.finish_run(
+            report.run_id, status, reason=reason, metrics=report.metrics, adapter_version=report.adapter_version,
+            n_train=report.metrics.get("n_train", 0), n_holdout=report.n_holdout,
+        )
+    logger.info("consolidation %s: %s", status, reason)
+    return report
+
+
+def _next_version(agent) -> int:
+    """Next version number, also past any folder a crash left without a registry row."""
+    root = agent.config.adapters_path()
+    on_disk = [int(p.name[1:]) for p in root.glob("v*") if p.name[1:].isdigit()] if root.is_dir() else []
+    return max([agent.store.next_adapter_version(), *(v + 1 for v in on_disk)])
+
+
+def _retention_inputs(agent, cfg) -> list[str]:
+    """Confident System 1 inputs from across the store's history, then the shipped general prompts."""
+    history = agent.store.sample_confident_interactions(
+        min_confidence=max(agent.config.routing.threshold, 0.5), limit=cfg.retention_prompts // 2, seed=cfg.seed,
+    )
+    seen: set[str] = set()
+    inputs: list[str] = []
+    for text in [i.input for i in history] + general_prompts():
+        key = text.strip().lower()
+        if key not in seen:
+            seen.add(key)
+            inputs.append(text)
+    return inputs[: cfg.retention_prompts]
+
+
+def _system1_answers(agent, inputs: Sequence[str], adapter: str | None, batch: int = 16) -> list[str]:
+    params = SamplingParams(max_new_tokens=agent.config.max_new_tokens)
+    out: list[str] = []
+    for start in range(0, len(inputs), batch):
+        chunk = inputs[start:start + batch]
+        results = agent.backend.generate([GenerationRequest(system1_messages(q), params, adapter) for q in chunk])
+        out.extend(r[0].text for r in results)
+    return out
+
+
+def _accuracy(outputs: Iterable[str], targets: Iterable[str], kind: str) -> float | None:
+    pairs = list(zip(outputs, targets))
+    if not pairs:
+        return None
+    return sum(answers_match(normalise(o, kind), normalise(t, kind), kind) for o, t in pairs) / len(pairs)
+
+
+def retained(old: str, new: str) -> bool:
+    """Does ``new`` keep the serving model's answer ``old``? Exact after normalisation, or close for long ones."""
+    a, b = normalise(old, "text"), normalise(new, "text")
+    if a is not None and a == b:
+        return True
+    return len(old.split()) > 5 and similarity(old, new) >= RETENTION_SIMILARITY
+
+
+def _gate(agent, report, holdout, retention_holdout, candidate, serving_name, scope) -> tuple[bool, str]:
+    cfg = agent.config.consolidation
+    kind = agent._answer_kind(scope)
+    m = report.metrics
+    reasons: list[str] = []
+    ok = True
+    if holdout:
+        inputs, targets = [e.input for e in holdout], [e.target for e in holdout]
+        m["holdout_accuracy_candidate"] = _accuracy(_system1_answers(agent, inputs, candidate), targets, kind)
+        m["holdout_accuracy_serving"] = _accuracy(_system1_answers(agent, inputs, serving_name), targets, kind)
+        better = m["holdout_accuracy_candidate"] >= m["holdout_accuracy_serving"] - cfg.gate_margin
+        ok &= better
+        reasons.append(f"holdout accuracy {m['holdout_accuracy_serving']:.2f} -> {m['holdout_accuracy_candidate']:.2f}")
+    else:
+        reasons.append("no holdout examples yet")
+    if retention_holdout:
+        new_answers = _system1_answers(agent, [p for p, _ in retention_holdout], candidate)
+        score = sum(retained(old, new) for (_, old), new in zip(retention_holdout, new_answers)) / len(new_answers)
+        m["retention"] = score
+        m["retention_examples"] = [
+            {"input": p, "serving": old, "candidate": new} for (p, old), new in zip(retention_holdout[:5], new_answers)
+        ]
+        ok &= score >= cfg.retention_threshold
+        reasons.append(f"retention {score:.2f} (needs >= {cfg.retention_threshold:.2f})")
+    if cfg.eval_file:
+        items = [json.loads(line) for line in Path(cfg.eval_file).read_text().splitlines() if line.strip()]
+        inputs, targets = [i["input"] for i in items], [str(i.get("answer", i.get("target"))) for i in items]
+        m["eval_accuracy_candidate"] = _accuracy(_system1_answers(agent, inputs, candidate), targets, kind)
+        m["eval_accuracy_serving"] = _accuracy(_system1_answers(agent, inputs, serving_name), targets, kind)
+        ok &= m["eval_accuracy_candidate"] >= m["eval_accuracy_serving"] - cfg.gate_margin
+        reasons.append(f"eval file accuracy {m['eval_accuracy_serving']:.2f} -> {m['eval_accuracy_candidate']:.2f}")
+    return ok, ("passed: " if ok else "gate failed: ") + "; ".join(reasons)
+
+
+def _progress(step: Callable[[int, int, float], None]) -> Callable[[int, int, float], None]:
+    """Wrap a step callback with a tqdm bar (only the CLI asks for one)."""
+    from tqdm import tqdm
+
+    bar: list[Any] = []
+
+    def on_step(i: int, total: int, loss: float) -> None:
+        if not bar:
+            bar.append(tqdm(total=total, desc="training", unit="step"))
+        bar[0].update(1)
+        bar[0].set_postfix(loss=f"{loss:.3f}")
+        if i >= total:
+            bar[0].close()
+        step(i, total, loss)
+
+    return on_step

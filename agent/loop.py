@@ -1,0 +1,361 @@
+"""The agent loop: System 1 answers, a router decides, System 2 teaches.
+
+``Agent.answer(query)``:
+1. System 1: one greedy pass of the base model + the serving LoRA adapter, with token log-probs;
+2. routing: a confidence estimate of that pass against a threshold;
+3. if uncertain, System 2: ``k`` sampled runs of a reasoning method (on the base model, so that an
+   adapter's terse format never leaks into the reasoning), then a consistency filter;
+4. the interaction is logged; an accepted System 2 answer joins the distillation buffer as a
+   ``pending`` (input -> final answer) example, a rejected one is kept with its votes as ``rejected``;
+5. the user gets the System 2 answer now; System 1 learns it at the next consolidation.
+
+The ``Agent`` is thread-safe: concurrent ``answer`` calls share forward passes through the backend's
+batcher, and a newly promoted adapter is picked up between requests without a restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from agent.backends import (
+    Backend,
+    Completion,
+    GenerationRequest,
+    Message,
+    SamplingParams,
+    make_backend,
+)
+from agent.config import AgentConfig, ConfigError
+from agent.models import display_name, resolve_model
+from policies.answers import normalise
+from policies.routing import RouteDecision, make_router, sample_agreement, token_confidence
+from policies.system2 import UnknownMethodError, make_method
+from policies.system2.base import Call, System2Method, System2Result
+from store import Store
+
+logger = logging.getLogger(__name__)
+
+ROUTES = ("auto", "system1", "system2")
+ADAPTER_POLL_SECONDS = 2.0
+"""How often a running agent checks the store for a newly promoted or rolled-back adapter."""
+
+
+class InvalidQueryError(ValueError):
+    """The query cannot be answered as given (empty, or unknown route)."""
+
+
+class System2Timeout(RuntimeError):
+    """System 2 ran past ``system2.timeout_s``; the System 1 answer is used instead."""
+
+
+@dataclass
+class Answer:
+    """What the agent answered, how, and at what cost."""
+
+    text: str
+    route: str
+    """``system1`` or ``system2``: who produced ``text``."""
+    confidence: float | None
+    """System 1's confidence estimate (the routing score)."""
+    method: str | None
+    """The System 2 method, when System 2 ran."""
+    adapter_version: int | None
+    """The LoRA adapter System 1 ran with (None: the base model)."""
+    tokens: int
+    """Tokens generated for this answer, System 1 and System 2 together."""
+    latency_ms: float
+    system1_text: str = ""
+    prompt_tokens: int = 0
+    tokens_system1: int = 0
+    tokens_system2: int = 0
+    system2_calls: int = 0
+    votes: dict[str, int] | None = None
+    agreement: float | None = None
+    accepted: bool | None = None
+    """Whether System 2's answer passed the consistency filter and joined the buffer."""
+    route_reason: dict[str, Any] = field(default_factory=dict)
+    finish_reason: str = "stop"
+    interaction_id: int | None = None
+    error: str | None = None
+    """Why System 2 fell back to System 1, when it did."""
+
+
+def system1_messages(query: str, system_prompt: str | None = None) -> list[Message]:
+    """The prompt System 1 serves with; training uses the very same one."""
+    messages: list[Message] = []
+    if system_prompt:
+        messages.append({"role": "system", "content": system_prompt})
+    messages.append({"role": "user", "content": query})
+    return messages
+
+
+class Agent:
+    """The runtime, usable without a server: ``Agent(AgentConfig()).answer("...")``."""
+
+    def __init__(self, config: AgentConfig | None = None, *, backend: Backend | None = None,
+                 store: Store | None = None) -> None:
+        self.config = config or AgentConfig()
+        self.router = make_router(self.config.routing.router, self.config.routing.threshold)
+        self._methods: dict[tuple[str, str | None], System2Method] = {}
+        for name in {self.config.system2.method, *self.config.system2.methods_by_tag.values()}:
+            self._method(name, None)  # an unknown method name is a start-up error, not a runtime surprise
+        self.store = store or Store(self.config.db_url())
+        self.model_path = None
+        if backend is None:
+            self.model_path = resolve_model(self.config.model, self.config.cache_dir)
+            backend = make_backend(
+                self.config.backend, self.model_path, model_name=display_name(self.config.model),
+                system_prompt=self.config.system_prompt, threads=self.config.threads,
+                max_batch=self.config.max_batch, batch_wait_ms=self.config.batch_wait_ms,
+            )
+        self.backend = backend
+        self._serving: dict[str | None, tuple[int, str]] = {}
+        self._retiring: list[tuple[float, str]] = []
+        self._adapter_lock = threading.Lock()
+        self._last_poll = 0.0
+        self.scheduler = None
+        self.refresh_adapters(force=True)
+
+    # --- public API ------------------------------------------------------------------------
+    @property
+    def model_name(self) -> str:
+        return self.backend.model_name
+
+    def serving_version(self, tag: str | None = None) -> int | None:
+        return self._adapter_for(tag)[0]
+
+    def answer(
+        self,
+        query: str,
+        *,
+        route: str = "auto",
+        method: str | None = None,
+        tag: str | None = None,
+        max_new_tokens: int | None = None,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop: Sequence[str] = (),
+        seed: int | None = None,
+    ) -> Answer:
+        """Answer one query through the loop; see the module docstring."""
+        started = time.perf_counter()
+        if not isinstance(query, str) or not query.strip():
+            raise InvalidQueryError("query is empty")
+        if route not in ROUTES:
+            raise InvalidQueryError(f"unknown route {route!r}; choose one of {', '.join(ROUTES)}")
+        self.refresh_adapters()
+        version, adapter = self._adapter_for(tag)
+        s1_params = SamplingParams(
+            n=1, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens or self.config.max_new_tokens,
+            stop=tuple(stop), seed=seed if seed is not None else self.config.seed,
+        )
+        messages = system1_messages(query)
+        requests = [GenerationRequest(messages, s1_params, adapter)]
+        routing = self.config.routing
+        use_agreement = route == "auto" and routing.estimator == "agreement" and routing.router == "threshold"
+        if use_agreement:
+            sampled = SamplingParams(n=routing.agreement_samples, temperature=0.7, top_k=40,
+                                     max_new_tokens=s1_params.max_new_tokens, seed=self.config.seed)
+            requests.append(GenerationRequest(messages, sampled, adapter))
+        results = self.backend.generate(requests)
+        s1: Completion = results[0][0]
+        tokens_s1 = s1.num_tokens + (sum(c.num_tokens for c in results[1]) if use_agreement else 0)
+        kind = self._answer_kind(tag)
+        if use_agreement:
+            score = sample_agreement(normalise(s1.text, kind), [normalise(c.text, kind) for c in results[1]], kind)
+            estimator = "agreement"
+        else:
+            score = token_confidence(s1.logprobs, reducer="min" if routing.quantile <= 0 else "quantile",
+                                     q=routing.quantile)
+            estimator = "logprob"
+        decision = self._route(route, score, estimator)
+        answer = Answer(
+            text=s1.text, route="system1", confidence=score, method=None, adapter_version=version,
+            tokens=tokens_s1, latency_ms=0.0, system1_text=s1.text, prompt_tokens=s1.prompt_tokens,
+            tokens_system1=tokens_s1, route_reason={"estimator": decision.estimator, "score": decision.score,
+                                                    "threshold": decision.threshold, "requested": route},
+            finish_reason=s1.finish_reason,
+        )
+        if decision.route == "system2":
+            self._run_system2(answer, query, method, tag)
+        answer.latency_ms = (time.perf_counter() - started) * 1000
+        self._record(answer, query, tag)
+        return answer
+
+    def complete(self, messages: list[Message], params: SamplingParams, tag: str | None = None
+                 ) -> tuple[list[Completion], int | None]:
+        """Plain System 1 completions (any chat, ``n`` samples): no routing, nothing learned."""
+        self.refresh_adapters()
+        version, adapter = self._adapter_for(tag)
+        return self.backend.generate([GenerationRequest(messages, params, adapter)])[0], version
+
+    def consolidate(self, progress: bool = False, **overrides: Any):
+        """Run one consolidation now (see :mod:`agent.distill`) and serve its adapter if promoted."""
+        from agent.distill import consolidate
+
+        report = consolidate(self, progress=progress, **overrides)
+        self.refresh_adapters(force=True)
+        return report
+
+    def start_scheduler(self):
+        """Consolidate in the background as ``config.scheduler`` says (interval and/or pending count)."""
+        from agent.scheduler import ConsolidationScheduler
+
+        if self.scheduler is None:
+            self.scheduler = ConsolidationScheduler(self)
+            self.scheduler.start()
+        return self.scheduler
+
+    def close(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.shutdown()
+            self.scheduler = None
+        self.backend.close()
+        self.store.close()
+
+    def __enter__(self) -> "Agent":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- adapters --------------------------------------------------------------------------
+    def refresh_adapters(self, force: bool = False) -> None:
+        """Serve whatever the store says is serving now (promotion, rollback, from any process).
+
+        A new adapter is loaded next to the old one and the pointer is swapped: requests in flight
+        keep the adapter they started with; the old one is unloaded a minute later.
+        """
+        now = time.monotonic()
+        if not force and now - self._last_poll < ADAPTER_POLL_SECONDS:
+            return
+        with self._adapter_lock:
+            self._last_poll = now
+            wanted = {a.scope: a for a in self.store.list_adapters() if a.serving}
+            for scope in list(self._serving):
+                if scope not in wanted:
+                    self._retiring.append((now, self._serving.pop(scope)[1]))
+                    logger.info("no adapter serves scope %s any more: base model", scope or "general")
+            for scope, row in wanted.items():
+                current = self._serving.get(scope)
+                if current and current[0] == row.version:
+                    continue
+                name = f"v{row.version}"
+                try:
+                    self.backend.load_adapter(name, row.path)
+                except Exception as exc:  # noqa: BLE001 - a bad adapter must never stop serving
+                    logger.error("cannot serve adapter v%s (%s); keeping %s", row.version, exc,
+                                 f"v{current[0]}" if current else "the base model")
+                    continue
+                self._serving[scope] = (row.version, name)
+                if current:
+                    self._retiring.append((now, current[1]))
+                logger.info("now serving adapter v%s for scope %s", row.version, scope or "general")
+            serving_names = {name for _, name in self._serving.values()}
+            keep = []
+            for since, name in self._retiring:
+                if name in serving_names:
+                    continue
+                if now - since > 60:
+                    self.backend.unload_adapter(name)
+                else:
+                    keep.append((since, name))
+            self._retiring = keep
+
+    def _adapter_for(self, tag: str | None) -> tuple[int | None, str | None]:
+        slot = (self._serving.get(tag) if tag else None) or self._serving.get(None)
+        return slot if slot else (None, None)
+
+    # --- System 2 --------------------------------------------------------------------------
+    def _route(self, route: str, score: float, estimator: str) -> RouteDecision:
+        if route == "auto":
+            decision = self.router.route(score)
+            decision.estimator = estimator
+            return decision
+        return RouteDecision(route=route, estimator="forced", score=score, threshold=None)
+
+    def _method(self, name: str, tag: str | None) -> System2Method:
+        key = (name, tag)
+        if key not in self._methods:
+            kwargs: dict[str, Any] = {"prompts": self.config.system2.prompts.get(name)}
+            if name == "pal":
+                from agent.sandbox import run_programs
+
+                kwargs["executor"] = run_programs
+            try:
+                self._methods[key] = make_method(name, **kwargs)
+            except UnknownMethodError as exc:
+                raise ConfigError(str(exc)) from None
+        return self._methods[key]
+
+    def _answer_kind(self, tag: str | None) -> str:
+        return self.config.kinds_by_tag.get(tag or "", self.config.answer_kind)
+
+    def _run_system2(self, answer: Answer, query: str, method_name: str | None, tag: str | None) -> None:
+        cfg = self.config.system2
+        name = method_name or cfg.methods_by_tag.get(tag or "") or cfg.method
+        answer.method = name
+        try:
+            method = self._method(name, tag)
+            deadline = time.monotonic() + cfg.timeout_s
+            result = method.solve(query, self._lm(deadline), k=cfg.samples, threshold=cfg.agreement_threshold)
+        except (ConfigError, InvalidQueryError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - System 2 failing must never fail the request
+            logger.warning("System 2 (%s) failed, answering with System 1: %s", name, exc)
+            answer.error = f"{type(exc).__name__}: {exc}"
+            return
+        self._apply_system2(answer, result)
+
+    def _apply_system2(self, answer: Answer, result: System2Result) -> None:
+        decision = result.decision
+        answer.tokens_system2 = result.tokens
+        answer.system2_calls = result.calls
+        answer.tokens += result.tokens
+        answer.votes = dict(decision.votes)
+        answer.agreement = decision.agreement
+        answer.accepted = bool(decision.accepted and decision.answer)
+        if decision.answer:
+            answer.text = decision.answer
+            answer.route = "system2"
+        else:
+            answer.error = "System 2 gave no parsable answer"
+
+    def _lm(self, deadline: float):
+        seed = self.config.seed
+
+        def run(calls: Sequence[Call]) -> list[list[Completion]]:
+            if time.monotonic() > deadline:
+                raise System2Timeout(f"System 2 exceeded {self.config.system2.timeout_s:.0f} s")
+            requests = [
+                GenerationRequest(
+                    [{"role": role, "content": content} for role, content in call.messages],
+                    SamplingParams(n=call.n, temperature=call.temperature, top_k=call.top_k,
+                                   max_new_tokens=call.max_new_tokens, stop=tuple(call.stop), seed=seed),
+                )
+                for call in calls
+            ]
+            return self.backend.generate(requests)
+
+        return run
+
+    # --- store -----------------------------------------------------------------------------
+    def _record(self, answer: Answer, query: str, tag: str | None) -> None:
+        answer.interaction_id = self.store.log_interaction(
+            input=query, tag=tag, route=answer.route, system1_answer=answer.system1_text,
+            confidence=answer.confidence, final_answer=answer.text, method=answer.method,
+            adapter_version=answer.adapter_version, tokens_system1=answer.tokens_system1,
+            tokens_system2=answer.tokens_system2, system2_calls=answer.system2_calls,
+            latency_ms=answer.latency_ms, route_reason=answer.route_reason, votes=answer.votes,
+            accepted=answer.accepted, error=answer.error,
+        )
+        if answer.method and answer.votes is not None and answer.route == "system2":
+            self.store.add_example(
+                input=query, target=answer.text, method=answer.method, votes=answer.votes,
+                agreement=answer.agreement, status="pending" if answer.accepted else "rejected",
+                kind="system2", tag=tag, interaction_id=answer.interaction_id,
+            )

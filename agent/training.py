@@ -1,0 +1,146 @@
+"""LoRA training on (prompt -> final answer) pairs: System 2 distilled into System 1.
+
+The loss covers only the answer tokens (and the end-of-turn token that stops System 1 right after
+the answer); the prompt is rendered with the same chat template System 1 serves with.
+Knobs live in :class:`agent.config.ConsolidationConfig`, documented there.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from agent.backends.base import Message
+from agent.backends.hf import render_prompt
+from agent.config import ConsolidationConfig
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite: the candidate is discarded and serving is untouched."""
+
+
+@dataclass
+class TrainingExample:
+    messages: list[Message]
+    target: str
+
+
+@dataclass
+class TrainingStats:
+    steps: int
+    epochs: int
+    first_loss: float
+    last_loss: float
+    seconds: float
+    bf16: bool
+
+
+def cpu_supports_bf16() -> bool:
+    """bf16 autocast halves CPU training time where the CPU has native bf16 (avx512_bf16 / AMX)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def encode_example(tokenizer, example: TrainingExample, max_length: int,
+                   system_prompt: str | None = None) -> tuple[list[int], list[int]]:
+    """Token ids and labels (-100 on the prompt) for one example."""
+    prompt = render_prompt(tokenizer, example.messages, system_prompt)
+    answer = tokenizer.encode(example.target, add_special_tokens=False) + [tokenizer.eos_token_id]
+    ids = (prompt + answer)[-max_length:]
+    labels = ([-100] * len(prompt) + answer)[-max_length:]
+    return ids, labels
+
+
+def train_lora(
+    model_path: str,
+    examples: Sequence[TrainingExample],
+    config: ConsolidationConfig,
+    output_dir: Path,
+    *,
+    resume_from: str | None = None,
+    system_prompt: str | None = None,
+    epochs: int | None = None,
+    on_step: Callable[[int, int, float], None] | None = None,
+) -> TrainingStats:
+    """Train a LoRA adapter on ``examples`` and save it to ``output_dir``."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not examples:
+        raise ValueError("no training examples")
+    torch.manual_seed(config.seed)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    if resume_from:
+        model = PeftModel.from_pretrained(base, resume_from, is_trainable=True)
+    else:
+        lora = LoraConfig(
+            r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
+            target_modules=list(config.target_modules), task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(base, lora)
+    model.train()
+    encoded = [encode_example(tokenizer, e, config.max_length, system_prompt) for e in examples]
+    n_epochs = epochs or config.epochs
+    batch = max(1, config.batch_size)
+    steps_per_epoch = math.ceil(len(encoded) / batch)
+    total = steps_per_epoch * n_epochs
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
+    warmup = max(1, total // 10)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * max(0.0, 1 - s / max(total, 1)) + 1e-3
+    )
+    use_bf16 = config.bf16 == "on" or (config.bf16 == "auto" and cpu_supports_bf16())
+    rng = random.Random(config.seed)
+    started = time.perf_counter()
+    first = last = float("nan")
+    step = 0
+    for _ in range(n_epochs):
+        order = list(range(len(encoded)))
+        rng.shuffle(order)
+        for start in range(0, len(order), batch):
+            ids, labels, mask = _collate([encoded[i] for i in order[start:start + batch]], tokenizer.pad_token_id)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+                loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise TrainingDiverged(f"loss became {value} at step {step + 1}")
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            first = value if step == 1 else first
+            last = value
+            if on_step:
+                on_step(step, total, value)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(output_dir))
+    seconds = time.perf_counter() - started
+    logger.info("trained %d steps in %.1f s (loss %.3f -> %.3f, bf16=%s)", step, seconds, first, last, use_bf16)
+    return TrainingStats(step, n_epochs, first, last, seconds, use_bf16)
+
+
+def _collate(batch: list[tuple[list[int], list[int]]], pad_id: int):
+    """Right-padded, so positions start at 0 on the first real token exactly as when serving."""
+    width = max(len(ids) for ids, _ in batch)
+    ids = torch.tensor([i + [pad_id] * (width - len(i)) for i, _ in batch])
+    labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in batch])
+    mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in batch])
+    return ids, labels, mask

@@ -1,0 +1,116 @@
+"""The small interface every System 2 method implements.
+
+A method turns one query into ``k`` sampled final answers ("votes"), using as many model calls as it
+needs, and then says which consistency filter decides whether those votes make a training example.
+Methods never touch a backend directly: they receive an ``LM`` callable, so they stay pure decision
+logic and can be driven by any backend (or a scripted one in tests).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar, Protocol, Sequence
+
+from policies.answers import AnswerKind
+
+
+@dataclass(frozen=True)
+class Call:
+    """One model call a method asks for: chat messages, sampled ``n`` times.
+
+    All ``n`` samples share the prompt, so a backend computes its prefix once.
+    """
+
+    messages: tuple[tuple[str, str], ...]
+    """(role, content) pairs; a tuple so that calls are hashable and comparable in tests."""
+    n: int = 1
+    temperature: float = 0.7
+    top_k: int = 40
+    max_new_tokens: int = 256
+    stop: tuple[str, ...] = ()
+
+
+class Generation(Protocol):
+    text: str
+
+    @property
+    def num_tokens(self) -> int: ...
+
+
+LM = Callable[[Sequence[Call]], list[list[Generation]]]
+"""Runs a batch of calls; returns, per call, ``call.n`` generations."""
+
+
+def run_batch(lm: LM, calls: Sequence[Call]) -> list[list[Generation]]:
+    """Send ``calls`` to ``lm`` as one batch and check it answered each with ``call.n`` generations."""
+    results = lm(list(calls))
+    if len(results) != len(calls) or any(len(r) != c.n for r, c in zip(results, calls)):
+        got = [len(r) for r in results]
+        raise ValueError(f"LM returned {got} generations for calls asking for {[c.n for c in calls]}")
+    return results
+
+
+@dataclass
+class Sample:
+    """One System 2 attempt: its reasoning trace and the final answer read from it (None: unparsable)."""
+
+    trace: str
+    answer: str | None
+    tokens: int = 0
+    extra: dict = field(default_factory=dict)
+    """Method-specific details (e.g. BSM's swapped-order verdict, PAL's program and its error)."""
+
+
+@dataclass
+class Decision:
+    """What a consistency filter concluded about a query's samples."""
+
+    answer: str | None
+    """The consensus answer (the training target), or None when there is none."""
+    accepted: bool
+    votes: dict[str, int]
+    agreement: float
+    """Share of all samples (unparsable ones included) that gave ``answer``."""
+    filter: str
+
+
+@dataclass
+class System2Result:
+    method: str
+    samples: list[Sample]
+    decision: Decision
+    calls: int = 0
+    tokens: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def answer(self) -> str | None:
+        return self.decision.answer
+
+
+class System2Method:
+    """Base class: subclasses set ``name`` and implement :meth:`sample`; override :meth:`decide` to
+    use a filter other than majority-vote self-consistency."""
+
+    name: ClassVar[str]
+    answer_kind: AnswerKind = "text"
+
+    def sample(self, query: str, lm: LM, k: int) -> tuple[list[Sample], int]:
+        """Return ``k`` samples and the number of model calls (batched requests) it took."""
+        raise NotImplementedError
+
+    def decide(self, query: str, samples: list[Sample], lm: LM, threshold: float) -> Decision:
+        from policies.consistency import self_consistency
+
+        return self_consistency([s.answer for s in samples], threshold)
+
+    def solve(self, query: str, lm: LM, k: int = 8, threshold: float = 0.75) -> System2Result:
+        samples, calls = self.sample(query, lm, k)
+        decision = self.decide(query, samples, lm, threshold)
+        return System2Result(
+            method=self.name,
+            samples=samples,
+            decision=decision,
+            calls=calls,
+            tokens=sum(s.tokens for s in samples),
+        )

@@ -1,0 +1,90 @@
+"""Shared fixtures: a tiny random llama model with a tokenizer made in code, and agents built on it.
+
+The tiny model makes real forward passes, real LoRA training and real adapter swaps run in
+milliseconds; tests that need the real embedded model are marked ``slow``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CORPUS = [
+    "Take the last letters of the words in 'apple house' and concatenate them.",
+    "What is 47 + 38? The answer is 85. A coin is heads up. Alice flips the coin.",
+    "The capital of France is Paris. Name a primary colour. Red, blue, yellow.",
+    "answer = ''.join(w[-1] for w in words) Answer: yes no tie A B 0123456789",
+]
+
+
+def build_tiny_model(folder: Path, seed: int = 0) -> Path:
+    """Write a 2-layer random llama and a byte-level BPE tokenizer with a ChatML template to ``folder``."""
+    import torch
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(CORPUS * 4, vocab_size=400, min_frequency=1, special_tokens=specials)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_backend(tiny_model_dir: Path):
+    from agent.backends.hf import HFBackend
+
+    return HFBackend(str(tiny_model_dir), model_name="tiny-llama", threads=1)
+
+
+@pytest.fixture
+def tiny_config(tiny_model_dir: Path, tmp_path: Path):
+    from agent.config import AgentConfig
+
+    config = AgentConfig(model=str(tiny_model_dir), db=str(tmp_path / "agent.db"), threads=1,
+                         max_new_tokens=8, seed=0)
+    config.system2.samples = 4
+    config.system2.max_new_tokens = 16
+    return config
+
+
+@pytest.fixture
+def tiny_agent(tiny_config):
+    from agent import Agent
+
+    agent = Agent(tiny_config)
+    yield agent
+    agent.close()
+
+
+@pytest.fixture(scope="session")
+def embedded_model_dir() -> str:
+    """The real embedded SmolLM2-135M-Instruct (dequantized once into the user cache)."""
+    from agent.models import resolve_model
+
+    return resolve_model("default")
