@@ -23,6 +23,7 @@ import logging
 import os
 import shutil
 import socket
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -44,6 +45,10 @@ LOCK_NAME = "consolidation"
 TMP_PREFIX = ".tmp-"
 RETENTION_SIMILARITY = 0.8
 """Long answers count as retained when their token-level F1 with the old answer reaches this."""
+
+
+class ConsolidationInterrupted(RuntimeError):
+    """Shutdown asked the run to stop; it stopped between two training steps and changed nothing."""
 
 
 @dataclass
@@ -91,8 +96,12 @@ def consolidate(
     epochs: int | None = None,
     progress: bool = False,
     on_step: Callable[[int, int, float], None] | None = None,
+    stop: threading.Event | None = None,
 ) -> ConsolidationReport:
-    """One consolidation run for ``scope`` (a task tag; None: the general adapter)."""
+    """One consolidation run for ``scope`` (a task tag; None: the general adapter).
+
+    Setting ``stop`` makes a running training stop at the next step, leaving serving untouched.
+    """
     store, config = agent.store, agent.config.consolidation
     owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     if not store.acquire_lock(LOCK_NAME, owner, ttl_s=900):
@@ -103,7 +112,7 @@ def consolidate(
     try:
         cleanup_after_crash(agent)
         return _consolidate_locked(agent, owner, scope, dry_run, min_examples or config.min_examples,
-                                   epochs, progress, on_step, started)
+                                   epochs, progress, on_step, stop, started)
     finally:
         store.release_lock(LOCK_NAME, owner)
 
@@ -119,7 +128,7 @@ def cleanup_after_crash(agent: "Agent") -> list[int]:
     return crashed
 
 
-def _consolidate_locked(agent, owner, scope, dry_run, min_examples, epochs, progress, on_step, started):
+def _consolidate_locked(agent, owner, scope, dry_run, min_examples, epochs, progress, on_step, stop, started):
     store, cfg = agent.store, agent.config.consolidation
     tag_filter = scope if (scope is not None or cfg.per_tag) else None
     pending = [e for e in store.list_examples(status="pending", tag=tag_filter)
@@ -174,6 +183,8 @@ def _consolidate_locked(agent, owner, scope, dry_run, min_examples, epochs, prog
         examples += [TrainingExample(system1_messages(p), a) for p, a in retention_train]
 
         def step(i: int, total: int, loss: float) -> None:
+            if stop is not None and stop.is_set():
+                raise ConsolidationInterrupted(f"stopped at step {i} of {total} by shutdown")
             if i % 10 == 0:
                 store.heartbeat(LOCK_NAME, owner)
             if on_step:
@@ -192,6 +203,9 @@ def _consolidate_locked(agent, owner, scope, dry_run, min_examples, epochs, prog
     except TrainingDiverged as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         return _finish(agent, report, "failed", f"training diverged: {exc}", started)
+    except ConsolidationInterrupted as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return _finish(agent, report, "failed", str(exc), started)
     except Exception as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         logger.exception("consolidation failed")

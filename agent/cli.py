@@ -1,0 +1,422 @@
+"""The ``agent`` command.
+
+    agent serve                       # OpenAI-compatible server that learns while it serves
+    agent ask "What is 47 + 38?"      # one answer, with its route and confidence
+    agent store ls | show | export | import | stats | prune
+    agent consolidate [--dry-run]     # distil the buffer into a new adapter now
+    agent adapters ls | show | rollback | prune
+    agent schedule status
+    agent calibrate --target-system2-rate 0.3
+    agent bench system1 | paper | loop
+
+Global options (before the command): --config agent.toml, --db, --model, --cache-dir, --log-level.
+Precedence: defaults < TOML < S2AGENT_* environment < flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import shutil
+import sys
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+from agent.config import AgentConfig, ConfigError
+
+logger = logging.getLogger("agent.cli")
+
+
+# --- output helpers --------------------------------------------------------------------------
+def _out(text: str = "") -> None:
+    sys.stdout.write(text + "\n")
+
+
+def _json(data: Any) -> None:
+    _out(json.dumps(data, indent=2, default=str, ensure_ascii=False))
+
+
+def _cut(value: Any, width: int) -> str:
+    text = "" if value is None else str(value).replace("\n", " ")
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _table(rows: Sequence[Sequence[Any]], headers: Sequence[str], widths: Sequence[int]) -> None:
+    cells = [[_cut(v, w) for v, w in zip(row, widths)] for row in rows]
+    sizes = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
+    _out("  ".join(h.ljust(s) for h, s in zip(headers, sizes)))
+    for row in cells:
+        _out("  ".join(v.ljust(s) for v, s in zip(row, sizes)))
+
+
+def _row_dict(row: Any) -> dict[str, Any]:
+    return {c: getattr(row, c) for c in row.__table__.columns.keys()}
+
+
+def _when(value: datetime | None) -> str:
+    return value.strftime("%Y-%m-%d %H:%M") if value else ""
+
+
+# --- building blocks -------------------------------------------------------------------------
+def _config(args: argparse.Namespace) -> AgentConfig:
+    overrides = {"db": args.db, "model": args.model, "cache_dir": args.cache_dir}
+    for key in ("threshold", "router", "method", "samples"):
+        value = getattr(args, key, None)
+        if value is not None:
+            section = "routing" if key in ("threshold", "router") else "system2"
+            overrides[f"{section}.{key if key != 'samples' else 'samples'}"] = value
+    for key in ("host", "port", "admin_token"):
+        if getattr(args, key, None) is not None:
+            overrides[f"server.{key}"] = getattr(args, key)
+    for key in ("interval_minutes", "min_pending"):
+        if getattr(args, key, None) is not None:
+            overrides[f"scheduler.{key}"] = getattr(args, key)
+    return AgentConfig.load(args.config, overrides=overrides)
+
+
+def _store(config: AgentConfig):
+    from store import Store
+
+    return Store(config.db_url())
+
+
+def _agent(config: AgentConfig):
+    from agent.loop import Agent
+
+    logger.info("loading model %s", config.model)
+    return Agent(config)
+
+
+# --- commands --------------------------------------------------------------------------------
+def cmd_ask(args, config) -> int:
+    with _agent(config) as agent:
+        answer = agent.answer(args.question, route=args.route, method=args.method, tag=args.tag)
+    if args.json:
+        _json(dataclasses.asdict(answer))
+    else:
+        _out(answer.text)
+        extra = f", method {answer.method}, votes {answer.votes}, accepted {answer.accepted}" if answer.method else ""
+        conf = f"{answer.confidence:.2f}" if answer.confidence is not None else "n/a"
+        _out(f"[{answer.route}, confidence {conf}, adapter {answer.adapter_version or 'base'}, "
+             f"{answer.tokens} tokens, {answer.latency_ms:.0f} ms{extra}]")
+        if answer.error:
+            _out(f"[System 2 fell back: {answer.error}]")
+    return 0
+
+
+def cmd_serve(args, config) -> int:
+    from agent.server import serve
+
+    agent = _agent(config)
+    if config.scheduler.interval_minutes or config.scheduler.min_pending:
+        agent.start_scheduler()
+    serve(agent, config.server.host, config.server.port)
+    return 0
+
+
+def cmd_store(args, config) -> int:
+    store = _store(config)
+    try:
+        if args.store_cmd == "ls":
+            since = datetime.now(timezone.utc) - timedelta(hours=args.since) if args.since else None
+            rows = store.list_examples(status=args.status, method=args.method, limit=args.limit, since=since,
+                                       order="desc")
+            if args.json:
+                _json([_row_dict(r) for r in rows])
+            else:
+                _table([(r.id, r.status, r.method, f"{r.agreement:.2f}" if r.agreement is not None else "",
+                         _when(r.created_at), r.input, r.target) for r in rows],
+                       ["id", "status", "method", "agree", "created", "input", "target"],
+                       [6, 8, 6, 5, 16, 48, 20])
+        elif args.store_cmd == "show":
+            row = store.get_example(args.id)
+            if row is None:
+                _out(f"no example with id {args.id}")
+                return 1
+            _json(_row_dict(row))
+        elif args.store_cmd == "export":
+            fp = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+            n = store.export_examples(fp, status=args.status)
+            if args.output:
+                fp.close()
+                _out(f"exported {n} examples to {args.output}")
+        elif args.store_cmd == "import":
+            n = store.import_examples(args.file)
+            _out(f"imported {n} examples from {args.file}")
+        elif args.store_cmd == "stats":
+            stats = store.stats()
+            if args.json:
+                _json(stats)
+            else:
+                _print_stats(stats)
+        elif args.store_cmd == "prune":
+            before = datetime.now(timezone.utc) - timedelta(days=args.older_than_days) if args.older_than_days else None
+            _out(f"pruned {store.prune_examples(args.status, before)} {args.status} examples")
+    finally:
+        store.close()
+    return 0
+
+
+def _print_stats(stats: dict[str, Any]) -> None:
+    ex, it = stats["examples"], stats["interactions"]
+    _out(f"examples: {ex['total']}  by status: {ex['by_status']}  by method: {ex['by_method']}")
+    _out(f"interactions: {it['total']}  by route: {it['by_route']}  System 2 rate: {_pct(it.get('system2_rate'))}"
+         f"  acceptance: {_pct(it.get('system2_acceptance_rate'))}")
+    _out(f"tokens: System 1 {it.get('tokens_system1', 0)}, System 2 {it.get('tokens_system2', 0)}"
+         f" in {it.get('system2_calls', 0)} calls")
+    growth = ex.get("added_per_day") or {}
+    if growth:
+        _out("added per day: " + ", ".join(f"{d[5:]}: {n}" for d, n in growth.items() if n))
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.0f}%"
+
+
+def cmd_consolidate(args, config) -> int:
+    with _agent(config) as agent:
+        report = agent.consolidate(progress=not args.json, dry_run=args.dry_run, min_examples=args.min_examples,
+                                   epochs=args.epochs, scope=args.tag)
+    if args.json:
+        _json(report.to_dict())
+        return 0 if report.status in ("promoted", "rejected", "skipped", "dry-run") else 1
+    if args.dry_run:
+        _table([(p["source"], p["input"], p["target"]) for p in report.train_preview],
+               ["source", "input", "target"], [7, 60, 20])
+        _out(f"would train on {report.n_new} new + {report.n_replay} replayed + ~{report.n_retention} retention"
+             f" examples; {report.n_holdout} held out")
+        return 0
+    _out(f"consolidation {report.status}: {report.reason}")
+    if report.adapter_version:
+        _out(f"adapter v{report.adapter_version} (parent {report.parent_version or 'base'}): trained on "
+             f"{report.n_new} new + {report.n_replay} replayed + {report.n_retention} retention examples "
+             f"in {report.seconds:.0f} s")
+    return 0 if report.status != "failed" else 1
+
+
+def cmd_adapters(args, config) -> int:
+    store = _store(config)
+    try:
+        if args.adapters_cmd == "ls":
+            rows = store.list_adapters()
+            if args.json:
+                _json([_row_dict(r) for r in rows])
+                return 0
+            _table([(f"v{r.version}", f"v{r.parent}" if r.parent else "base", r.scope or "general", r.status,
+                     "*" if r.serving else "", _when(r.created_at), r.n_train,
+                     _fmt(r.metrics.get("holdout_accuracy_candidate")), _fmt(r.metrics.get("retention")))
+                    for r in rows],
+                   ["version", "parent", "scope", "status", "serving", "created", "trained", "holdout", "retention"],
+                   [8, 8, 12, 10, 7, 16, 7, 7, 9])
+            if not any(r.serving for r in rows):
+                _out("(no adapter serves: the base model answers)")
+        elif args.adapters_cmd == "show":
+            row = store.get_adapter(args.version)
+            if row is None:
+                _out(f"no adapter v{args.version}")
+                return 1
+            _json(_row_dict(row))
+        elif args.adapters_cmd == "rollback":
+            row = store.rollback(args.version, scope=args.tag)
+            _out(f"now serving {'v' + str(row.version) if row else 'the base model'}"
+                 " (a running server follows within seconds)")
+        elif args.adapters_cmd == "prune":
+            for row in store.prune_adapters(args.keep):
+                shutil.rmtree(row.path, ignore_errors=True)
+                _out(f"pruned v{row.version} ({row.path})")
+    finally:
+        store.close()
+    return 0
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.2f}" if isinstance(value, (int, float)) else ""
+
+
+def cmd_schedule(args, config) -> int:
+    store = _store(config)
+    try:
+        sched = config.scheduler
+        last = store.last_run()
+        holder = store.lock_holder("consolidation")
+        pending = store.count_examples(status="pending")
+        info: dict[str, Any] = {
+            "interval_minutes": sched.interval_minutes, "min_pending": sched.min_pending, "pending": pending,
+            "running": f"pid {holder.pid} on {holder.host}" if holder else None,
+            "last_run": _row_dict(last) if last else None,
+        }
+        if sched.interval_minutes and last:
+            info["next_run_after"] = (last.started_at + timedelta(minutes=sched.interval_minutes)).isoformat()
+        if args.json:
+            _json(info)
+            return 0
+        if not (sched.interval_minutes or sched.min_pending):
+            _out("scheduler: off (set scheduler.interval_minutes and/or scheduler.min_pending)")
+        else:
+            _out(f"scheduler: every {sched.interval_minutes or '-'} min; when pending >= {sched.min_pending or '-'}")
+        _out(f"pending examples: {pending}")
+        _out(f"running now: {info['running'] or 'no'}")
+        if "next_run_after" in info:
+            _out(f"next interval run after: {info['next_run_after']}")
+        if last:
+            _out(f"last run #{last.id}: {last.status} at {_when(last.started_at)}: {last.reason or ''}")
+        else:
+            _out("last run: never")
+    finally:
+        store.close()
+    return 0
+
+
+def cmd_calibrate(args, config) -> int:
+    from policies.answers import answers_match, normalise
+    from policies.routing import calibrate
+
+    store = _store(config)
+    try:
+        kind = config.answer_kind
+        records = [(i.confidence, answers_match(normalise(i.system1_answer or "", kind),
+                                                normalise(i.final_answer or "", kind), kind))
+                   for i in store.list_interactions(route="system2", limit=100_000)
+                   if i.accepted and i.confidence is not None]
+    finally:
+        store.close()
+    result = calibrate(records, target_system2_rate=args.target_system2_rate, target_precision=args.target_precision)
+    if args.json:
+        _json(dataclasses.asdict(result))
+        return 0
+    _table([(f"{p.threshold:.3f}", _pct(p.system2_rate), _pct(p.system1_precision), _pct(p.system1_coverage))
+            for p in result.curve], ["threshold", "system2", "s1 precision", "s1 coverage"], [9, 8, 12, 11])
+    _out(f"chosen threshold for {result.target}: {result.threshold:.3f} (from {result.n} interactions)")
+    _out(f"use it with: S2AGENT_ROUTING__THRESHOLD={result.threshold:.3f} or [routing] threshold = "
+         f"{result.threshold:.3f}")
+    return 0
+
+
+def cmd_bench(args, config) -> int:
+    from bench import cli as bench_cli
+
+    return bench_cli.run(args, config)
+
+
+# --- parser ----------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="agent", description="s2agent: System 2 distilled into System 1, live.")
+    parser.add_argument("--config", help="TOML config file")
+    parser.add_argument("--db", help="SQLite path or SQLAlchemy URL (default: $XDG_DATA_HOME/s2agent/agent.db)")
+    parser.add_argument("--model", help="'default' (embedded SmolLM2-135M-Instruct), a local folder or a HF id")
+    parser.add_argument("--cache-dir", help="model cache (default: $XDG_CACHE_HOME/s2agent)")
+    parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default) or ERROR")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the OpenAI-compatible server")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--admin-token", dest="admin_token")
+    p.add_argument("--interval-minutes", dest="interval_minutes", type=float, help="consolidate every N minutes")
+    p.add_argument("--min-pending", dest="min_pending", type=int, help="consolidate when N examples are pending")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("ask", help="answer one question")
+    p.add_argument("question")
+    p.add_argument("--route", default="auto", choices=["auto", "system1", "system2"])
+    p.add_argument("--method", help="System 2 method: cot, rar, s2a, bsm, pal")
+    p.add_argument("--tag", help="task tag (selects method/adapter by tag)")
+    p.add_argument("--threshold", type=float, help="routing threshold for this call")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("store", help="inspect and manage the distillation buffer")
+    ss = p.add_subparsers(dest="store_cmd", required=True)
+    q = ss.add_parser("ls", help="list examples")
+    q.add_argument("--status", choices=["pending", "used", "rejected", "holdout"])
+    q.add_argument("--method")
+    q.add_argument("--limit", type=int, default=50)
+    q.add_argument("--since", type=float, help="only the last N hours")
+    q.add_argument("--json", action="store_true")
+    q = ss.add_parser("show", help="one example, all fields")
+    q.add_argument("id", type=int)
+    q = ss.add_parser("export", help="examples as JSONL")
+    q.add_argument("--format", default="jsonl", choices=["jsonl"])
+    q.add_argument("--status")
+    q.add_argument("-o", "--output", help="file (default: stdout)")
+    q = ss.add_parser("import", help="import JSONL (the export format, or {\"input\", \"target\"} lines)")
+    q.add_argument("file")
+    q = ss.add_parser("stats", help="counts, route and acceptance rates, tokens spent")
+    q.add_argument("--json", action="store_true")
+    q = ss.add_parser("prune", help="delete examples of a status")
+    q.add_argument("--status", required=True, choices=["rejected", "used", "pending", "holdout"])
+    q.add_argument("--older-than-days", type=float)
+    p.set_defaults(func=cmd_store)
+
+    p = sub.add_parser("consolidate", help="distil the buffer into a new LoRA adapter now")
+    p.add_argument("--dry-run", action="store_true", help="show what would be trained on")
+    p.add_argument("--min-examples", type=int, help="refuse to run on fewer pending examples")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--tag", help="train the adapter scoped to this task tag")
+    p.add_argument("--json", action="store_true", help="print the run's summary as JSON")
+    p.set_defaults(func=cmd_consolidate)
+
+    p = sub.add_parser("adapters", help="list, inspect, roll back and prune adapter versions")
+    sa = p.add_subparsers(dest="adapters_cmd", required=True)
+    q = sa.add_parser("ls")
+    q.add_argument("--json", action="store_true")
+    q = sa.add_parser("show")
+    q.add_argument("version", type=int)
+    q = sa.add_parser("rollback", help="serve an earlier version (default: the previous one; 0 = base model)")
+    q.add_argument("version", type=int, nargs="?")
+    q.add_argument("--tag", help="scope of the adapter")
+    q = sa.add_parser("prune", help="delete old adapter folders, keeping the newest N")
+    q.add_argument("--keep", type=int, required=True)
+    p.set_defaults(func=cmd_adapters)
+
+    p = sub.add_parser("schedule", help="background consolidation")
+    s2 = p.add_subparsers(dest="schedule_cmd", required=True)
+    q = s2.add_parser("status", help="next run and last result")
+    q.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_schedule)
+
+    p = sub.add_parser("calibrate", help="fit the routing threshold from logged System 2 interactions")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--target-system2-rate", type=float, help="e.g. 0.3: send at most 30%% of queries to System 2")
+    g.add_argument("--target-precision", type=float, help="e.g. 0.9: System 1 right 90%% of the time it answers")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("bench", help="benchmarks that print numbers")
+    try:
+        from bench.cli import add_arguments
+    except ImportError:  # bench is part of the distribution; a broken install says so when run
+        add_arguments = None
+    if add_arguments:
+        add_arguments(p)
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from store import StoreError
+    from agent.backends import AdapterError, PromptTooLongError
+    from agent.loop import InvalidQueryError
+    from agent.models import ModelNotFoundError
+
+    try:
+        config = _config(args)
+        return args.func(args, config)
+    except (ConfigError, StoreError, ModelNotFoundError, AdapterError, PromptTooLongError, InvalidQueryError,
+            FileNotFoundError, ValueError) as exc:
+        sys.stderr.write(f"agent: error: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("agent: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""Background consolidation with APScheduler 3.
+
+Two optional triggers, both off unless configured (``[scheduler]`` in the config):
+- every ``interval_minutes``;
+- as soon as ``min_pending`` examples wait in the buffer (checked every ``check_seconds``).
+
+Runs never overlap: APScheduler's ``max_instances=1`` inside the process, and the store's
+consolidation lock across processes sharing one database. Training runs in the scheduler's worker
+thread, off the request path; serving continues (slower on 2 cores, never blocked).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import timezone
+from typing import TYPE_CHECKING, Any
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.interval import IntervalTrigger
+
+from agent.distill import ConsolidationReport, cleanup_after_crash
+
+if TYPE_CHECKING:
+    from agent.loop import Agent
+
+logger = logging.getLogger(__name__)
+
+
+class ConsolidationScheduler:
+    def __init__(self, agent: "Agent") -> None:
+        self.agent = agent
+        self.config = agent.config.scheduler
+        self.stop_event = threading.Event()
+        self.last_report: ConsolidationReport | None = None
+        self.running = False
+        self._run_lock = threading.Lock()
+        self._scheduler = BackgroundScheduler(timezone=timezone.utc)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.config.interval_minutes or self.config.min_pending)
+
+    def start(self) -> None:
+        crashed = cleanup_after_crash(self.agent)
+        if crashed:
+            logger.warning("marked killed consolidation runs as crashed: %s", crashed)
+        if self.config.interval_minutes:
+            self._scheduler.add_job(
+                self.run_now, IntervalTrigger(minutes=self.config.interval_minutes), id="interval",
+                kwargs={"trigger": "interval"}, max_instances=1, coalesce=True,
+            )
+        if self.config.min_pending:
+            self._scheduler.add_job(
+                self._check_pending, IntervalTrigger(seconds=self.config.check_seconds), id="pending",
+                max_instances=1, coalesce=True,
+            )
+        self._scheduler.start()
+        logger.info("consolidation scheduler started: interval=%s min, pending>=%s",
+                    self.config.interval_minutes, self.config.min_pending)
+
+    def shutdown(self) -> None:
+        """Ask a running consolidation to stop at its next training step, then stop the scheduler."""
+        self.stop_event.set()
+        self._scheduler.shutdown(wait=True)
+
+    def run_now(self, trigger: str = "manual") -> ConsolidationReport | None:
+        """Consolidate now unless a run is already going in this process (then None)."""
+        if not self._run_lock.acquire(blocking=False):
+            return None
+        self.running = True
+        try:
+            logger.info("consolidation triggered (%s)", trigger)
+            report = self.agent.consolidate(stop=self.stop_event)
+            self.last_report = report
+            return report
+        except Exception:  # noqa: BLE001 - a failed run is recorded in the store; the scheduler goes on
+            logger.exception("scheduled consolidation failed")
+            return None
+        finally:
+            self.running = False
+            self._run_lock.release()
+
+    def _check_pending(self) -> None:
+        pending = self.agent.store.count_examples(status="pending")
+        if pending >= (self.config.min_pending or 0):
+            self.run_now(trigger=f"{pending} pending examples")
+
+    def status(self) -> dict[str, Any]:
+        jobs = {job.id: job.next_run_time.isoformat() if job.next_run_time else None
+                for job in self._scheduler.get_jobs()}
+        last = self.last_report
+        return {
+            "enabled": self.enabled,
+            "running": self.running,
+            "next_runs": jobs,
+            "last": last.to_dict() if last else None,
+        }
