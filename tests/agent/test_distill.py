@@ -1,0 +1,128 @@
+"""Consolidation on a tiny real model: the whole learning loop, the gate, and failure paths.
+
+The first test is the loop a newcomer should read: queries come in, System 2 answers them, the
+store keeps the consistent answers, consolidation trains and gates a LoRA adapter, and the next
+query is served by it.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from agent import Agent
+from tests.agent.test_loop import Arithmetic
+from policies.system2 import METHODS
+
+QUESTIONS = [f"What is {a} + {b}?" for a, b in zip(range(11, 35), range(40, 64))]
+
+
+@pytest.fixture
+def learning_config(tiny_config, monkeypatch):
+    monkeypatch.setitem(METHODS, "arith", Arithmetic)
+    tiny_config.system2.method = "arith"
+    tiny_config.routing.threshold = 1.01  # a random model is never this sure: every query goes to System 2
+    c = tiny_config.consolidation
+    c.min_examples, c.epochs, c.learning_rate, c.batch_size, c.rank = 4, 2, 1e-2, 8, 4
+    c.retention_threshold = 0.0  # a random model has no behaviour worth retaining; see the retention tests
+    return tiny_config
+
+
+def test_learning_loop_end_to_end(learning_config):
+    with Agent(learning_config) as agent:
+        # 1. System 2 answers uncertain queries; consistent answers become pending examples.
+        for q in QUESTIONS:
+            assert agent.answer(q).route == "system2"
+        assert agent.store.count_examples(status="pending") == len(QUESTIONS)
+
+        # 2. Consolidation trains, gates and promotes a LoRA adapter.
+        report = agent.consolidate()
+        assert report.status == "promoted", report.reason
+        assert report.adapter_version == 1 and report.parent_version is None
+        assert report.n_new + report.n_holdout == len(QUESTIONS) and report.n_holdout > 0
+        assert report.metrics["train_steps"] > 0
+        assert "holdout_accuracy_candidate" in report.metrics and "retention" in report.metrics
+
+        # 3. The registry, the adapter files and the buffer agree.
+        [adapter] = agent.store.list_adapters()
+        assert adapter.serving and adapter.status == "promoted"
+        files = {p.name for p in (agent.config.adapters_path() / "v1").iterdir()}
+        assert {"adapter_config.json", "adapter_model.safetensors"} <= files
+        assert not list(agent.config.adapters_path().glob(".tmp-*"))
+        used = agent.store.list_examples(status="used")
+        assert len(used) == report.n_new and {e.adapter_version for e in used} == {1}
+        assert agent.store.count_examples(status="holdout") == report.n_holdout
+        run = agent.store.last_run()
+        assert run.status == "promoted" and run.adapter_version == 1
+
+        # 4. The next query is served by the new adapter, without a restart.
+        assert agent.answer("What is 2 + 3?", route="system1").adapter_version == 1
+
+
+def test_dry_run_and_min_examples_change_nothing(learning_config):
+    with Agent(learning_config) as agent:
+        for q in QUESTIONS[:6]:
+            agent.answer(q)
+        dry = agent.consolidate(dry_run=True)
+        assert dry.status == "dry-run" and len(dry.train_preview) == dry.n_new
+        assert {p["source"] for p in dry.train_preview} == {"new"}
+        skipped = agent.consolidate(min_examples=100)
+        assert skipped.status == "skipped" and "fewer than" in skipped.reason
+        assert agent.store.count_examples(status="pending") == 6
+        assert agent.store.list_adapters() == [] and agent.store.list_runs() == []
+
+
+def test_diverging_training_leaves_serving_untouched(learning_config):
+    learning_config.consolidation.learning_rate = 1e30  # weights overflow: the loss becomes NaN
+    with Agent(learning_config) as agent:
+        for q in QUESTIONS:
+            agent.answer(q)
+        report = agent.consolidate()
+        assert report.status == "failed" and "diverged" in report.reason
+        assert agent.store.list_adapters() == []
+        assert agent.store.last_run().status == "failed"
+        assert not list(agent.config.adapters_path().glob("*"))
+        assert agent.store.count_examples(status="used") == 0
+        assert agent.store.count_examples(status="pending") == report.n_new
+
+
+def test_gate_rejects_an_adapter_that_breaks_retention(learning_config):
+    learning_config.consolidation.retention_threshold = 0.9
+    learning_config.consolidation.retention_ratio = 0.0
+    learning_config.consolidation.epochs = 4
+    with Agent(learning_config) as agent:
+        before = agent.answer("What is the capital of France?", route="system1").text
+        for q in QUESTIONS:
+            agent.answer(q)
+        report = agent.consolidate()
+        assert report.status == "rejected"
+        assert report.metrics["retention"] < 0.9
+        assert "retention" in report.reason and "holdout accuracy" in report.reason
+        assert agent.store.get_adapter(report.adapter_version).status == "rejected"
+        assert agent.serving_version() is None
+        assert agent.answer("What is the capital of France?", route="system1").text == before
+        assert agent.store.count_examples(status="pending") == report.n_new  # kept for the next run
+
+
+def test_rollback_and_corrupt_adapter(learning_config):
+    with Agent(learning_config) as agent:
+        for q in QUESTIONS[:12]:
+            agent.answer(q)
+        assert agent.consolidate().status == "promoted"
+        for q in QUESTIONS[12:]:
+            agent.answer(q)
+        assert agent.consolidate(min_examples=4).status == "promoted"
+        assert agent.serving_version() == 2
+
+        agent.store.rollback()  # e.g. `agent adapters rollback` from another process
+        agent.refresh_adapters(force=True)
+        assert agent.serving_version() == 1
+        assert agent.answer("What is 1 + 2?", route="system1").adapter_version == 1
+
+        # a corrupted adapter is refused at load; the previous one keeps serving
+        v2 = agent.store.get_adapter(2)
+        (agent.config.adapters_path() / "v2" / "adapter_model.safetensors").write_bytes(b"garbage")
+        agent.store.rollback(2)
+        agent.refresh_adapters(force=True)
+        assert v2.path.endswith("v2")
+        assert agent.serving_version() == 1
+        assert agent.answer("What is 1 + 2?", route="system1").adapter_version == 1

@@ -1,0 +1,150 @@
+"""The agent loop on a tiny real model: System 1, routing, System 2, the buffer, and thread safety.
+
+System 2 here is a small deterministic method registered the way users add one (a class and a
+``METHODS`` entry), so acceptance and rejection are exact; the System 1 side is a real model.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+
+import pytest
+
+from agent import Agent, Answer
+from agent.config import ConfigError
+from agent.loop import InvalidQueryError
+from policies.system2 import METHODS
+from policies.system2.base import Sample, System2Method
+
+
+class Arithmetic(System2Method):
+    """Answers 'What is a + b?' exactly; anything else gets split votes (rejected)."""
+
+    name = "arith"
+    answer_kind = "number"
+
+    def __init__(self, **_: object) -> None:
+        pass
+
+    def sample(self, query, lm, k):
+        match = re.search(r"(\d+) \+ (\d+)", query)
+        if match:
+            value = str(int(match[1]) + int(match[2]))
+            return [Sample(f"Answer: {value}", value, tokens=3) for _ in range(k)], 1
+        return [Sample("Answer: x", str(i % 2), tokens=3) for i in range(k)], 1
+
+
+@pytest.fixture
+def arith(monkeypatch):
+    monkeypatch.setitem(METHODS, "arith", Arithmetic)
+
+
+def test_system1_answer_is_typed_and_logged(tiny_agent):
+    answer = tiny_agent.answer("What is the capital of France?", route="system1")
+    assert isinstance(answer, Answer)
+    assert answer.route == "system1" and answer.method is None
+    assert 0.0 <= answer.confidence <= 1.0
+    assert answer.tokens == answer.tokens_system1 > 0
+    assert answer.adapter_version is None
+    assert answer.latency_ms > 0
+    rows = tiny_agent.store.list_interactions()
+    assert [r.id for r in rows] == [answer.interaction_id]
+    assert rows[0].final_answer == answer.text and rows[0].route == "system1"
+
+
+@pytest.mark.parametrize("query", ["", "   \n\t"])
+def test_empty_query_is_refused_and_nothing_is_stored(tiny_agent, query):
+    with pytest.raises(InvalidQueryError):
+        tiny_agent.answer(query)
+    assert tiny_agent.store.list_interactions() == []
+
+
+def test_unknown_route_and_method_are_clear_errors(tiny_agent, tiny_config):
+    with pytest.raises(InvalidQueryError, match="route"):
+        tiny_agent.answer("hi", route="system3")
+    tiny_config.system2.method = "nope"
+    with pytest.raises(ConfigError, match="unknown System 2 method 'nope'"):
+        Agent(tiny_config)
+
+
+def test_uncertain_query_goes_to_system2_and_accepted_answer_joins_buffer(tiny_config, arith):
+    tiny_config.system2.method = "arith"
+    tiny_config.routing.threshold = 1.01  # the random model is never this sure: route everything
+    with Agent(tiny_config) as agent:
+        answer = agent.answer("What is 47 + 38?")
+        assert answer.route == "system2" and answer.method == "arith"
+        assert answer.text == "85" and answer.accepted is True
+        assert answer.votes == {"85": 4} and answer.agreement == 1.0
+        assert answer.tokens == answer.tokens_system1 + answer.tokens_system2
+        assert answer.route_reason["estimator"] == "logprob" and answer.route_reason["threshold"] == 1.01
+        [example] = agent.store.list_examples()
+        assert (example.input, example.target, example.status) == ("What is 47 + 38?", "85", "pending")
+        assert example.interaction_id == answer.interaction_id
+        # the same input again is answered but not added twice
+        agent.answer("What is 47 + 38?")
+        assert agent.store.count_examples() == 1
+
+
+def test_inconsistent_system2_is_recorded_as_rejected(tiny_config, arith):
+    tiny_config.system2.method = "arith"
+    with Agent(tiny_config) as agent:
+        answer = agent.answer("Name a colour", route="system2")
+        assert answer.accepted is False
+        assert answer.votes == {"0": 2, "1": 2}
+        assert agent.store.count_examples(status="pending") == 0
+
+
+def test_confident_system1_stays_on_system1(tiny_config, arith):
+    tiny_config.system2.method = "arith"
+    tiny_config.routing.threshold = 0.0
+    with Agent(tiny_config) as agent:
+        answer = agent.answer("What is 1 + 1?")
+        assert answer.route == "system1" and answer.method is None
+        assert agent.store.count_examples() == 0
+
+
+def test_failing_system2_falls_back_to_system1(tiny_config, monkeypatch):
+    class Broken(Arithmetic):
+        def sample(self, query, lm, k):
+            raise RuntimeError("boom")
+
+    monkeypatch.setitem(METHODS, "broken", Broken)
+    tiny_config.system2.method = "broken"
+    with Agent(tiny_config) as agent:
+        answer = agent.answer("What is 1 + 1?", route="system2")
+        assert answer.route == "system1" and answer.text == answer.system1_text
+        assert "boom" in answer.error
+        assert agent.store.list_interactions()[0].error == answer.error
+
+
+def test_real_system2_method_runs_on_the_model(tiny_agent):
+    """Chain-of-thought on a random model: the outputs are unparsable, so they are rejected votes, not a crash."""
+    answer = tiny_agent.answer("What is 2 + 2?", route="system2", method="cot")
+    assert answer.method == "cot"
+    assert sum(answer.votes.values()) == tiny_agent.config.system2.samples
+    assert answer.tokens_system2 > 0 and answer.system2_calls >= 1
+
+
+def test_concurrent_answers_are_all_served_and_logged(tiny_agent):
+    questions = [f"What is {i} + {i}?" for i in range(8)]
+    answers: dict[str, Answer] = {}
+    errors: list[BaseException] = []
+
+    def ask(q: str) -> None:
+        try:
+            answers[q] = tiny_agent.answer(q, route="system1")
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=ask, args=(q,)) for q in questions]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert sorted(answers) == sorted(questions)
+    for q in questions:  # batched answers equal sequential ones (greedy)
+        assert tiny_agent.answer(q, route="system1").text == answers[q].text
+    assert len(tiny_agent.store.list_interactions(limit=100)) == 16
+    assert tiny_agent.backend.batches < 16
