@@ -26,6 +26,7 @@ from agent.backends import (
     Completion,
     GenerationRequest,
     Message,
+    Prompt,
     SamplingParams,
     make_backend,
 )
@@ -186,12 +187,12 @@ class Agent:
         self._record(answer, query, tag)
         return answer
 
-    def complete(self, messages: list[Message], params: SamplingParams, tag: str | None = None
+    def complete(self, prompt: Prompt, params: SamplingParams, tag: str | None = None
                  ) -> tuple[list[Completion], int | None]:
-        """Plain System 1 completions (any chat, ``n`` samples): no routing, nothing learned."""
+        """Plain System 1 completions (any chat or raw prompt, ``n`` samples): no routing, nothing learned."""
         self.refresh_adapters()
         version, adapter = self._adapter_for(tag)
-        return self.backend.generate([GenerationRequest(messages, params, adapter)])[0], version
+        return self.backend.generate([GenerationRequest(prompt, params, adapter)])[0], version
 
     def consolidate(self, progress: bool = False, **overrides: Any):
         """Run one consolidation now (see :mod:`agent.distill`) and serve its adapter if promoted."""

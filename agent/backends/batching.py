@@ -45,10 +45,13 @@ class BatchingBackend:
         self._worker.start()
         self.batches = 0
         self.batched_rows = 0
+        self._closed = False
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Completion]]:
         if not requests:
             return []
+        if self._closed:
+            raise RuntimeError("the backend is closed")
         job = _Job(list(requests), Future())
         self._queue.put(job)
         return job.future.result()
@@ -63,6 +66,7 @@ class BatchingBackend:
         self.inner.unload_adapter(name)
 
     def close(self) -> None:
+        self._closed = True
         self._queue.put(None)
         self._worker.join(timeout=30)
         self.inner.close()

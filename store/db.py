@@ -1,0 +1,189 @@
+"""Opening a database: URL handling, the checks before touching a file, the engine and its sessions.
+
+SQLite is the default (a plain path is a SQLite file); any SQLAlchemy URL works, PostgreSQL included.
+Before a SQLite file is opened for writing it is checked read-only (is it a SQLite file at all? is its schema
+newer than ours?), because merely connecting with ``journal_mode=WAL`` rewrites the file header: a file we
+refuse must stay byte-identical.
+
+Each SQLite connection gets ``journal_mode=WAL`` (readers never block the writer), ``busy_timeout=30000``
+(writers wait for each other instead of failing), ``foreign_keys=ON`` and ``synchronous=NORMAL``. Write
+transactions start with ``BEGIN IMMEDIATE``: they take the write lock up front, so two processes that read
+then write never deadlock into "database is locked"; read transactions stay deferred and never wait.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Optional, Union
+from urllib.parse import quote
+
+from sqlalchemy import Engine, create_engine, event, make_url
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from .errors import StoreError
+from .migrations import check_not_newer, ensure_schema
+
+logger = logging.getLogger(__name__)
+
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def resolve_url(target: Union[str, os.PathLike[str]]) -> str:
+    """A SQLAlchemy URL for ``target``: URLs pass through, anything else is a SQLite file path."""
+    text = os.fspath(target)
+    if "://" in text:
+        return text
+    return "sqlite:///" + str(Path(text).expanduser().resolve())
+
+
+def _sqlite_file(url: str) -> Optional[Path]:
+    """The file behind a SQLite URL, or None for in-memory and non-SQLite databases."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return None
+    database = parsed.database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(database).expanduser().resolve()
+
+
+def _preflight_sqlite(path: Path) -> None:
+    """Refuse, without writing a byte, a path that cannot hold or is not a usable s2agent SQLite database."""
+    if path.is_dir():
+        raise StoreError(f"{path} is a directory, not a SQLite database file")
+    if path.exists():
+        if not os.access(path, os.R_OK | os.W_OK):
+            raise StoreError(f"{path}: the database file is not readable and writable by this user")
+        if path.stat().st_size == 0:
+            return  # SQLite treats an empty file as an empty database
+        with open(path, "rb") as fh:
+            header = fh.read(len(_SQLITE_MAGIC))
+        if header != _SQLITE_MAGIC:
+            raise StoreError(f"{path} is not a SQLite database (its header is not 'SQLite format 3'); refusing to open it")
+        _check_version_read_only(path)
+        return
+    parent = path.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StoreError(f"cannot create the folder {parent} for the database {path}: {exc.strerror or exc}") from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise StoreError(f"cannot create the database {path}: the folder {parent} is not writable")
+
+
+def _check_version_read_only(path: Path) -> None:
+    """Read the schema version through a read-only connection so a newer database is refused untouched."""
+    uri = f"file:{quote(str(path))}?mode=ro"
+    try:
+        conn = sqlite3.connect(uri, uri=True)
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot open {path} read-only: {exc}") from None
+    try:
+        has_meta = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone()
+        if not has_meta:
+            return
+        row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    except sqlite3.DatabaseError as exc:
+        raise StoreError(f"{path} is not a SQLite database, or it is corrupt ({exc}); refusing to open it") from None
+    finally:
+        conn.close()
+    if row is not None and str(row[0]).isdigit():
+        check_not_newer(int(row[0]), str(path))
+
+
+def configure_sqlite(engine: Engine) -> None:
+    """Pragmas on every connection, and SQLAlchemy (not the driver) in charge of BEGIN."""
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # the driver must not emit BEGIN itself; see _on_begin
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA busy_timeout = 30000")
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute("PRAGMA foreign_keys = ON")
+        cursor.execute("PRAGMA synchronous = NORMAL")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        mode = conn.get_execution_options().get("sqlite_begin", "DEFERRED")
+        conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+class StoreBase:
+    """The connection to one database: the engine, read and write sessions, and the schema check on open.
+
+    The store's feature modules (``interactions``, ``buffer``, ``adapters``, ``runs``) are mixins on this
+    class; :class:`store.Store` puts them together.
+    """
+
+    def __init__(self, target: Union[str, os.PathLike[str]], *, echo: bool = False) -> None:
+        self.url: str = resolve_url(target)
+        path = _sqlite_file(self.url)
+        self.path: Optional[Path] = path
+        where = str(path) if path is not None else make_url(self.url).render_as_string(hide_password=True)
+        if path is not None:
+            _preflight_sqlite(path)
+        try:
+            self._engine = create_engine(self.url, echo=echo)
+        except (SQLAlchemyError, ImportError) as exc:
+            raise StoreError(f"cannot use the database URL {where}: {exc}") from None
+        if self._engine.dialect.name == "sqlite":
+            configure_sqlite(self._engine)
+        write_engine = self._engine.execution_options(sqlite_begin="IMMEDIATE")
+        self._read_sessions = sessionmaker(bind=self._engine, expire_on_commit=False)
+        self._write_sessions = sessionmaker(bind=write_engine, expire_on_commit=False)
+        try:
+            with write_engine.begin() as conn:
+                ensure_schema(conn, where)
+        except StoreError:
+            self._engine.dispose()
+            raise
+        except SQLAlchemyError as exc:
+            self._engine.dispose()
+            reason = getattr(exc, "orig", None) or exc
+            if path is not None and "not a database" in str(reason):
+                raise StoreError(f"{path} is not a SQLite database ({reason}); refusing to open it") from None
+            raise StoreError(f"cannot open the database {where}: {reason}") from None
+        logger.debug("opened store %s", where)
+
+    @property
+    def engine(self) -> Engine:
+        """The SQLAlchemy engine, for tools and benchmarks; the store's methods are the supported interface."""
+        return self._engine
+
+    def close(self) -> None:
+        """Close every pooled connection. The store can not be used afterwards."""
+        self._engine.dispose()
+
+    def __enter__(self) -> "StoreBase":
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({make_url(self.url).render_as_string(hide_password=True)!r})"
+
+    @contextmanager
+    def _read(self) -> Iterator[Session]:
+        """A session for reads; rows it returns stay readable after it closes."""
+        with self._read_sessions() as session:
+            yield session
+
+    @contextmanager
+    def _write(self) -> Iterator[Session]:
+        """A session in one write transaction (``BEGIN IMMEDIATE`` on SQLite), committed on exit."""
+        with self._write_sessions.begin() as session:
+            yield session
+
+
+def chunks(items: list[Any], size: int = 500) -> Iterator[list[Any]]:
+    """``items`` in slices of ``size``: keeps ``IN (...)`` lists under SQLite's bound-parameter limit."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
