@@ -1,0 +1,273 @@
+"""Running model-written programs for program-aided System 2 (PAL), safely.
+
+Why this is safe: defence in depth, five independent layers, each of which alone stops the
+common escapes, so that a hole in one is not a hole in the sandbox.
+
+1. **Process isolation.** Every program runs in its own fresh interpreter (``python -I -S``:
+   no user site, no site-packages, no ``PYTHON*`` variables), never in the server's process. A
+   crash, a hang or a corrupted interpreter dies with the child; the parent only reads one JSON
+   line from its stdout. A wall-clock timeout kills the child's whole process group.
+2. **Resource limits** (``setrlimit``), applied by the child before it reads the program: address
+   space (``memory_mb``), CPU seconds, no file writes (``RLIMIT_FSIZE`` 0), no new file
+   descriptors (so no files or sockets), no new processes (``RLIMIT_NPROC`` 0). When started as
+   root the child first drops to user ``nobody``, because root ignores ``RLIMIT_NPROC``.
+3. **Empty environment, empty directory.** No environment variables (no tokens or keys to read),
+   and the working directory is a new empty temporary directory, removed afterwards.
+4. **AST gate.** Before running, the program is parsed and rejected if it contains an import,
+   any name (other than a bare ``_``) or attribute starting with ``_`` (this blocks the
+   ``__class__.__subclasses__()``, ``__globals__`` and ``__builtins__`` tricks), frame and code attributes (``gi_frame``,
+   ``f_back``, ``f_globals``, ...: a generator's frame leads back to the runner's globals),
+   ``str.format`` (its format strings can walk attributes), class definitions, or the names
+   ``eval``, ``exec``, ``compile``, ``open``, ``getattr``, ``globals``, ``vars``, ``input``,
+   ``breakpoint`` and the like.
+5. **Builtins whitelist.** The program runs with a builtins dict holding only pure functions and
+   types (``len``, ``range``, ``sorted``, ``sum``, ...) and a ``print`` that does nothing; there is
+   no ``__import__``, so even code that slipped past the gate cannot import.
+
+The limits are applied inside the child, as its first statements, rather than in a
+``preexec_fn``: ``preexec_fn`` is not safe in a process with threads (the server has several, and
+:func:`run_programs` uses a thread pool), and the untrusted code is only read from stdin after the
+limits are in place, so nothing it does runs unlimited.
+
+Linux only: ``RLIMIT_AS`` is not enforced on macOS, and Windows has no ``resource`` module.
+
+The program must assign a variable ``answer``; its value comes back as ``str(answer)``, with
+integral floats written as integers ("85", not "85.0") so that they vote like System 1's answers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Sequence
+
+logger = logging.getLogger(__name__)
+
+MAX_VALUE_CHARS = 2000
+"""An ``answer`` whose text is longer than this is not an answer (and would bloat the store)."""
+
+STARTUP_GRACE_S = 1.0
+"""Wall-clock allowance for the child interpreter to start, on top of the program's ``timeout_s``."""
+
+
+@dataclass
+class ExecResult:
+    ok: bool
+    value: str | None
+    """``str(answer)`` when ``ok``."""
+    error: str | None
+    """A short reason when not ``ok`` ("timeout after 2s", "import statements are not allowed", ...)."""
+
+
+# The runner is the whole child program. It is a string (passed with -c) so that the child imports
+# nothing from this package: it needs only the standard library, which -I -S still provides.
+_RUNNER = r'''
+import ast, builtins, json, os, resource, signal, sys
+
+timeout_s, memory_mb = float(sys.argv[1]), int(sys.argv[2])
+
+def limit(which, value):
+    try:
+        resource.setrlimit(which, (value, value))
+    except (ValueError, OSError):
+        pass
+
+if os.getuid() == 0:
+    try:
+        os.setgroups([])
+        os.setgid(65534)
+        os.setuid(65534)
+    except OSError:
+        pass
+limit(resource.RLIMIT_AS, memory_mb * 1024 * 1024)
+limit(resource.RLIMIT_CPU, int(timeout_s) + 1)
+limit(resource.RLIMIT_FSIZE, 0)
+limit(resource.RLIMIT_NOFILE, 3)
+limit(resource.RLIMIT_NPROC, 0)
+limit(resource.RLIMIT_CORE, 0)
+source = sys.stdin.buffer.read().decode("utf-8", "replace")  # only now: limits are in place
+sys.stdin.close()
+
+def reply(**fields):
+    sys.stdout.write(json.dumps(fields) + "\n")
+    sys.stdout.flush()
+    os._exit(0)
+
+BANNED_NAMES = {
+    "eval", "exec", "compile", "open", "getattr", "setattr", "delattr", "hasattr", "globals",
+    "locals", "vars", "dir", "input", "breakpoint", "help", "exit", "quit", "memoryview",
+    "type", "object", "super", "classmethod", "staticmethod", "property",
+}
+BANNED_ATTRS = {"mro", "format", "format_map"}
+BANNED_ATTR_PREFIXES = ("_", "gi_", "cr_", "ag_", "f_", "tb_", "co_", "func_")
+BANNED_NODES = (
+    ast.Import, ast.ImportFrom, ast.ClassDef, ast.Global, ast.Nonlocal,
+    ast.AsyncFunctionDef, ast.AsyncFor, ast.AsyncWith, ast.Await,
+)
+
+def check(tree):
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            return "import statements are not allowed"
+        if isinstance(node, BANNED_NODES):
+            return type(node).__name__ + " is not allowed"
+        names = []
+        if isinstance(node, ast.Name):
+            names.append(node.id)
+        elif isinstance(node, (ast.FunctionDef, ast.ExceptHandler)) and node.name:
+            names.append(node.name)
+        elif isinstance(node, ast.arg):
+            names.append(node.arg)
+        elif isinstance(node, ast.keyword) and node.arg:
+            names.append(node.arg)
+        elif isinstance(node, (ast.MatchAs, ast.MatchStar)) and node.name:
+            names.append(node.name)
+        elif isinstance(node, ast.MatchMapping) and node.rest:
+            names.append(node.rest)
+        elif isinstance(node, ast.MatchClass):
+            return "match class patterns are not allowed"
+        for name in names:
+            if name.startswith("_") and name != "_":  # a bare "_" is the usual throwaway variable
+                return "name %r is not allowed" % name
+            if name in BANNED_NAMES:
+                return "name %r is not allowed" % name
+        if isinstance(node, ast.Attribute):
+            if node.attr in BANNED_ATTRS or node.attr.startswith(BANNED_ATTR_PREFIXES):
+                return "attribute %r is not allowed" % node.attr
+    return None
+
+SAFE_BUILTINS = {
+    name: getattr(builtins, name)
+    for name in (
+        "len", "range", "str", "int", "float", "abs", "min", "max", "sum", "sorted", "reversed",
+        "enumerate", "zip", "list", "dict", "set", "tuple", "bool", "round", "map", "filter",
+        "any", "all", "isinstance", "ord", "chr", "divmod", "pow",
+        "Exception", "ValueError", "TypeError", "KeyError", "IndexError", "ZeroDivisionError",
+    )
+}
+SAFE_BUILTINS["print"] = lambda *args, **kwargs: None
+
+try:
+    tree = ast.parse(source, "<program>", "exec")
+except SyntaxError as error:
+    reply(ok=False, error="SyntaxError: %s (line %s)" % (error.msg, error.lineno))
+problem = check(tree)
+if problem:
+    reply(ok=False, error=problem)
+code = compile(tree, "<program>", "exec")
+scope = {"__builtins__": SAFE_BUILTINS}
+del source, tree
+signal.setitimer(signal.ITIMER_REAL, timeout_s)  # default action of SIGALRM: terminate
+try:
+    exec(code, scope)
+    if "answer" not in scope:
+        reply(ok=False, error="the program did not set a variable 'answer'")
+    answer = scope["answer"]
+    if isinstance(answer, float) and answer.is_integer():
+        answer = int(answer)
+    value = str(answer)
+    signal.setitimer(signal.ITIMER_REAL, 0)
+except MemoryError:
+    reply(ok=False, error="MemoryError: over the memory limit")
+except RecursionError:
+    reply(ok=False, error="RecursionError: maximum recursion depth exceeded")
+except BaseException as error:
+    reply(ok=False, error=("%s: %s" % (type(error).__name__, error))[:200])
+reply(ok=True, value=value)
+'''
+
+
+def _describe_exit(returncode: int, stderr: str) -> str:
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        reason = {
+            "SIGXCPU": "over the CPU time limit",
+            "SIGALRM": "timeout",
+            "SIGKILL": "killed",
+            "SIGSEGV": "crashed",
+        }.get(name, "killed")
+        return f"{reason} ({name})"
+    last = stderr.strip().splitlines()[-1:] or [f"exit status {returncode}"]
+    return last[0][:200]
+
+
+def run_program(code: str, *, timeout_s: float = 2.0, memory_mb: int = 256) -> ExecResult:
+    """Run one program in a fresh, limited child process and return its ``answer``.
+
+    Never raises for anything the program does: errors, timeouts, memory exhaustion and a missing
+    ``answer`` all come back as ``ok=False`` with a short reason.
+    """
+    with tempfile.TemporaryDirectory(prefix="s2agent-sandbox-") as workdir:
+        os.chmod(workdir, 0o777)  # the child may run as "nobody"; it still cannot write (FSIZE 0)
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-B", "-c", _RUNNER, repr(float(timeout_s)), str(int(memory_mb))],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                cwd=workdir,
+                env={},
+                start_new_session=True,  # its own process group, so a timeout kills all of it
+                close_fds=True,
+            )
+        except OSError as error:
+            logger.error("could not start the sandbox interpreter: %s", error)
+            return ExecResult(ok=False, value=None, error=f"could not start sandbox: {error}")
+        try:
+            stdout, stderr = process.communicate(code.encode("utf-8"), timeout=timeout_s + STARTUP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            _kill_group(process)
+            process.communicate()
+            return ExecResult(ok=False, value=None, error=f"timeout after {timeout_s:g}s")
+        finally:
+            if process.poll() is None:  # e.g. KeyboardInterrupt while waiting
+                _kill_group(process)
+                process.wait()
+    lines = stdout.decode("utf-8", "replace").strip().splitlines()
+    try:
+        result = json.loads(lines[-1]) if lines else None
+    except json.JSONDecodeError:
+        result = None
+    if not isinstance(result, dict):
+        error = _describe_exit(process.returncode, stderr.decode("utf-8", "replace"))
+        if error.startswith("timeout"):
+            error = f"timeout after {timeout_s:g}s"
+        return ExecResult(ok=False, value=None, error=error)
+    if not result.get("ok"):
+        return ExecResult(ok=False, value=None, error=str(result.get("error") or "failed"))
+    value = str(result.get("value"))
+    if len(value) > MAX_VALUE_CHARS:
+        return ExecResult(ok=False, value=None, error=f"answer is longer than {MAX_VALUE_CHARS} characters")
+    return ExecResult(ok=True, value=value, error=None)
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        process.kill()
+
+
+def run_programs(
+    codes: Sequence[str], *, timeout_s: float = 2.0, memory_mb: int = 256, max_workers: int = 2
+) -> list[ExecResult]:
+    """Run several programs (e.g. the k PAL samples of one query) in parallel child processes.
+
+    Threads only wait on the children, so ``max_workers`` bounds the number of concurrent
+    interpreters (CPU and memory), not Python work. Results are in the order of ``codes``.
+    """
+    if not codes:
+        return []
+    workers = max(1, min(max_workers, len(codes)))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sandbox") as pool:
+        return list(pool.map(lambda c: run_program(c, timeout_s=timeout_s, memory_mb=memory_mb), codes))

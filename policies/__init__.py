@@ -1,0 +1,9 @@
+"""Pure decision logic of s2agent: no I/O, no model, no store; everything here is testable with a
+scripted language model.
+
+- ``policies.answers``: reading final answers out of model text and normalising them.
+- ``policies.consistency``: the unsupervised filters (majority vote, position consistency,
+  universal self-consistency) that decide which System 2 answers become training examples.
+- ``policies.routing``: System 1 confidence estimators, routers, and threshold calibration.
+- ``policies.system2``: the System 2 methods (CoT, RaR, S2A, BSM, PAL), one module each.
+"""

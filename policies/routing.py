@@ -1,0 +1,235 @@
+"""Routing: when is System 1's direct answer good enough, and when must System 2 run?
+
+System 2 costs 10-100x the tokens of System 1, and the point of distillation is to stop paying it
+where System 1 has learned the task. So each query gets a cheap confidence score for System 1's
+greedy answer, and a router sends it to System 2 only when the score is below a threshold.
+
+Two estimators:
+
+- :func:`token_confidence`: from the token log-probs of System 1's answer span (free: one pass).
+- :func:`sample_agreement`: how often a few sampled System 1 answers match the greedy one (costs
+  extra samples, but is better calibrated for small models).
+
+The threshold is not guessed: :func:`calibrate` picks it from logged (score, System 1 was right)
+pairs, for a target System 2 rate (a compute budget) or a target System 1 precision (a quality bar).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+from policies.answers import AnswerKind, answers_match
+
+logger = logging.getLogger(__name__)
+
+Route = Literal["system1", "system2"]
+
+
+# --- confidence estimators -------------------------------------------------------------------------
+def token_confidence(
+    logprobs: Sequence[float], *, reducer: Literal["min", "quantile", "mean"] = "quantile", q: float = 0.1
+) -> float:
+    """Confidence in [0, 1] from the per-token log-probs of System 1's greedy answer span.
+
+    Uses a low quantile (or the minimum, or the mean) of the token *probabilities*, not the sequence
+    probability: a product of probabilities falls with length, so a long correct answer would look
+    less sure than a short wrong one. One unsure token is what signals a guess, which is why a low
+    quantile is the default. Empty spans give 0.0 (no evidence means no confidence).
+    """
+    if not logprobs:
+        return 0.0
+    probs = sorted(min(1.0, math.exp(lp)) if not math.isnan(lp) else 0.0 for lp in logprobs)
+    if reducer == "min":
+        value = probs[0]
+    elif reducer == "mean":
+        value = sum(probs) / len(probs)
+    elif reducer == "quantile":
+        if not 0.0 <= q <= 1.0:
+            raise ValueError(f"quantile q must be in [0, 1], got {q}")
+        # Linear interpolation between order statistics (numpy's default "linear" method).
+        position = q * (len(probs) - 1)
+        low = math.floor(position)
+        high = min(low + 1, len(probs) - 1)
+        value = probs[low] + (probs[high] - probs[low]) * (position - low)
+    else:
+        raise ValueError(f"unknown reducer {reducer!r}; known: min, quantile, mean")
+    return max(0.0, min(1.0, value))
+
+
+def sample_agreement(greedy: str | None, samples: Sequence[str | None], kind: AnswerKind = "text") -> float:
+    """Share of sampled System 1 answers that match the greedy answer (0.0 with none to compare)."""
+    if greedy is None or not samples:
+        return 0.0
+    return sum(answers_match(greedy, s, kind) for s in samples) / len(samples)
+
+
+# --- routers ---------------------------------------------------------------------------------------
+@dataclass
+class RouteDecision:
+    """Where one query went and why (logged with the interaction, so routing can be audited)."""
+
+    route: Route
+    estimator: str
+    """Name of the confidence estimator that produced ``score`` ("none" for fixed routers)."""
+    score: float | None
+    threshold: float | None
+
+
+class ThresholdRouter:
+    """System 2 when System 1's confidence is below ``threshold``; also when there is no score."""
+
+    name = "threshold"
+
+    def __init__(self, threshold: float = 0.5) -> None:
+        self.threshold = threshold
+
+    def route(self, score: float | None, *, estimator: str = "token_confidence") -> RouteDecision:
+        # No score (e.g. System 1 produced no answer span) is no evidence: pay for System 2.
+        target: Route = "system2" if score is None or score < self.threshold else "system1"
+        return RouteDecision(route=target, estimator=estimator, score=score, threshold=self.threshold)
+
+
+class AlwaysSystem2Router:
+    """Every query to System 2: the start of the loop, or to collect calibration data."""
+
+    name = "always"
+
+    def __init__(self, threshold: float | None = None) -> None:
+        self.threshold = None  # accepted for a uniform constructor; unused
+
+    def route(self, score: float | None = None, *, estimator: str = "none") -> RouteDecision:
+        return RouteDecision(route="system2", estimator=estimator, score=score, threshold=None)
+
+
+class NeverSystem2Router:
+    """Every query to System 1: serving a distilled model only, or measuring System 1 alone."""
+
+    name = "never"
+
+    def __init__(self, threshold: float | None = None) -> None:
+        self.threshold = None
+
+    def route(self, score: float | None = None, *, estimator: str = "none") -> RouteDecision:
+        return RouteDecision(route="system1", estimator=estimator, score=score, threshold=None)
+
+
+Router = ThresholdRouter | AlwaysSystem2Router | NeverSystem2Router
+
+ROUTERS: dict[str, type[Router]] = {
+    "threshold": ThresholdRouter,
+    "always": AlwaysSystem2Router,
+    "never": NeverSystem2Router,
+}
+
+
+def make_router(name: str, threshold: float = 0.5) -> Router:
+    """The router called ``name`` (see :data:`ROUTERS`)."""
+    try:
+        cls = ROUTERS[name]
+    except KeyError:
+        raise ValueError(f"unknown router {name!r}; known: {', '.join(ROUTERS)}") from None
+    return cls(threshold)
+
+
+# --- calibration -----------------------------------------------------------------------------------
+MIN_CALIBRATION_RECORDS = 5
+
+
+@dataclass
+class CalibrationPoint:
+    """What one threshold would have done on the calibration records."""
+
+    threshold: float
+    system2_rate: float
+    """Share of records with score < threshold (sent to System 2)."""
+    system1_precision: float | None
+    """Share of the records kept on System 1 where System 1 was right; None when none are kept."""
+    system1_coverage: float
+    """Share of records kept on System 1 (1 - system2_rate)."""
+
+
+@dataclass
+class Calibration:
+    threshold: float
+    curve: list[CalibrationPoint]
+    n: int
+    target: str
+    """The target that chose ``threshold``, e.g. "system2_rate<=0.3" or "system1_precision>=0.9"."""
+
+
+def _curve(records: Sequence[tuple[float, bool]]) -> list[CalibrationPoint]:
+    n = len(records)
+    scores = sorted({score for score, _ in records})
+    # One extra threshold just above the top score: everything goes to System 2.
+    thresholds = scores + [math.nextafter(scores[-1], math.inf)]
+    by_score = sorted(records, key=lambda r: r[0])
+    curve: list[CalibrationPoint] = []
+    below = 0  # records with score < threshold, walking thresholds upwards
+    kept_correct = sum(correct for _, correct in records)
+    for threshold in thresholds:
+        while below < n and by_score[below][0] < threshold:
+            kept_correct -= by_score[below][1]
+            below += 1
+        kept = n - below
+        curve.append(
+            CalibrationPoint(
+                threshold=threshold,
+                system2_rate=below / n,
+                system1_precision=kept_correct / kept if kept else None,
+                system1_coverage=kept / n,
+            )
+        )
+    return curve
+
+
+def calibrate(
+    records: Sequence[tuple[float, bool]],
+    *,
+    target_system2_rate: float | None = None,
+    target_precision: float | None = None,
+) -> Calibration:
+    """Pick the routing threshold from logged (System 1 confidence, System 1 was correct) records.
+
+    "Correct" means System 1 agreed with the accepted System 2 answer, so no labels are needed.
+    Give exactly one target:
+
+    - ``target_system2_rate``: a compute budget; the threshold whose System 2 rate is closest to it
+      without exceeding it.
+    - ``target_precision``: a quality bar; the lowest threshold at which System 1's precision on the
+      inputs it keeps (score >= threshold) reaches it. If none does, every input goes to System 2.
+    """
+    if len(records) < MIN_CALIBRATION_RECORDS:
+        raise ValueError(
+            f"calibration needs at least {MIN_CALIBRATION_RECORDS} records, got {len(records)}; "
+            "route more queries to System 2 (router 'always') first"
+        )
+    if (target_system2_rate is None) == (target_precision is None):
+        raise ValueError("give exactly one of target_system2_rate and target_precision")
+    curve = _curve(records)
+    if target_system2_rate is not None:
+        if not 0.0 <= target_system2_rate <= 1.0:
+            raise ValueError(f"target_system2_rate must be in [0, 1], got {target_system2_rate}")
+        # Rates grow with the threshold, and the lowest threshold has rate 0, so one always fits.
+        chosen = max((p for p in curve if p.system2_rate <= target_system2_rate), key=lambda p: p.threshold)
+        target = f"system2_rate<={target_system2_rate:g}"
+    else:
+        assert target_precision is not None
+        if not 0.0 <= target_precision <= 1.0:
+            raise ValueError(f"target_precision must be in [0, 1], got {target_precision}")
+        reaching = [
+            p for p in curve if p.system1_precision is not None and p.system1_precision >= target_precision
+        ]
+        if reaching:
+            chosen = min(reaching, key=lambda p: p.threshold)
+        else:
+            logger.warning(
+                "no threshold reaches System 1 precision %.3f on %d records; routing everything to System 2",
+                target_precision,
+                len(records),
+            )
+            chosen = curve[-1]
+        target = f"system1_precision>={target_precision:g}"
+    return Calibration(threshold=chosen.threshold, curve=curve, n=len(records), target=target)

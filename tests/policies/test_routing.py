@@ -1,0 +1,108 @@
+"""Confidence estimators, routers and threshold calibration."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from policies.routing import (
+    ROUTERS,
+    RouteDecision,
+    ThresholdRouter,
+    calibrate,
+    make_router,
+    sample_agreement,
+    token_confidence,
+)
+
+
+def test_token_confidence_is_not_biased_by_length() -> None:
+    short = [math.log(0.9)] * 2
+    long = [math.log(0.9)] * 40
+    assert token_confidence(short) == pytest.approx(0.9)
+    assert token_confidence(long) == pytest.approx(0.9)  # the sequence probability would be 0.015
+
+
+def test_token_confidence_reducers() -> None:
+    logprobs = [math.log(p) for p in (0.99, 0.2, 0.9, 0.95, 0.97)]
+    assert token_confidence(logprobs, reducer="min") == pytest.approx(0.2)
+    assert token_confidence(logprobs, reducer="mean") == pytest.approx((0.99 + 0.2 + 0.9 + 0.95 + 0.97) / 5)
+    # q=0.1 of five sorted values interpolates between the two lowest: 0.2 + 0.4 * (0.9 - 0.2).
+    assert token_confidence(logprobs, q=0.1) == pytest.approx(0.48)
+    assert token_confidence(logprobs, q=0.0) == pytest.approx(0.2)
+    assert token_confidence([]) == 0.0
+    assert 0.0 <= token_confidence([0.0, 1e-9]) <= 1.0
+    with pytest.raises(ValueError):
+        token_confidence(logprobs, reducer="median")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        token_confidence(logprobs, q=1.5)
+
+
+def test_sample_agreement() -> None:
+    assert sample_agreement("85", ["85", "85.0", "86", None], kind="number") == 0.5
+    assert sample_agreement(None, ["85"]) == 0.0
+    assert sample_agreement("85", []) == 0.0
+
+
+def test_threshold_router() -> None:
+    router = ThresholdRouter(0.5)
+    assert router.route(0.4) == RouteDecision("system2", "token_confidence", 0.4, 0.5)
+    assert router.route(0.5).route == "system1"
+    assert router.route(None).route == "system2"
+    assert router.route(0.9, estimator="sample_agreement").estimator == "sample_agreement"
+
+
+def test_make_router() -> None:
+    assert set(ROUTERS) == {"threshold", "always", "never"}
+    assert make_router("always").route(0.99).route == "system2"
+    assert make_router("never").route(0.01).route == "system1"
+    threshold = make_router("threshold", 0.7)
+    assert threshold.route(0.6).route == "system2" and threshold.route(0.6).threshold == 0.7
+    with pytest.raises(ValueError, match="known: threshold, always, never"):
+        make_router("sometimes")
+
+
+# (System 1 confidence, System 1 was correct): confident answers tend to be right.
+RECORDS = [(0.1, False), (0.2, False), (0.3, True), (0.4, False), (0.5, True), (0.6, True), (0.7, True), (0.8, True), (0.9, True), (0.95, True)]
+
+
+def test_calibration_curve() -> None:
+    cal = calibrate(RECORDS, target_system2_rate=0.5)
+    assert cal.n == 10
+    by_threshold = {p.threshold: p for p in cal.curve}
+    point = by_threshold[0.5]
+    assert point.system2_rate == 0.4 and point.system1_coverage == 0.6 and point.system1_precision == 1.0
+    assert by_threshold[0.1].system2_rate == 0.0 and by_threshold[0.1].system1_precision == 0.7
+    assert cal.curve[-1].system2_rate == 1.0 and cal.curve[-1].system1_precision is None
+
+
+def test_calibrate_for_system2_rate() -> None:
+    cal = calibrate(RECORDS, target_system2_rate=0.35)
+    assert cal.threshold == 0.4  # sends 3/10 to System 2; 0.5 would send 4/10 > 0.35
+    assert cal.target == "system2_rate<=0.35"
+    assert calibrate(RECORDS, target_system2_rate=0.0).threshold == 0.1
+
+
+def test_calibrate_for_precision() -> None:
+    cal = calibrate(RECORDS, target_precision=0.85)
+    assert cal.threshold == 0.3  # kept: 0.3..0.95 -> 7/8 = 0.875
+    assert calibrate(RECORDS, target_precision=1.0).threshold == 0.5
+    assert cal.target == "system1_precision>=0.85"
+
+
+def test_unreachable_precision_routes_everything_to_system2() -> None:
+    records = [(0.1 * i, False) for i in range(1, 7)]
+    cal = calibrate(records, target_precision=0.5)
+    assert ThresholdRouter(cal.threshold).route(0.6).route == "system2"
+
+
+def test_calibrate_errors() -> None:
+    with pytest.raises(ValueError, match="at least 5 records"):
+        calibrate(RECORDS[:4], target_system2_rate=0.5)
+    with pytest.raises(ValueError, match="exactly one"):
+        calibrate(RECORDS)
+    with pytest.raises(ValueError, match="exactly one"):
+        calibrate(RECORDS, target_system2_rate=0.5, target_precision=0.9)
+    with pytest.raises(ValueError):
+        calibrate(RECORDS, target_precision=1.5)
