@@ -60,8 +60,10 @@ class System2Config:
     agreement_threshold: float = 0.75
     """Share of samples that must agree for the answer to be kept as a training example."""
     temperature: float = 0.7
+    """Sampling temperature of System 2 runs (the samples must differ for a vote to mean anything)."""
     top_k: int = 40
-    max_new_tokens: int = 256
+    max_new_tokens: int | None = None
+    """Length limit of each System 2 generation; default: each method's own (PAL 160, CoT 256, ...)."""
     timeout_s: float = 300.0
     """A System 2 run taking longer than this falls back to the System 1 answer."""
     prompts: dict[str, dict[str, str]] = field(default_factory=dict)
@@ -225,6 +227,8 @@ def _set_dotted(config: Any, dotted: str, value: Any, source: str, from_string: 
         if not dataclasses.is_dataclass(target) or part not in _field_types(type(target)):
             raise ConfigError(f"unknown config section {dotted!r} (from {source})")
         target = getattr(target, part)
+    if not dataclasses.is_dataclass(target):
+        raise ConfigError(f"unknown config key {dotted!r} (from {source}): {'.'.join(parents)} is not a section")
     types = _field_types(type(target))
     if name not in types:
         known = ", ".join(sorted(types))
@@ -261,7 +265,7 @@ def _coerce(tp: Any, value: Any, key: str, source: str, from_string: bool) -> An
                 return False
             raise ValueError(value)
         if base in (int, float):
-            if isinstance(value, bool):
+            if isinstance(value, bool) or (base is int and isinstance(value, float)):
                 raise ValueError(value)
             return base(value)
         if base is str:

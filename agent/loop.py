@@ -282,11 +282,17 @@ class Agent:
     def _method(self, name: str, tag: str | None) -> System2Method:
         key = (name, tag)
         if key not in self._methods:
-            kwargs: dict[str, Any] = {"prompts": self.config.system2.prompts.get(name)}
+            cfg = self.config.system2
+            kwargs: dict[str, Any] = {"prompts": cfg.prompts.get(name), "temperature": cfg.temperature,
+                                      "top_k": cfg.top_k}
+            if cfg.max_new_tokens:
+                kwargs["max_new_tokens"] = cfg.max_new_tokens
             if name == "pal":
                 from agent.sandbox import run_programs
+                from policies.system2.prompts import PAL_FAMILIES
 
                 kwargs["executor"] = run_programs
+                kwargs["family"] = tag if tag in PAL_FAMILIES else None
             try:
                 self._methods[key] = make_method(name, **kwargs)
             except UnknownMethodError as exc:

@@ -167,10 +167,10 @@ class HFBackend:
         rows: list[_Row] = []
         for i, request in enumerate(requests):
             p = request.params
-            for j in range(p.n):
-                generator = None
-                if p.seed is not None:
-                    generator = torch.Generator(device=self.device).manual_seed(p.seed + j)
+            # One generator per request, drawn from in row order: a seed fixes all n samples, and
+            # neighbouring seeds share none of them.
+            generator = torch.Generator(device=self.device).manual_seed(p.seed) if p.seed is not None else None
+            for _ in range(p.n):
                 rows.append(_Row(i, p, generator, adapters[i], [], [], len(prompts[i])))
         cache.batch_select_indices(repeat)
         logits = out.logits[:, -1, :].float()[repeat]

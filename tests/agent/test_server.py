@@ -252,8 +252,9 @@ def test_bad_raw_completions_and_unknown_paths(http):
     assert_error(http.get(CHAT), 405)
 
 
-def test_clients_that_hang_up_do_no_harm(server, http, caplog):
-    body = json.dumps({"model": "default", "messages": ask("Alice flips the coin."), "stream": True,
+def test_clients_that_hang_up_do_no_harm(server, http, agent, caplog):
+    question = "Alice flips the coin. Did she?"
+    body = json.dumps({"model": "default", "messages": ask(question), "stream": True,
                        "s2agent": {"route": "system2"}}).encode()
     with caplog.at_level(logging.INFO, logger="agent.server"):
         # Hang up while System 2 is still thinking, before the first event...
@@ -267,8 +268,10 @@ def test_clients_that_hang_up_do_no_harm(server, http, caplog):
                                               "max_tokens": 32, "s2agent": {"route": "system1"}}) as response:
                 assert response.status_code == 200
                 next(response.iter_lines())
+        # Whether the server notices the hang-up depends on timing (a short answer may be fully written
+        # first); what must hold is that the work is not lost and the server keeps serving.
         deadline = time.monotonic() + 30
-        while not any("client disconnected" in r.getMessage() for r in caplog.records):
+        while not any(i.input == question for i in agent.store.list_interactions(limit=50)):
             assert time.monotonic() < deadline, [r.getMessage() for r in caplog.records]
             time.sleep(0.05)
         assert http.post(CHAT, json={"model": "default", "messages": ask("still there?")}).status_code == 200

@@ -1,0 +1,176 @@
+"""Every prompt text the System 2 methods send, in one place.
+
+Each method has a dict of named templates filled with ``str.format`` (so a literal brace is written
+``{{`` / ``}}``). A method's constructor takes ``prompts=`` and merges it over these defaults, so any
+template can be overridden from config without touching code::
+
+    ChainOfThought(prompts={"user": "{query}\\nReason it out, then write 'Answer: <answer>'."})
+
+The placeholders each template receives are listed next to it; a template may leave any of them out.
+PAL's few-shot programs are data rather than templates: see ``PAL_FAMILIES`` at the end.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+ANSWER_LINE = 'End with a last line of the form "Answer: <answer>".'
+
+# --- Chain-of-Thought (cot.py) ---------------------------------------------------------------------
+COT: dict[str, str] = {
+    # an optional system turn ("": the model's default system prompt)
+    "system": "",
+    # {query}
+    "user": "{query}\n\nLet's think step by step. " + ANSWER_LINE,
+}
+
+# --- Rephrase-and-Respond (rar.py) -----------------------------------------------------------------
+RAR: dict[str, str] = {
+    # an optional system turn ("": the model's default system prompt)
+    "system": "",
+    # 1-step: {query}
+    "one_step": "{query}\n\nRephrase and expand the question, and respond. " + ANSWER_LINE,
+    # 2-step, first call: {query}
+    "rephrase": (
+        "{query}\n\nGiven the above question, rephrase and expand it to help you do better answering. "
+        "Maintain all information in the original question. Write only the rephrased question."
+    ),
+    # 2-step, second call: {query}, {rephrased}
+    "respond": (
+        "(original) {query}\n(rephrased) {rephrased}\n\n"
+        "Use your answer to the rephrased question to answer the original question. " + ANSWER_LINE
+    ),
+}
+
+# --- System 2 Attention (s2a.py) -------------------------------------------------------------------
+S2A: dict[str, str] = {
+    # an optional system turn ("": the model's default system prompt)
+    "system": "",
+    # first call, regenerates the input: {query}
+    "rewrite": (
+        "Given the following text by a user, extract the part that is unbiased and not their opinion, "
+        "so that using that text alone would be good context for providing an unbiased answer to the "
+        "question portion of the text. Include the actual question the user is asking. Leave out any "
+        'opinion or guess such as "I think the answer is X".\n\nText by user:\n{query}\n\n'
+        "Write only the extracted text."
+    ),
+    # second call, answers the rewritten input: {context}
+    "respond": "{context}\n\nAnswer the question above. " + ANSWER_LINE,
+}
+
+# --- Branch-Solve-Merge (bsm.py) -------------------------------------------------------------------
+BSM: dict[str, str] = {
+    "system": "You are a careful, impartial judge of answers to questions.",
+    # branch: {question}, {num_criteria}
+    "branch": (
+        "[Question]\n{question}\n\n"
+        "We want to judge two answers to the question above. List {num_criteria} short criteria to "
+        "judge them by, one per line, each a few words."
+    ),
+    # solve, once per criterion and order: {question}, {response_a}, {response_b}, {criterion}
+    "solve": (
+        "[Question]\n{question}\n\n[Response A]\n{response_a}\n\n[Response B]\n{response_b}\n\n"
+        "Judge the two responses on this criterion only: {criterion}. Explain in one or two sentences, "
+        'then end with a last line "Verdict: A", "Verdict: B" or "Verdict: tie".'
+    ),
+    # merge, once per sample and order: {question}, {response_a}, {response_b}, {judgements}
+    "merge": (
+        "[Question]\n{question}\n\n[Response A]\n{response_a}\n\n[Response B]\n{response_b}\n\n"
+        "Judgements of the two responses, criterion by criterion:\n{judgements}\n\n"
+        "Merge these judgements into one overall decision: which response is better? Explain in one "
+        'sentence, then end with a last line "Verdict: A", "Verdict: B" or "Verdict: tie".'
+    ),
+    # one per-criterion judgement inside {judgements}: {criterion}, {judgement}
+    "judgement": "- {criterion}: {judgement}",
+}
+BSM_DEFAULT_CRITERIA: tuple[str, ...] = ("correctness", "helpfulness", "clarity")
+"""Used when the branch output yields no criteria."""
+
+# --- Program-aided (pal.py) ------------------------------------------------------------------------
+PAL: dict[str, str] = {
+    "system": (
+        "You write short Python programs that solve a question. The program stores the final answer "
+        "in a variable named answer. Write only the program."
+    ),
+    # the question turn, for the few-shot examples and for the query: {query}
+    "user": "{query}",
+    # the program turn of a few-shot example: {program}
+    "assistant": "{program}",
+}
+
+PAL_FAMILIES: dict[str, dict] = {
+    # family name -> {"match": regex the query is searched with (None: only by name),
+    #                 "answer_kind": how the executed answer is normalised,
+    #                 "shots": ((question, program), ...) shown as earlier chat turns}
+    "last_letter": {
+        "match": r"last letters?\b",
+        "answer_kind": "text",
+        "shots": (
+            (
+                "Take the last letters of the words in 'apple house' and concatenate them.",
+                'words = "apple house".split()\nanswer = "".join(word[-1] for word in words)',
+            ),
+            (
+                "Take the last letters of the words in 'Bill Gates' and concatenate them.",
+                'words = "Bill Gates".split()\nanswer = "".join(word[-1] for word in words)',
+            ),
+            (
+                "Take the last letters of the words in 'river stone cloud' and concatenate them.",
+                'words = "river stone cloud".split()\nanswer = "".join(word[-1] for word in words)',
+            ),
+        ),
+    },
+    "arithmetic": {
+        "match": r"^\s*(what is|compute|calculate)\s+-?\d[\d\s.+\-*/()x×]*\??\s*$",
+        "answer_kind": "number",
+        "shots": (
+            ("What is 47 + 38?", "answer = 47 + 38"),
+            ("What is 47 + 38 - 21?", "answer = 47 + 38 - 21"),
+            ("What is 12 * 7?", "answer = 12 * 7"),
+        ),
+    },
+    "coin_flip": {
+        "match": r"\bcoin\b.*\bheads up\b",
+        "answer_kind": "yesno",
+        # Measured on the embedded model: 0.60 (copying the question as a string and counting, 0.20;
+        # one boolean per person, 0.23-0.30: the 135M model drops or mixes up people when it copies).
+        "shots": (
+            (
+                "A coin is heads up. Alice flips the coin. Bob does not flip the coin. "
+                "Is the coin still heads up?",
+                "flips = 0\nflips += 1  # Alice flips\nflips += 0  # Bob does not flip\n"
+                'answer = "yes" if flips % 2 == 0 else "no"',
+            ),
+            (
+                "A coin is heads up. Carol does not flip the coin. Dan flips the coin. Erin flips the "
+                "coin. Is the coin still heads up?",
+                "flips = 0\nflips += 0  # Carol does not flip\nflips += 1  # Dan flips\n"
+                'flips += 1  # Erin flips\nanswer = "yes" if flips % 2 == 0 else "no"',
+            ),
+        ),
+    },
+    "generic": {
+        "match": None,
+        "answer_kind": "text",
+        "shots": (
+            ("What is 47 + 38?", "answer = 47 + 38"),
+            (
+                "Take the last letters of the words in 'apple house' and concatenate them.",
+                'words = "apple house".split()\nanswer = "".join(word[-1] for word in words)',
+            ),
+            (
+                "How many days are there in 3 weeks?",
+                "days_per_week = 7\nweeks = 3\nanswer = days_per_week * weeks",
+            ),
+        ),
+    },
+}
+
+
+def merged(defaults: Mapping[str, str], overrides: Mapping[str, str] | None) -> dict[str, str]:
+    """``defaults`` with ``overrides`` on top; an unknown template name is an error, not a silent no-op."""
+    overrides = dict(overrides or {})
+    unknown = sorted(set(overrides) - set(defaults))
+    if unknown:
+        raise KeyError(f"unknown prompt template(s) {unknown}; known: {sorted(defaults)}")
+    return {**defaults, **overrides}

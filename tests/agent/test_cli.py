@@ -1,0 +1,363 @@
+"""The ``agent`` command, in-process through ``agent.cli.main`` and once as the installed console script,
+on real SQLite files (and the tiny model where a command loads one)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from agent.cli import main
+from agent.distill import holdout_bucket
+from store import Store
+
+REPO = Path(__file__).resolve().parents[2]
+AGENT = REPO / ".venv" / "bin" / "agent"
+
+EXAMPLES = [
+    ("What is 47 + 38?", "85", "cot"),
+    ("Take the last letters of 'apple house'.", "ee", "pal"),
+    ("Is the coin still heads up after Alice flips it?", "no", "cot"),
+]
+
+
+@pytest.fixture(autouse=True)
+def isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No user data dir, no stray S2AGENT_* settings, no network."""
+    for key in list(os.environ):
+        if key.startswith("S2AGENT_"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("S2AGENT_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("S2AGENT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    path = tmp_path / "agent.db"
+    with Store(str(path)) as store:
+        for text, target, method in EXAMPLES:
+            store.add_example(text, target, method, votes={target: 3}, agreement=0.75)
+    return path
+
+
+def run(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def count(path: Path, status: str | None = None) -> int:
+    with Store(str(path)) as store:
+        return store.count_examples(status=status)
+
+
+# --- help ----------------------------------------------------------------------------------------
+def test_help_lists_the_commands(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("serve", "ask", "store", "consolidate", "adapters", "schedule", "calibrate", "bench"):
+        assert command in out
+    assert "--db" in out and "--config" in out
+
+
+def test_unknown_command_is_a_usage_error(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["frobnicate"])
+    assert info.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+# --- store ---------------------------------------------------------------------------------------
+def test_store_ls(capsys: pytest.CaptureFixture, db: Path) -> None:
+    code, out, _ = run(capsys, "--db", str(db), "store", "ls")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split() == ["id", "status", "method", "agree", "created", "input", "target"]
+    assert len(lines) == 1 + len(EXAMPLES)
+    assert lines[1].split()[0] == "3"  # newest first
+    for text, target, _ in EXAMPLES:
+        assert any(text[:30] in line and target in line for line in lines[1:])
+
+
+def test_store_ls_json_and_filters(capsys: pytest.CaptureFixture, db: Path) -> None:
+    code, out, _ = run(capsys, "--db", str(db), "store", "ls", "--json")
+    assert code == 0
+    rows = json.loads(out)
+    assert [r["input"] for r in rows] == [e[0] for e in reversed(EXAMPLES)]
+    assert {r["status"] for r in rows} == {"pending"}
+    assert rows[0]["votes"] == {EXAMPLES[-1][1]: 3}
+
+    code, out, _ = run(capsys, "--db", str(db), "store", "ls", "--json", "--method", "pal")
+    assert [r["target"] for r in json.loads(out)] == ["ee"]
+    code, out, _ = run(capsys, "--db", str(db), "store", "ls", "--json", "--status", "used")
+    assert json.loads(out) == []
+    code, out, _ = run(capsys, "--db", str(db), "store", "ls", "--json", "--limit", "1")
+    assert len(json.loads(out)) == 1
+
+
+def test_store_show(capsys: pytest.CaptureFixture, db: Path) -> None:
+    code, out, _ = run(capsys, "--db", str(db), "store", "show", "2")
+    assert code == 0
+    row = json.loads(out)
+    assert (row["id"], row["input"], row["target"], row["method"]) == (2, *EXAMPLES[1])
+    assert row["agreement"] == 0.75
+
+    code, out, _ = run(capsys, "--db", str(db), "store", "show", "99")
+    assert code == 1
+    assert "no example with id 99" in out
+
+
+def test_store_stats(capsys: pytest.CaptureFixture, db: Path) -> None:
+    code, out, _ = run(capsys, "--db", str(db), "store", "stats", "--json")
+    assert code == 0
+    stats = json.loads(out)
+    assert stats["examples"]["total"] == 3
+    assert stats["examples"]["by_status"] == {"pending": 3}
+    assert stats["examples"]["by_method"] == {"cot": 2, "pal": 1}
+    assert stats["interactions"]["total"] == 0
+
+    code, out, _ = run(capsys, "--db", str(db), "store", "stats")
+    assert code == 0
+    assert out.startswith("examples: 3")
+    assert "interactions: 0" in out
+    assert "System 2 rate: n/a" in out
+
+
+def test_store_export_then_import_into_a_new_database(capsys: pytest.CaptureFixture, db: Path,
+                                                       tmp_path: Path) -> None:
+    exported = tmp_path / "examples.jsonl"
+    code, out, _ = run(capsys, "--db", str(db), "store", "export", "-o", str(exported))
+    assert code == 0
+    assert f"exported 3 examples to {exported}" in out
+    records = [json.loads(line) for line in exported.read_text().splitlines()]
+    assert [(r["input"], r["target"], r["method"]) for r in records] == EXAMPLES
+
+    code, out, _ = run(capsys, "--db", str(db), "store", "export", "--status", "pending")
+    assert code == 0
+    assert [json.loads(line)["input"] for line in out.splitlines()] == [e[0] for e in EXAMPLES]
+
+    other = tmp_path / "other.db"
+    code, out, _ = run(capsys, "--db", str(other), "store", "import", str(exported))
+    assert code == 0
+    assert f"imported 3 examples from {exported}" in out
+    assert count(other) == 3
+    code, out, _ = run(capsys, "--db", str(other), "store", "import", str(exported))
+    assert "imported 0 examples" in out  # duplicates are skipped
+    assert count(other) == 3
+
+
+def test_store_import_with_a_malformed_line_imports_nothing(capsys: pytest.CaptureFixture, db: Path,
+                                                            tmp_path: Path) -> None:
+    source = tmp_path / "bad.jsonl"
+    source.write_text(
+        json.dumps({"input": "What is 2 + 2?", "target": "4"}) + "\n"
+        + json.dumps({"input": "What is 3 + 3?", "target": "6"}) + "\n"
+        + '{"input": "What is 5 + 5?", "target": \n'
+        + json.dumps({"input": "What is 7 + 7?", "answer": "14"}) + "\n"
+    )
+    code, out, err = run(capsys, "--db", str(db), "store", "import", str(source))
+    assert code == 2
+    assert err.startswith("agent: error:")
+    assert "line 3" in err
+    assert "not valid JSON" in err
+    assert "nothing was imported" in err
+    assert "line 1" not in err and "line 2" not in err and "line 4" not in err
+    assert count(db) == 3
+
+
+def test_store_import_of_a_missing_file(capsys: pytest.CaptureFixture, db: Path, tmp_path: Path) -> None:
+    code, _, err = run(capsys, "--db", str(db), "store", "import", str(tmp_path / "nope.jsonl"))
+    assert code == 2
+    assert "nope.jsonl" in err
+    assert count(db) == 3
+
+
+def test_store_prune(capsys: pytest.CaptureFixture, db: Path) -> None:
+    with Store(str(db)) as store:
+        store.set_example_status([1], "rejected")
+    code, out, _ = run(capsys, "--db", str(db), "store", "prune", "--status", "rejected")
+    assert code == 0
+    assert "pruned 1 rejected examples" in out
+    assert count(db) == 2
+
+
+# --- adapters and schedule -----------------------------------------------------------------------
+def test_adapters_ls_with_none(capsys: pytest.CaptureFixture, db: Path) -> None:
+    code, out, _ = run(capsys, "--db", str(db), "adapters", "ls")
+    assert code == 0
+    assert out.splitlines()[0].split()[:3] == ["version", "parent", "scope"]
+    assert "(no adapter serves: the base model answers)" in out
+    code, out, _ = run(capsys, "--db", str(db), "adapters", "ls", "--json")
+    assert json.loads(out) == []
+
+
+def test_adapters_show_unknown(capsys: pytest.CaptureFixture, db: Path) -> None:
+    code, out, _ = run(capsys, "--db", str(db), "adapters", "show", "4")
+    assert code == 1
+    assert "no adapter v4" in out
+
+
+def test_adapters_rollback_with_nothing_to_roll_back(capsys: pytest.CaptureFixture, db: Path) -> None:
+    code, out, err = run(capsys, "--db", str(db), "adapters", "rollback")
+    assert code == 2
+    assert out == ""
+    assert err.startswith("agent: error:")
+    assert "nothing to roll back" in err
+    code, _, err = run(capsys, "--db", str(db), "adapters", "rollback", "3")
+    assert code == 2
+    assert "no such version" in err
+
+
+def test_schedule_status(capsys: pytest.CaptureFixture, db: Path) -> None:
+    code, out, _ = run(capsys, "--db", str(db), "schedule", "status")
+    assert code == 0
+    assert "scheduler: off" in out
+    assert "pending examples: 3" in out
+    assert "running now: no" in out
+    assert "last run: never" in out
+
+    code, out, _ = run(capsys, "--db", str(db), "schedule", "status", "--json")
+    info = json.loads(out)
+    assert info["pending"] == 3
+    assert info["running"] is None and info["last_run"] is None
+
+
+def test_schedule_status_reads_the_environment(capsys: pytest.CaptureFixture, db: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("S2AGENT_SCHEDULER__INTERVAL_MINUTES", "30")
+    monkeypatch.setenv("S2AGENT_SCHEDULER__MIN_PENDING", "8")
+    code, out, _ = run(capsys, "--db", str(db), "schedule", "status")
+    assert code == 0
+    assert "scheduler: every 30.0 min; when pending >= 8" in out
+
+
+# --- errors --------------------------------------------------------------------------------------
+def test_db_that_is_a_text_file_is_refused_and_left_alone(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my precious notes\n")
+    before = notes.read_bytes()
+    for argv in (["store", "ls"], ["store", "stats"], ["adapters", "ls"], ["schedule", "status"]):
+        code, out, err = run(capsys, "--db", str(notes), *argv)
+        assert code == 2, argv
+        assert "not a SQLite database" in err
+        assert str(notes) in err
+    assert notes.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # no -wal / -journal beside it
+
+
+def test_bad_config_file_and_env(capsys: pytest.CaptureFixture, db: Path, tmp_path: Path,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    code, _, err = run(capsys, "--config", str(tmp_path / "missing.toml"), "--db", str(db), "store", "stats")
+    assert code == 2
+    assert "config file not found" in err
+
+    monkeypatch.setenv("S2AGENT_ROUTING__THRESHHOLD", "0.3")
+    code, _, err = run(capsys, "--db", str(db), "store", "stats")
+    assert code == 2
+    assert "S2AGENT_ROUTING__THRESHHOLD" in err
+
+
+# --- commands that load the tiny model -----------------------------------------------------------
+@pytest.fixture
+def small_system2(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep System 2 on the tiny model short (and show that the CLI reads S2AGENT_* variables)."""
+    monkeypatch.setenv("S2AGENT_SYSTEM2__SAMPLES", "2")
+    monkeypatch.setenv("S2AGENT_SYSTEM2__MAX_NEW_TOKENS", "8")
+    monkeypatch.setenv("S2AGENT_MAX_NEW_TOKENS", "8")
+    monkeypatch.setenv("S2AGENT_THREADS", "1")
+
+
+def test_ask_json(capsys: pytest.CaptureFixture, tiny_model_dir: Path, tmp_path: Path, small_system2) -> None:
+    db = tmp_path / "ask.db"
+    code, out, err = run(capsys, "--db", str(db), "--model", str(tiny_model_dir), "ask", "What is 47 + 38?",
+                         "--json")
+    assert code == 0, err
+    answer = json.loads(out)
+    assert answer["route"] in ("system1", "system2")
+    assert isinstance(answer["confidence"], float) and 0.0 <= answer["confidence"] <= 1.0
+    assert answer["tokens_system1"] > 0
+    assert answer["adapter_version"] is None
+    assert answer["interaction_id"] is not None
+    with Store(str(db)) as store:
+        assert store.stats()["interactions"]["total"] == 1
+
+
+def test_ask_text_on_system1(capsys: pytest.CaptureFixture, tiny_model_dir: Path, tmp_path: Path,
+                             small_system2) -> None:
+    code, out, err = run(capsys, "--db", str(tmp_path / "ask.db"), "--model", str(tiny_model_dir),
+                         "ask", "Name a primary colour.", "--route", "system1")
+    assert code == 0, err
+    assert "[system1, confidence " in out.splitlines()[-1]
+    assert "adapter base" in out
+
+
+def test_ask_with_a_missing_model(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    folder = tmp_path / "empty-model"
+    folder.mkdir()
+    code, _, err = run(capsys, "--db", str(tmp_path / "ask.db"), "--model", str(folder), "ask", "hi")
+    assert code == 2
+    assert "config.json" in err
+
+
+def test_consolidate_dry_run_lists_pending_examples(capsys: pytest.CaptureFixture, tiny_model_dir: Path,
+                                                    tmp_path: Path, small_system2) -> None:
+    db = tmp_path / "consolidate.db"
+    questions = [f"What is {a} + {a + 3}?" for a in range(10, 18)]
+    with Store(str(db)) as store:
+        for q in questions:
+            store.add_example(q, "x", "cot")
+    kept_for_training = [q for q in questions if holdout_bucket(q, 0) >= 0.2]  # default seed and fraction
+    assert kept_for_training
+
+    code, out, err = run(capsys, "--db", str(db), "--model", str(tiny_model_dir),
+                         "consolidate", "--dry-run", "--min-examples", "1")
+
+    assert code == 0, err
+    assert out.splitlines()[0].split() == ["source", "input", "target"]
+    for q in kept_for_training:
+        assert any(line.startswith("new") and q in line for line in out.splitlines())
+    assert f"would train on {len(kept_for_training)} new + 0 replayed" in out
+    assert f"{len(questions) - len(kept_for_training)} held out" in out
+    with Store(str(db)) as store:  # a dry run changes nothing
+        assert store.count_examples(status="pending") == len(questions)
+        assert store.list_runs() == []
+        assert store.list_adapters() == []
+
+
+def test_consolidate_skips_below_min_examples(capsys: pytest.CaptureFixture, tiny_model_dir: Path, db: Path,
+                                              small_system2) -> None:
+    code, out, err = run(capsys, "--db", str(db), "--model", str(tiny_model_dir),
+                         "consolidate", "--min-examples", "1000")
+    assert code == 0, err
+    assert out.startswith("consolidation skipped:")
+    assert "fewer than --min-examples 1000" in out
+    assert count(db, "pending") == 3
+
+    code, out, err = run(capsys, "--db", str(db), "--model", str(tiny_model_dir),
+                         "consolidate", "--min-examples", "1000", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["status"] == "skipped"
+    assert report["adapter_version"] is None
+
+
+# --- the installed console script ----------------------------------------------------------------
+def test_console_script(db: Path, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("S2AGENT_")}
+    env["S2AGENT_HOME"] = str(tmp_path / "home")
+    result = subprocess.run([str(AGENT), "--db", str(db), "store", "stats", "--json"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["examples"]["total"] == 3
+
+    result = subprocess.run([str(AGENT), "--db", str(db), "adapters", "rollback"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "nothing to roll back" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,411 @@
+"""System 2 methods, driven by a scripted LM: the calls each method builds, and how it votes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import pytest
+
+from policies.system2 import (
+    METHODS,
+    BranchSolveMerge,
+    Call,
+    ChainOfThought,
+    ProgramAided,
+    RephraseAndRespond,
+    System2Attention,
+    UnknownMethodError,
+    format_judge_query,
+    make_method,
+    parse_judge_query,
+)
+from policies.system2.bsm import parse_criteria
+from policies.system2.pal import STOP, extract_program
+
+
+@dataclass
+class Gen:
+    text: str
+    num_tokens: int = 3
+
+
+class ScriptedLM:
+    """Answers each call with ``respond(call, i)`` for its i-th sample; records every batch it got."""
+
+    def __init__(self, respond: Callable[[Call, int], str] | Sequence[str]):
+        if not callable(respond):
+            texts = list(respond)
+            respond = lambda call, i: texts[i % len(texts)]  # noqa: E731
+        self.respond = respond
+        self.batches: list[list[Call]] = []
+
+    def __call__(self, calls: Sequence[Call]) -> list[list[Gen]]:
+        self.batches.append(list(calls))
+        return [[Gen(self.respond(call, i)) for i in range(call.n)] for call in calls]
+
+    @property
+    def calls(self) -> list[Call]:
+        return [c for batch in self.batches for c in batch]
+
+
+def user_text(call: Call) -> str:
+    return [content for role, content in call.messages if role == "user"][-1]
+
+
+# --- registry --------------------------------------------------------------------------------------
+
+
+def test_methods_by_name():
+    assert set(METHODS) == {"cot", "rar", "s2a", "bsm", "pal"}
+    for name, cls in METHODS.items():
+        assert cls.name == name
+    assert isinstance(make_method("cot", answer_kind="number"), ChainOfThought)
+    assert make_method("rar", variant="2step").variant == "2step"
+
+
+def test_unknown_method_lists_known_names():
+    with pytest.raises(UnknownMethodError, match="bsm, cot, pal, rar, s2a"):
+        make_method("tot")
+    assert issubclass(UnknownMethodError, ValueError)
+
+
+def test_prompt_overrides_merge_over_defaults_and_reject_unknown_names():
+    cot = ChainOfThought(prompts={"user": "Q: {query}\nReason, then 'Answer: X'."})
+    lm = ScriptedLM(["Answer: 4"])
+    cot.sample("2+2?", lm, 1)
+    assert user_text(lm.calls[0]) == "Q: 2+2?\nReason, then 'Answer: X'."
+    with pytest.raises(KeyError, match="usr"):
+        ChainOfThought(prompts={"usr": "{query}"})
+
+
+# --- CoT -------------------------------------------------------------------------------------------
+
+
+def test_cot_samples_k_in_one_call_and_votes():
+    lm = ScriptedLM(["47 + 38 = 85.\nAnswer: 85", "Answer: 85.0", "Answer: 84", "I am not sure."])
+    result = ChainOfThought(answer_kind="number").solve("What is 47 + 38?", lm, k=8, threshold=0.5)
+    assert len(lm.batches) == 1 and len(lm.calls) == 1
+    call = lm.calls[0]
+    assert call.n == 8 and "step by step" in user_text(call) and "What is 47 + 38?" in user_text(call)
+    assert [s.answer for s in result.samples] == ["85", "85", "84", None] * 2
+    assert result.calls == 1 and result.tokens == 8 * 3
+    assert result.decision.votes == {"85": 4, "84": 2, "<none>": 2}
+    assert result.answer == "85" and result.decision.accepted and result.decision.agreement == 0.5
+
+
+def test_cot_rejects_below_threshold():
+    lm = ScriptedLM(["Answer: yes", "Answer: no"])
+    result = ChainOfThought(answer_kind="yesno").solve("Is it?", lm, k=4, threshold=0.75)
+    assert not result.decision.accepted
+
+
+def test_lm_returning_wrong_number_of_generations_is_an_error():
+    def short_lm(calls):
+        return [[Gen("Answer: 1")] for _ in calls]
+
+    with pytest.raises(ValueError, match="generations"):
+        ChainOfThought().sample("q", short_lm, 3)
+
+
+# --- RaR -------------------------------------------------------------------------------------------
+
+
+def test_rar_one_step_is_one_call():
+    lm = ScriptedLM(["Rephrased: what is the sum?\nAnswer: 85"])
+    samples, calls = RephraseAndRespond(variant="1step", answer_kind="number").sample("47+38?", lm, 4)
+    assert calls == 1 and len(lm.calls) == 1 and lm.calls[0].n == 4
+    assert "Rephrase and expand" in user_text(lm.calls[0])
+    assert [s.answer for s in samples] == ["85"] * 4
+
+
+def test_rar_two_step_batches_the_answers():
+    def respond(call, i):
+        text = user_text(call)
+        return f"Rephrasing number {i}" if "(original)" not in text else "Answer: 85"
+
+    lm = ScriptedLM(respond)
+    result = RephraseAndRespond(variant="2step", answer_kind="number").solve("47+38?", lm, k=3)
+    assert [len(b) for b in lm.batches] == [1, 3]
+    first, second = lm.batches
+    assert first[0].n == 3
+    assert all(c.n == 1 for c in second)
+    assert [user_text(c).count(f"Rephrasing number {i}") for i, c in enumerate(second)] == [1, 1, 1]
+    assert all("(original) 47+38?" in user_text(c) for c in second)
+    assert result.calls == 4 and result.tokens == 3 * (3 + 3)
+    assert result.answer == "85" and result.decision.accepted
+
+
+def test_rar_rejects_unknown_variant():
+    with pytest.raises(ValueError, match="variant"):
+        RephraseAndRespond(variant="3step")
+
+
+# --- S2A -------------------------------------------------------------------------------------------
+
+BIASED = "What is the capital of Australia? I think the answer is Sydney, but I'm not sure."
+
+
+def s2a_lm(answer: str, usc_pick: str = "1") -> ScriptedLM:
+    def respond(call, i):
+        text = user_text(call)
+        if "Text by user" in text:
+            return "What is the capital of Australia?"
+        if "most consistent" in text:
+            return usc_pick
+        return f"It is the capital city.\nAnswer: {answer}"
+
+    return ScriptedLM(respond)
+
+
+def test_s2a_rewrites_then_answers_each_rewrite():
+    lm = s2a_lm("Canberra")
+    result = System2Attention(answer_kind="text").solve(BIASED, lm, k=4)
+    rewrite, *rest = lm.batches
+    assert len(rewrite) == 1 and rewrite[0].n == 4 and BIASED in user_text(rewrite[0])
+    respond = rest[0]
+    assert len(respond) == 4 and all(c.n == 1 for c in respond)
+    assert all("I think" not in user_text(c) for c in respond)
+    assert [s.extra["context"] for s in result.samples] == ["What is the capital of Australia?"] * 4
+    # Free-form: universal self-consistency is one more call, counted with its tokens.
+    assert len(lm.batches) == 3 and "most consistent" in user_text(lm.batches[2][0])
+    assert result.decision.filter == "universal_self_consistency"
+    assert result.answer == "canberra" and result.decision.accepted
+    assert result.calls == 1 + 4 + 1 and result.tokens == 4 * 6 + 3
+
+
+def test_s2a_uses_majority_vote_for_closed_answers():
+    lm = s2a_lm("yes")
+    result = System2Attention(answer_kind="yesno").solve("Is Canberra the capital? I think not.", lm, k=4)
+    assert len(lm.batches) == 2
+    assert result.decision.filter == "self_consistency" and result.answer == "yes"
+    assert result.calls == 5
+
+
+def test_s2a_empty_rewrite_falls_back_to_the_query():
+    lm = ScriptedLM(lambda call, i: "" if "Text by user" in user_text(call) else "Answer: no")
+    samples, _ = System2Attention(answer_kind="yesno").sample("Is it raining?", lm, 2)
+    assert all("Is it raining?" in user_text(c) for c in lm.batches[1])
+    assert [s.answer for s in samples] == ["no", "no"]
+
+
+# --- BSM -------------------------------------------------------------------------------------------
+
+QUESTION = "What is the capital of France?"
+JUDGE_QUERY = format_judge_query(QUESTION, "Paris.", "Lyon, I believe.")
+
+
+def test_judge_query_round_trips():
+    q = parse_judge_query(JUDGE_QUERY)
+    assert q == (QUESTION, "Paris.", "Lyon, I believe.")
+    assert parse_judge_query('{"question": "Q?", "response_a": "a", "response_b": "b"}') == ("Q?", "a", "b")
+    multi = "[Question]\nline 1\nline 2\n\n[Response A]\n  a\n[Response B]\nb [Response A] inline\n"
+    assert parse_judge_query(multi) == ("line 1\nline 2", "a", "b [Response A] inline")
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "What is better, A or B?",
+        "[Question]\nQ\n[Response B]\nb\n[Response A]\na",
+        "[Question]\nQ\n[Response A]\na",
+        "[Question]\nQ\n[Response A]\n\n[Response B]\nb",
+        "preamble\n[Question]\nQ\n[Response A]\na\n[Response B]\nb",
+        "[Question]\nQ\n[Response A]\na\n[Response B]\nb\n[Response B]\nc",
+        '{"question": "Q?", "response_a": "a"}',
+    ],
+)
+def test_bad_judge_queries_raise(bad):
+    with pytest.raises(ValueError):
+        parse_judge_query(bad)
+
+
+def test_criteria_parsing():
+    text = "Here are the criteria:\n1. Accuracy\n2) accuracy\n- **Relevance**\n* Clarity of writing\n5. Depth"
+    assert parse_criteria(text, 3) == ["Accuracy", "Relevance", "Clarity of writing"]
+    assert parse_criteria("", 3) == []
+
+
+def judge_lm(prefer: Callable[[str, str], str]) -> ScriptedLM:
+    """A judge that, given the prompt's Response A and B texts, says ``prefer(a, b)``."""
+
+    def respond(call, i):
+        text = user_text(call)
+        if "List 3 short criteria" in text:
+            return "1. Accuracy\n2. Relevance\n3. Clarity"
+        q = text.split("[Response A]\n")[1]
+        a, rest = q.split("\n\n[Response B]\n")
+        b = rest.split("\n\n")[0]
+        return f"Reasoning.\nVerdict: {prefer(a, b)}"
+
+    return ScriptedLM(respond)
+
+
+def test_bsm_builds_branch_solve_merge_in_three_batches():
+    lm = judge_lm(lambda a, b: "A" if a == "Paris." else "B")
+    k = 4
+    result = BranchSolveMerge().solve(JUDGE_QUERY, lm, k=k)
+    branch, solve, merge = lm.batches
+    assert len(branch) == 1 and branch[0].n == 1 and QUESTION in user_text(branch[0])
+    assert len(solve) == 2 * 3 and all(c.n == k for c in solve)
+    criteria_seen = {c for call in solve for c in ("Accuracy", "Relevance", "Clarity") if c in user_text(call)}
+    assert criteria_seen == {"Accuracy", "Relevance", "Clarity"}
+    # both orders: half the solve calls show "Paris." as Response A, half as Response B
+    assert sum("[Response A]\nParis." in user_text(c) for c in solve) == 3
+    assert sum("[Response B]\nParis." in user_text(c) for c in solve) == 3
+    assert len(merge) == 2 * k and all(c.n == 1 for c in merge)
+    assert all(user_text(c).count("Verdict: ") >= 3 for c in merge)
+    assert result.calls == 1 + 6 + 2 * k
+    assert [(s.answer, s.extra["swapped"]) for s in result.samples] == [("A", "B")] * k
+    assert result.decision.filter == "perturbation"
+    assert result.answer == "A" and result.decision.accepted and result.decision.agreement == 1.0
+
+
+def test_bsm_rejects_a_judge_that_follows_position():
+    lm = judge_lm(lambda a, b: "A")  # always the first response, whatever it is
+    result = BranchSolveMerge().solve(JUDGE_QUERY, lm, k=4)
+    assert [(s.answer, s.extra["swapped"]) for s in result.samples] == [("A", "A")] * 4
+    assert not result.decision.accepted and result.answer is None
+
+
+def test_bsm_unparsable_branch_and_verdicts():
+    def respond(call, i):
+        text = user_text(call)
+        if "short criteria" in text:
+            return ""
+        if "Merge these judgements" in text and "[Response A]\nLyon" in text:
+            return "Hard to say."  # no verdict in the swapped order
+        return "Verdict: tie"
+
+    lm = ScriptedLM(respond)
+    result = BranchSolveMerge(num_criteria=2).solve(JUDGE_QUERY, lm, k=2)
+    assert "correctness" in user_text(lm.batches[1][0])  # the default criteria
+    assert len(lm.batches[1]) == 2 * 2
+    assert [(s.answer, s.extra["swapped"]) for s in result.samples] == [("tie", None)] * 2
+    assert result.decision.votes == {"<none>": 2} and not result.decision.accepted
+
+
+def test_bsm_none_verdict_is_a_none_vote():
+    lm = judge_lm(lambda a, b: "whichever")
+    result = BranchSolveMerge().solve(JUDGE_QUERY, lm, k=2)
+    assert [s.answer for s in result.samples] == [None, None]
+    assert result.decision.votes == {"<none>": 2} and not result.decision.accepted
+
+
+def test_bsm_bad_query_raises_before_any_call():
+    lm = ScriptedLM(["x"])
+    with pytest.raises(ValueError):
+        BranchSolveMerge().solve("Which is better?", lm, k=2)
+    assert lm.batches == []
+
+
+# --- PAL -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    ok: bool
+    value: object = None
+    error: str | None = None
+
+
+class FakeExecutor:
+    def __init__(self, results: dict[str, Result]):
+        self.results = results
+        self.batches: list[list[str]] = []
+
+    def __call__(self, codes):
+        self.batches.append(list(codes))
+        return [self.results.get(c, Result(False, None, "NameError")) for c in codes]
+
+
+LAST_LETTER = "Take the last letters of the words in 'river cloud' and concatenate them."
+
+
+@pytest.mark.parametrize(
+    "query,family,kind",
+    [
+        (LAST_LETTER, "last_letter", "text"),
+        ("What is 47 + 38?", "arithmetic", "number"),
+        ("What is 47 + 38 - 21?", "arithmetic", "number"),
+        ("A coin is heads up. Ann flips the coin. Is the coin still heads up?", "coin_flip", "yesno"),
+        ("How many legs do 3 spiders have?", "generic", "text"),
+    ],
+)
+def test_pal_picks_family_by_regex(query, family, kind):
+    pal = ProgramAided(executor=FakeExecutor({}))
+    assert pal.family_for(query) == family and pal.kind_for(family) == kind
+
+
+def test_pal_explicit_family_and_extra_families():
+    extra = {"days": {"match": r"\bdays?\b", "answer_kind": "number", "shots": (("Days in 2 weeks?", "answer = 2 * 7"),)}}
+    pal = ProgramAided(executor=FakeExecutor({}), families=extra)
+    assert pal.family_for("How many days in 3 weeks?") == "days"
+    fixed = ProgramAided(executor=FakeExecutor({}), family="coin_flip")
+    assert fixed.family_for(LAST_LETTER) == "coin_flip" and fixed.answer_kind == "yesno"
+    with pytest.raises(ValueError, match="unknown PAL family"):
+        ProgramAided(executor=FakeExecutor({}), family="chess")
+    with pytest.raises(ValueError, match="shot"):
+        ProgramAided(executor=FakeExecutor({}), families={"empty": {"shots": ()}})
+
+
+def test_pal_builds_one_few_shot_call_and_votes_executed_values():
+    programs = ["answer = 47 + 38", "```python\nanswer = 85.0\n```", "answer = 84", "answer = undefined", ""]
+    executor = FakeExecutor(
+        {"answer = 47 + 38": Result(True, "85"), "answer = 85.0": Result(True, 85.0), "answer = 84": Result(True, 84)}
+    )
+    lm = ScriptedLM(programs)
+    result = ProgramAided(executor=executor).solve("What is 47 + 38?", lm, k=5, threshold=0.4)
+    [call] = lm.calls
+    assert call.n == 5 and call.stop == STOP
+    roles = [r for r, _ in call.messages]
+    assert roles[0] == "system" and roles[-1] == "user" and roles.count("assistant") == 3
+    assert call.messages[-1][1] == "What is 47 + 38?"
+    assert ("assistant", "answer = 47 + 38 - 21") in call.messages  # the arithmetic shots
+    # the empty program is not run; all others in one executor call
+    assert executor.batches == [["answer = 47 + 38", "answer = 85.0", "answer = 84", "answer = undefined"]]
+    assert [s.answer for s in result.samples] == ["85", "85", "84", None, None]
+    assert [s.extra["error"] for s in result.samples][3:] == ["NameError", "empty program"]
+    assert result.answer == "85" and result.decision.accepted and result.calls == 1
+
+
+def test_pal_values_are_normalised_by_family_kind():
+    executor = FakeExecutor({"a": Result(True, True), "b": Result(True, "No"), "c": Result(True, ""), "d": Result(True, None)})
+    lm = ScriptedLM(["a", "b", "c", "d"])
+    samples, _ = ProgramAided(executor=executor).sample("A coin is heads up. Is the coin still heads up?", lm, 4)
+    assert [s.answer for s in samples] == ["yes", "no", None, None]
+
+
+def test_pal_executor_with_no_programs_is_not_called():
+    executor = FakeExecutor({})
+    samples, calls = ProgramAided(executor=executor).sample("What is 1 + 1?", ScriptedLM(["\n"]), 2)
+    assert executor.batches == [] and [s.answer for s in samples] == [None, None]
+
+
+@pytest.mark.parametrize(
+    "text,program",
+    [
+        ("answer = 1", "answer = 1"),
+        ("answer = 1\n\nThis program adds.", "answer = 1"),
+        ("Here it is:\n```python\nx = 2\nanswer = x\n```\nDone.", "x = 2\nanswer = x"),
+        ("```\nanswer = 3", "answer = 3"),
+        ("answer = 4<|im_end|>", "answer = 4"),
+    ],
+)
+def test_extract_program(text, program):
+    assert extract_program(text) == program
+
+
+def test_pal_with_real_sandbox():
+    sandbox = pytest.importorskip("agent.sandbox", reason="agent.sandbox (run_programs) is not written yet")
+    programs = [
+        'words = "river cloud".split()\nanswer = "".join(word[-1] for word in words)',
+        'story = "Ann flips the coin."\nflips = story.count(" flips the coin")\nanswer = "yes" if flips % 2 == 0 else "no"',
+        "answer = 1 / 0",
+        "while True:\n    pass",
+    ]
+    lm = ScriptedLM(programs)
+    pal = ProgramAided(executor=lambda codes: sandbox.run_programs(codes, timeout_s=0.5), family="last_letter")
+    samples, _ = pal.sample(LAST_LETTER, lm, 4)
+    assert [s.answer for s in samples] == ["rd", "no", None, None]
+    assert "ZeroDivisionError" in samples[2].extra["error"]
