@@ -31,6 +31,8 @@ from agent.backends.base import (
 logger = logging.getLogger(__name__)
 
 BASE = "__base__"
+MIN_SHARED_PREFIX = 32
+"""Below this many shared prompt tokens, a separate prefix pass costs more than it saves."""
 """PEFT's name for "no adapter" in a mixed-adapter batch."""
 
 
@@ -149,18 +151,28 @@ class HFBackend:
         return self.model(**kwargs)
 
     def _decode(self, requests: Sequence[GenerationRequest], prompts: list[list[int]]) -> list[_Row]:
-        pad = self.tokenizer.pad_token_id
-        width = max(len(p) for p in prompts)
-        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        adapters = [r.adapter or BASE for r in requests]
         from transformers import DynamicCache
 
+        pad = self.tokenizer.pad_token_id
+        adapters = [r.adapter or BASE for r in requests]
         cache = DynamicCache()
+        # Few-shot prompts (PAL, CoT) share a long prefix across queries: prefill it once, for the whole
+        # batch, when every row runs with the same adapter (LoRA changes the prefix's keys and values).
+        shared = _common_prefix(prompts) if len(set(adapters)) == 1 and len(prompts) > 1 else 0
+        if shared < MIN_SHARED_PREFIX:
+            shared = 0
+        if shared:
+            head = torch.tensor([prompts[0][:shared]], device=self.device)
+            self._forward(input_ids=head, cache=cache, use_cache=True, adapter_names=adapters[:1], logits_to_keep=1)
+            cache.batch_select_indices(torch.zeros(len(prompts), dtype=torch.long, device=self.device))
+        tails = [p[shared:] for p in prompts]
+        width = max(len(t) for t in tails)
+        input_ids = torch.tensor([[pad] * (width - len(t)) + t for t in tails], device=self.device)
+        mask = torch.tensor([[1] * shared + [0] * (width - len(t)) + [1] * len(t) for t in tails], device=self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
         out = self._forward(
             input_ids=input_ids, attention_mask=mask, position_ids=positions,
-            cache=cache, use_cache=True, adapter_names=adapters,
+            cache=cache, use_cache=True, adapter_names=adapters, logits_to_keep=1,
         )
         # Share each prompt's prefill among its n samples.
         repeat = torch.tensor([i for i, r in enumerate(requests) for _ in range(r.params.n)], device=self.device)
@@ -206,7 +218,7 @@ class HFBackend:
             mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype, device=self.device)], dim=1)
             out = self._forward(
                 input_ids=step, attention_mask=mask, position_ids=next_pos,
-                cache=cache, use_cache=True, adapter_names=[rows[i].adapter for i in active],
+                cache=cache, use_cache=True, adapter_names=[rows[i].adapter for i in active], logits_to_keep=1,
             )
             next_pos = next_pos + 1
             logits = out.logits[:, -1, :].float()
@@ -243,6 +255,16 @@ class HFBackend:
             scores = scores.scatter(0, index[drop], float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         return int(torch.multinomial(probs, 1, generator=row.generator))
+
+
+def _common_prefix(prompts: list[list[int]]) -> int:
+    """Length of the token prefix all prompts share, leaving each at least one token of its own."""
+    limit = min(len(p) for p in prompts) - 1
+    n = 0
+    first = prompts[0]
+    while n < limit and all(p[n] == first[n] for p in prompts):
+        n += 1
+    return n
 
 
 def render_prompt(tokenizer, prompt: Prompt, system_prompt: str | None = None) -> list[int]:

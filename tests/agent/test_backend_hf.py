@@ -126,6 +126,20 @@ def test_batch_of_different_prompts_equals_single_calls(tiny_backend: HFBackend)
     assert len({s.text for s in singles}) == 3
 
 
+def test_long_shared_prefix_is_prefilled_once_with_identical_results(tiny_backend: HFBackend) -> None:
+    """Few-shot prompts share a long prefix; computing it once must not change any output."""
+    shots = "Question: apple house. Answer: ee. " * 8
+    prompts = [shots + tail for tail in ("Question: blue sea.", "Question: red car tree.", "Q: up")]
+    ids = [tiny_backend.render(p) for p in prompts]
+    assert min(len(i) for i in ids) > 40 and ids[0][:40] == ids[1][:40] == ids[2][:40]
+    params = SamplingParams(max_new_tokens=6)
+    batched = tiny_backend.generate([GenerationRequest(p, params) for p in prompts])
+    singles = [tiny_backend.generate([GenerationRequest(p, params)])[0] for p in prompts]
+    for b, s in zip(batched, singles):
+        assert b[0].token_ids == s[0].token_ids
+        assert b[0].logprobs == pytest.approx(s[0].logprobs, abs=1e-4)
+
+
 def test_n_completions_per_request(tiny_backend: HFBackend) -> None:
     params = [greedy(3), SamplingParams(n=3, temperature=1.0, max_new_tokens=3, seed=0), greedy(2)]
     out = tiny_backend.generate([GenerationRequest(p, s) for p, s in zip(PROMPTS, params)])
