@@ -105,9 +105,9 @@ class Agent:
         for name in {self.config.system2.method, *self.config.system2.methods_by_tag.values()}:
             self._method(name, None)  # an unknown method name is a start-up error, not a runtime surprise
         self.store = store or Store(self.config.db_url())
-        self.model_path = None
+        self.model_path = resolve_model(self.config.model, self.config.cache_dir)
+        """The base model's folder: consolidation trains on it."""
         if backend is None:
-            self.model_path = resolve_model(self.config.model, self.config.cache_dir)
             backend = make_backend(
                 self.config.backend, self.model_path, model_name=display_name(self.config.model),
                 system_prompt=self.config.system_prompt, threads=self.config.threads,

@@ -16,13 +16,95 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--no-first-load", action="store_true", help="skip the (slow) fresh dequantization")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("serving", help="HTTP server tokens/s, requests/s and latency, batching on vs off")
+    p.add_argument("--clients", default="1,4,8,16", help="comma-separated concurrent client counts")
+    p.add_argument("--requests-per-client", type=int, default=4)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("consolidation", help="training time, peak memory, adapter size, hot-swap latency")
+    p.add_argument("--examples", type=int, default=100, help="synthetic correct examples seeded into the store")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--swaps", type=int, default=4, help="adapter switches timed for the hot-swap median")
+    p.add_argument("--json", action="store_true")
+    _add_paper(sub)
+    p = sub.add_parser("loop", help="learning curve of the live runtime (System 1 accuracy, System 2 share)")
+    p.add_argument("--task", default="last_letter_2")
+    p.add_argument("--queries", type=int, default=400)
+    p.add_argument("--round", type=int, default=100, help="queries between consolidations")
+    p.add_argument("--method", default="pal")
+    p.add_argument("--n-eval", type=int, default=100)
+    p.add_argument("--k", type=int, default=4)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="bench/out/loop")
+    p.add_argument("--json", action="store_true")
+
+
+def _clients(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise SystemExit(f"--clients expects comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise SystemExit(f"--clients expects positive integers, got {text!r}")
+    return values
+
+
+def _add_paper(sub) -> None:
+    p = sub.add_parser("paper", help="System 1 / System 2 / distilled System 1 table, as in the paper")
+    p.add_argument("--task", default="last_letter_2,addition,coin_flip",
+                   help="comma-separated: last_letter_2, last_letter_3, coin_flip, addition, add_sub")
+    p.add_argument("--data", help="eval JSONL of {input, answer} (instead of --task)")
+    p.add_argument("--train-data", help="JSONL of {input}: unlabeled training inputs (labels come from System 2)")
+    p.add_argument("--method", default="pal,cot", help="comma-separated System 2 methods")
+    p.add_argument("--n-train", type=int, default=300)
+    p.add_argument("--n-eval", type=int, default=100)
+    p.add_argument("--n-eval-prompting", type=int, default=30, help="items for CoT/RaR rows")
+    p.add_argument("--k", type=int, default=4, help="System 2 samples per query")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="bench/out/paper")
+    p.add_argument("--json", action="store_true")
+
 
 def run(args: argparse.Namespace, config) -> int:
+    if args.bench_cmd == "paper":
+        from bench import paper
+
+        settings = paper.PaperSettings(
+            tasks=args.task.split(","), methods=args.method.split(","), n_train=args.n_train, n_eval=args.n_eval,
+            n_eval_prompting=args.n_eval_prompting, k=args.k, epochs=args.epochs, seed=args.seed,
+            data=args.data, train_data=args.train_data,
+        )
+        result = paper.run(settings, config, Path(args.out))
+        sys.stdout.write((json.dumps(result, indent=2) if args.json else paper.table(result["rows"])) + "\n")
+        sys.stdout.write(f"wrote {args.out}/results.json and accuracy_vs_tokens.png in {result['seconds']:.0f} s\n")
+        return 0
+    if args.bench_cmd == "loop":
+        from bench import loop
+
+        result = loop.run(loop.LoopSettings(args.task, args.queries, args.round, args.method, args.n_eval, args.k,
+                                            args.seed, args.epochs), config, Path(args.out))
+        sys.stdout.write((json.dumps(result, indent=2) if args.json else loop.table(result)) + "\n")
+        return 0
     if args.bench_cmd == "system1":
         from bench import system1
 
         results = system1.run(config.model, args.new_tokens, args.repeats, config.threads,
                               measure_first_load=not args.no_first_load)
         sys.stdout.write((json.dumps(results, indent=2) if args.json else system1.report(results)) + "\n")
+        return 0
+    if args.bench_cmd == "serving":
+        from bench import serving
+
+        results = serving.run(config, _clients(args.clients), args.requests_per_client, args.max_tokens)
+        sys.stdout.write((json.dumps(results, indent=2) if args.json else serving.report(results)) + "\n")
+        return 0
+    if args.bench_cmd == "consolidation":
+        from bench import consolidation
+
+        results = consolidation.run(config, args.examples, args.epochs, args.swaps)
+        sys.stdout.write((json.dumps(results, indent=2) if args.json else consolidation.report(results)) + "\n")
         return 0
     raise SystemExit(f"unknown bench command {args.bench_cmd}")

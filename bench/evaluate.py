@@ -1,0 +1,69 @@
+"""Shared measuring helpers for the benchmarks: System 1 and System 2 accuracy, tokens and time per query.
+
+Queries are sent concurrently so the backend batches them, as it does when serving.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from tqdm import tqdm
+
+from agent.backends import GenerationRequest, SamplingParams
+from agent.loop import Agent, system1_messages
+from bench.tasks import Item
+from policies.answers import answers_match, normalise
+from policies.system2.base import System2Result
+
+WORKERS = 8
+"""Concurrent System 2 queries: their calls share forward passes in the backend's batcher."""
+
+
+@dataclass
+class Measure:
+    accuracy: float
+    tokens_per_query: float
+    seconds_per_query: float
+    n: int
+    outputs: list[str] = field(default_factory=list, repr=False)
+
+
+def correct(output: str | None, gold: str, kind: str) -> bool:
+    return answers_match(normalise(output or "", kind), normalise(gold, kind), kind)
+
+
+def system1(agent: Agent, items: Sequence[Item], kind: str, adapter: str | None = None,
+            max_new_tokens: int = 48, batch: int = 16, desc: str = "System 1") -> Measure:
+    """Greedy System 1 on ``items`` (base model, or the adapter loaded under ``adapter``)."""
+    params = SamplingParams(max_new_tokens=max_new_tokens)
+    outputs: list[str] = []
+    tokens = 0
+    started = time.perf_counter()
+    for start in tqdm(range(0, len(items), batch), desc=desc, unit="batch", leave=False):
+        chunk = items[start:start + batch]
+        results = agent.backend.generate([GenerationRequest(system1_messages(i.input), params, adapter) for i in chunk])
+        outputs += [r[0].text for r in results]
+        tokens += sum(r[0].num_tokens for r in results)
+    seconds = time.perf_counter() - started
+    n = max(1, len(items))
+    accuracy = sum(correct(o, i.answer, kind) for o, i in zip(outputs, items)) / n
+    return Measure(accuracy, tokens / n, seconds / n, len(items), outputs)
+
+
+def system2(agent: Agent, method_name: str, items: Sequence[Item], k: int, threshold: float, kind: str,
+            tag: str | None = None, desc: str | None = None) -> tuple[Measure, list[System2Result]]:
+    """Run a System 2 method ``k`` times per item; accuracy is that of the majority answer."""
+    method = agent._method(method_name, tag)
+    lm = agent._lm(time.monotonic() + 10**9)
+    started = time.perf_counter()
+    with ThreadPoolExecutor(WORKERS) as pool:
+        jobs = pool.map(lambda item: method.solve(item.input, lm, k=k, threshold=threshold), items)
+        results = list(tqdm(jobs, total=len(items), desc=desc or f"System 2 ({method_name}, k={k})", leave=False))
+    seconds = time.perf_counter() - started
+    n = max(1, len(items))
+    accuracy = sum(correct(r.decision.answer, i.answer, kind) for r, i in zip(results, items)) / n
+    return Measure(accuracy, sum(r.tokens for r in results) / n, seconds / n, len(items),
+                   [r.decision.answer or "" for r in results]), results

@@ -1,0 +1,125 @@
+"""The learning curve of the live runtime: System 2 spend falling while System 1 accuracy rises.
+
+    agent bench loop [--task last_letter_2] [--queries 400] [--round 100] [--method pal] [--out bench/out/loop]
+
+A stream of a task's training inputs goes through ``Agent.answer`` with routing on (the configured
+threshold router); after each round of ``--round`` queries the runtime consolidates what System 2
+taught (the same ``Agent.consolidate`` the scheduler calls), then this measures held-out System 1
+accuracy (the serving adapter, greedy), the share of that round's queries routed to System 2, and
+generated tokens per query. Writes ``loop.json`` and ``learning_curve.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from agent import Agent, AgentConfig
+from bench import evaluate
+from bench.tasks import TASKS
+
+
+@dataclass
+class LoopSettings:
+    task: str = "last_letter_2"
+    queries: int = 400
+    round: int = 100
+    method: str = "pal"
+    n_eval: int = 100
+    k: int = 4
+    seed: int = 0
+    epochs: int | None = None
+
+
+def run(settings: LoopSettings, config: AgentConfig, out: Path) -> dict:
+    if settings.task not in TASKS:
+        raise ValueError(f"unknown task {settings.task!r}; known: {', '.join(TASKS)}")
+    task = TASKS[settings.task](n_train=settings.queries, n_eval=settings.n_eval, seed=settings.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    rounds: list[dict] = []
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="s2agent-loop-") as tmp:
+        config.db = str(Path(tmp) / "loop.db")
+        config.system2.method = settings.method
+        config.system2.samples = settings.k
+        config.max_batch = max(config.max_batch, 32)
+        config.batch_wait_ms = max(config.batch_wait_ms, 20.0)
+        config.consolidation.min_examples = 1
+        tag = task.family
+        with Agent(config) as agent:
+            def held_out() -> evaluate.Measure:
+                version, adapter = agent._adapter_for(tag)
+                return evaluate.system1(agent, task.eval, task.kind, adapter=adapter, desc="held-out System 1")
+
+            base = held_out()
+            rounds.append({"queries_served": 0, "system1_accuracy": base.accuracy, "system1_accuracy_unseen": None,
+                           "system2_share": None, "tokens_per_query": None, "adapter_version": None})
+            for start in range(0, len(task.train), settings.round):
+                batch = task.train[start:start + settings.round]
+                with ThreadPoolExecutor(evaluate.WORKERS) as pool:
+                    answers = list(tqdm(pool.map(lambda item: agent.answer(item.input, tag=tag), batch),
+                                        total=len(batch), desc=f"round {len(rounds)}: serving", leave=False))
+                report = agent.consolidate(progress=True, epochs=settings.epochs)
+                measured = held_out()
+                rounds.append({
+                    "queries_served": start + len(batch),
+                    "system1_accuracy": measured.accuracy,
+                    "system2_share": sum(a.method is not None for a in answers) / len(answers),
+                    "tokens_per_query": sum(a.tokens for a in answers) / len(answers),
+                    "accepted": sum(bool(a.accepted) for a in answers),
+                    "consolidation": f"{report.status}: {report.reason}",
+                    "adapter_version": agent.serving_version(tag),
+                })
+                (out / "loop.json").write_text(json.dumps({"rounds": rounds}, indent=2))
+    result = {"task": task.name, "settings": settings.__dict__, "model": config.model,
+              "threshold": config.routing.threshold, "seconds": round(time.perf_counter() - started, 1),
+              "rounds": rounds}
+    (out / "loop.json").write_text(json.dumps(result, indent=2))
+    plot(rounds, out / "learning_curve.png", task.name)
+    return result
+
+
+def table(result: dict) -> str:
+    lines = [f"{'served':>7}{'S1 acc':>8}{'S2 share':>10}{'tok/query':>11}{'adapter':>9}  consolidation"]
+    for r in result["rounds"]:
+        share = "" if r["system2_share"] is None else f"{r['system2_share']:.2f}"
+        tok = "" if r["tokens_per_query"] is None else f"{r['tokens_per_query']:.1f}"
+        lines.append(f"{r['queries_served']:>7}{r['system1_accuracy']:>8.2f}{share:>10}{tok:>11}"
+                     f"{'v' + str(r['adapter_version']) if r['adapter_version'] else 'base':>9}  "
+                     f"{r.get('consolidation', '')}")
+    return "\n".join(lines)
+
+
+def plot(rounds: list[dict], path: Path, title: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    served = [r["queries_served"] for r in rounds]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(served, [r["system1_accuracy"] for r in rounds], "o-", label="held-out System 1 accuracy")
+    later = [r for r in rounds if r["system2_share"] is not None]
+    ax.plot([r["queries_served"] for r in later], [r["system2_share"] for r in later], "s--",
+            label="share of queries sent to System 2 (that round)")
+    ax.set_xlabel("queries served")
+    ax.set_ylim(-0.03, 1.05)
+    ax2 = ax.twinx()
+    ax2.plot([r["queries_served"] for r in later], [r["tokens_per_query"] for r in later], "^:", color="C2",
+             label="generated tokens per query")
+    ax2.set_ylabel("tokens per query")
+    lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+    labels = ax.get_legend_handles_labels()[1] + ax2.get_legend_handles_labels()[1]
+    ax.legend(lines, labels, fontsize=8, loc="center right")
+    ax.set_title(f"s2agent learning loop: {title}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
