@@ -11,8 +11,11 @@ One run (``agent consolidate``, ``Agent.consolidate()``, or the scheduler):
 4. gate: candidate vs serving model on the task holdout (accuracy against the System 2 targets), on
    the retention holdout (agreement with the serving model's answers), and on a fixed eval file when
    configured; promote only if not worse on the task and retention stays above its threshold;
-5. promote: rename the folder into place, then commit the registry row: a crash at any moment
-   leaves the old or the new adapter complete, never half of one. The agent then hot-swaps it.
+5. promote: rename the folder into place, then commit the registry row, the examples it learned
+   (``used``) and the run's outcome in one transaction: a crash at any moment leaves the old or the
+   new adapter complete, never half of one, and never an adapter serving whose examples are still
+   ``pending``. A folder renamed into place whose transaction never committed is removed by the next
+   run's cleanup. The agent then hot-swaps the new adapter.
 """
 
 from __future__ import annotations
@@ -110,21 +113,41 @@ def consolidate(
         return ConsolidationReport("skipped", f"another consolidation is running ({who})", scope=scope)
     started = time.perf_counter()
     try:
-        cleanup_after_crash(agent)
+        agent.refresh_adapters(force=True)  # another process may have promoted since: gate against what serves now
+        cleanup_after_crash(agent, lock_owner=owner)
         return _consolidate_locked(agent, owner, scope, dry_run, min_examples or config.min_examples,
                                    epochs, progress, on_step, stop, started)
     finally:
         store.release_lock(LOCK_NAME, owner)
 
 
-def cleanup_after_crash(agent: "Agent") -> list[int]:
-    """Mark killed runs ``crashed`` and delete the temporary adapter folders they left behind."""
-    crashed = agent.store.reap_crashed_runs()
-    root = agent.config.adapters_path()
-    if root.is_dir():
-        for leftover in root.glob(f"{TMP_PREFIX}*"):
-            logger.warning("removing half-written adapter folder %s", leftover)
-            shutil.rmtree(leftover, ignore_errors=True)
+def cleanup_after_crash(agent: "Agent", lock_owner: str | None = None) -> list[int]:
+    """Mark killed runs ``crashed`` and delete the adapter folders they left behind; returns the run ids.
+
+    Left behind: ``.tmp-*`` folders (half-written or never renamed), and ``vN`` folders renamed into place
+    whose registry transaction never committed (N at or above the next version the registry would give).
+    Folders are only touched while holding the consolidation lock (``lock_owner`` when the caller already
+    holds it), since a live run in another process is writing its own temporary folder. Crashed runs are
+    told apart by their process being gone, which needs no lock.
+    """
+    store = agent.store
+    crashed = store.reap_crashed_runs()
+    owner = lock_owner or f"{socket.gethostname()}:{os.getpid()}:cleanup-{uuid.uuid4().hex[:8]}"
+    if lock_owner is None and not store.acquire_lock(LOCK_NAME, owner, ttl_s=900):
+        return crashed  # a consolidation is running; it cleans up itself, and the next run does the rest
+    try:
+        root = agent.config.adapters_path()
+        if root.is_dir():
+            first_unregistered = store.next_adapter_version()
+            for leftover in root.iterdir():
+                name = leftover.name
+                orphan = name[:1] == "v" and name[1:].isdigit() and int(name[1:]) >= first_unregistered
+                if leftover.is_dir() and (name.startswith(TMP_PREFIX) or orphan):
+                    logger.warning("removing adapter folder %s left by a killed consolidation", leftover)
+                    shutil.rmtree(leftover, ignore_errors=True)
+    finally:
+        if lock_owner is None:
+            store.release_lock(LOCK_NAME, owner)
     return crashed
 
 
@@ -144,6 +167,8 @@ def _consolidate_locked(agent, owner, scope, dry_run, min_examples, epochs, prog
     if to_holdout and not dry_run:
         store.set_example_status([e.id for e in to_holdout], "holdout")
     holdout = store.list_examples(status="holdout", tag=tag_filter) if not dry_run else to_holdout
+    if scope is None and cfg.per_tag:  # the general adapter is gated on untagged examples only
+        holdout = [e for e in holdout if e.tag is None]
     replay = store.sample_examples("used", int(cfg.replay_ratio * len(new)), seed=cfg.seed, tag=tag_filter)
     serving = store.serving_adapter(scope) or (store.serving_adapter(None) if scope else None)
     retention_inputs = _retention_inputs(agent, cfg)
@@ -200,6 +225,7 @@ def _consolidate_locked(agent, owner, scope, dry_run, min_examples, epochs, prog
         agent.backend.load_adapter(candidate, str(tmp))
         loaded = True
         passed, reason = _gate(agent, report, holdout, retention_holdout, candidate, serving_name, scope)
+        store.heartbeat(LOCK_NAME, owner)  # raises if the lock was taken over: then another run owns the registry
     except TrainingDiverged as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         return _finish(agent, report, "failed", f"training diverged: {exc}", started)
@@ -218,23 +244,21 @@ def _consolidate_locked(agent, owner, scope, dry_run, min_examples, epochs, prog
     final = root / f"v{version}"
     os.replace(tmp, final)  # the folder is complete before any registry row points at it
     report.adapter_version = version
-    store.register_adapter(
-        version=version, path=str(final), parent=report.parent_version,
-        status="candidate", metrics=report.metrics, n_train=report.metrics.get("n_train", 0),
-        run_id=run_id, scope=scope,
+    status = "promoted" if passed else "rejected"
+    # One transaction: the adapter row (serving, or rejected), its examples marked used, the run finished.
+    store.commit_adapter(
+        version, str(final), report.parent_version, promote=passed, scope=scope, metrics=report.metrics,
+        n_train=report.metrics.get("n_train", 0), run_id=run_id, used_examples=[e.id for e in new],
+        reason=reason, n_holdout=report.n_holdout,
     )
-    if not passed:
-        store.update_adapter(version, status="rejected")
-        return _finish(agent, report, "rejected", reason, started)
-    store.promote_adapter(version)
-    store.set_example_status([e.id for e in new], "used", adapter_version=version)
-    return _finish(agent, report, "promoted", reason, started)
+    return _finish(agent, report, status, reason, started, record=False)
 
 
-def _finish(agent, report: ConsolidationReport, status: str, reason: str, started: float) -> ConsolidationReport:
+def _finish(agent, report: ConsolidationReport, status: str, reason: str, started: float,
+            record: bool = True) -> ConsolidationReport:
     report.status, report.reason = status, reason
     report.seconds = round(time.perf_counter() - started, 2)
-    if report.run_id is not None:
+    if record and report.run_id is not None:
         agent.store.finish_run(
             report.run_id, status, reason=reason, metrics=report.metrics, adapter_version=report.adapter_version,
             n_train=report.metrics.get("n_train", 0), n_holdout=report.n_holdout,

@@ -2,7 +2,9 @@
 
 Two optional triggers, both off unless configured (``[scheduler]`` in the config):
 - every ``interval_minutes``;
-- as soon as ``min_pending`` examples wait in the buffer (checked every ``check_seconds``).
+- as soon as ``min_pending`` examples wait in the buffer (checked every ``check_seconds``); with
+  ``consolidation.per_tag``, each task tag with ``min_pending`` waiting examples gets its own run,
+  into its own scoped adapter (untagged examples into the general one).
 
 Runs never overlap: APScheduler's ``max_instances=1`` inside the process, and the store's
 consolidation lock across processes sharing one database. Training runs in the scheduler's worker
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import Counter
 from datetime import timezone
 from typing import TYPE_CHECKING, Any
 
@@ -62,16 +65,19 @@ class ConsolidationScheduler:
     def shutdown(self) -> None:
         """Ask a running consolidation to stop at its next training step, then stop the scheduler."""
         self.stop_event.set()
-        self._scheduler.shutdown(wait=True)
+        if self._scheduler.running:  # Agent.close() shuts down again after an explicit shutdown()
+            self._scheduler.shutdown(wait=True)
+        with self._run_lock:  # also wait for a run started with run_now() outside the scheduler's threads
+            pass
 
-    def run_now(self, trigger: str = "manual") -> ConsolidationReport | None:
-        """Consolidate now unless a run is already going in this process (then None)."""
+    def run_now(self, trigger: str = "manual", scope: str | None = None) -> ConsolidationReport | None:
+        """Consolidate ``scope`` now unless a run is already going in this process (then None)."""
         if not self._run_lock.acquire(blocking=False):
             return None
         self.running = True
         try:
             logger.info("consolidation triggered (%s)", trigger)
-            report = self.agent.consolidate(stop=self.stop_event)
+            report = self.agent.consolidate(stop=self.stop_event, scope=scope)
             self.last_report = report
             return report
         except Exception:  # noqa: BLE001 - a failed run is recorded in the store; the scheduler goes on
@@ -82,9 +88,16 @@ class ConsolidationScheduler:
             self._run_lock.release()
 
     def _check_pending(self) -> None:
-        pending = self.agent.store.count_examples(status="pending")
-        if pending >= (self.config.min_pending or 0):
-            self.run_now(trigger=f"{pending} pending examples")
+        needed = self.config.min_pending or 0
+        if not self.agent.config.consolidation.per_tag:
+            pending = self.agent.store.count_examples(status="pending")
+            if pending >= needed:
+                self.run_now(trigger=f"{pending} pending examples")
+            return
+        by_tag = Counter(e.tag for e in self.agent.store.list_examples(status="pending"))
+        for tag, pending in sorted(by_tag.items(), key=lambda item: item[0] or ""):
+            if pending >= needed and not self.stop_event.is_set():
+                self.run_now(trigger=f"{pending} pending examples tagged {tag or '(none)'}", scope=tag)
 
     def status(self) -> dict[str, Any]:
         jobs = {job.id: job.next_run_time.isoformat() if job.next_run_time else None

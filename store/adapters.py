@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from .db import StoreBase
+from .db import StoreBase, chunks
 from .errors import StoreError
-from .schema import Adapter, AdapterStatus, ConsolidationRun, RunStatus, utcnow
+from .schema import Adapter, AdapterStatus, ConsolidationRun, Example, ExampleStatus, RunStatus, utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +90,59 @@ class AdaptersMixin(StoreBase):
         except IntegrityError:
             raise StoreError(f"adapter version {version} is already registered") from None
         logger.info("registered adapter v%d (%s scope, %s) at %s", version, _scope_name(scope), status, path)
+        return row
+
+    def commit_adapter(
+        self,
+        version: int,
+        path: str,
+        parent: Optional[int],
+        *,
+        promote: bool,
+        scope: Optional[str] = None,
+        metrics: Optional[dict[str, Any]] = None,
+        n_train: int = 0,
+        run_id: Optional[int] = None,
+        used_examples: Iterable[int] = (),
+        reason: str = "",
+        n_holdout: int = 0,
+    ) -> Adapter:
+        """A consolidation's outcome in one transaction: all of it is recorded, or (after a crash) none.
+
+        Registers ``version`` as promoted (serving its scope, ``used_examples`` marked ``used`` by it) or as
+        rejected (the examples stay as they are), and finishes run ``run_id`` with the same status. Done as
+        separate calls, a crash in between could leave an adapter serving while the examples it learned are
+        still ``pending`` (trained on again next time), or a finished adapter under a run reaped as crashed.
+        """
+        if version < 1:
+            raise StoreError(f"adapter versions start at 1 (0 is the base model), not {version}")
+        status = AdapterStatus.PROMOTED if promote else AdapterStatus.REJECTED
+        row = Adapter(
+            version=version, path=os.fspath(path), parent=parent or None, status=status.value, metrics=metrics or {},
+            n_train=n_train, run_id=run_id, scope=scope, serving=False,
+        )  # fmt: skip
+        ids = list(used_examples) if promote else []
+        try:
+            with self._write() as session:
+                session.add(row)
+                session.flush()
+                if promote:
+                    _serve(session, row)
+                    now = utcnow()
+                    for part in chunks(ids):
+                        session.execute(
+                            update(Example).where(Example.id.in_(part))
+                            .values(status=ExampleStatus.USED.value, adapter_version=version, updated_at=now)
+                        )  # fmt: skip
+                if run_id is not None:
+                    run = session.get(ConsolidationRun, run_id)
+                    if run is None:
+                        raise StoreError(f"no consolidation run {run_id}")
+                    run.status, run.finished_at, run.reason = status.value, utcnow(), reason
+                    run.metrics, run.adapter_version, run.n_train, run.n_holdout = metrics, version, n_train, n_holdout
+        except IntegrityError:
+            raise StoreError(f"adapter version {version} is already registered") from None
+        logger.info("committed adapter v%d (%s scope, %s) at %s", version, _scope_name(scope), status.value, path)
         return row
 
     def update_adapter(self, version: int, **fields: Any) -> Adapter:

@@ -110,3 +110,35 @@ def test_prune_keeps_serving_and_newest(store: Store, tmp_path: Path) -> None:
     assert [a.version for a in store.prune_adapters(keep=2)] == [7]  # its run is over now
     assert [a.version for a in store.prune_adapters(keep=0)] == [5, 3]
     assert store.serving_adapter().version == 4  # type: ignore[union-attr]
+
+
+def test_commit_adapter_records_a_consolidation_in_one_transaction(store: Store, tmp_path: Path) -> None:
+    ids = [store.add_example(f"q{i}", "a", method="cot")[0].id for i in range(4)]
+    _register(store, tmp_path, 1, None)
+    store.promote_adapter(1)
+    run = store.start_run()
+    (tmp_path / "adapters" / "v2").mkdir()
+    row = store.commit_adapter(2, str(tmp_path / "adapters" / "v2"), 1, promote=True, metrics={"acc": 1.0},
+                               n_train=3, run_id=run, used_examples=ids[:3], reason="passed", n_holdout=1)
+    assert row.status == "promoted" and store.serving_adapter().version == 2  # type: ignore[union-attr]
+    assert [(e.status, e.adapter_version) for e in store.list_examples()] == [("used", 2)] * 3 + [("pending", None)]
+    finished = store.get_run(run)
+    assert finished is not None and (finished.status, finished.adapter_version, finished.reason) == ("promoted", 2, "passed")
+    assert (finished.n_train, finished.n_holdout, finished.metrics) == (3, 1, {"acc": 1.0})
+
+    rejected_run = store.start_run(scope="math")
+    store.commit_adapter(3, str(tmp_path / "v3"), None, promote=False, scope="math", run_id=rejected_run,
+                         used_examples=ids[3:], reason="gate failed")
+    assert store.get_adapter(3).status == "rejected" and store.serving_adapter("math") is None  # type: ignore[union-attr]
+    assert store.get_example(ids[3]).status == "pending"  # type: ignore[union-attr]
+    assert store.get_run(rejected_run).status == "rejected"  # type: ignore[union-attr]
+
+    # A failing transaction changes nothing: the version is taken, so no serving flip, no example marked used.
+    with pytest.raises(StoreError, match="already registered"):
+        store.commit_adapter(2, str(tmp_path / "x"), 1, promote=True, used_examples=ids[3:], run_id=rejected_run)
+    assert store.get_example(ids[3]).status == "pending"  # type: ignore[union-attr]
+    assert store.get_run(rejected_run).status == "rejected"  # type: ignore[union-attr]
+    with pytest.raises(StoreError, match="no consolidation run 99"):
+        store.commit_adapter(4, str(tmp_path / "v4"), 2, promote=True, used_examples=ids[3:], run_id=99)
+    assert store.get_adapter(4) is None and store.serving_adapter().version == 2  # type: ignore[union-attr]
+    assert store.get_example(ids[3]).status == "pending"  # type: ignore[union-attr]

@@ -1,0 +1,95 @@
+"""Scoped adapters (opt-in): an adapter trained on one task tag's examples serves only that tag.
+
+Tiny real model, real SQLite file, real training; System 2 is the deterministic Arithmetic method.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from agent import Agent
+from agent.cli import main as cli
+from policies.system2 import METHODS
+from tests.agent._consolidate_worker import make_config
+from tests.agent.test_loop import Arithmetic
+
+QUESTIONS = [f"What is {a} + {b}?" for a, b in zip(range(11, 35), range(40, 64))]
+
+
+@pytest.fixture
+def config(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(METHODS, "arith", Arithmetic)
+    return make_config(tiny_model_dir, tmp_path / "agent.db")
+
+
+def test_a_scoped_adapter_learns_and_serves_only_its_tag(config, capsys):
+    with Agent(config) as agent:
+        for q in QUESTIONS[:16]:
+            assert agent.answer(q, tag="arith").route == "system2"
+        for q in QUESTIONS[16:]:
+            agent.answer(q)  # untagged
+        for q in QUESTIONS[:6]:
+            agent.answer(q, tag="other")  # the same questions under another tag are other examples
+        assert {e.tag for e in agent.store.list_examples()} == {"arith", None, "other"}
+        assert agent.store.count_examples(status="pending", tag="arith") == 16
+
+        report = agent.consolidate(scope="arith")
+        assert report.status == "promoted", report.reason
+        assert report.scope == "arith" and report.n_new + report.n_holdout == 16
+        [adapter] = agent.store.list_adapters()
+        assert (adapter.version, adapter.scope, adapter.serving) == (report.adapter_version, "arith", True)
+        assert agent.store.last_run().scope == "arith"
+        # it trained on the arith examples only; the others wait for their own consolidation
+        assert {e.tag for e in agent.store.list_examples(status=["used", "holdout"])} == {"arith"}
+        assert agent.store.count_examples(status="used") == report.n_new
+        assert agent.store.count_examples(status="pending", tag="other") == 6
+        assert agent.store.count_examples(status="pending") == 6 + len(QUESTIONS[16:])
+
+        assert agent.answer("What is 2 + 3?", tag="arith", route="system1").adapter_version == adapter.version
+        assert agent.answer("What is 2 + 3?", route="system1").adapter_version is None  # the base model
+        assert agent.answer("What is 2 + 3?", tag="other", route="system1").adapter_version is None
+        assert agent.serving_version("arith") == adapter.version and agent.serving_version() is None
+
+    capsys.readouterr()
+    assert cli(["--db", config.db, "adapters", "ls", "--json"]) == 0
+    [row] = json.loads(capsys.readouterr().out)
+    assert (row["version"], row["scope"], row["serving"], row["status"]) == (adapter.version, "arith", True, "promoted")
+    assert cli(["--db", config.db, "adapters", "ls"]) == 0
+    assert "arith" in capsys.readouterr().out
+
+
+def test_per_tag_scheduler_trains_one_scoped_adapter_per_tag(config):
+    config.consolidation.per_tag = True
+    config.scheduler.min_pending = 6
+    config.scheduler.check_seconds = 0.2
+    with Agent(config) as agent:
+        for q in QUESTIONS[:10]:
+            agent.answer(q, tag="arith")
+        for q in QUESTIONS[10:20]:
+            agent.answer(q, tag="sums")
+        for q in QUESTIONS[20:23]:
+            agent.answer(q)  # 3 untagged: below min_pending, no general run
+        scheduler = agent.start_scheduler()
+        deadline = time.monotonic() + 60
+        while not ({a.scope for a in agent.store.list_adapters() if a.serving} == {"arith", "sums"}
+                   and not scheduler.running):
+            assert time.monotonic() < deadline, "the per-tag runs did not both promote within 60 s"
+            time.sleep(0.1)
+        scheduler.shutdown()
+
+        runs = sorted(agent.store.list_runs(), key=lambda r: r.id)
+        assert [(r.scope, r.status) for r in runs] == [("arith", "promoted"), ("sums", "promoted")]
+        assert runs[0].finished_at <= runs[1].started_at  # one after the other, never together
+        adapters = {a.scope: a for a in agent.store.list_adapters()}
+        for tag, adapter in adapters.items():  # each adapter learned its own tag's examples, and only those
+            trained_on = agent.store.list_examples(status="used", tag=tag)
+            assert trained_on and {e.adapter_version for e in trained_on} == {adapter.version}
+            assert agent.answer(QUESTIONS[0], tag=tag, route="system1").adapter_version == adapter.version
+        assert agent.store.count_examples(status="pending") == 3 and agent.serving_version() is None
+
+        # The general run of a per-tag store takes the untagged examples only: here too few of them.
+        general = agent.consolidate()
+        assert general.status == "skipped" and general.n_new <= 3
