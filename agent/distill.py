@@ -10,7 +10,8 @@ One run (``agent consolidate``, ``Agent.consolidate()``, or the scheduler):
 3. train a LoRA adapter (:mod:`agent.training`) into a temporary folder;
 4. gate: candidate vs serving model on the task holdout (accuracy against the System 2 targets), on
    the retention holdout (agreement with the serving model's answers), and on a fixed eval file when
-   configured; promote only if not worse on the task and retention stays above its threshold;
+   configured; promote only if not worse on the task and retention stays above its threshold (a
+   scoped adapter, which only ever serves its own tag, has its general retention reported, not gated);
 5. promote: rename the folder into place, then commit the registry row, the examples it learned
    (``used``) and the run's outcome in one transaction: a crash at any moment leaves the old or the
    new adapter complete, never half of one, and never an adapter serving whose examples are still
@@ -336,8 +337,11 @@ def _gate(agent, report, holdout, retention_holdout, candidate, serving_name, sc
         m["retention_examples"] = [
             {"input": p, "serving": old, "candidate": new} for (p, old), new in zip(retention_holdout[:5], new_answers)
         ]
-        ok &= score >= cfg.retention_threshold
-        reasons.append(f"retention {score:.2f} (needs >= {cfg.retention_threshold:.2f})")
+        if scope is None:
+            ok &= score >= cfg.retention_threshold
+            reasons.append(f"retention {score:.2f} (needs >= {cfg.retention_threshold:.2f})")
+        else:  # a scoped adapter never answers general prompts: its retention is reported, not gated
+            reasons.append(f"general retention {score:.2f} (not gated: this adapter serves only tag {scope!r})")
     if cfg.eval_file:
         items = [json.loads(line) for line in Path(cfg.eval_file).read_text().splitlines() if line.strip()]
         inputs, targets = [i["input"] for i in items], [str(i.get("answer", i.get("target"))) for i in items]

@@ -58,7 +58,7 @@ def _add_paper(sub) -> None:
     p.add_argument("--data", help="eval JSONL of {input, answer} (instead of --task)")
     p.add_argument("--train-data", help="JSONL of {input}: unlabeled training inputs (labels come from System 2)")
     p.add_argument("--method", default="pal,cot", help="comma-separated System 2 methods")
-    p.add_argument("--n-train", type=int, default=300)
+    p.add_argument("--n-train", type=int, default=400)
     p.add_argument("--n-eval", type=int, default=100)
     p.add_argument("--n-eval-prompting", type=int, default=30, help="items for CoT/RaR rows")
     p.add_argument("--k", type=int, default=4, help="System 2 samples per query")

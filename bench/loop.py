@@ -65,7 +65,7 @@ def run(settings: LoopSettings, config: AgentConfig, out: Path) -> dict:
                 with ThreadPoolExecutor(evaluate.WORKERS) as pool:
                     answers = list(tqdm(pool.map(lambda item: agent.answer(item.input, tag=tag), batch),
                                         total=len(batch), desc=f"round {len(rounds)}: serving", leave=False))
-                report = agent.consolidate(progress=True, epochs=settings.epochs)
+                report = agent.consolidate(progress=True, epochs=settings.epochs, scope=tag)
                 measured = held_out()
                 rounds.append({
                     "queries_served": start + len(batch),

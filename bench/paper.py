@@ -1,6 +1,6 @@
 """The paper's table, measured here: System 1, System 2, and distilled System 1, per task.
 
-    agent bench paper [--task last_letter_2,addition,coin_flip] [--method pal,cot] [--n-train 300]
+    agent bench paper [--task last_letter_2,addition,coin_flip] [--method pal,cot] [--n-train 400]
                       [--n-eval 100] [--k 4] [--out bench/out/paper]
     agent bench paper --data eval.jsonl --train-data train.jsonl --method cot
 
@@ -25,11 +25,11 @@ from typing import Any, Sequence
 from agent import Agent, AgentConfig
 from bench import evaluate
 from bench.tasks import TASKS, Task, from_jsonl
+from policies.system2.prompts import PAL_FAMILIES
 from store import Store
 
 logger = logging.getLogger(__name__)
 
-PAL_FAMILIES = ("last_letter", "arithmetic", "coin_flip")
 
 
 @dataclass
@@ -38,7 +38,7 @@ class PaperSettings:
     methods: Sequence[str] = ("pal", "cot")
     label_method: str | None = None
     """Method whose filtered answers are distilled; default: pal for its task families, else the first method."""
-    n_train: int = 300
+    n_train: int = 400
     n_eval: int = 100
     n_eval_prompting: int = 30
     """Items for prompting-only methods (CoT, RaR): ~1,000 generated tokens per item makes them the slowest rows."""
@@ -70,21 +70,21 @@ def run_task(task: Task, settings: PaperSettings, config: AgentConfig, backend, 
     config.db = str(workdir / f"{task.name}.db")
     config.adapters_dir = str(workdir / f"{task.name}-adapters")
     agent = Agent(config, backend=backend, store=Store(config.db))
-    tag = task.family if task.family in PAL_FAMILIES else None
+    # Examples carry the task's tag and distil into an adapter scoped to it, as a deployment would.
+    tag = task.family if task.family in PAL_FAMILIES else task.name
     rows: list[dict] = []
     s1 = evaluate.system1(agent, task.eval, task.kind, desc=f"{task.name}: System 1")
     s1_unseen = evaluate.system1(agent, task.unseen, task.kind) if task.unseen else None
     rows.append(_row(task, "system1", s1, accuracy_unseen=s1_unseen and round(s1_unseen.accuracy, 4)))
     for method in settings.methods:
-        if method == "pal" and tag is None and task.family != "generic":
-            continue
+
         if method in ("bsm",) or (method == "s2a" and task.kind != "text"):
             continue  # judging and de-biasing methods do not apply to these tasks
         items = task.eval if method == "pal" else task.eval[: settings.n_eval_prompting]
         m, _ = evaluate.system2(agent, method, items, settings.k, settings.threshold, task.kind, tag=tag,
                                 desc=f"{task.name}: System 2 {method}")
         rows.append(_row(task, f"system2:{method}", m, k=settings.k))
-    label = settings.label_method or ("pal" if tag and "pal" in settings.methods else settings.methods[0])
+    label = settings.label_method or ("pal" if "pal" in settings.methods else settings.methods[0])
     if not task.train:
         return rows
     labels, results = evaluate.system2(agent, label, task.train, settings.k, settings.threshold, task.kind, tag=tag,
@@ -93,7 +93,7 @@ def run_task(task: Task, settings: PaperSettings, config: AgentConfig, backend, 
     accepted_correct = sum(evaluate.correct(r.decision.answer, item.answer, task.kind) for item, r in accepted)
     for item, r in accepted:
         agent.store.add_example(item.input, r.decision.answer, label, votes=r.decision.votes,
-                                agreement=r.decision.agreement)
+                                agreement=r.decision.agreement, tag=tag)
     filter_stats = {
         "label_method": label, "acceptance_rate": round(len(accepted) / len(task.train), 4),
         "accepted_accuracy": round(accepted_correct / len(accepted), 4) if accepted else None,
@@ -103,7 +103,7 @@ def run_task(task: Task, settings: PaperSettings, config: AgentConfig, backend, 
         rows.append({"task": task.name, "system": "distilled", "accuracy": None, "tokens_per_query": None,
                      "seconds_per_query": None, "n": 0, "gate": "no accepted examples", **filter_stats})
         return rows
-    report = agent.consolidate(progress=True, min_examples=1, epochs=settings.epochs)
+    report = agent.consolidate(progress=True, min_examples=1, epochs=settings.epochs, scope=tag)
     if report.adapter_version is None:
         rows.append({"task": task.name, "system": "distilled", "accuracy": None, "tokens_per_query": None,
                      "seconds_per_query": None, "n": 0, "gate": f"{report.status}: {report.reason}", **filter_stats})

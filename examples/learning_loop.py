@@ -5,8 +5,9 @@
 A stream of last-letter-concatenation questions goes through ``Agent.answer``. System 1 (the base
 model, then each promoted adapter) answers first; uncertain inputs go to System 2 (program-aided by
 default: the model writes a tiny program, a sandbox runs it, 4 samples vote); consistent answers
-join the buffer. Every ``--every`` accepted examples the agent consolidates them into a LoRA
-adapter, gated against the serving model, and hot-swaps it. After each round it prints System 1's
+join the buffer, tagged ``last_letter``. Every ``--every`` accepted examples the agent consolidates
+them into a LoRA adapter scoped to that tag (other prompts keep the base model), gated against the
+serving model, and hot-swaps it. After each round it prints System 1's
 accuracy on held-out questions, the share of queries that needed System 2, and tokens per query.
 It prints what really happens with the model you give it, improvement or not.
 """
@@ -57,7 +58,7 @@ def main() -> None:
                     round_answers.append(answer)
                     accepted += bool(answer.accepted)
                     if accepted >= args.every or served == len(task.train):
-                        report = agent.consolidate()
+                        report = agent.consolidate(scope="last_letter")
                         share = sum(a.method is not None for a in round_answers) / len(round_answers)
                         tokens = sum(a.tokens for a in round_answers) / len(round_answers)
                         print(f"after {served:4d} queries: consolidation {report.status} "

@@ -93,3 +93,20 @@ def test_per_tag_scheduler_trains_one_scoped_adapter_per_tag(config):
         # The general run of a per-tag store takes the untagged examples only: here too few of them.
         general = agent.consolidate()
         assert general.status == "skipped" and general.n_new <= 3
+
+
+def test_general_retention_gates_the_general_adapter_but_not_a_scoped_one(config):
+    """A scoped adapter never answers general prompts, so losing them is reported, not a rejection."""
+    config.consolidation.retention_threshold = 0.99
+    config.consolidation.retention_ratio = 0.0
+    config.consolidation.gate_margin = 0.0
+    config.consolidation.epochs = 4
+    with Agent(config) as agent:
+        for q in QUESTIONS:
+            agent.answer(q, tag="arith")
+            agent.answer(q.replace("What is", "Compute"))  # untagged: for the general adapter
+        scoped = agent.consolidate(scope="arith")
+        general = agent.consolidate()
+    assert scoped.metrics["retention"] < 0.99 and general.metrics["retention"] < 0.99
+    assert scoped.status == "promoted" and "not gated" in scoped.reason
+    assert general.status == "rejected" and "retention" in general.reason
