@@ -1,0 +1,57 @@
+"""The benchmarks and the embedding example run end to end on the tiny model, with the smallest settings.
+
+They check shapes and that the numbers are positive, never how fast anything is.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from agent import AgentConfig
+from bench import consolidation, serving
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def tiny(model_dir: Path) -> AgentConfig:
+    return AgentConfig(model=str(model_dir), threads=1, max_new_tokens=8, seed=0)
+
+
+def test_serving_runs_both_modes_over_http(tiny_model_dir: Path) -> None:
+    results = serving.run(tiny(tiny_model_dir), clients=[1, 2], requests_per_client=1, max_tokens=4)
+
+    assert [(r["batching"], r["clients"]) for r in results["runs"]] == [("on", 1), ("on", 2), ("off", 1), ("off", 2)]
+    for r in results["runs"]:
+        assert r["errors"] == 0 and r["requests"] == r["clients"]
+        assert r["completion_tokens"] > 0 and r["tokens_per_s"] > 0 and r["requests_per_s"] > 0
+        assert 0 < r["latency_p50_s"] <= r["latency_p99_s"]
+        assert r["mean_batch_rows"] >= 1
+    off = [r for r in results["runs"] if r["batching"] == "off"]
+    assert all(r["mean_batch_rows"] == 1 for r in off)  # max_batch 1 really never batches
+    assert "tokens/s" in serving.report(results)
+
+
+def test_consolidation_trains_gates_and_times_the_swap(tiny_model_dir: Path) -> None:
+    results = consolidation.run(tiny(tiny_model_dir), examples=6, epochs=1, swaps=2)
+
+    assert results["status"] in ("promoted", "rejected")
+    assert results["n_train"] > 0 and results["train_seconds"] > 0 and results["seconds_per_100_per_epoch"] > 0
+    assert results["run_seconds"] >= results["train_seconds"]
+    assert results["peak_rss_mb"] >= results["rss_before_mb"] > 0
+    assert results["adapter_mb"] > 0
+    swap = results["hot_swap"]
+    assert swap["swap_from_base_s"] > 0 and swap["swap_median_s"] > 0 and len(swap["swap_s"]) == 2
+    assert swap["first_answer_after_swap_median_s"] > 0 and swap["steady_answer_median_s"] > 0
+    assert swap["answers_served_by_new_adapter"] == 2  # every timed answer came from the adapter just swapped in
+    assert "hot-swap" in consolidation.report(results)
+
+
+def test_embed_example_runs(tiny_model_dir: Path) -> None:
+    done = subprocess.run([sys.executable, str(ROOT / "examples" / "embed_in_app.py"), "--model", str(tiny_model_dir)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("route ") == 3
+    assert "store: interactions" in done.stdout
