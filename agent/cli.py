@@ -22,7 +22,6 @@ import logging
 import shutil
 import sys
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 from typing import Any, Sequence
 
 from agent.config import AgentConfig, ConfigError
@@ -63,11 +62,11 @@ def _when(value: datetime | None) -> str:
 # --- building blocks -------------------------------------------------------------------------
 def _config(args: argparse.Namespace) -> AgentConfig:
     overrides = {"db": args.db, "model": args.model, "cache_dir": args.cache_dir}
-    for key in ("threshold", "router", "method", "samples"):
-        value = getattr(args, key, None)
-        if value is not None:
-            section = "routing" if key in ("threshold", "router") else "system2"
-            overrides[f"{section}.{key if key != 'samples' else 'samples'}"] = value
+    if args.command == "ask":  # other commands' --method options mean something else (bench: a list)
+        if args.threshold is not None:
+            overrides["routing.threshold"] = args.threshold
+        if args.method is not None:
+            overrides["system2.method"] = args.method
     for key in ("host", "port", "admin_token"):
         if getattr(args, key, None) is not None:
             overrides[f"server.{key}"] = getattr(args, key)

@@ -9,9 +9,9 @@ logic and can be driven by any backend (or a scripted one in tests).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Protocol, Sequence
+from typing import Callable, ClassVar, Mapping, Protocol, Sequence
 
-from policies.answers import AnswerKind
+from policies.answers import AnswerKind, extract_final
 
 
 @dataclass(frozen=True)
@@ -114,3 +114,48 @@ class System2Method:
             calls=calls,
             tokens=sum(s.tokens for s in samples),
         )
+
+
+def chat(system: str, user: str) -> tuple[tuple[str, str], ...]:
+    """Chat messages for one user turn, with a system turn only when ``system`` is non-empty
+    (without one, the model's chat template adds its default system prompt)."""
+    return ((("system", system),) if system else ()) + (("user", user),)
+
+
+class PromptedMethod(System2Method):
+    """A method made only of prompted calls sharing one set of sampling settings (CoT, RaR, S2A, BSM).
+
+    Subclasses name their templates in ``default_prompts`` (from :mod:`policies.system2.prompts`);
+    ``prompts`` passed here override them by name.
+    """
+
+    default_prompts: ClassVar[Mapping[str, str]]
+
+    def __init__(
+        self,
+        answer_kind: AnswerKind = "text",
+        prompts: Mapping[str, str] | None = None,
+        temperature: float = 0.7,
+        top_k: int = 40,
+        max_new_tokens: int = 256,
+    ):
+        from policies.system2.prompts import merged
+
+        self.answer_kind = answer_kind
+        self.prompts = merged(self.default_prompts, prompts)
+        self.temperature, self.top_k, self.max_new_tokens = temperature, top_k, max_new_tokens
+
+    def _call(self, user: str, n: int) -> Call:
+        """One user turn under the method's system prompt, sampled ``n`` times."""
+        return Call(
+            messages=chat(self.prompts["system"], user),
+            n=n,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            max_new_tokens=self.max_new_tokens,
+        )
+
+    def _read(self, generations: Sequence[Generation]) -> list[Sample]:
+        """Samples whose answer is the final-answer line of each generation (None when absent)."""
+        return [Sample(trace=g.text, answer=extract_final(g.text, self.answer_kind), tokens=g.num_tokens)
+                for g in generations]

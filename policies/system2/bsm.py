@@ -32,8 +32,7 @@ from typing import Mapping, NamedTuple
 
 from policies.answers import AnswerKind, extract_final
 from policies.system2 import prompts as P
-from policies.system2.base import LM, Call, Decision, Sample, System2Method, run_batch
-from policies.system2.cot import chat
+from policies.system2.base import LM, Decision, PromptedMethod, Sample, run_batch
 
 SECTIONS = ("[Question]", "[Response A]", "[Response B]")
 _HEADER = re.compile(r"^[ \t]*(\[Question\]|\[Response A\]|\[Response B\])[ \t]*$", re.MULTILINE)
@@ -94,8 +93,9 @@ def read_verdict(text: str) -> str | None:
     return extract_final(text, "verdict")
 
 
-class BranchSolveMerge(System2Method):
+class BranchSolveMerge(PromptedMethod):
     name = "bsm"
+    default_prompts = P.BSM
 
     def __init__(
         self,
@@ -108,19 +108,8 @@ class BranchSolveMerge(System2Method):
     ):
         if num_criteria < 1:
             raise ValueError("num_criteria must be at least 1")
-        self.answer_kind = answer_kind
-        self.prompts = P.merged(P.BSM, prompts)
         self.num_criteria = num_criteria
-        self.temperature, self.top_k, self.max_new_tokens = temperature, top_k, max_new_tokens
-
-    def _call(self, user: str, n: int) -> Call:
-        return Call(
-            messages=chat(self.prompts["system"], user),
-            n=n,
-            temperature=self.temperature,
-            top_k=self.top_k,
-            max_new_tokens=self.max_new_tokens,
-        )
+        super().__init__(answer_kind, prompts, temperature, top_k, max_new_tokens)
 
     def sample(self, query: str, lm: LM, k: int) -> tuple[list[Sample], int]:
         q = parse_judge_query(query)

@@ -11,12 +11,12 @@ from typing import Literal, Mapping
 
 from policies.answers import AnswerKind, extract_final
 from policies.system2 import prompts as P
-from policies.system2.base import LM, Call, Sample, System2Method, run_batch
-from policies.system2.cot import chat
+from policies.system2.base import LM, PromptedMethod, Sample, run_batch
 
 
-class RephraseAndRespond(System2Method):
+class RephraseAndRespond(PromptedMethod):
     name = "rar"
+    default_prompts = P.RAR
 
     def __init__(
         self,
@@ -30,27 +30,12 @@ class RephraseAndRespond(System2Method):
         if variant not in ("1step", "2step"):
             raise ValueError(f"variant must be '1step' or '2step', not {variant!r}")
         self.variant = variant
-        self.answer_kind = answer_kind
-        self.prompts = P.merged(P.RAR, prompts)
-        self.temperature, self.top_k, self.max_new_tokens = temperature, top_k, max_new_tokens
-
-    def _call(self, user: str, n: int) -> Call:
-        return Call(
-            messages=chat(self.prompts["system"], user),
-            n=n,
-            temperature=self.temperature,
-            top_k=self.top_k,
-            max_new_tokens=self.max_new_tokens,
-        )
+        super().__init__(answer_kind, prompts, temperature, top_k, max_new_tokens)
 
     def sample(self, query: str, lm: LM, k: int) -> tuple[list[Sample], int]:
         if self.variant == "1step":
             [generations] = run_batch(lm, [self._call(self.prompts["one_step"].format(query=query), k)])
-            samples = [
-                Sample(trace=g.text, answer=extract_final(g.text, self.answer_kind), tokens=g.num_tokens)
-                for g in generations
-            ]
-            return samples, 1
+            return self._read(generations), 1
 
         [rephrasings] = run_batch(lm, [self._call(self.prompts["rephrase"].format(query=query), k)])
         respond = [

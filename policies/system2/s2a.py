@@ -8,37 +8,16 @@ the most consistent sample, one more call); other kinds by majority vote.
 
 from __future__ import annotations
 
-from typing import Mapping
 
-from policies.answers import AnswerKind, extract_final
+
+from policies.answers import extract_final
 from policies.system2 import prompts as P
-from policies.system2.base import LM, Call, Decision, Sample, System2Method, System2Result, run_batch
-from policies.system2.cot import chat
+from policies.system2.base import LM, Decision, PromptedMethod, Sample, System2Result, run_batch
 
 
-class System2Attention(System2Method):
+class System2Attention(PromptedMethod):
     name = "s2a"
-
-    def __init__(
-        self,
-        answer_kind: AnswerKind = "text",
-        prompts: Mapping[str, str] | None = None,
-        temperature: float = 0.7,
-        top_k: int = 40,
-        max_new_tokens: int = 256,
-    ):
-        self.answer_kind = answer_kind
-        self.prompts = P.merged(P.S2A, prompts)
-        self.temperature, self.top_k, self.max_new_tokens = temperature, top_k, max_new_tokens
-
-    def _call(self, user: str, n: int) -> Call:
-        return Call(
-            messages=chat(self.prompts["system"], user),
-            n=n,
-            temperature=self.temperature,
-            top_k=self.top_k,
-            max_new_tokens=self.max_new_tokens,
-        )
+    default_prompts = P.S2A
 
     def sample(self, query: str, lm: LM, k: int) -> tuple[list[Sample], int]:
         [rewrites] = run_batch(lm, [self._call(self.prompts["rewrite"].format(query=query), k)])
