@@ -196,7 +196,7 @@ def _consolidate_locked(agent, owner, scope, dry_run, min_examples, epochs, prog
     candidate = f"candidate-v{version}"
     loaded = False
     try:
-        serving_name = agent._adapter_for(scope)[1]
+        serving_name = agent.adapter_for(scope)[1]
         # Retention: the serving model's own answers, now, are the targets to keep.
         retention_answers = _system1_answers(agent, retention_inputs, serving_name)
         retention_train = [(p, a) for p, a in zip(retention_inputs, retention_answers)
@@ -317,7 +317,7 @@ def retained(old: str, new: str) -> bool:
 
 def _gate(agent, report, holdout, retention_holdout, candidate, serving_name, scope) -> tuple[bool, str]:
     cfg = agent.config.consolidation
-    kind = agent._answer_kind(scope)
+    kind = agent.answer_kind(scope)
     m = report.metrics
     reasons: list[str] = []
     ok = True

@@ -127,7 +127,7 @@ class Agent:
         return self.backend.model_name
 
     def serving_version(self, tag: str | None = None) -> int | None:
-        return self._adapter_for(tag)[0]
+        return self.adapter_for(tag)[0]
 
     def answer(
         self,
@@ -149,7 +149,7 @@ class Agent:
         if route not in ROUTES:
             raise InvalidQueryError(f"unknown route {route!r}; choose one of {', '.join(ROUTES)}")
         self.refresh_adapters()
-        version, adapter = self._adapter_for(tag)
+        version, adapter = self.adapter_for(tag)
         s1_params = SamplingParams(
             n=1, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens or self.config.max_new_tokens,
             stop=tuple(stop), seed=seed if seed is not None else self.config.seed,
@@ -165,7 +165,7 @@ class Agent:
         results = self.backend.generate(requests)
         s1: Completion = results[0][0]
         tokens_s1 = s1.num_tokens + (sum(c.num_tokens for c in results[1]) if use_agreement else 0)
-        kind = self._answer_kind(tag)
+        kind = self.answer_kind(tag)
         if use_agreement:
             score = sample_agreement(normalise(s1.text, kind), [normalise(c.text, kind) for c in results[1]], kind)
             estimator = "agreement"
@@ -191,7 +191,7 @@ class Agent:
                  ) -> tuple[list[Completion], int | None]:
         """Plain System 1 completions (any chat or raw prompt, ``n`` samples): no routing, nothing learned."""
         self.refresh_adapters()
-        version, adapter = self._adapter_for(tag)
+        version, adapter = self.adapter_for(tag)
         return self.backend.generate([GenerationRequest(prompt, params, adapter)])[0], version
 
     def consolidate(self, progress: bool = False, **overrides: Any):
@@ -267,7 +267,8 @@ class Agent:
                     keep.append((since, name))
             self._retiring = keep
 
-    def _adapter_for(self, tag: str | None) -> tuple[int | None, str | None]:
+    def adapter_for(self, tag: str | None) -> tuple[int | None, str | None]:
+        """The adapter serving ``tag``: its scoped adapter, else the general one; (version, backend name)."""
         slot = (self._serving.get(tag) if tag else None) or self._serving.get(None)
         return slot if slot else (None, None)
 
@@ -299,7 +300,8 @@ class Agent:
                 raise ConfigError(str(exc)) from None
         return self._methods[key]
 
-    def _answer_kind(self, tag: str | None) -> str:
+    def answer_kind(self, tag: str | None) -> str:
+        """How answers for ``tag`` are compared (``kinds_by_tag``, else ``answer_kind``)."""
         return self.config.kinds_by_tag.get(tag or "", self.config.answer_kind)
 
     def _run_system2(self, answer: Answer, query: str, method_name: str | None, tag: str | None) -> None:
@@ -307,9 +309,7 @@ class Agent:
         name = method_name or cfg.methods_by_tag.get(tag or "") or cfg.method
         answer.method = name
         try:
-            method = self._method(name, tag)
-            deadline = time.monotonic() + cfg.timeout_s
-            result = method.solve(query, self._lm(deadline), k=cfg.samples, threshold=cfg.agreement_threshold)
+            result = self.system2(query, method=name, tag=tag)
         except (ConfigError, InvalidQueryError):
             raise
         except Exception as exc:  # noqa: BLE001 - System 2 failing must never fail the request
@@ -317,6 +317,18 @@ class Agent:
             answer.error = f"{type(exc).__name__}: {exc}"
             return
         self._apply_system2(answer, result)
+
+    def system2(self, query: str, *, method: str | None = None, tag: str | None = None, k: int | None = None,
+                threshold: float | None = None) -> System2Result:
+        """Run System 2 alone on ``query``: ``k`` samples and the consistency decision; nothing is logged.
+
+        Useful to label data offline; ``answer`` uses it for the queries it routes to System 2.
+        """
+        cfg = self.config.system2
+        name = method or cfg.methods_by_tag.get(tag or "") or cfg.method
+        lm = self._lm(time.monotonic() + cfg.timeout_s)
+        return self._method(name, tag).solve(query, lm, k=k or cfg.samples,
+                                             threshold=cfg.agreement_threshold if threshold is None else threshold)
 
     def _apply_system2(self, answer: Answer, result: System2Result) -> None:
         decision = result.decision

@@ -28,6 +28,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--swaps", type=int, default=4, help="adapter switches timed for the hot-swap median")
     p.add_argument("--json", action="store_true")
     _add_paper(sub)
+    p = sub.add_parser("system2", help="System 2 seconds, tokens and label quality for k = 1, 4, 8 samples")
+    p.add_argument("--task", default="last_letter_2")
+    p.add_argument("--method", default="pal")
+    p.add_argument("--k", default="1,4,8", help="comma-separated sample counts")
+    p.add_argument("--n", type=int, default=50, help="items")
+    p.add_argument("--json", action="store_true")
     p = sub.add_parser("loop", help="learning curve of the live runtime (System 1 accuracy, System 2 share)")
     p.add_argument("--task", default="last_letter_2")
     p.add_argument("--queries", type=int, default=400)
@@ -41,13 +47,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true")
 
 
-def _clients(text: str) -> list[int]:
+def _positive_ints(text: str, option: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise SystemExit(f"--clients expects comma-separated integers, got {text!r}") from None
+        raise SystemExit(f"{option} expects comma-separated integers, got {text!r}") from None
     if not values or min(values) < 1:
-        raise SystemExit(f"--clients expects positive integers, got {text!r}")
+        raise SystemExit(f"{option} expects positive integers, got {text!r}")
     return values
 
 
@@ -81,6 +87,12 @@ def run(args: argparse.Namespace, config) -> int:
         sys.stdout.write((json.dumps(result, indent=2) if args.json else paper.table(result["rows"])) + "\n")
         sys.stdout.write(f"wrote {args.out}/results.json and accuracy_vs_tokens.png in {result['seconds']:.0f} s\n")
         return 0
+    if args.bench_cmd == "system2":
+        from bench import system2
+
+        result = system2.run(config, args.task, args.method, _positive_ints(args.k, "--k"), args.n)
+        sys.stdout.write((json.dumps(result, indent=2) if args.json else system2.report(result)) + "\n")
+        return 0
     if args.bench_cmd == "loop":
         from bench import loop
 
@@ -98,7 +110,7 @@ def run(args: argparse.Namespace, config) -> int:
     if args.bench_cmd == "serving":
         from bench import serving
 
-        results = serving.run(config, _clients(args.clients), args.requests_per_client, args.max_tokens)
+        results = serving.run(config, _positive_ints(args.clients, "--clients"), args.requests_per_client, args.max_tokens)
         sys.stdout.write((json.dumps(results, indent=2) if args.json else serving.report(results)) + "\n")
         return 0
     if args.bench_cmd == "consolidation":

@@ -56,11 +56,10 @@ def system1(agent: Agent, items: Sequence[Item], kind: str, adapter: str | None 
 def system2(agent: Agent, method_name: str, items: Sequence[Item], k: int, threshold: float, kind: str,
             tag: str | None = None, desc: str | None = None) -> tuple[Measure, list[System2Result]]:
     """Run a System 2 method ``k`` times per item; accuracy is that of the majority answer."""
-    method = agent._method(method_name, tag)
-    lm = agent._lm(time.monotonic() + 10**9)
     started = time.perf_counter()
     with ThreadPoolExecutor(WORKERS) as pool:
-        jobs = pool.map(lambda item: method.solve(item.input, lm, k=k, threshold=threshold), items)
+        jobs = pool.map(lambda item: agent.system2(item.input, method=method_name, tag=tag, k=k,
+                                                   threshold=threshold), items)
         results = list(tqdm(jobs, total=len(items), desc=desc or f"System 2 ({method_name}, k={k})", leave=False))
     seconds = time.perf_counter() - started
     n = max(1, len(items))

@@ -54,7 +54,7 @@ def run(settings: LoopSettings, config: AgentConfig, out: Path) -> dict:
         tag = task.family
         with Agent(config) as agent:
             def held_out() -> evaluate.Measure:
-                version, adapter = agent._adapter_for(tag)
+                version, adapter = agent.adapter_for(tag)
                 return evaluate.system1(agent, task.eval, task.kind, adapter=adapter, desc="held-out System 1")
 
             base = held_out()

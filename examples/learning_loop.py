@@ -28,7 +28,7 @@ from policies.answers import answers_match
 
 def held_out_accuracy(agent: Agent, items) -> float:
     """System 1 alone (the serving adapter, greedy) on questions the loop never sees."""
-    _, adapter = agent._adapter_for("last_letter")
+    _, adapter = agent.adapter_for("last_letter")
     requests = [GenerationRequest(system1_messages(i.input), SamplingParams(max_new_tokens=16), adapter)
                 for i in items]
     outputs = [r[0].text for r in agent.backend.generate(requests)]
