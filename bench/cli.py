@@ -28,6 +28,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--swaps", type=int, default=4, help="adapter switches timed for the hot-swap median")
     p.add_argument("--json", action="store_true")
     _add_paper(sub)
+    p = sub.add_parser("knobs", help="LoRA rank, targets, learning rate, epochs, data: accuracy, retention, time")
+    p.add_argument("--task", default="addition")
+    p.add_argument("--n-train", type=int, default=200)
+    p.add_argument("--n-eval", type=int, default=50)
+    p.add_argument("--out", default="bench/out/knobs")
+    p.add_argument("--json", action="store_true")
     p = sub.add_parser("system2", help="System 2 seconds, tokens and label quality for k = 1, 4, 8 samples")
     p.add_argument("--task", default="last_letter_2")
     p.add_argument("--method", default="pal")
@@ -64,9 +70,9 @@ def _add_paper(sub) -> None:
     p.add_argument("--data", help="eval JSONL of {input, answer} (instead of --task)")
     p.add_argument("--train-data", help="JSONL of {input}: unlabeled training inputs (labels come from System 2)")
     p.add_argument("--method", default="pal,cot", help="comma-separated System 2 methods")
-    p.add_argument("--n-train", type=int, default=400)
+    p.add_argument("--n-train", type=int, default=300)
     p.add_argument("--n-eval", type=int, default=100)
-    p.add_argument("--n-eval-prompting", type=int, default=30, help="items for CoT/RaR rows")
+    p.add_argument("--n-eval-prompting", type=int, default=20, help="items for CoT/RaR rows")
     p.add_argument("--k", type=int, default=4, help="System 2 samples per query")
     p.add_argument("--epochs", type=int)
     p.add_argument("--seed", type=int, default=0)
@@ -86,6 +92,12 @@ def run(args: argparse.Namespace, config) -> int:
         result = paper.run(settings, config, Path(args.out))
         sys.stdout.write((json.dumps(result, indent=2) if args.json else paper.table(result["rows"])) + "\n")
         sys.stdout.write(f"wrote {args.out}/results.json and accuracy_vs_tokens.png in {result['seconds']:.0f} s\n")
+        return 0
+    if args.bench_cmd == "knobs":
+        from bench import knobs
+
+        result = knobs.run(config, args.task, args.n_train, args.n_eval, Path(args.out))
+        sys.stdout.write((json.dumps(result, indent=2) if args.json else knobs.report(result)) + "\n")
         return 0
     if args.bench_cmd == "system2":
         from bench import system2

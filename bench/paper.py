@@ -1,6 +1,6 @@
 """The paper's table, measured here: System 1, System 2, and distilled System 1, per task.
 
-    agent bench paper [--task last_letter_2,addition,coin_flip] [--method pal,cot] [--n-train 400]
+    agent bench paper [--task last_letter_2,addition,coin_flip] [--method pal,cot] [--n-train 300]
                       [--n-eval 100] [--k 4] [--out bench/out/paper]
     agent bench paper --data eval.jsonl --train-data train.jsonl --method cot
 
@@ -38,9 +38,9 @@ class PaperSettings:
     methods: Sequence[str] = ("pal", "cot")
     label_method: str | None = None
     """Method whose filtered answers are distilled; default: pal for its task families, else the first method."""
-    n_train: int = 400
+    n_train: int = 300
     n_eval: int = 100
-    n_eval_prompting: int = 30
+    n_eval_prompting: int = 20
     """Items for prompting-only methods (CoT, RaR): ~1,000 generated tokens per item makes them the slowest rows."""
     k: int = 4
     threshold: float = 0.75
