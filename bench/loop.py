@@ -51,6 +51,7 @@ def run(settings: LoopSettings, config: AgentConfig, out: Path) -> dict:
         config.max_batch = max(config.max_batch, 32)
         config.batch_wait_ms = max(config.batch_wait_ms, 20.0)
         config.consolidation.min_examples = 1
+        config.max_new_tokens = min(config.max_new_tokens, 32)  # the answers are a few tokens long
         tag = task.family
         with Agent(config) as agent:
             def held_out() -> evaluate.Measure:
