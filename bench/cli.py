@@ -65,7 +65,7 @@ def _positive_ints(text: str, option: str) -> list[int]:
 
 def _add_paper(sub) -> None:
     p = sub.add_parser("paper", help="System 1 / System 2 / distilled System 1 table, as in the paper")
-    p.add_argument("--task", default="last_letter_2,addition,coin_flip",
+    p.add_argument("--task", default="last_letter_2,addition",
                    help="comma-separated: last_letter_2, last_letter_3, coin_flip, addition, add_sub")
     p.add_argument("--data", help="eval JSONL of {input, answer} (instead of --task)")
     p.add_argument("--train-data", help="JSONL of {input}: unlabeled training inputs (labels come from System 2)")

@@ -1,6 +1,6 @@
 """The paper's table, measured here: System 1, System 2, and distilled System 1, per task.
 
-    agent bench paper [--task last_letter_2,addition,coin_flip] [--method pal,cot] [--n-train 300]
+    agent bench paper [--task last_letter_2,addition] [--method pal,cot] [--n-train 300]
                       [--n-eval 100] [--k 4] [--out bench/out/paper]
     agent bench paper --data eval.jsonl --train-data train.jsonl --method cot
 
@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class PaperSettings:
-    tasks: Sequence[str] = ("last_letter_2", "addition", "coin_flip")
+    tasks: Sequence[str] = ("last_letter_2", "addition")
     methods: Sequence[str] = ("pal", "cot")
     label_method: str | None = None
     """Method whose filtered answers are distilled; default: pal for its task families, else the first method."""
