@@ -26,17 +26,8 @@ import uvicorn
 
 from agent import Agent, AgentConfig
 from agent.server import create_app
+from bench.system1 import PROMPTS
 
-PROMPTS = [
-    "Write a short paragraph about the sea.",
-    "Explain what a computer does, in a few sentences.",
-    "Describe a walk in the forest.",
-    "Tell me about the history of bread.",
-    "What makes a good friend? Answer in a paragraph.",
-    "Describe the city of Paris.",
-    "Explain how plants grow.",
-    "Write a short story about a cat.",
-]
 MODES = {"on": {"max_batch": 16, "batch_wait_ms": 5.0}, "off": {"max_batch": 1, "batch_wait_ms": 0.0}}
 REQUEST_TIMEOUT_S = 600.0
 """One request taking longer than this counts as an error (and the run still ends)."""
