@@ -110,8 +110,16 @@ def cmd_serve(args, config) -> int:
     from agent.server import serve
 
     agent = _agent(config)
+    scheduler = "off"
     if config.scheduler.interval_minutes or config.scheduler.min_pending:
         agent.start_scheduler()
+        scheduler = f"every {config.scheduler.interval_minutes or '-'} min / at {config.scheduler.min_pending or '-'} pending"
+    version = agent.serving_version()
+    sys.stderr.write(
+        f"s2agent: model {agent.model_name}, adapter {'v' + str(version) if version else 'none (base model)'}, "
+        f"database {config.db_url()}, consolidation scheduler {scheduler}\n"
+        f"s2agent: serving the OpenAI API at http://{config.server.host}:{config.server.port}/v1\n"
+    )
     serve(agent, config.server.host, config.server.port)
     return 0
 
