@@ -125,8 +125,7 @@ def cmd_serve(args, config) -> int:
 
 
 def cmd_store(args, config) -> int:
-    store = _store(config)
-    try:
+    with _store(config) as store:
         if args.store_cmd == "ls":
             since = datetime.now(timezone.utc) - timedelta(hours=args.since) if args.since else None
             rows = store.list_examples(status=args.status, method=args.method, limit=args.limit, since=since,
@@ -162,8 +161,6 @@ def cmd_store(args, config) -> int:
         elif args.store_cmd == "prune":
             before = datetime.now(timezone.utc) - timedelta(days=args.older_than_days) if args.older_than_days else None
             _out(f"pruned {store.prune_examples(args.status, before)} {args.status} examples")
-    finally:
-        store.close()
     return 0
 
 
@@ -205,8 +202,7 @@ def cmd_consolidate(args, config) -> int:
 
 
 def cmd_adapters(args, config) -> int:
-    store = _store(config)
-    try:
+    with _store(config) as store:
         if args.adapters_cmd == "ls":
             rows = store.list_adapters()
             if args.json:
@@ -234,8 +230,6 @@ def cmd_adapters(args, config) -> int:
             for row in store.prune_adapters(args.keep):
                 shutil.rmtree(row.path, ignore_errors=True)
                 _out(f"pruned v{row.version} ({row.path})")
-    finally:
-        store.close()
     return 0
 
 
@@ -244,8 +238,7 @@ def _fmt(value: Any) -> str:
 
 
 def cmd_schedule(args, config) -> int:
-    store = _store(config)
-    try:
+    with _store(config) as store:
         sched = config.scheduler
         last = store.last_run()
         holder = store.lock_holder("consolidation")
@@ -272,8 +265,6 @@ def cmd_schedule(args, config) -> int:
             _out(f"last run #{last.id}: {last.status} at {_when(last.started_at)}: {last.reason or ''}")
         else:
             _out("last run: never")
-    finally:
-        store.close()
     return 0
 
 
@@ -281,15 +272,12 @@ def cmd_calibrate(args, config) -> int:
     from policies.answers import answers_match, normalise
     from policies.routing import calibrate
 
-    store = _store(config)
-    try:
+    with _store(config) as store:
         kind = config.answer_kind
         records = [(i.confidence, answers_match(normalise(i.system1_answer or "", kind),
                                                 normalise(i.final_answer or "", kind), kind))
                    for i in store.list_interactions(route="system2", limit=100_000)
                    if i.accepted and i.confidence is not None]
-    finally:
-        store.close()
     result = calibrate(records, target_system2_rate=args.target_system2_rate, target_precision=args.target_precision)
     if args.json:
         _json(dataclasses.asdict(result))

@@ -361,3 +361,21 @@ def test_console_script(db: Path, tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "nothing to roll back" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_calibrate_fits_the_threshold_from_logged_system2_interactions(capsys: pytest.CaptureFixture,
+                                                                         tmp_path: Path) -> None:
+    path = tmp_path / "calibrate.db"
+    with Store(path) as store:
+        # System 1 was right (agreed with the accepted System 2 answer) exactly when it was confident.
+        for i in range(10):
+            confidence = i / 10
+            right = confidence >= 0.5
+            store.log_interaction(input=f"q{i}", route="system2", system1_answer="85" if right else "12",
+                                  final_answer="85", confidence=confidence, method="pal", accepted=True)
+    code, out, _ = run(capsys, "--db", str(path), "calibrate", "--target-precision", "1.0", "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert result["threshold"] == pytest.approx(0.5) and result["n"] == 10
+    code, out, _ = run(capsys, "--db", str(path), "calibrate", "--target-system2-rate", "0.3")
+    assert code == 0 and "chosen threshold" in out and "S2AGENT_ROUTING__THRESHOLD=" in out
