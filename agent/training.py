@@ -114,9 +114,9 @@ def train_lora(
         order = list(range(len(encoded)))
         rng.shuffle(order)
         for start in range(0, len(order), batch):
-            ids, labels, mask = _collate([encoded[i] for i in order[start:start + batch]], tokenizer.pad_token_id)
+            rows = [encoded[i] for i in order[start:start + batch]]
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
-                loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+                loss = answer_loss(model, rows, tokenizer.pad_token_id)
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise TrainingDiverged(f"loss became {value} at step {step + 1}")
@@ -137,10 +137,22 @@ def train_lora(
     return TrainingStats(step, n_epochs, first, last, seconds, use_bf16)
 
 
-def _collate(batch: list[tuple[list[int], list[int]]], pad_id: int):
-    """Right-padded, so positions start at 0 on the first real token exactly as when serving."""
-    width = max(len(ids) for ids, _ in batch)
-    ids = torch.tensor([i + [pad_id] * (width - len(i)) for i, _ in batch])
-    labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in batch])
-    mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in batch])
-    return ids, labels, mask
+def answer_loss(model, rows: list[tuple[list[int], list[int]]], pad_id: int) -> torch.Tensor:
+    """Mean cross-entropy over the answer tokens of a batch, computing logits only where they count.
+
+    Rows are left-padded so every answer ends at the last position; the model is then asked for the
+    logits of the last ``longest answer + 1`` positions only (``logits_to_keep``). With a 49k-token
+    vocabulary, full logits at every prompt position were most of a step's time and memory.
+    Position ids restart at 0 on each row's first real token, exactly as the serving decode loop does.
+    """
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.tensor([[pad_id] * (width - len(i)) + i for i, _ in rows])
+    labels = torch.tensor([[-100] * (width - len(lab)) + lab for _, lab in rows])
+    mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i, _ in rows])
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    keep = min(width, int((labels != -100).sum(-1).max()) + 1)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
+    targets = labels[:, width - keep + 1:]
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100
+    )

@@ -1,0 +1,61 @@
+"""The training loss: logits only at answer positions must give the loss the full forward gives."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from agent.training import TrainingExample, answer_loss, encode_example
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def _full_loss_sum(model, ids: list[int], labels: list[int]) -> tuple[float, int]:
+    """Reference: a plain unpadded forward with every logit, summed over answer tokens."""
+    logits = model(input_ids=torch.tensor([ids])).logits[0, :-1]
+    target = torch.tensor(labels[1:])
+    loss = torch.nn.functional.cross_entropy(logits, target, ignore_index=-100, reduction="sum")
+    return float(loss), int((target != -100).sum())
+
+
+def test_encode_example_masks_the_prompt_and_ends_with_eos(tiny_lm):
+    _, tokenizer = tiny_lm
+    example = TrainingExample([{"role": "user", "content": "What is 47 + 38?"}], "85")
+    ids, labels = encode_example(tokenizer, example, max_length=512)
+    answer = tokenizer.encode("85", add_special_tokens=False) + [tokenizer.eos_token_id]
+    assert ids[-len(answer):] == answer
+    assert labels[-len(answer):] == answer
+    assert set(labels[:-len(answer)]) == {-100}
+
+
+def test_answer_loss_matches_the_full_forward_on_a_padded_batch(tiny_lm):
+    model, tokenizer = tiny_lm
+    model.eval()
+    examples = [
+        TrainingExample([{"role": "user", "content": "Take the last letters of 'apple house'."}], "ee"),
+        TrainingExample([{"role": "user", "content": "What is 47 + 38?"}], "The answer is 85"),
+        TrainingExample([{"role": "user", "content": "Name a primary colour."}], "Red"),
+    ]
+    rows = [encode_example(tokenizer, e, max_length=512) for e in examples]
+    assert len({len(ids) for ids, _ in rows}) > 1  # the batch really is padded
+    with torch.no_grad():
+        batched = float(answer_loss(model, rows, tokenizer.pad_token_id))
+        sums = [_full_loss_sum(model, ids, labels) for ids, labels in rows]
+    reference = sum(s for s, _ in sums) / sum(n for _, n in sums)
+    assert batched == pytest.approx(reference, rel=1e-4)
+
+
+def test_answer_loss_when_truncation_leaves_only_the_answer(tiny_lm):
+    model, tokenizer = tiny_lm
+    example = TrainingExample([{"role": "user", "content": "What is 47 + 38?"}], "The answer is 85 A B 0123456789")
+    ids, labels = encode_example(tokenizer, example, max_length=6)
+    assert len(ids) == 6 and -100 not in labels
+    with torch.no_grad():
+        loss = float(answer_loss(model, [(ids, labels)], tokenizer.pad_token_id))
+        total, count = _full_loss_sum(model, ids, labels)
+    assert loss == pytest.approx(total / count, rel=1e-4)
