@@ -59,3 +59,19 @@ def test_answer_loss_when_truncation_leaves_only_the_answer(tiny_lm):
         loss = float(answer_loss(model, [(ids, labels)], tokenizer.pad_token_id))
         total, count = _full_loss_sum(model, ids, labels)
     assert loss == pytest.approx(total / count, rel=1e-4)
+
+
+def test_length_grouped_batches_cover_every_example_once_and_group_lengths():
+    import random
+
+    from agent.training import length_grouped_batches
+
+    rng = random.Random(0)
+    encoded = [([7] * n, [-100] * n) for n in [40] * 30 + [128] * 6 + [60] * 10]
+    first = length_grouped_batches(encoded, 8, rng)
+    second = length_grouped_batches(encoded, 8, rng)
+    assert sorted(len(ids) for b in first for ids, _ in b) == sorted(len(ids) for ids, _ in encoded)
+    assert sum(len(b) for b in first) == len(encoded)
+    # Padding waste: at most one batch mixes lengths at each of the two boundaries.
+    assert sum(len({len(ids) for ids, _ in b}) > 1 for b in first) <= 2
+    assert [len(b[0][0]) for b in first] != [len(b[0][0]) for b in second] or len(first) == 1
