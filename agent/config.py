@@ -111,6 +111,19 @@ class ConsolidationConfig:
 
 
 @dataclass
+class ScopingConfig:
+    """Which scoped adapter (``consolidation.per_tag``) serves an input that came without a tag."""
+
+    classifier: bool = False
+    """Send an untagged input to a scoped adapter when it resembles that tag's training inputs more than
+    any untagged input (nearest neighbour over character n-grams, see ``policies/scoping.py``)."""
+    min_similarity: float = 0.6
+    """Cosine similarity to the nearest training input of a tag needed to assign that tag."""
+    inputs_per_tag: int = 500
+    """Inputs per tag (and untagged ones) the classifier compares against; refitted when adapters change."""
+
+
+@dataclass
 class SchedulerConfig:
     """Background consolidation (``agent serve`` and embedded agents that ask for it)."""
 
@@ -164,6 +177,7 @@ class AgentConfig:
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     system2: System2Config = field(default_factory=System2Config)
     consolidation: ConsolidationConfig = field(default_factory=ConsolidationConfig)
+    scoping: ScopingConfig = field(default_factory=ScopingConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
 

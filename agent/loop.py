@@ -34,6 +34,7 @@ from agent.config import AgentConfig, ConfigError
 from agent.models import display_name, resolve_model
 from policies.answers import normalise
 from policies.routing import RouteDecision, make_router, sample_agreement, token_confidence
+from policies.scoping import ScopeClassifier, ScopeDecision
 from policies.system2 import UnknownMethodError, make_method
 from policies.system2.base import Call, System2Method, System2Result
 from store import Store
@@ -79,6 +80,8 @@ class Answer:
     accepted: bool | None = None
     """Whether System 2's answer passed the consistency filter and joined the buffer."""
     route_reason: dict[str, Any] = field(default_factory=dict)
+    tag: str | None = None
+    """The task tag the answer was served under: the request's, or the one the scope classifier assigned."""
     finish_reason: str = "stop"
     interaction_id: int | None = None
     error: str | None = None
@@ -118,6 +121,7 @@ class Agent:
         self._retiring: list[tuple[float, str]] = []
         self._adapter_lock = threading.Lock()
         self._last_poll = 0.0
+        self._scopes: ScopeClassifier | None = None
         self.scheduler = None
         self.refresh_adapters(force=True)
 
@@ -149,6 +153,8 @@ class Agent:
         if route not in ROUTES:
             raise InvalidQueryError(f"unknown route {route!r}; choose one of {', '.join(ROUTES)}")
         self.refresh_adapters()
+        scope = self._classify(query) if tag is None else None
+        tag = scope.tag if scope else tag
         version, adapter = self.adapter_for(tag)
         s1_params = SamplingParams(
             n=1, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens or self.config.max_new_tokens,
@@ -179,8 +185,11 @@ class Agent:
             tokens=tokens_s1, latency_ms=0.0, system1_text=s1.text, prompt_tokens=s1.prompt_tokens,
             tokens_system1=tokens_s1, route_reason={"estimator": decision.estimator, "score": decision.score,
                                                     "threshold": decision.threshold, "requested": route},
-            finish_reason=s1.finish_reason,
+            finish_reason=s1.finish_reason, tag=tag,
         )
+        if scope:
+            answer.route_reason["scope"] = {"tag": scope.tag, "similarity": round(scope.similarity, 3),
+                                            "general_similarity": round(scope.general_similarity, 3)}
         if decision.route == "system2":
             self._run_system2(answer, query, method, tag)
         answer.latency_ms = (time.perf_counter() - started) * 1000
@@ -236,6 +245,7 @@ class Agent:
             return
         with self._adapter_lock:
             self._last_poll = now
+            before = dict(self._serving)
             wanted = {a.scope: a for a in self.store.list_adapters() if a.serving}
             for scope in list(self._serving):
                 if scope not in wanted:
@@ -266,6 +276,29 @@ class Agent:
                 else:
                     keep.append((since, name))
             self._retiring = keep
+            if force or self._serving != before:
+                self._fit_scopes()
+
+    def _fit_scopes(self) -> None:
+        """Refit the scope classifier on the inputs of the tags that have a serving adapter now."""
+        cfg = self.config.scoping
+        tags = sorted(scope for scope in self._serving if scope)
+        if not cfg.classifier or not tags:
+            self._scopes = None
+            return
+        from agent.distill import general_prompts
+
+        limit = cfg.inputs_per_tag
+        scoped = {tag: [e.input for e in self.store.sample_examples(["pending", "used"], limit, tag=tag)]
+                  for tag in tags}
+        history = self.store.sample_confident_interactions(self.config.routing.threshold, limit)
+        general = general_prompts() + [i.input for i in history if i.tag is None]
+        self._scopes = ScopeClassifier(scoped, general, cfg.min_similarity)
+        logger.info("scope classifier fitted: %s against %d untagged inputs",
+                    ", ".join(f"{t} ({len(v)})" for t, v in scoped.items()), len(general))
+
+    def _classify(self, query: str) -> ScopeDecision | None:
+        return self._scopes.classify(query) if self._scopes else None
 
     def adapter_for(self, tag: str | None) -> tuple[int | None, str | None]:
         """The adapter serving ``tag``: its scoped adapter, else the general one; (version, backend name)."""

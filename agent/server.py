@@ -27,7 +27,7 @@ request goes where:
   and ``"default"`` are served by the agent with whatever adapter serves at that moment.
 - ``s2agent`` in the request body (``extra_body`` in the OpenAI client) sets ``route``
   (``auto`` | ``system1`` | ``system2``), ``method`` (a System 2 method) and ``tag``; every response carries
-  ``s2agent``: route, confidence, method, adapter_version, accepted, votes, interaction_id.
+  ``s2agent``: route, confidence, method, adapter_version, accepted, votes, interaction_id, tag.
 - ``usage.completion_tokens`` counts every token generated for the answer; the System 2 share is
   ``usage.completion_tokens_details.reasoning_tokens``.
 - ``GET /healthz`` (alive), ``GET /readyz`` (model loaded and store answering), ``GET /metrics``
@@ -270,10 +270,10 @@ def _served_model(agent: Agent, version: int | None) -> str:
 def _s2agent_extra(answer: Answer | None, version: int | None) -> dict[str, Any]:
     if answer is None:  # plain System 1 completion
         return {"route": "system1", "confidence": None, "method": None, "adapter_version": version,
-                "accepted": None, "votes": None, "interaction_id": None}
+                "accepted": None, "votes": None, "interaction_id": None, "tag": None}
     return {"route": answer.route, "confidence": answer.confidence, "method": answer.method,
             "adapter_version": answer.adapter_version, "accepted": answer.accepted, "votes": answer.votes,
-            "interaction_id": answer.interaction_id}
+            "interaction_id": answer.interaction_id, "tag": answer.tag}
 
 
 @dataclasses.dataclass

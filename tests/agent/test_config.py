@@ -288,3 +288,10 @@ def test_adapters_sit_beside_the_database(monkeypatch: pytest.MonkeyPatch, tmp_p
     assert pg.db_url() == "postgresql://user@localhost/agent"
     assert pg.adapters_path() == tmp_path / "home" / "adapters"
     assert AgentConfig(db=url, adapters_dir=str(tmp_path / "own")).adapters_path() == tmp_path / "own"
+
+
+def test_the_shipped_example_config_loads() -> None:
+    example = Path(__file__).resolve().parents[2] / "examples" / "agent.toml"
+    config = AgentConfig.load(example, env={})
+    assert config.consolidation.per_tag and config.scoping.classifier
+    assert config.system2.methods_by_tag["arithmetic"] == "pal"

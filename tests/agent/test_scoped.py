@@ -25,10 +25,14 @@ def config(tiny_model_dir, tmp_path, monkeypatch):
     return make_config(tiny_model_dir, tmp_path / "agent.db")
 
 
+def _answer_tagged(agent: Agent, questions: list[str], tag: str) -> None:
+    for q in questions:
+        assert agent.answer(q, tag=tag).route == "system2"
+
+
 def test_a_scoped_adapter_learns_and_serves_only_its_tag(config, capsys):
     with Agent(config) as agent:
-        for q in QUESTIONS[:16]:
-            assert agent.answer(q, tag="arith").route == "system2"
+        _answer_tagged(agent, QUESTIONS[:16], "arith")
         for q in QUESTIONS[16:]:
             agent.answer(q)  # untagged
         for q in QUESTIONS[:6]:
@@ -59,6 +63,24 @@ def test_a_scoped_adapter_learns_and_serves_only_its_tag(config, capsys):
     assert (row["version"], row["scope"], row["serving"], row["status"]) == (adapter.version, "arith", True, "promoted")
     assert cli(["--db", config.db, "adapters", "ls"]) == 0
     assert "arith" in capsys.readouterr().out
+
+
+def test_the_scope_classifier_sends_untagged_lookalikes_to_the_scoped_adapter(config):
+    config.scoping.classifier = True
+    with Agent(config) as agent:
+        _answer_tagged(agent, QUESTIONS[:16], "arith")
+        assert agent.answer("What is 71 + 5?", route="system1").tag is None  # no scoped adapter yet
+        report = agent.consolidate(scope="arith")
+        assert report.status == "promoted", report.reason
+
+        lookalike = agent.answer("What is 71 + 5?", route="system1")
+        assert (lookalike.tag, lookalike.adapter_version) == ("arith", report.adapter_version)
+        assert lookalike.route_reason["scope"]["similarity"] >= config.scoping.min_similarity
+        assert agent.store.get_interaction(lookalike.interaction_id).tag == "arith"
+
+        general = agent.answer("Name a primary colour.", route="system1")
+        assert (general.tag, general.adapter_version) == (None, None)
+        assert general.route_reason["scope"]["general_similarity"] > general.route_reason["scope"]["similarity"]
 
 
 def test_per_tag_scheduler_trains_one_scoped_adapter_per_tag(config):
