@@ -84,8 +84,9 @@ class ConsolidationConfig:
     """Retention examples (System 1's own confident answers) mixed in, per task example."""
     retention_threshold: float = 0.9
     """The candidate must keep this share of the serving model's answers on the retention holdout."""
-    retention_prompts: int = 32
-    """How many retention prompts (store history + the shipped general set) are used."""
+    retention_prompts: int = 64
+    """How many retention prompts (store history first, then the 128 shipped general prompts) are used;
+    about half train, the other half is the retention holdout that gates the candidate."""
     gate_margin: float = 0.0
     """The candidate may be at most this much less accurate than the serving model on the holdout."""
     eval_file: str | None = None

@@ -6,7 +6,9 @@ Trains one adapter per setting through the runtime's own consolidation, on perfe
 gold answers, so the knobs are measured apart from System 2's label noise), and evaluates each on
 held-out items of the training entities, on items of unseen entities, and on retention of the base
 model's general answers. The settings vary one knob at a time from the defaults: rank, target
-modules, learning rate, epochs and data volume.
+modules, learning rate, epochs, data volume, and how much retention data is mixed in (none; the
+default 1 retention example per 4 task examples; 1:1 with all 128 shipped general prompts, which also
+doubles the retention holdout).
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ def settings(base: ConsolidationConfig, n_train: int) -> list[tuple[str, Consoli
         ("lr 3e-3", replace(base, learning_rate=3e-3), n_train),
         ("1 epoch", replace(base, epochs=1), n_train),
         ("half the data", base, n_train // 2),
+        ("no retention", replace(base, retention_ratio=0.0), n_train),
+        ("retention 1:1", replace(base, retention_ratio=1.0, retention_prompts=128), n_train),
     ]
 
 

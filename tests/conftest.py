@@ -88,3 +88,38 @@ def embedded_model_dir() -> str:
     from agent.models import resolve_model
 
     return resolve_model("default")
+
+
+def teach_reply(model_dir: Path, folder: Path, prompts: list[str], reply: str, steps: int = 80) -> Path:
+    """A copy of the tiny model fully fine-tuned to answer each of ``prompts`` with ``reply``.
+
+    A random model's greedy answers flip at the slightest weight change, so it has no behaviour worth
+    retaining; this one has a firm habit that forgetting can destroy and retention data can keep.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from agent.loop import system1_messages
+    from agent.training import TrainingExample, answer_loss, encode_example
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    rows = [encode_example(tokenizer, TrainingExample(system1_messages(p), reply), 128) for p in prompts]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    torch.manual_seed(0)
+    model.train()
+    for _ in range(steps):
+        answer_loss(model, rows, tokenizer.pad_token_id).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def polite_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model, taught to answer every shipped general prompt with "Sure." (see ``teach_reply``)."""
+    from agent.distill import general_prompts
+
+    return teach_reply(tiny_model_dir, tmp_path_factory.mktemp("polite-llama"), general_prompts(), "Sure.")

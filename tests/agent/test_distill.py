@@ -103,6 +103,28 @@ def test_gate_rejects_an_adapter_that_breaks_retention(learning_config):
         assert agent.store.count_examples(status="pending") == report.n_new  # kept for the next run
 
 
+@pytest.mark.parametrize("retention_ratio", [0.0, 1.0])
+def test_retention_data_keeps_what_system1_already_does(learning_config, polite_model_dir, retention_ratio):
+    """The model answers general prompts "Sure."; training on sums alone erases that, and the gate
+    rejects the adapter; with its own answers mixed in, held-out general prompts keep "Sure."."""
+    learning_config.model = str(polite_model_dir)
+    c = learning_config.consolidation
+    c.retention_threshold, c.retention_ratio, c.epochs = 0.9, retention_ratio, 4
+    with Agent(learning_config) as agent:
+        for q in QUESTIONS:
+            agent.answer(q)
+        report = agent.consolidate()
+        assert report.n_retention_holdout >= 16
+        if retention_ratio == 0.0:
+            assert report.n_retention == 0
+            assert report.status == "rejected" and report.metrics["retention"] < 0.5, report.reason
+            assert "retention" in report.reason
+        else:
+            assert report.n_retention >= 16
+            assert report.status == "promoted" and report.metrics["retention"] >= 0.9, report.reason
+            assert agent.answer("Name a fruit that is red.", route="system1").text == "Sure."
+
+
 def test_rollback_and_corrupt_adapter(learning_config):
     with Agent(learning_config) as agent:
         for q in QUESTIONS[:12]:

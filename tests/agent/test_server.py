@@ -119,7 +119,7 @@ def test_chat_completion_goes_through_the_learning_loop(client, agent):
     assert usage.prompt_tokens > 0 and usage.completion_tokens > 0
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
     extra = response.model_extra["s2agent"]
-    assert set(extra) == {"route", "confidence", "method", "adapter_version", "accepted", "votes", "interaction_id"}
+    assert set(extra) == {"route", "confidence", "method", "adapter_version", "accepted", "votes", "interaction_id", "tag"}
     assert extra["method"] == "cot" and isinstance(extra["confidence"], float)
     assert usage.completion_tokens_details.reasoning_tokens > 0  # System 2 ran (forced)
     logged = agent.store.get_interaction(extra["interaction_id"])
