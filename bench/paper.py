@@ -74,10 +74,10 @@ def run_task(task: Task, settings: PaperSettings, config: AgentConfig, backend, 
     tag = task.family if task.family in PAL_FAMILIES else task.name
     rows: list[dict] = []
     s1 = evaluate.system1(agent, task.eval, task.kind, desc=f"{task.name}: System 1")
-    s1_unseen = evaluate.system1(agent, task.unseen, task.kind) if task.unseen else None
+    s1_unseen = (evaluate.system1(agent, task.unseen, task.kind, desc=f"{task.name}: System 1, unseen")
+                 if task.unseen else None)
     rows.append(_row(task, "system1", s1, accuracy_unseen=s1_unseen and round(s1_unseen.accuracy, 4)))
     for method in settings.methods:
-
         if method in ("bsm",) or (method == "s2a" and task.kind != "text"):
             continue  # judging and de-biasing methods do not apply to these tasks
         items = task.eval if method == "pal" else task.eval[: settings.n_eval_prompting]
@@ -112,7 +112,8 @@ def run_task(task: Task, settings: PaperSettings, config: AgentConfig, backend, 
     backend.load_adapter(name, agent.store.get_adapter(report.adapter_version).path)
     try:
         d = evaluate.system1(agent, task.eval, task.kind, adapter=name, desc=f"{task.name}: distilled")
-        d_unseen = evaluate.system1(agent, task.unseen, task.kind, adapter=name) if task.unseen else None
+        d_unseen = (evaluate.system1(agent, task.unseen, task.kind, adapter=name,
+                                     desc=f"{task.name}: distilled, unseen") if task.unseen else None)
     finally:
         backend.unload_adapter(name)
     rows.append(_row(
