@@ -11,6 +11,7 @@ import torch
 
 from agent.backends import AdapterError, Backend, GenerationRequest, PromptTooLongError, SamplingParams
 from agent.backends.hf import HFBackend, render_prompt, validate_adapter_dir
+from tests.conftest import make_random_adapter
 
 # Plain strings reach the model untemplated, and the random model continues them with varied tokens
 # (after a chat template it mostly repeats one token), which makes comparisons meaningful.
@@ -40,26 +41,10 @@ def hf_model(tiny_model_dir: Path):
     return AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
 
 
-def make_adapter(model_dir: Path, folder: Path, seed: int) -> Path:
-    """A LoRA adapter for the tiny model whose B matrices are random, so that it changes the output."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(model_dir)),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
-    model.save_pretrained(str(folder))
-    return folder
-
-
 @pytest.fixture(scope="module")
 def adapters(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("adapters")
-    return {name: make_adapter(tiny_model_dir, root / name, seed) for name, seed in (("a", 1), ("b", 2))}
+    return {name: make_random_adapter(tiny_model_dir, root / name, seed) for name, seed in (("a", 1), ("b", 2))}
 
 
 # --- the protocol and prompts --------------------------------------------------------------------

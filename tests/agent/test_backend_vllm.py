@@ -13,11 +13,11 @@ from __future__ import annotations
 import sys
 import types
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 
 from agent.backends.base import AdapterError, GenerationRequest, PromptTooLongError, SamplingParams
+from tests.conftest import make_random_adapter
 
 ASK = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -117,22 +117,6 @@ def stub_vllm(monkeypatch, tiny_model_dir):
     return tok
 
 
-def make_lora(model_dir: str | Path, out: Path, rank: int = 4) -> Path:
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
-                           LoraConfig(r=rank, target_modules=["q_proj", "v_proj"]))
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.5)
-    model.save_pretrained(out)
-    return out
-
-
 def test_stub_prompts_params_and_outputs(stub_vllm, tiny_model_dir, tiny_backend):
     from agent.backends.vllm import VLLMBackend
 
@@ -179,11 +163,11 @@ def test_stub_adapters_per_request(stub_vllm, tiny_model_dir, tmp_path):
     llm = _StubLLM.instances[-1]
     with pytest.raises(AdapterError):
         backend.load_adapter("missing", str(tmp_path / "nothing"))
-    path = make_lora(tiny_model_dir, tmp_path / "a")
+    path = make_random_adapter(tiny_model_dir, tmp_path / "a")
     backend.load_adapter("a", str(path))
     backend.load_adapter("b", str(path))  # a hot-swap is just a new name
     with pytest.raises(AdapterError, match="max_lora_rank"):
-        backend.load_adapter("wide", str(make_lora(tiny_model_dir, tmp_path / "wide", rank=16)))
+        backend.load_adapter("wide", str(make_random_adapter(tiny_model_dir, tmp_path / "wide", rank=16)))
     backend.generate([GenerationRequest("x", adapter="a"), GenerationRequest("x"), GenerationRequest("x", adapter="b")])
     loras = llm.calls[-1][2]
     assert loras[1] is None and loras[0][0] == "a" and loras[2][0] == "b"
@@ -261,7 +245,7 @@ def test_gpu_stop_strings(vllm_backend):
 
 @pytest.mark.slow
 def test_gpu_adapter_per_request(vllm_backend, embedded_model_dir, tmp_path):
-    path = make_lora(embedded_model_dir, tmp_path / "lora", rank=8)
+    path = make_random_adapter(embedded_model_dir, tmp_path / "lora", rank=8)
     vllm_backend.load_adapter("probe", str(path))
     try:
         params = SamplingParams(max_new_tokens=12)

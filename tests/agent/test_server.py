@@ -27,6 +27,7 @@ from openai import OpenAI
 from agent import Agent, AgentConfig
 from agent.config import ServerConfig
 from agent.server import create_app
+from tests.conftest import make_random_adapter
 
 ROOT = Path(__file__).resolve().parents[2]
 ERROR_KEYS = {"message", "type", "param", "code"}
@@ -318,25 +319,9 @@ def test_admin_routes_are_disabled_without_a_token(agent):
 
 
 # --- a new adapter is served without a restart ---------------------------------------------------------------
-def make_lora(model_dir: Path, out: Path) -> Path:
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaForCausalLM
-
-    model = get_peft_model(LlamaForCausalLM.from_pretrained(model_dir),
-                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.5)
-    model.save_pretrained(out)
-    return out
-
-
 def test_hot_swap_and_rollback(client, http, agent, tiny_model_dir, tmp_path):
     admin = {"Authorization": "Bearer secret"}
-    path = make_lora(tiny_model_dir, tmp_path / "adapter")
+    path = make_random_adapter(tiny_model_dir, tmp_path / "adapter")
     version = agent.store.next_adapter_version()
     agent.store.register_adapter(version=version, path=str(path), parent=None)
     agent.store.promote_adapter(version)
