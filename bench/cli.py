@@ -51,6 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench/out/loop")
     p.add_argument("--json", action="store_true")
+    _add_model_option(sub)
 
 
 def _positive_ints(text: str, option: str) -> list[int]:
@@ -78,6 +79,13 @@ def _add_paper(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench/out/paper")
     p.add_argument("--json", action="store_true")
+
+
+def _add_model_option(sub) -> None:
+    """``agent bench paper --model X`` reads as naturally as ``agent --model X bench paper``: accept both."""
+    for parser in sub.choices.values():
+        parser.add_argument("--model", default=argparse.SUPPRESS,
+                            help="'default' (embedded SmolLM2-135M-Instruct), a local folder or a HF id")
 
 
 def run(args: argparse.Namespace, config) -> int:

@@ -66,6 +66,16 @@ def test_help_lists_the_commands(capsys: pytest.CaptureFixture) -> None:
     assert "--db" in out and "--config" in out
 
 
+@pytest.mark.parametrize("position", ["global", "bench"])
+def test_bench_takes_the_model_before_or_after_the_command(capsys: pytest.CaptureFixture, tmp_path: Path,
+                                                           position: str) -> None:
+    missing = str(tmp_path / "no-such-model")
+    model = ["--model", missing]
+    argv = [*model, "bench", "system2", "--n", "1"] if position == "global" else ["bench", "system2", "--n", "1", *model]
+    code, _, err = run(capsys, "--db", str(tmp_path / "agent.db"), *argv)
+    assert code == 2 and missing in err
+
+
 def test_unknown_command_is_a_usage_error(capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as info:
         main(["frobnicate"])
