@@ -31,11 +31,11 @@ import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from agent.backends import GenerationRequest, SamplingParams
+from agent.data import general_prompts
 from agent.loop import system1_messages
 from agent.training import TrainingDiverged, TrainingExample, train_lora
 from policies.answers import answers_match, normalise, similarity
@@ -83,12 +83,6 @@ def holdout_bucket(text: str, seed: int) -> float:
     """A stable pseudo-random number in [0, 1) per input: the same example is always held out."""
     digest = hashlib.sha256(f"{seed}:{text.strip().lower()}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
-
-
-def general_prompts() -> list[str]:
-    """The small general prompt set shipped with the package (retention data when the store is young)."""
-    text = resources.files("agent").joinpath("data/general_prompts.jsonl").read_text()
-    return [json.loads(line)["input"] for line in text.splitlines() if line.strip()]
 
 
 def consolidate(

@@ -31,6 +31,7 @@ from agent.backends import (
     make_backend,
 )
 from agent.config import AgentConfig, ConfigError
+from agent.data import general_prompts
 from agent.models import display_name, resolve_model
 from policies.answers import normalise
 from policies.routing import RouteDecision, make_router, sample_agreement, token_confidence
@@ -286,8 +287,6 @@ class Agent:
         if not cfg.classifier or not tags:
             self._scopes = None
             return
-        from agent.distill import general_prompts
-
         limit = cfg.inputs_per_tag
         scoped = {tag: [e.input for e in self.store.sample_examples(["pending", "used"], limit, tag=tag)]
                   for tag in tags}
