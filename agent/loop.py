@@ -281,15 +281,17 @@ class Agent:
                 self._fit_scopes()
 
     def _fit_scopes(self) -> None:
-        """Refit the scope classifier on the inputs of the tags that have a serving adapter now."""
+        """Refit the scope classifier on the inputs of the tags that have a serving adapter now.
+
+        Every stored input of a tag counts, whatever its label's fate (pending, used, held out or
+        rejected): the question is only what that tag's inputs look like."""
         cfg = self.config.scoping
         tags = sorted(scope for scope in self._serving if scope)
         if not cfg.classifier or not tags:
             self._scopes = None
             return
         limit = cfg.inputs_per_tag
-        scoped = {tag: [e.input for e in self.store.sample_examples(["pending", "used"], limit, tag=tag)]
-                  for tag in tags}
+        scoped = {tag: [e.input for e in self.store.sample_examples(None, limit, tag=tag)] for tag in tags}
         history = self.store.sample_confident_interactions(self.config.routing.threshold, limit)
         general = general_prompts() + [i.input for i in history if i.tag is None]
         self._scopes = ScopeClassifier(scoped, general, cfg.min_similarity)
