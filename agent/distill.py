@@ -193,10 +193,8 @@ def _consolidate_locked(agent, owner, scope, dry_run, min_examples, epochs, prog
         serving_name = agent.adapter_for(scope)[1]
         # Retention: the serving model's own answers, now, are the targets to keep.
         retention_answers = _system1_answers(agent, retention_inputs, serving_name)
-        retention_train = [(p, a) for p, a in zip(retention_inputs, retention_answers)
-                           if holdout_bucket(p, cfg.seed + 1) >= 0.5 and a.strip()][:n_retention_train]
-        retention_holdout = [(p, a) for p, a in zip(retention_inputs, retention_answers)
-                             if holdout_bucket(p, cfg.seed + 1) < 0.5 and normalise(a, "text")]
+        retention_train, retention_holdout = split_retention(retention_inputs, retention_answers, cfg.seed)
+        retention_train = retention_train[:n_retention_train]
         report.n_retention, report.n_retention_holdout = len(retention_train), len(retention_holdout)
         system_prompt = agent.config.system_prompt
         examples = [TrainingExample(system1_messages(e.input), e.target) for e in [*new, *replay]]
@@ -299,6 +297,19 @@ def _accuracy(outputs: Iterable[str], targets: Iterable[str], kind: str) -> floa
     if not pairs:
         return None
     return sum(answers_match(normalise(o, kind), normalise(t, kind), kind) for o, t in pairs) / len(pairs)
+
+
+def split_retention(inputs: Sequence[str], answers: Sequence[str], seed: int
+                    ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(train, holdout) pairs of retention prompt and serving answer: a seeded half of the prompts, always
+    the same ones, is held out to gate candidates. Long answers belong in both (``retained`` compares them
+    by token overlap); only empty answers, which hold nothing to keep, are left out."""
+    train: list[tuple[str, str]] = []
+    holdout: list[tuple[str, str]] = []
+    for prompt, answer in zip(inputs, answers):
+        if answer.strip():
+            (holdout if holdout_bucket(prompt, seed + 1) < 0.5 else train).append((prompt, answer))
+    return train, holdout
 
 
 def retained(old: str, new: str) -> bool:

@@ -144,9 +144,9 @@ def length_grouped_batches(encoded: list[tuple[list[int], list[int]]], batch: in
 
     A batch costs as much as its longest row: one 128-token retention answer among 40-token task
     examples made the whole batch 3x slower. Lengths are only grouped in buckets of
-    ``LENGTH_BUCKET`` tokens, shuffled inside: sorting exactly would put all the 3-digit sums of an
-    addition task in the same batches (they are one token longer), and such one-sided batches
-    trained a worse adapter.
+    ``LENGTH_BUCKET`` tokens, shuffled inside: sorting exactly would put, say, all the 3-digit sums of
+    an addition task (one token longer) in batches of their own, and batches should differ in length,
+    not in content.
     """
     order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i][0]) // LENGTH_BUCKET, rng.random()))
     batches = [[encoded[i] for i in order[s:s + batch]] for s in range(0, len(order), batch)]
@@ -158,8 +158,8 @@ def answer_loss(model, rows: list[tuple[list[int], list[int]]], pad_id: int) -> 
     """Mean cross-entropy over the answer tokens of a batch, computing logits only where they count.
 
     Rows are left-padded so every answer ends at the last position; the model is then asked for the
-    logits of the last ``longest answer + 1`` positions only (``logits_to_keep``). With a 49k-token
-    vocabulary, full logits at every prompt position were most of a step's time and memory.
+    logits of the last ``longest answer + 1`` positions only (``logits_to_keep``), instead of a
+    49k-wide row of logits (and its gradient) for every prompt token that the loss never reads.
     Position ids restart at 0 on each row's first real token, exactly as the serving decode loop does.
     """
     width = max(len(ids) for ids, _ in rows)

@@ -148,3 +148,20 @@ def test_rollback_and_corrupt_adapter(learning_config):
         assert v2.path.endswith("v2")
         assert agent.serving_version() == 1
         assert agent.answer("What is 1 + 2?", route="system1").adapter_version == 1
+
+
+def test_retention_split_keeps_long_answers_and_is_stable():
+    from agent.distill import retained, split_retention
+
+    prompts = [f"Tell me about topic number {i}." for i in range(40)]
+    long_answer = "Topic {} is a broad subject with a long history, many schools of thought and open questions. "
+    answers = [long_answer.format(i) * 3 if i % 2 else f"Short answer {i}." for i in range(40)]
+    answers[3] = "   "  # nothing to keep
+    train, holdout = split_retention(prompts, answers, seed=0)
+    assert len(train) + len(holdout) == 39 and 10 < len(holdout) < 29
+    assert any(len(a) > 200 for _, a in holdout)  # long answers are judged too, by token overlap
+    assert (train, holdout) == split_retention(prompts, answers, seed=0)
+    assert {p for p, _ in holdout} != {p for p, _ in split_retention(prompts, answers, seed=1)[1]}
+    old = next(a for _, a in holdout if len(a) > 200)
+    assert retained(old, old.replace("many", "several"))
+    assert not retained(old, "42")
