@@ -32,6 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--task", default="addition")
     p.add_argument("--n-train", type=int, default=200)
     p.add_argument("--n-eval", type=int, default=50)
+    p.add_argument("--only", help="comma-separated setting labels to run (default: all), e.g. 'defaults,rank 4'")
     p.add_argument("--out", default="bench/out/knobs")
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("system2", help="System 2 seconds, tokens and label quality for k = 1, 4, 8 samples")
@@ -104,7 +105,8 @@ def run(args: argparse.Namespace, config) -> int:
     if args.bench_cmd == "knobs":
         from bench import knobs
 
-        result = knobs.run(config, args.task, args.n_train, args.n_eval, Path(args.out))
+        only = [label.strip() for label in args.only.split(",")] if args.only else None
+        result = knobs.run(config, args.task, args.n_train, args.n_eval, Path(args.out), only)
         sys.stdout.write((json.dumps(result, indent=2) if args.json else knobs.report(result)) + "\n")
         return 0
     if args.bench_cmd == "system2":

@@ -1,6 +1,6 @@
 """Which LoRA settings matter at this model size: accuracy (seen and unseen entities), retention, time.
 
-    agent bench knobs [--task addition] [--n-train 200] [--n-eval 50] [--out bench/out/knobs]
+    agent bench knobs [--task addition] [--n-train 200] [--n-eval 50] [--only "defaults,rank 4"] [--out ...]
 
 Trains one adapter per setting through the runtime's own consolidation, on perfect labels (the task's
 gold answers, so the knobs are measured apart from System 2's label noise), and evaluates each on
@@ -44,7 +44,16 @@ def settings(base: ConsolidationConfig, n_train: int) -> list[tuple[str, Consoli
     ]
 
 
-def run(config: AgentConfig, task_name: str, n_train: int, n_eval: int, out: Path) -> dict:
+def run(config: AgentConfig, task_name: str, n_train: int, n_eval: int, out: Path,
+        only: list[str] | None = None) -> dict:
+    """Every setting, or the ``only`` ones (by label)."""
+    chosen = settings(config.consolidation, n_train)
+    if only:
+        unknown = sorted(set(only) - {label for label, _, _ in chosen})
+        if unknown:
+            raise ValueError(f"unknown knob setting(s) {', '.join(unknown)}; known: "
+                             f"{', '.join(label for label, _, _ in chosen)}")
+        chosen = [s for s in chosen if s[0] in only]
     task = TASKS[task_name](n_train=n_train, n_eval=n_eval)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -53,7 +62,7 @@ def run(config: AgentConfig, task_name: str, n_train: int, n_eval: int, out: Pat
         config.max_batch = max(config.max_batch, 32)
         base_agent = Agent(config)
         backend = base_agent.backend
-        for i, (label, cc, n) in enumerate(settings(config.consolidation, n_train)):
+        for i, (label, cc, n) in enumerate(chosen):
             run_config = replace(config, consolidation=replace(cc, min_examples=1, holdout_fraction=0.1),
                                  db=str(Path(tmp) / f"{i}.db"), adapters_dir=str(Path(tmp) / f"adapters-{i}"))
             agent = Agent(run_config, backend=backend, store=Store(run_config.db))

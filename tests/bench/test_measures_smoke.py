@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from agent import AgentConfig
 from bench import knobs, loop, paper, system2
 
@@ -70,3 +72,12 @@ def test_knobs_trains_one_adapter_per_setting(tiny_model_dir: Path, tmp_path: Pa
     assert [r["setting"] for r in result["rows"]] == [s[0] for s in knobs.settings(config.consolidation, 8)]
     assert all(r.get("train_seconds", 0) > 0 for r in result["rows"] if "status" not in r)
     assert "rank 4" in knobs.report(result)
+
+
+def test_knobs_runs_only_the_named_settings(tiny_model_dir: Path, tmp_path: Path) -> None:
+    config = tiny(tiny_model_dir)
+    config.consolidation.batch_size = 8
+    result = knobs.run(config, "addition", n_train=8, n_eval=2, out=tmp_path, only=["rank 4"])
+    assert [r["setting"] for r in result["rows"]] == ["rank 4"]
+    with pytest.raises(ValueError, match="unknown knob setting"):
+        knobs.run(config, "addition", n_train=8, n_eval=2, out=tmp_path, only=["rank 5"])
