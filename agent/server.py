@@ -267,10 +267,10 @@ def _served_model(agent: Agent, version: int | None) -> str:
     return adapter_model_id(agent.model_name, version) if version else agent.model_name
 
 
-def _s2agent_extra(answer: Answer | None, version: int | None) -> dict[str, Any]:
-    if answer is None:  # plain System 1 completion
+def _s2agent_extra(answer: Answer | None, version: int | None, tag: str | None = None) -> dict[str, Any]:
+    if answer is None:  # plain System 1 completion, served under the request's tag
         return {"route": "system1", "confidence": None, "method": None, "adapter_version": version,
-                "accepted": None, "votes": None, "interaction_id": None, "tag": None}
+                "accepted": None, "votes": None, "interaction_id": None, "tag": tag}
     return {"route": answer.route, "confidence": answer.confidence, "method": answer.method,
             "adapter_version": answer.adapter_version, "accepted": answer.accepted, "votes": answer.votes,
             "interaction_id": answer.interaction_id, "tag": answer.tag}
@@ -299,10 +299,10 @@ def _from_answer(answer: Answer) -> _Result:
                    answer.tokens_system2, answer.adapter_version, _s2agent_extra(answer, answer.adapter_version))
 
 
-def _from_completions(completions: list[Completion], version: int | None) -> _Result:
+def _from_completions(completions: list[Completion], version: int | None, tag: str | None) -> _Result:
     return _Result([c.text for c in completions], [c.finish_reason for c in completions],
                    completions[0].prompt_tokens if completions else 0, sum(c.num_tokens for c in completions), 0,
-                   version, _s2agent_extra(None, version))
+                   version, _s2agent_extra(None, version, tag))
 
 
 def _pieces(text: str) -> list[str]:
@@ -502,7 +502,7 @@ def create_app(agent: Agent, config: ServerConfig | None = None) -> FastAPI:
             chat = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in messages]
             completions, version = await call("messages", agent.complete, chat, sampling(body, max_tokens), opts.tag)
             metrics.observe_completion(sum(c.num_tokens for c in completions))
-            result = _from_completions(completions, version)
+            result = _from_completions(completions, version, opts.tag)
         return respond(request, body, result, chat=True)
 
     @app.post("/v1/completions")
@@ -530,7 +530,7 @@ def create_app(agent: Agent, config: ServerConfig | None = None) -> FastAPI:
                 group.start_soon(one, i, prompt)
         completions_ = [c for out in outs for c in out[0]]
         metrics.observe_completion(sum(c.num_tokens for c in completions_))
-        result = _from_completions(completions_, outs[0][1])
+        result = _from_completions(completions_, outs[0][1], body.s2agent.tag)
         result.prompt_tokens = sum(out[0][0].prompt_tokens for out in outs if out[0])
         return respond(request, body, result, chat=False)
 

@@ -178,8 +178,11 @@ def test_models_and_raw_completions(client, agent):
     completion = client.completions.create(model=agent.model_name, prompt="The capital of France is", max_tokens=5)
     assert completion.object == "text_completion" and len(completion.choices) == 1
     assert isinstance(completion.choices[0].text, str) and completion.usage.prompt_tokens > 0
-    batch = client.completions.create(model="default", prompt=["A coin", "Alice flips"], max_tokens=3)
+    batch = client.completions.create(model="default", prompt=["A coin", "Alice flips"], max_tokens=3,
+                                      extra_body={"s2agent": {"tag": "coin_flip"}})
     assert len(batch.choices) == 2
+    assert batch.model_extra["s2agent"]["tag"] == "coin_flip"  # the tag it was served under, as for chats
+    assert completion.model_extra["s2agent"]["tag"] is None
 
 
 def test_streamed_raw_completion(http):
