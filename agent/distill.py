@@ -269,9 +269,7 @@ def _next_version(agent) -> int:
 
 def _retention_inputs(agent, cfg) -> list[str]:
     """Confident System 1 inputs from across the store's history, then the shipped general prompts."""
-    history = agent.store.sample_confident_interactions(
-        min_confidence=max(agent.config.routing.threshold, 0.5), limit=cfg.retention_prompts // 2, seed=cfg.seed,
-    )
+    history = agent.confident_history(cfg.retention_prompts // 2, seed=cfg.seed)
     seen: set[str] = set()
     inputs: list[str] = []
     for text in [i.input for i in history] + general_prompts():

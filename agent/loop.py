@@ -38,7 +38,7 @@ from policies.routing import RouteDecision, make_router, sample_agreement, token
 from policies.scoping import ScopeClassifier, ScopeDecision
 from policies.system2 import UnknownMethodError, make_method
 from policies.system2.base import Call, System2Method, System2Result
-from store import Store
+from store import Interaction, Store
 
 logger = logging.getLogger(__name__)
 
@@ -292,7 +292,7 @@ class Agent:
             return
         limit = cfg.inputs_per_tag
         scoped = {tag: [e.input for e in self.store.sample_examples(None, limit, tag=tag)] for tag in tags}
-        history = self.store.sample_confident_interactions(self.config.routing.threshold, limit)
+        history = self.confident_history(limit)
         general = general_prompts() + [i.input for i in history if i.tag is None]
         self._scopes = ScopeClassifier(scoped, general, cfg.min_similarity)
         logger.info("scope classifier fitted: %s against %d untagged inputs",
@@ -300,6 +300,13 @@ class Agent:
 
     def _classify(self, query: str) -> ScopeDecision | None:
         return self._scopes.classify(query) if self._scopes else None
+
+    def confident_history(self, limit: int, seed: int = 0) -> list[Interaction]:
+        """What System 1 already does well: its confident answers, spread over the store's history.
+
+        Confident means at or above the routing threshold, and never below 0.5 even when the threshold is
+        set lower: retention data and the scope classifier's general side both read this."""
+        return self.store.sample_confident_interactions(max(self.config.routing.threshold, 0.5), limit, seed=seed)
 
     def adapter_for(self, tag: str | None) -> tuple[int | None, str | None]:
         """The adapter serving ``tag``: its scoped adapter, else the general one; (version, backend name)."""
