@@ -10,7 +10,7 @@ so every example that reaches the store has passed one of these:
 - :func:`usc_decision`: universal self-consistency, for free-form answers where exact votes never
   agree: the model itself picks the candidate most consistent with the others (S2A).
 
-All of them return :class:`policies.system2.base.Decision`.
+All of them return a :class:`Decision`.
 """
 
 from __future__ import annotations
@@ -18,19 +18,26 @@ from __future__ import annotations
 import logging
 import re
 from collections import Counter
-from dataclasses import replace
-from typing import TYPE_CHECKING, Sequence
+from dataclasses import dataclass, replace
+from typing import Sequence
 
 from policies.answers import similarity
-
-if TYPE_CHECKING:
-    from policies.system2.base import LM, Decision
-
-# ``Call`` and ``Decision`` are imported inside the functions: ``policies.system2`` methods import
-# this module, so a module-level import of ``policies.system2.base`` here would be circular whenever
-# ``policies.system2/__init__.py`` imports its methods.
+from policies.lm import LM, Call
 
 logger = logging.getLogger(__name__)
+
+@dataclass
+class Decision:
+    """What a consistency filter concluded about a query's samples."""
+
+    answer: str | None
+    """The consensus answer (the training target), or None when there is none."""
+    accepted: bool
+    votes: dict[str, int]
+    agreement: float
+    """Share of all samples (unparsable ones included) that gave ``answer``."""
+    filter: str
+
 
 NONE_KEY = "<none>"
 """Key under which unparsable samples are counted in :attr:`Decision.votes`."""
@@ -49,8 +56,6 @@ def self_consistency(answers: Sequence[str | None], threshold: float = 0.75) -> 
     ``answer`` is still that majority answer (the caller may serve it) but it is not accepted for
     training.
     """
-    from policies.system2.base import Decision
-
     if not answers:
         return Decision(answer=None, accepted=False, votes={}, agreement=0.0, filter="self_consistency")
     counts = Counter(a for a in answers if a is not None)
@@ -111,8 +116,6 @@ def universal_self_consistency(
     0-based index (None when the reply names no valid candidate) and the tokens generated. With
     fewer than two candidates there is nothing to choose, so no call is made.
     """
-    from policies.system2.base import Call
-
     if not candidates:
         return None, 0
     if len(candidates) == 1:
@@ -145,8 +148,6 @@ def usc_decision(query: str, samples_answers: Sequence[str | None], lm: LM) -> t
     one, reported so that callers can see how much of a consensus the choice really was. Returns
     the decision and the tokens the choice cost.
     """
-    from policies.system2.base import Decision
-
     counts = Counter(a for a in samples_answers if a is not None)
     votes = dict(counts.most_common())
     missing = sum(a is None for a in samples_answers)

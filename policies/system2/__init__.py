@@ -5,7 +5,9 @@ Pick one by name with :func:`make_method`; add one with a new module and an entr
 
 from __future__ import annotations
 
-from policies.system2.base import LM, Call, Decision, Generation, Sample, System2Method, System2Result
+from policies.consistency import Decision
+from policies.lm import LM, Call, Generation
+from policies.system2.base import Sample, System2Method, System2Result
 from policies.system2.bsm import BranchSolveMerge, format_judge_query, parse_judge_query
 from policies.system2.cot import ChainOfThought
 from policies.system2.pal import ProgramAided

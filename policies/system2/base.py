@@ -9,45 +9,12 @@ logic and can be driven by any backend (or a scripted one in tests).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Mapping, Protocol, Sequence
+from typing import ClassVar, Mapping, Sequence
 
 from policies.answers import AnswerKind, extract_final
-
-
-@dataclass(frozen=True)
-class Call:
-    """One model call a method asks for: chat messages, sampled ``n`` times.
-
-    All ``n`` samples share the prompt, so a backend computes its prefix once.
-    """
-
-    messages: tuple[tuple[str, str], ...]
-    """(role, content) pairs; a tuple so that calls are hashable and comparable in tests."""
-    n: int = 1
-    temperature: float = 0.7
-    top_k: int = 40
-    max_new_tokens: int = 256
-    stop: tuple[str, ...] = ()
-
-
-class Generation(Protocol):
-    text: str
-
-    @property
-    def num_tokens(self) -> int: ...
-
-
-LM = Callable[[Sequence[Call]], list[list[Generation]]]
-"""Runs a batch of calls; returns, per call, ``call.n`` generations."""
-
-
-def run_batch(lm: LM, calls: Sequence[Call]) -> list[list[Generation]]:
-    """Send ``calls`` to ``lm`` as one batch and check it answered each with ``call.n`` generations."""
-    results = lm(list(calls))
-    if len(results) != len(calls) or any(len(r) != c.n for r, c in zip(results, calls)):
-        got = [len(r) for r in results]
-        raise ValueError(f"LM returned {got} generations for calls asking for {[c.n for c in calls]}")
-    return results
+from policies.consistency import Decision, self_consistency
+from policies.lm import LM, Call, Generation
+from policies.system2.prompts import merged
 
 
 @dataclass
@@ -59,19 +26,6 @@ class Sample:
     tokens: int = 0
     extra: dict = field(default_factory=dict)
     """Method-specific details (e.g. BSM's swapped-order verdict, PAL's program and its error)."""
-
-
-@dataclass
-class Decision:
-    """What a consistency filter concluded about a query's samples."""
-
-    answer: str | None
-    """The consensus answer (the training target), or None when there is none."""
-    accepted: bool
-    votes: dict[str, int]
-    agreement: float
-    """Share of all samples (unparsable ones included) that gave ``answer``."""
-    filter: str
 
 
 @dataclass
@@ -100,8 +54,6 @@ class System2Method:
         raise NotImplementedError
 
     def decide(self, query: str, samples: list[Sample], lm: LM, threshold: float) -> Decision:
-        from policies.consistency import self_consistency
-
         return self_consistency([s.answer for s in samples], threshold)
 
     def solve(self, query: str, lm: LM, k: int = 8, threshold: float = 0.75) -> System2Result:
@@ -139,8 +91,6 @@ class PromptedMethod(System2Method):
         top_k: int = 40,
         max_new_tokens: int = 256,
     ):
-        from policies.system2.prompts import merged
-
         self.answer_kind = answer_kind
         self.prompts = merged(self.default_prompts, prompts)
         self.temperature, self.top_k, self.max_new_tokens = temperature, top_k, max_new_tokens

@@ -31,8 +31,10 @@ import re
 from typing import Mapping, NamedTuple
 
 from policies.answers import AnswerKind, extract_final
+from policies.consistency import Decision, perturbation_agreement
+from policies.lm import LM, run_batch
 from policies.system2 import prompts as P
-from policies.system2.base import LM, Decision, PromptedMethod, Sample, run_batch
+from policies.system2.base import PromptedMethod, Sample
 
 SECTIONS = ("[Question]", "[Response A]", "[Response B]")
 _HEADER = re.compile(r"^[ \t]*(\[Question\]|\[Response A\]|\[Response B\])[ \t]*$", re.MULTILINE)
@@ -168,6 +170,4 @@ class BranchSolveMerge(PromptedMethod):
         return samples, 1 + len(solve) + len(merge)
 
     def decide(self, query: str, samples: list[Sample], lm: LM, threshold: float) -> Decision:
-        from policies.consistency import perturbation_agreement
-
         return perturbation_agreement([(s.answer, s.extra.get("swapped")) for s in samples], threshold)

@@ -5,8 +5,9 @@ One call: the CoT prompt sampled ``k`` times (``n=k``, so a backend computes the
 
 from __future__ import annotations
 
+from policies.lm import LM, run_batch
 from policies.system2 import prompts as P
-from policies.system2.base import LM, PromptedMethod, Sample, run_batch
+from policies.system2.base import PromptedMethod, Sample
 
 
 class ChainOfThought(PromptedMethod):

@@ -22,8 +22,9 @@ import re
 from typing import Callable, Mapping, Protocol, Sequence
 
 from policies.answers import AnswerKind, normalise
+from policies.lm import LM, Call, run_batch
 from policies.system2 import prompts as P
-from policies.system2.base import LM, Call, Sample, System2Method, run_batch
+from policies.system2.base import Sample, System2Method
 
 
 class ExecResult(Protocol):

@@ -10,8 +10,9 @@ from __future__ import annotations
 from typing import Literal, Mapping
 
 from policies.answers import AnswerKind, extract_final
+from policies.lm import LM, run_batch
 from policies.system2 import prompts as P
-from policies.system2.base import LM, PromptedMethod, Sample, run_batch
+from policies.system2.base import PromptedMethod, Sample
 
 
 class RephraseAndRespond(PromptedMethod):

@@ -8,11 +8,11 @@ the most consistent sample, one more call); other kinds by majority vote.
 
 from __future__ import annotations
 
-
-
 from policies.answers import extract_final
+from policies.consistency import Decision, usc_decision
+from policies.lm import LM, run_batch
 from policies.system2 import prompts as P
-from policies.system2.base import LM, Decision, PromptedMethod, Sample, System2Result, run_batch
+from policies.system2.base import PromptedMethod, Sample, System2Result
 
 
 class System2Attention(PromptedMethod):
@@ -40,8 +40,6 @@ class System2Attention(PromptedMethod):
         """The decision plus the (calls, tokens) it cost: USC is one more model call."""
         if self.answer_kind != "text":
             return super().decide(query, samples, lm, threshold), 0, 0
-        from policies.consistency import usc_decision
-
         decision, tokens = usc_decision(query, [s.answer for s in samples], lm)
         return decision, 1, tokens
 

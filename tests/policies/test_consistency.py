@@ -8,12 +8,13 @@ from typing import Sequence
 import pytest
 
 from policies.consistency import (
+    Decision,
     perturbation_agreement,
     self_consistency,
     universal_self_consistency,
     usc_decision,
 )
-from policies.system2.base import Call, Decision
+from policies.lm import Call
 
 
 def test_majority_accepted() -> None:
