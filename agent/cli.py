@@ -24,7 +24,8 @@ import sys
 from datetime import datetime, timedelta, timezone
 from typing import Any, Sequence
 
-from agent.config import AgentConfig, ConfigError
+from agent.config import AgentConfig
+from agent.errors import EXPECTED
 
 logger = logging.getLogger("agent.cli")
 
@@ -57,6 +58,17 @@ def _row_dict(row: Any) -> dict[str, Any]:
 
 def _when(value: datetime | None) -> str:
     return value.strftime("%Y-%m-%d %H:%M") if value else ""
+
+
+def _fraction(text: str) -> float:
+    """An argparse type: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 1")
+    return value
 
 
 # --- building blocks -------------------------------------------------------------------------
@@ -144,10 +156,8 @@ def cmd_store(args, config) -> int:
                 return 1
             _json(_row_dict(row))
         elif args.store_cmd == "export":
-            fp = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
-            n = store.export_examples(fp, status=args.status)
+            n = store.export_examples(args.output or sys.stdout, status=args.status)
             if args.output:
-                fp.close()
                 _out(f"exported {n} examples to {args.output}")
         elif args.store_cmd == "import":
             n = store.import_examples(args.file)
@@ -375,8 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("calibrate", help="fit the routing threshold from logged System 2 interactions")
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--target-system2-rate", type=float, help="e.g. 0.3: send at most 30%% of queries to System 2")
-    g.add_argument("--target-precision", type=float, help="e.g. 0.9: System 1 right 90%% of the time it answers")
+    g.add_argument("--target-system2-rate", type=_fraction, help="e.g. 0.3: send at most 30%% of queries to System 2")
+    g.add_argument("--target-precision", type=_fraction, help="e.g. 0.9: System 1 right 90%% of the time it answers")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_calibrate)
 
@@ -396,16 +406,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    from store import StoreError
-    from agent.backends import AdapterError, PromptTooLongError
-    from agent.loop import InvalidQueryError
-    from agent.models import ModelNotFoundError
-
     try:
         config = _config(args)
         return args.func(args, config)
-    except (ConfigError, StoreError, ModelNotFoundError, AdapterError, PromptTooLongError, InvalidQueryError,
-            FileNotFoundError, ValueError) as exc:
+    except EXPECTED as exc:
         sys.stderr.write(f"agent: error: {exc}\n")
         return 2
     except KeyboardInterrupt:

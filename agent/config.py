@@ -16,9 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown or of the wrong type."""
+from agent.errors import ConfigError
 
 
 def default_data_dir() -> Path:

@@ -36,8 +36,9 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from agent.backends import GenerationRequest, SamplingParams
 from agent.data import general_prompts
-from agent.loop import system1_messages
-from agent.training import TrainingDiverged, TrainingExample, train_lora
+from agent.errors import ConsolidationInterrupted
+from agent.prompting import TrainingExample, system1_messages
+from agent.training import TrainingDiverged, train_lora
 from policies.answers import answers_match, normalise, similarity
 
 if TYPE_CHECKING:
@@ -49,10 +50,6 @@ LOCK_NAME = "consolidation"
 TMP_PREFIX = ".tmp-"
 RETENTION_SIMILARITY = 0.8
 """Long answers count as retained when their token-level F1 with the old answer reaches this."""
-
-
-class ConsolidationInterrupted(RuntimeError):
-    """Shutdown asked the run to stop; it stopped between two training steps and changed nothing."""
 
 
 @dataclass

@@ -25,16 +25,22 @@ from agent.backends import (
     Backend,
     Completion,
     GenerationRequest,
-    Message,
     Prompt,
     SamplingParams,
     make_backend,
 )
-from agent.config import AgentConfig, ConfigError
+from agent.config import AgentConfig
 from agent.data import general_prompts
+from agent.errors import ConfigError, InvalidQueryError, System2Timeout
 from agent.models import display_name, resolve_model
+from agent.prompting import system1_messages
 from policies.answers import normalise
-from policies.routing import RouteDecision, make_router, sample_agreement, token_confidence
+from policies.routing import (
+    RouteDecision,
+    make_router,
+    sample_agreement,
+    token_confidence,
+)
 from policies.scoping import ScopeClassifier, ScopeDecision
 from policies.system2 import UnknownMethodError, make_method
 from policies.system2.base import Call, System2Method, System2Result
@@ -45,14 +51,6 @@ logger = logging.getLogger(__name__)
 ROUTES = ("auto", "system1", "system2")
 ADAPTER_POLL_SECONDS = 2.0
 """How often a running agent checks the store for a newly promoted or rolled-back adapter."""
-
-
-class InvalidQueryError(ValueError):
-    """The query cannot be answered as given (empty, or unknown route)."""
-
-
-class System2Timeout(RuntimeError):
-    """System 2 ran past ``system2.timeout_s``; the System 1 answer is used instead."""
 
 
 @dataclass
@@ -87,15 +85,6 @@ class Answer:
     interaction_id: int | None = None
     error: str | None = None
     """Why System 2 fell back to System 1, when it did."""
-
-
-def system1_messages(query: str, system_prompt: str | None = None) -> list[Message]:
-    """The prompt System 1 serves with; training uses the very same one."""
-    messages: list[Message] = []
-    if system_prompt:
-        messages.append({"role": "system", "content": system_prompt})
-    messages.append({"role": "user", "content": query})
-    return messages
 
 
 class Agent:

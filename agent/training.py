@@ -17,25 +17,15 @@ from typing import Callable, Sequence
 
 import torch
 
-from agent.backends.base import Message
-from agent.backends.hf import render_prompt
 from agent.config import ConsolidationConfig
+from agent.errors import TrainingDiverged
+from agent.prompting import IGNORE_INDEX, TrainingExample, encode_example
 
 logger = logging.getLogger(__name__)
 
 
 LENGTH_BUCKET = 32
 """Tokens of length difference that may share a batch (see ``length_grouped_batches``)."""
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite: the candidate is discarded and serving is untouched."""
-
-
-@dataclass
-class TrainingExample:
-    messages: list[Message]
-    target: str
 
 
 @dataclass
@@ -55,16 +45,6 @@ def cpu_supports_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def encode_example(tokenizer, example: TrainingExample, max_length: int,
-                   system_prompt: str | None = None) -> tuple[list[int], list[int]]:
-    """Token ids and labels (-100 on the prompt) for one example."""
-    prompt = render_prompt(tokenizer, example.messages, system_prompt)
-    answer = tokenizer.encode(example.target, add_special_tokens=False) + [tokenizer.eos_token_id]
-    ids = (prompt + answer)[-max_length:]
-    labels = ([-100] * len(prompt) + answer)[-max_length:]
-    return ids, labels
 
 
 def train_lora(
@@ -164,12 +144,12 @@ def answer_loss(model, rows: list[tuple[list[int], list[int]]], pad_id: int) -> 
     """
     width = max(len(ids) for ids, _ in rows)
     ids = torch.tensor([[pad_id] * (width - len(i)) + i for i, _ in rows])
-    labels = torch.tensor([[-100] * (width - len(lab)) + lab for _, lab in rows])
+    labels = torch.tensor([[IGNORE_INDEX] * (width - len(lab)) + lab for _, lab in rows])
     mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i, _ in rows])
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    keep = min(width, int((labels != -100).sum(-1).max()) + 1)
+    keep = min(width, int((labels != IGNORE_INDEX).sum(-1).max()) + 1)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
     targets = labels[:, width - keep + 1:]
     return torch.nn.functional.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100
+        logits[:, :-1].float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX
     )

@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 
 from agent import Agent, AgentConfig
-from agent.backends.hf import HFBackend, render_prompt
+from agent.backends.hf import HFBackend
 from agent.models import DEFAULT_SPEC, resolve_model
+from agent.prompting import render_prompt
 
 PROMPTS = [
     "Write a short paragraph about the sea.",

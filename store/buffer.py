@@ -145,7 +145,10 @@ def _validate_line(number: int, line: str) -> tuple[Optional[dict[str, Any]], li
 
 def _open(fp: PathOrFile, mode: str) -> Any:
     if isinstance(fp, (str, os.PathLike)):
-        return open(fp, mode, encoding="utf-8")
+        try:
+            return open(fp, mode, encoding="utf-8")
+        except OSError as exc:
+            raise StoreError(f"cannot {'read' if 'r' in mode else 'write'} {os.fspath(fp)}: {exc.strerror or exc}") from None
     return nullcontext(fp)
 
 

@@ -116,8 +116,8 @@ def teach_reply(model_dir: Path, folder: Path, prompts: list[str], reply: str, s
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from agent.loop import system1_messages
-    from agent.training import TrainingExample, answer_loss, encode_example
+    from agent.prompting import TrainingExample, encode_example, system1_messages
+    from agent.training import answer_loss
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)

@@ -6,16 +6,9 @@
 
 from __future__ import annotations
 
-from agent.backends.base import (
-    AdapterError,
-    Backend,
-    Completion,
-    GenerationRequest,
-    Message,
-    Prompt,
-    PromptTooLongError,
-    SamplingParams,
-)
+from agent.backends.base import Backend, Completion, GenerationRequest, SamplingParams
+from agent.errors import AdapterError, ConfigError, PromptTooLongError
+from agent.prompting import Message, Prompt
 
 __all__ = [
     "AdapterError",
@@ -43,4 +36,4 @@ def make_backend(kind: str, model_path: str, *, model_name: str, system_prompt: 
         from agent.backends.vllm import VLLMBackend
 
         return VLLMBackend(model_path, model_name=model_name, system_prompt=system_prompt)
-    raise ValueError(f"unknown backend {kind!r}; choose 'hf' or 'vllm'")
+    raise ConfigError(f"unknown backend {kind!r}; choose 'hf' or 'vllm'")

@@ -7,22 +7,13 @@ has to wait for, or disturb, requests in flight.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence, Union, runtime_checkable
+from pathlib import Path
+from typing import Protocol, Sequence, runtime_checkable
 
-Message = dict[str, str]
-"""One chat message: ``{"role": "system" | "user" | "assistant", "content": "..."}``."""
-
-Prompt = Union[list[Message], str]
-"""Chat messages get the model's chat template; a plain string is fed to the model as it is."""
-
-
-class PromptTooLongError(ValueError):
-    """The prompt does not fit in the model's context window together with the requested new tokens."""
-
-
-class AdapterError(RuntimeError):
-    """An adapter folder is missing, incomplete or does not fit the base model."""
+from agent.errors import AdapterError
+from agent.prompting import Prompt
 
 
 @dataclass(frozen=True)
@@ -81,3 +72,26 @@ class Backend(Protocol):
     def unload_adapter(self, name: str) -> None: ...
 
     def close(self) -> None: ...
+
+
+def validate_adapter_dir(path: str | Path) -> None:
+    """Refuse a missing, incomplete or corrupted adapter folder before it reaches PEFT."""
+    folder = Path(path)
+    config = folder / "adapter_config.json"
+    weights = folder / "adapter_model.safetensors"
+    if not folder.is_dir():
+        raise AdapterError(f"adapter folder {folder} does not exist")
+    if not config.is_file() or not weights.is_file():
+        raise AdapterError(f"adapter folder {folder} is incomplete: needs adapter_config.json and adapter_model.safetensors")
+    try:
+        json.loads(config.read_text())
+    except (OSError, ValueError) as exc:
+        raise AdapterError(f"adapter config {config} is corrupted: {exc}") from exc
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(weights), framework="pt") as f:
+            for key in f.keys():
+                f.get_tensor(key)
+    except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a damaged file
+        raise AdapterError(f"adapter weights {weights} are corrupted: {exc}") from exc

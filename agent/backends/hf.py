@@ -10,23 +10,21 @@ Decoding is a small explicit loop instead of ``model.generate`` for three reason
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from agent.backends.base import (
-    AdapterError,
     Completion,
     GenerationRequest,
-    Prompt,
-    PromptTooLongError,
     SamplingParams,
+    validate_adapter_dir,
 )
+from agent.errors import AdapterError, PromptTooLongError
+from agent.prompting import Prompt, render_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -265,39 +263,3 @@ def _common_prefix(prompts: list[list[int]]) -> int:
     while n < limit and all(p[n] == first[n] for p in prompts):
         n += 1
     return n
-
-
-def render_prompt(tokenizer, prompt: Prompt, system_prompt: str | None = None) -> list[int]:
-    """Token ids of a prompt: chat messages go through the chat template (with the assistant turn
-    opened), strings are taken as they are. Serving and training both use this, so a distilled
-    adapter sees exactly the prompt it was trained on."""
-    if isinstance(prompt, str):
-        return tokenizer.encode(prompt, add_special_tokens=False)
-    messages = list(prompt)
-    if system_prompt and not any(m["role"] == "system" for m in messages):
-        messages = [{"role": "system", "content": system_prompt}, *messages]
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return tokenizer.encode(text, add_special_tokens=False)
-
-
-def validate_adapter_dir(path: str | Path) -> None:
-    """Refuse a missing, incomplete or corrupted adapter folder before it reaches PEFT."""
-    folder = Path(path)
-    config = folder / "adapter_config.json"
-    weights = folder / "adapter_model.safetensors"
-    if not folder.is_dir():
-        raise AdapterError(f"adapter folder {folder} does not exist")
-    if not config.is_file() or not weights.is_file():
-        raise AdapterError(f"adapter folder {folder} is incomplete: needs adapter_config.json and adapter_model.safetensors")
-    try:
-        json.loads(config.read_text())
-    except (OSError, ValueError) as exc:
-        raise AdapterError(f"adapter config {config} is corrupted: {exc}") from exc
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(weights), framework="pt") as f:
-            for key in f.keys():
-                f.get_tensor(key)
-    except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a damaged file
-        raise AdapterError(f"adapter weights {weights} are corrupted: {exc}") from exc

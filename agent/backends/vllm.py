@@ -24,7 +24,7 @@ samples, stop strings, logprobs, per-request adapters) run only where vLLM and a
 
 Design
 ------
-- Prompts are rendered by :func:`agent.backends.hf.render_prompt` with the model's own Hugging Face
+- Prompts are rendered by :func:`agent.prompting.render_prompt` with the model's own Hugging Face
   tokenizer and handed to vLLM as token ids, so both backends (and training) see byte-identical
   prompts. Generated text is decoded with the same tokenizer and cut at the first stop string the
   same way the HF backend does; the end-of-sequence token is not part of ``token_ids``.
@@ -46,14 +46,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from agent.backends.base import (
-    AdapterError,
     Completion,
     GenerationRequest,
-    Prompt,
-    PromptTooLongError,
     SamplingParams,
+    validate_adapter_dir,
 )
-from agent.backends.hf import render_prompt, validate_adapter_dir
+from agent.errors import AdapterError, PromptTooLongError
+from agent.prompting import Prompt, render_prompt
 
 logger = logging.getLogger(__name__)
 

@@ -9,8 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from agent.backends import AdapterError, Backend, GenerationRequest, PromptTooLongError, SamplingParams
-from agent.backends.hf import HFBackend, render_prompt, validate_adapter_dir
+from agent.backends import (
+    AdapterError,
+    Backend,
+    GenerationRequest,
+    PromptTooLongError,
+    SamplingParams,
+)
+from agent.backends.base import validate_adapter_dir
+from agent.backends.hf import HFBackend
+from agent.prompting import render_prompt
 from tests.conftest import make_random_adapter
 
 # Plain strings reach the model untemplated, and the random model continues them with varied tokens

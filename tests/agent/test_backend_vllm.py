@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from agent.backends.base import AdapterError, GenerationRequest, PromptTooLongError, SamplingParams
+from agent.backends.base import GenerationRequest, SamplingParams
+from agent.errors import AdapterError, PromptTooLongError
 from tests.conftest import make_random_adapter
 
 ASK = [{"role": "user", "content": "What is the capital of France?"}]

@@ -7,7 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from agent.backends import Backend, GenerationRequest, PromptTooLongError, SamplingParams
+from agent.backends import (
+    Backend,
+    GenerationRequest,
+    PromptTooLongError,
+    SamplingParams,
+)
 from agent.backends.batching import BatchingBackend
 from agent.backends.hf import HFBackend
 

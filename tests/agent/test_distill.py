@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 
 from agent import Agent
-from tests.agent.test_loop import Arithmetic
 from policies.system2 import METHODS
+from tests.agent.test_loop import Arithmetic
 
 QUESTIONS = [f"What is {a} + {b}?" for a, b in zip(range(11, 35), range(40, 64))]
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from agent.training import TrainingExample, answer_loss, encode_example
+from agent.prompting import TrainingExample, encode_example
+from agent.training import answer_loss
 
 
 @pytest.fixture(scope="module")
