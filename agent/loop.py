@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from agent.backends import (
     Backend,
@@ -30,10 +30,12 @@ from agent.backends import (
     make_backend,
 )
 from agent.config import AgentConfig
+from agent.consolidation import ConsolidationReport, consolidate
 from agent.data import general_prompts
 from agent.errors import ConfigError, InvalidQueryError, System2Timeout
 from agent.models import display_name, resolve_model
-from agent.prompting import system1_messages
+from agent.prompting import Message, system1_messages
+from agent.scheduler import ConsolidationScheduler
 from policies.answers import normalise
 from policies.routing import (
     RouteDecision,
@@ -44,7 +46,7 @@ from policies.routing import (
 from policies.scoping import ScopeClassifier, ScopeDecision
 from policies.system2 import UnknownMethodError, make_method
 from policies.system2.base import Call, System2Method, System2Result
-from store import Interaction, Store
+from store import Adapter, Interaction, Store
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +114,7 @@ class Agent:
         self._adapter_lock = threading.Lock()
         self._last_poll = 0.0
         self._scopes: ScopeClassifier | None = None
-        self.scheduler = None
+        self.scheduler: ConsolidationScheduler | None = None
         self.refresh_adapters(force=True)
 
     # --- public API ------------------------------------------------------------------------
@@ -193,18 +195,84 @@ class Agent:
         version, adapter = self.adapter_for(tag)
         return self.backend.generate([GenerationRequest(prompt, params, adapter)])[0], version
 
-    def consolidate(self, progress: bool = False, **overrides: Any):
-        """Run one consolidation now (see :mod:`agent.distill`) and serve its adapter if promoted."""
-        from agent.distill import consolidate
+    def system1_batch(self, inputs: Sequence[str], tag: str | None = None, *, adapter: str | None = None,
+                      max_new_tokens: int | None = None, batch: int = 16) -> list[Completion]:
+        """System 1 alone, greedy, on many inputs: what evaluation, retention and benchmarks measure.
 
-        report = consolidate(self, progress=progress, **overrides)
+        Each input gets the System 1 prompt and the adapter serving ``tag`` (or ``adapter``: the name of
+        a loaded adapter to run instead, such as a candidate being gated). Nothing is routed or logged;
+        inputs are sent ``batch`` at a time so they share forward passes."""
+        self.refresh_adapters()
+        name = adapter if adapter is not None else self.adapter_for(tag)[1]
+        params = SamplingParams(max_new_tokens=max_new_tokens or self.config.max_new_tokens)
+        out: list[Completion] = []
+        for start in range(0, len(inputs), batch):
+            chunk = inputs[start:start + batch]
+            results = self.backend.generate([GenerationRequest(system1_messages(q), params, name) for q in chunk])
+            out.extend(r[0] for r in results)
+        return out
+
+    def learnable_query(self, messages: Sequence[Message], n: int = 1) -> str | None:
+        """The query to send through the learning loop when a chat is one, else None.
+
+        A chat is learnable when it is a single user turn (optionally after a system message equal to
+        this agent's own ``system_prompt``) asking for one answer: that is exactly the prompt System 1
+        serves and trains on. Several turns, an assistant message, ``n > 1`` or a caller's own system
+        prompt are answered by :meth:`complete` instead: dropping the caller's instruction silently
+        would answer, and learn, a different question."""
+        if n != 1 or not messages or messages[-1]["role"] != "user":
+            return None
+        if len(messages) == 1:
+            return messages[0]["content"]
+        first = messages[0]
+        own_system = (len(messages) == 2 and first["role"] in ("system", "developer")
+                      and self.config.system_prompt is not None and first["content"] == self.config.system_prompt)
+        return messages[-1]["content"] if own_system else None
+
+    def consolidate(
+        self,
+        *,
+        scope: str | None = None,
+        dry_run: bool = False,
+        min_examples: int | None = None,
+        epochs: int | None = None,
+        progress: bool = False,
+        on_step: Callable[[int, int, float], None] | None = None,
+        stop: threading.Event | None = None,
+    ) -> ConsolidationReport:
+        """Run one consolidation now (see :mod:`agent.consolidation`) and serve its adapter if promoted.
+
+        ``scope``: a task tag (its scoped adapter), or None (the general one); ``dry_run``: only list
+        what would be trained on; ``min_examples``/``epochs`` override the config for this run;
+        ``progress``: a progress bar on stderr; ``on_step(step, total, loss)``: called after each
+        training step; ``stop``: set it to stop the run at the next step, changing nothing."""
+        report = consolidate(self, scope=scope, dry_run=dry_run, min_examples=min_examples, epochs=epochs,
+                             progress=progress, on_step=on_step, stop=stop)
         self.refresh_adapters(force=True)
         return report
 
-    def start_scheduler(self):
-        """Consolidate in the background as ``config.scheduler`` says (interval and/or pending count)."""
-        from agent.scheduler import ConsolidationScheduler
+    def rollback(self, version: int | None = None, scope: str | None = None) -> Adapter | None:
+        """Serve an earlier adapter of ``scope`` again (None: the serving one's parent; 0: the base model)
+        and switch to it now; other processes on the same store follow within seconds. Returns the row
+        now serving, or None for the base model."""
+        row = self.store.rollback(version, scope=scope)
+        self.refresh_adapters(force=True)
+        return row
 
+    def adapters(self) -> list[Adapter]:
+        """Every adapter version in the registry, oldest first."""
+        return self.store.list_adapters()
+
+    def stats(self) -> dict[str, Any]:
+        """The store's counts: examples by status and method, interactions by route, tokens spent."""
+        return self.store.stats()
+
+    def pending_examples(self) -> int:
+        """Examples waiting for the next consolidation (also a cheap check that the store answers)."""
+        return self.store.count_examples(status="pending")
+
+    def start_scheduler(self) -> ConsolidationScheduler:
+        """Consolidate in the background as ``config.scheduler`` says (interval and/or pending count)."""
         if self.scheduler is None:
             self.scheduler = ConsolidationScheduler(self)
             self.scheduler.start()

@@ -17,21 +17,26 @@ import logging
 import threading
 from collections import Counter
 from datetime import timezone
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
-from agent.distill import ConsolidationReport, cleanup_after_crash
-
-if TYPE_CHECKING:
-    from agent.loop import Agent
+from agent.consolidation import ConsolidationReport, Learner, cleanup_after_crash
 
 logger = logging.getLogger(__name__)
 
 
+class Consolidator(Learner, Protocol):
+    """What the scheduler drives: a :class:`~agent.consolidation.Learner` that can run a consolidation
+    and serve its result (:meth:`agent.Agent.consolidate`)."""
+
+    def consolidate(self, *, scope: str | None = None, stop: threading.Event | None = None
+                    ) -> ConsolidationReport: ...
+
+
 class ConsolidationScheduler:
-    def __init__(self, agent: "Agent") -> None:
+    def __init__(self, agent: Consolidator) -> None:
         self.agent = agent
         self.config = agent.config.scheduler
         self.stop_event = threading.Event()

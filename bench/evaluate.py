@@ -12,8 +12,7 @@ from typing import Sequence
 
 from tqdm import tqdm
 
-from agent.backends import GenerationRequest, SamplingParams
-from agent.loop import Agent, system1_messages
+from agent import Agent
 from bench.tasks import Item
 from policies.answers import answers_match, normalise
 from policies.system2.base import System2Result
@@ -37,16 +36,15 @@ def correct(output: str | None, gold: str, kind: str) -> bool:
 
 def system1(agent: Agent, items: Sequence[Item], kind: str, adapter: str | None = None,
             max_new_tokens: int = 48, batch: int = 16, desc: str = "System 1") -> Measure:
-    """Greedy System 1 on ``items`` (base model, or the adapter loaded under ``adapter``)."""
-    params = SamplingParams(max_new_tokens=max_new_tokens)
+    """Greedy System 1 on ``items`` (the serving adapter, or the adapter loaded under ``adapter``)."""
     outputs: list[str] = []
     tokens = 0
     started = time.perf_counter()
     for start in tqdm(range(0, len(items), batch), desc=desc, unit="batch", leave=False):
-        chunk = items[start:start + batch]
-        results = agent.backend.generate([GenerationRequest(system1_messages(i.input), params, adapter) for i in chunk])
-        outputs += [r[0].text for r in results]
-        tokens += sum(r[0].num_tokens for r in results)
+        chunk = [i.input for i in items[start:start + batch]]
+        completions = agent.system1_batch(chunk, adapter=adapter, max_new_tokens=max_new_tokens, batch=batch)
+        outputs += [c.text for c in completions]
+        tokens += sum(c.num_tokens for c in completions)
     seconds = time.perf_counter() - started
     n = max(1, len(items))
     accuracy = sum(correct(o, i.answer, kind) for o, i in zip(outputs, items)) / n

@@ -49,7 +49,7 @@ def main() -> None:
                 if answer.error:
                     print(f"   (System 2 fell back to System 1: {answer.error})")
                 print()
-            stats = agent.store.stats()
+            stats = agent.stats()
             print("store: examples by status", json.dumps(stats["examples"]["by_status"]))
             print("store: interactions", json.dumps(stats["interactions"]))
             # Once enough examples are pending: agent.consolidate(), or agent.start_scheduler() to do it in the

@@ -20,18 +20,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from agent import Agent, AgentConfig
-from agent.backends import GenerationRequest, SamplingParams
-from agent.loop import system1_messages
 from bench.tasks import last_letter
 from policies.answers import answers_match
 
 
 def held_out_accuracy(agent: Agent, items) -> float:
     """System 1 alone (the serving adapter, greedy) on questions the loop never sees."""
-    _, adapter = agent.adapter_for("last_letter")
-    requests = [GenerationRequest(system1_messages(i.input), SamplingParams(max_new_tokens=16), adapter)
-                for i in items]
-    outputs = [r[0].text for r in agent.backend.generate(requests)]
+    outputs = [c.text for c in agent.system1_batch([i.input for i in items], tag="last_letter", max_new_tokens=16)]
     return sum(answers_match(o, i.answer) for o, i in zip(outputs, items)) / len(items)
 
 

@@ -23,7 +23,7 @@ if str(REPO) not in sys.path:
 
 
 def make_config(model_dir: str, db: str, epochs: int = 2):
-    """The learning setup of ``tests/agent/test_distill.py``: every query goes to System 2's ``arith`` method
+    """The learning setup of ``tests/agent/test_consolidation.py``: every query goes to System 2's ``arith`` method
     (register :class:`tests.agent.test_loop.Arithmetic` as ``METHODS["arith"]`` before building the Agent)."""
     from agent.config import AgentConfig
 
@@ -35,7 +35,7 @@ def make_config(model_dir: str, db: str, epochs: int = 2):
     c = config.consolidation
     c.min_examples, c.epochs, c.learning_rate, c.batch_size, c.rank = 4, epochs, 1e-2, 8, 4
     c.retention_threshold = 0.0
-    c.gate_margin = 1.0  # every candidate passes the gate (tests/agent/test_distill.py tests the gate itself)
+    c.gate_margin = 1.0  # every candidate passes the gate (tests/agent/test_consolidation.py tests the gate itself)
     c.retention_prompts = 8
     return config
 

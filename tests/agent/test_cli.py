@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from agent.cli import main
-from agent.distill import holdout_bucket
+from agent.consolidation import holdout_bucket
 from store import Store
 
 REPO = Path(__file__).resolve().parents[2]

@@ -23,7 +23,7 @@ import pytest
 from safetensors.torch import load_file
 
 from agent import Agent
-from agent.distill import cleanup_after_crash
+from agent.consolidation import cleanup_after_crash
 from policies.system2 import METHODS
 from store import Store
 from tests.agent._consolidate_worker import make_config

@@ -151,7 +151,7 @@ def test_rollback_and_corrupt_adapter(learning_config):
 
 
 def test_retention_split_keeps_long_answers_and_is_stable():
-    from agent.distill import retained, split_retention
+    from agent.consolidation import retained, split_retention
 
     prompts = [f"Tell me about topic number {i}." for i in range(40)]
     long_answer = "Topic {} is a broad subject with a long history, many schools of thought and open questions. "

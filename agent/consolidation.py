@@ -32,17 +32,16 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Protocol, Sequence
 
-from agent.backends import GenerationRequest, SamplingParams
+from agent.backends import Backend, Completion
+from agent.config import AgentConfig
 from agent.data import general_prompts
 from agent.errors import ConsolidationInterrupted
 from agent.prompting import TrainingExample, system1_messages
 from agent.training import TrainingDiverged, train_lora
 from policies.answers import answers_match, normalise, similarity
-
-if TYPE_CHECKING:
-    from agent.loop import Agent
+from store import Interaction, Store
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +49,31 @@ LOCK_NAME = "consolidation"
 TMP_PREFIX = ".tmp-"
 RETENTION_SIMILARITY = 0.8
 """Long answers count as retained when their token-level F1 with the old answer reaches this."""
+
+
+@dataclass
+class Learner(Protocol):
+    """What consolidation needs from the runtime; :class:`agent.Agent` is one.
+
+    Consolidation reads the buffer and the history from ``store``, trains on ``model_path``, and asks
+    the runtime for System 1's answers (under the serving adapter, or a candidate it loads into
+    ``backend``) to build retention targets and to gate the candidate."""
+
+    config: AgentConfig
+    store: Store
+    model_path: str
+    backend: Backend
+
+    def refresh_adapters(self, force: bool = False) -> None: ...
+
+    def adapter_for(self, tag: str | None) -> tuple[int | None, str | None]: ...
+
+    def answer_kind(self, tag: str | None) -> str: ...
+
+    def confident_history(self, limit: int, seed: int = 0) -> list[Interaction]: ...
+
+    def system1_batch(self, inputs: Sequence[str], tag: str | None = None, *, adapter: Any = ...,
+                      max_new_tokens: int | None = None) -> list[Completion]: ...
 
 
 @dataclass
@@ -83,7 +107,7 @@ def holdout_bucket(text: str, seed: int) -> float:
 
 
 def consolidate(
-    agent: "Agent",
+    agent: Learner,
     *,
     scope: str | None = None,
     dry_run: bool = False,
@@ -113,7 +137,7 @@ def consolidate(
         store.release_lock(LOCK_NAME, owner)
 
 
-def cleanup_after_crash(agent: "Agent", lock_owner: str | None = None) -> list[int]:
+def cleanup_after_crash(agent: Learner, lock_owner: str | None = None) -> list[int]:
     """Mark killed runs ``crashed`` and delete the adapter folders they left behind; returns the run ids.
 
     Left behind: ``.tmp-*`` folders (half-written or never renamed), and ``vN`` folders renamed into place
@@ -143,7 +167,7 @@ def cleanup_after_crash(agent: "Agent", lock_owner: str | None = None) -> list[i
     return crashed
 
 
-def _consolidate_locked(agent, owner, scope, dry_run, min_examples, epochs, progress, on_step, stop, started):
+def _consolidate_locked(agent: Learner, owner, scope, dry_run, min_examples, epochs, progress, on_step, stop, started):
     store, cfg = agent.store, agent.config.consolidation
     tag_filter = scope if (scope is not None or cfg.per_tag) else None
     pending = [e for e in store.list_examples(status="pending", tag=tag_filter)
@@ -244,7 +268,7 @@ def _consolidate_locked(agent, owner, scope, dry_run, min_examples, epochs, prog
     return _finish(agent, report, status, reason, started, record=False)
 
 
-def _finish(agent, report: ConsolidationReport, status: str, reason: str, started: float,
+def _finish(agent: Learner, report: ConsolidationReport, status: str, reason: str, started: float,
             record: bool = True) -> ConsolidationReport:
     report.status, report.reason = status, reason
     report.seconds = round(time.perf_counter() - started, 2)
@@ -257,14 +281,14 @@ def _finish(agent, report: ConsolidationReport, status: str, reason: str, starte
     return report
 
 
-def _next_version(agent) -> int:
+def _next_version(agent: Learner) -> int:
     """Next version number, also past any folder a crash left without a registry row."""
     root = agent.config.adapters_path()
     on_disk = [int(p.name[1:]) for p in root.glob("v*") if p.name[1:].isdigit()] if root.is_dir() else []
     return max([agent.store.next_adapter_version(), *(v + 1 for v in on_disk)])
 
 
-def _retention_inputs(agent, cfg) -> list[str]:
+def _retention_inputs(agent: Learner, cfg) -> list[str]:
     """Confident System 1 inputs from across the store's history, then the shipped general prompts."""
     history = agent.confident_history(cfg.retention_prompts // 2, seed=cfg.seed)
     seen: set[str] = set()
@@ -277,14 +301,9 @@ def _retention_inputs(agent, cfg) -> list[str]:
     return inputs[: cfg.retention_prompts]
 
 
-def _system1_answers(agent, inputs: Sequence[str], adapter: str | None, batch: int = 16) -> list[str]:
-    params = SamplingParams(max_new_tokens=agent.config.max_new_tokens)
-    out: list[str] = []
-    for start in range(0, len(inputs), batch):
-        chunk = inputs[start:start + batch]
-        results = agent.backend.generate([GenerationRequest(system1_messages(q), params, adapter) for q in chunk])
-        out.extend(r[0].text for r in results)
-    return out
+def _system1_answers(agent: Learner, inputs: Sequence[str], adapter: str | None) -> list[str]:
+    """Greedy System 1 answers under the loaded adapter ``adapter`` (None: the base model)."""
+    return [c.text for c in agent.system1_batch(inputs, adapter=adapter)]
 
 
 def _accuracy(outputs: Iterable[str], targets: Iterable[str], kind: str) -> float | None:
@@ -315,7 +334,7 @@ def retained(old: str, new: str) -> bool:
     return len(old.split()) > 5 and similarity(old, new) >= RETENTION_SIMILARITY
 
 
-def _gate(agent, report, holdout, retention_holdout, candidate, serving_name, scope) -> tuple[bool, str]:
+def _gate(agent: Learner, report, holdout, retention_holdout, candidate, serving_name, scope) -> tuple[bool, str]:
     cfg = agent.config.consolidation
     kind = agent.answer_kind(scope)
     m = report.metrics
