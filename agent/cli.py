@@ -73,12 +73,9 @@ def _fraction(text: str) -> float:
 
 # --- building blocks -------------------------------------------------------------------------
 def _config(args: argparse.Namespace) -> AgentConfig:
-    overrides = {"db": args.db, "model": args.model, "cache_dir": args.cache_dir}
-    if args.command == "ask":  # other commands' --method options mean something else (bench: a list)
-        if args.threshold is not None:
-            overrides["routing.threshold"] = args.threshold
-        if args.method is not None:
-            overrides["system2.method"] = args.method
+    overrides = {"db": args.db, "model": args.model, "cache_dir": args.cache_dir,
+                 "routing.threshold": getattr(args, "threshold", None),
+                 "system2.method": getattr(args, "method", None)}
     for key in ("host", "port", "admin_token"):
         if getattr(args, key, None) is not None:
             overrides[f"server.{key}"] = getattr(args, key)
@@ -301,9 +298,9 @@ def cmd_calibrate(args, config) -> int:
 
 
 def cmd_bench(args, config) -> int:
-    from bench import cli as bench_cli
+    from bench.cli import main as bench_main  # the runtime never imports the benchmarks until asked to
 
-    return bench_cli.run(args, config)
+    return bench_main(args.bench_args, config)
 
 
 # --- parser ----------------------------------------------------------------------------------
@@ -390,20 +387,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_calibrate)
 
-    p = sub.add_parser("bench", help="benchmarks that print numbers")
-    try:
-        from bench.cli import add_arguments
-    except ImportError:  # bench is part of the distribution; a broken install says so when run
-        add_arguments = None
-    if add_arguments:
-        add_arguments(p)
+    p = sub.add_parser("bench", add_help=False, help="benchmarks that print numbers (agent bench --help)")
+    p.add_argument("bench_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_bench)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "bench":  # everything after `bench` is the benchmark's own command line
+        args.bench_args = [*extra, *args.bench_args]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:

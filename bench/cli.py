@@ -1,14 +1,24 @@
-"""``agent bench ...``: wires the benchmark modules to the command line."""
+"""``agent bench ...`` and ``python -m bench ...``: wires the benchmark modules to the command line.
+
+The runtime's CLI does not import this package until the ``bench`` command runs; it hands over the
+arguments after ``bench`` and the configuration built from its global options (``--config``, ``--db``,
+``--model``, ...). ``python -m bench`` builds that configuration itself from the same global options.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
+from typing import Sequence
+
+from agent import AgentConfig
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def build_parser(prog: str = "agent bench") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="Benchmarks that print numbers.")
     sub = parser.add_subparsers(dest="bench_cmd", required=True)
     p = sub.add_parser("system1", help="load time, System 1 latency and tokens/s, loop overhead")
     p.add_argument("--new-tokens", type=int, default=64)
@@ -53,6 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="bench/out/loop")
     p.add_argument("--json", action="store_true")
     _add_model_option(sub)
+    return parser
 
 
 def _positive_ints(text: str, option: str) -> list[int]:
@@ -85,11 +96,20 @@ def _add_paper(sub) -> None:
 def _add_model_option(sub) -> None:
     """``agent bench paper --model X`` reads as naturally as ``agent --model X bench paper``: accept both."""
     for parser in sub.choices.values():
-        parser.add_argument("--model", default=argparse.SUPPRESS,
-                            help="'default' (embedded SmolLM2-135M-Instruct), a local folder or a HF id")
+        parser.add_argument("--model", help="'default' (embedded SmolLM2-135M-Instruct), a local folder or a HF id")
 
 
-def run(args: argparse.Namespace, config) -> int:
+def main(argv: Sequence[str] | None = None, config: AgentConfig | None = None, prog: str = "agent bench") -> int:
+    """Run one benchmark; ``config`` comes from the runtime's CLI (``agent bench``), else from the
+    environment and ``--model`` (``python -m bench``)."""
+    args = build_parser(prog).parse_args(argv)
+    config = config or AgentConfig.load()
+    if args.model:
+        config = dataclasses.replace(config, model=args.model)
+    return run(args, config)
+
+
+def run(args: argparse.Namespace, config: AgentConfig) -> int:
     if args.bench_cmd == "paper":
         from bench import paper
 
