@@ -8,9 +8,14 @@ common escapes, so that a hole in one is not a hole in the sandbox.
    crash, a hang or a corrupted interpreter dies with the child; the parent only reads one JSON
    line from its stdout. A wall-clock timeout kills the child's whole process group.
 2. **Resource limits** (``setrlimit``), applied by the child before it reads the program: address
-   space (``memory_mb``), CPU seconds, no file writes (``RLIMIT_FSIZE`` 0), no new file
-   descriptors (so no files or sockets), no new processes (``RLIMIT_NPROC`` 0). When started as
-   root the child first drops to user ``nobody``, because root ignores ``RLIMIT_NPROC``.
+   space (``memory_mb``), CPU seconds, no file writes (``RLIMIT_FSIZE`` 0), no new processes
+   (``RLIMIT_NPROC`` 0), and no new file descriptors at all (``RLIMIT_NOFILE`` 0, soft and hard).
+   That limit is on the fd *number*: a new fd must be below it, so with 0 no file, socket, pipe or
+   directory can be opened, even after closing stdin, stdout or stderr (with a limit of 3, closing
+   fd 0 made room for one). The runner imports everything it needs before, and keeps only the pipes
+   it was started with. When started as root the child first drops to user ``nobody``, because
+   root could raise its limits again and ignores ``RLIMIT_NPROC``; if it cannot drop, it refuses
+   to run the program. A limit that cannot be set stops the child too.
 3. **Empty environment, empty directory.** No environment variables (no tokens or keys to read),
    and the working directory is a new empty temporary directory, removed afterwards.
 4. **AST gate.** Before running, the program is parsed and rejected if it contains an import,
@@ -73,32 +78,32 @@ import ast, builtins, json, os, resource, signal, sys
 
 timeout_s, memory_mb = float(sys.argv[1]), int(sys.argv[2])
 
-def limit(which, value):
-    try:
-        resource.setrlimit(which, (value, value))
-    except (ValueError, OSError):
-        pass
-
-if os.getuid() == 0:
-    try:
-        os.setgroups([])
-        os.setgid(65534)
-        os.setuid(65534)
-    except OSError:
-        pass
-limit(resource.RLIMIT_AS, memory_mb * 1024 * 1024)
-limit(resource.RLIMIT_CPU, int(timeout_s) + 1)
-limit(resource.RLIMIT_FSIZE, 0)
-limit(resource.RLIMIT_NOFILE, 3)
-limit(resource.RLIMIT_NPROC, 0)
-limit(resource.RLIMIT_CORE, 0)
-source = sys.stdin.buffer.read().decode("utf-8", "replace")  # only now: limits are in place
-sys.stdin.close()
-
 def reply(**fields):
     sys.stdout.write(json.dumps(fields) + "\n")
     sys.stdout.flush()
     os._exit(0)
+
+def limit(which, value):  # fails loudly: a limit that cannot be set is not a limit
+    hard = resource.getrlimit(which)[1]
+    if hard != resource.RLIM_INFINITY:
+        value = min(value, hard)
+    resource.setrlimit(which, (value, value))
+
+if os.getuid() == 0:  # root could raise its limits again, and ignores RLIMIT_NPROC
+    try:
+        os.setgroups([])
+        os.setgid(65534)
+        os.setuid(65534)
+    except OSError as error:
+        reply(ok=False, error="sandbox could not drop root privileges: %s" % error)
+limit(resource.RLIMIT_AS, memory_mb * 1024 * 1024)
+limit(resource.RLIMIT_CPU, int(timeout_s) + 1)
+limit(resource.RLIMIT_FSIZE, 0)
+limit(resource.RLIMIT_NPROC, 0)
+limit(resource.RLIMIT_CORE, 0)
+limit(resource.RLIMIT_NOFILE, 0)  # no new fd of any number: no files, sockets or pipes, even after a close
+source = sys.stdin.buffer.read().decode("utf-8", "replace")  # only now: limits are in place
+sys.stdin.close()
 
 BANNED_NAMES = {
     "eval", "exec", "compile", "open", "getattr", "setattr", "delattr", "hasattr", "globals",
@@ -208,7 +213,7 @@ def run_program(code: str, *, timeout_s: float = 2.0, memory_mb: int = 256) -> E
     ``answer`` all come back as ``ok=False`` with a short reason.
     """
     with tempfile.TemporaryDirectory(prefix="s2agent-sandbox-") as workdir:
-        os.chmod(workdir, 0o777)  # the child may run as "nobody"; it still cannot write (FSIZE 0)
+        os.chmod(workdir, 0o777)  # the child may run as "nobody"; it still cannot write (no fds)
         try:
             process = subprocess.Popen(
                 [sys.executable, "-I", "-S", "-B", "-c", _RUNNER, repr(float(timeout_s)), str(int(memory_mb))],

@@ -103,11 +103,13 @@ def test_parent_is_unaffected(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 
 def _run_ungated(code: str) -> str:
     """Run the sandbox's runner with the AST gate and builtins whitelist switched off, to show
-    that the process layer (rlimits, empty env, no privileges) stops escapes on its own."""
+    that the process layer (rlimits, empty env, no privileges) stops escapes on its own. ``socket``
+    is imported before the limits, so that what stops a program using it is a layer, not a module
+    it could not load."""
     gate = "problem = check(tree)"
     builtins_line = 'scope = {"__builtins__": SAFE_BUILTINS}'
     assert gate in sandbox._RUNNER and builtins_line in sandbox._RUNNER
-    runner = sandbox._RUNNER.replace(gate, "problem = None").replace(builtins_line, "scope = {}")
+    runner = "import socket\n" + sandbox._RUNNER.replace(gate, "problem = None").replace(builtins_line, "scope = {}")
     completed = subprocess.run(
         [sys.executable, "-I", "-S", "-c", runner, "2.0", "256"],
         input=code.encode(),
@@ -127,5 +129,13 @@ def test_process_layer_alone_blocks_files_and_processes(tmp_path: Path, monkeypa
     assert '"ok": false' in _run_ungated("import os\nanswer = os.fork()")
     assert '"ok": false' in _run_ungated("import socket\nanswer = socket.socket()")
     assert '"ok": false' in _run_ungated("answer = open('/etc/hostname').read()")
+    for code in [
+        "import os\nos.close(0)\nanswer = open('/etc/hostname').read()",  # a freed fd number is still over the limit
+        "import os\nos.close(0)\nos.close(2)\nanswer = os.pipe()",
+        "import os\nanswer = os.dup(1)",
+        "import resource\nresource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))\nanswer = 1",
+    ]:
+        assert '"ok": false' in _run_ungated(code), code
+    assert '"ok": true' in _run_ungated("import os\nanswer = os.getpid()")  # the gate really is off
     out = _run_ungated("import os\nanswer = len(os.environ.get('HOME', ''))")
     assert '"value": "0"' in out or '"ok": false' in out
