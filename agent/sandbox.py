@@ -5,8 +5,9 @@ common escapes, so that a hole in one is not a hole in the sandbox.
 
 1. **Process isolation.** Every program runs in its own fresh interpreter (``python -I -S``:
    no user site, no site-packages, no ``PYTHON*`` variables), never in the server's process. A
-   crash, a hang or a corrupted interpreter dies with the child; the parent only reads one JSON
-   line from its stdout. A wall-clock timeout kills the child's whole process group.
+   crash, a hang or a corrupted interpreter dies with the child; the parent reads at most
+   :data:`MAX_OUTPUT_BYTES` from it (more is an "output too large" failure, never buffered) and
+   only uses one JSON line of it. A wall-clock timeout kills the child's whole process group.
 2. **Resource limits** (``setrlimit``), applied by the child before it reads the program: address
    space (``memory_mb``), CPU seconds, no file writes (``RLIMIT_FSIZE`` 0), no new processes
    (``RLIMIT_NPROC`` 0), and no new file descriptors at all (``RLIMIT_NOFILE`` 0, soft and hard).
@@ -45,10 +46,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import selectors
 import signal
 import subprocess
 import sys
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Sequence
@@ -57,6 +60,11 @@ logger = logging.getLogger(__name__)
 
 MAX_VALUE_CHARS = 2000
 """An ``answer`` whose text is longer than this is not an answer (and would bloat the store)."""
+
+MAX_OUTPUT_BYTES = 12 * MAX_VALUE_CHARS + 4096
+"""The most the server reads from a child's stdout or stderr: a JSON reply holding a value of
+:data:`MAX_VALUE_CHARS` characters fits (``json.dumps`` writes a non-ASCII character in at most 12
+bytes); anything longer is rejected as "output too large" without being buffered."""
 
 STARTUP_GRACE_S = 1.0
 """Wall-clock allowance for the child interpreter to start, on top of the program's ``timeout_s``."""
@@ -76,7 +84,7 @@ class ExecResult:
 _RUNNER = r'''
 import ast, builtins, json, os, resource, signal, sys
 
-timeout_s, memory_mb = float(sys.argv[1]), int(sys.argv[2])
+timeout_s, memory_mb, max_chars = float(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 
 def reply(**fields):
     sys.stdout.write(json.dumps(fields) + "\n")
@@ -185,6 +193,8 @@ except RecursionError:
     reply(ok=False, error="RecursionError: maximum recursion depth exceeded")
 except BaseException as error:
     reply(ok=False, error=("%s: %s" % (type(error).__name__, error))[:200])
+if len(value) > max_chars:
+    reply(ok=False, error="answer is longer than %d characters" % max_chars)
 reply(ok=True, value=value)
 '''
 
@@ -209,14 +219,31 @@ def _describe_exit(returncode: int, stderr: str) -> str:
 def run_program(code: str, *, timeout_s: float = 2.0, memory_mb: int = 256) -> ExecResult:
     """Run one program in a fresh, limited child process and return its ``answer``.
 
-    Never raises for anything the program does: errors, timeouts, memory exhaustion and a missing
-    ``answer`` all come back as ``ok=False`` with a short reason.
+    Never raises for anything the program does: errors, timeouts, memory exhaustion, output over
+    :data:`MAX_OUTPUT_BYTES` and a missing ``answer`` all come back as ``ok=False`` with a short reason.
     """
+    reply, error = _run_child(code, timeout_s=timeout_s, memory_mb=memory_mb)
+    if reply is None:
+        return ExecResult(ok=False, value=None, error=error)
+    if not reply.get("ok"):
+        return ExecResult(ok=False, value=None, error=str(reply.get("error") or "failed"))
+    value = str(reply.get("value"))
+    if len(value) > MAX_VALUE_CHARS:
+        return ExecResult(ok=False, value=None, error=f"answer is longer than {MAX_VALUE_CHARS} characters")
+    return ExecResult(ok=True, value=value, error=None)
+
+
+def _run_child(code: str, *, timeout_s: float, memory_mb: int) -> tuple[dict | None, str]:
+    """Start the runner, hand it ``code``, and return its JSON reply, or None and why not."""
+    command = [
+        sys.executable, "-I", "-S", "-B", "-c", _RUNNER, repr(float(timeout_s)), str(int(memory_mb)), str(MAX_VALUE_CHARS),
+    ]
+    deadline = time.monotonic() + timeout_s + STARTUP_GRACE_S
     with tempfile.TemporaryDirectory(prefix="s2agent-sandbox-") as workdir:
         os.chmod(workdir, 0o777)  # the child may run as "nobody"; it still cannot write (no fds)
         try:
             process = subprocess.Popen(
-                [sys.executable, "-I", "-S", "-B", "-c", _RUNNER, repr(float(timeout_s)), str(int(memory_mb))],
+                command,
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -227,33 +254,72 @@ def run_program(code: str, *, timeout_s: float = 2.0, memory_mb: int = 256) -> E
             )
         except OSError as error:
             logger.error("could not start the sandbox interpreter: %s", error)
-            return ExecResult(ok=False, value=None, error=f"could not start sandbox: {error}")
+            return None, f"could not start sandbox: {error}"
         try:
-            stdout, stderr = process.communicate(code.encode("utf-8"), timeout=timeout_s + STARTUP_GRACE_S)
+            stdout, stderr, problem = _exchange(process, code.encode("utf-8"), deadline)
+            if problem is None:
+                process.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            _kill_group(process)
-            process.communicate()
-            return ExecResult(ok=False, value=None, error=f"timeout after {timeout_s:g}s")
+            problem = "timeout"
         finally:
-            if process.poll() is None:  # e.g. KeyboardInterrupt while waiting
+            if process.poll() is None:  # deadline, too much output, or e.g. KeyboardInterrupt
                 _kill_group(process)
                 process.wait()
+            for pipe in (process.stdin, process.stdout, process.stderr):
+                pipe.close()
+    if problem == "timeout":
+        return None, f"timeout after {timeout_s:g}s"
+    if problem is not None:
+        return None, problem
     lines = stdout.decode("utf-8", "replace").strip().splitlines()
     try:
-        result = json.loads(lines[-1]) if lines else None
-    except json.JSONDecodeError:
-        result = None
-    if not isinstance(result, dict):
-        error = _describe_exit(process.returncode, stderr.decode("utf-8", "replace"))
-        if error.startswith("timeout"):
-            error = f"timeout after {timeout_s:g}s"
-        return ExecResult(ok=False, value=None, error=error)
-    if not result.get("ok"):
-        return ExecResult(ok=False, value=None, error=str(result.get("error") or "failed"))
-    value = str(result.get("value"))
-    if len(value) > MAX_VALUE_CHARS:
-        return ExecResult(ok=False, value=None, error=f"answer is longer than {MAX_VALUE_CHARS} characters")
-    return ExecResult(ok=True, value=value, error=None)
+        reply = json.loads(lines[-1]) if lines else None
+    except (ValueError, RecursionError):  # the line is the child's: it may be anything, deeply nested too
+        reply = None
+    if isinstance(reply, dict):
+        return reply, ""
+    error = _describe_exit(process.returncode, stderr.decode("utf-8", "replace"))
+    return None, f"timeout after {timeout_s:g}s" if error.startswith("timeout") else error
+
+
+_PIPE_CHUNK = 4096
+"""Bytes written to the child's stdin per ready event (``PIPE_BUF``: a ready pipe takes them without blocking)."""
+
+
+def _exchange(process: subprocess.Popen, data: bytes, deadline: float) -> tuple[bytes, bytes, str | None]:
+    """Write ``data`` to the child's stdin and read its stdout and stderr to the end, like
+    ``communicate`` but reading at most :data:`MAX_OUTPUT_BYTES` from each: a child cannot make the
+    server buffer what it writes. Returns (stdout, stderr, problem), problem being None, "timeout"
+    or "output too large ..."."""
+    output = {process.stdout.fileno(): bytearray(), process.stderr.fileno(): bytearray()}
+    stdin = process.stdin.fileno()
+    offset = 0
+    with selectors.DefaultSelector() as selector:
+        selector.register(stdin, selectors.EVENT_WRITE)
+        for fd in output:
+            selector.register(fd, selectors.EVENT_READ)
+        while selector.get_map():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return b"", b"", "timeout"
+            for key, _ in selector.select(remaining):
+                if key.fd == stdin:
+                    try:
+                        offset += os.write(stdin, data[offset : offset + _PIPE_CHUNK])
+                    except BrokenPipeError:  # the child stopped reading (e.g. it refused to start)
+                        offset = len(data)
+                    if offset >= len(data):
+                        selector.unregister(stdin)
+                        process.stdin.close()
+                    continue
+                chunk = os.read(key.fd, 65536)
+                if not chunk:
+                    selector.unregister(key.fd)
+                    continue
+                output[key.fd] += chunk
+                if len(output[key.fd]) > MAX_OUTPUT_BYTES:
+                    return b"", b"", f"output too large (over {MAX_OUTPUT_BYTES} bytes)"
+    return bytes(output[process.stdout.fileno()]), bytes(output[process.stderr.fileno()]), None
 
 
 def _kill_group(process: subprocess.Popen) -> None:

@@ -7,7 +7,9 @@ import resource
 import subprocess
 import sys
 import time
+import tracemalloc
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -101,17 +103,69 @@ def test_parent_is_unaffected(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert run_program("answer = 2 + 2").value == "4"  # and it still works
 
 
+def test_huge_answer_is_rejected_in_the_child() -> None:
+    tracemalloc.start()
+    try:
+        result = run_program("answer = 'x' * 75_000_000", memory_mb=1024)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert not result.ok and "longer than" in result.error
+    assert peak < 1_000_000
+
+
+@pytest.mark.parametrize(
+    "code", ["answer = 'x' * 75_000_000", "import os\nos.write(2, b'e' * 75_000_000)\nanswer = 1"], ids=["stdout", "stderr"]
+)
+def test_server_reads_a_bounded_amount_of_output(code: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the runner's own length check (and, for stderr, the gate) 75 MB reach the pipe; the
+    server stops reading at MAX_OUTPUT_BYTES and never holds the rest."""
+    check = "if len(value) > max_chars:"
+    assert check in sandbox._RUNNER
+    monkeypatch.setattr(sandbox, "_RUNNER", _ungated_runner().replace(check, "if False:"))
+    tracemalloc.start()
+    try:
+        result = run_program(code, memory_mb=1024)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert not result.ok and result.error.startswith("output too large")
+    assert peak < 4 * sandbox.MAX_OUTPUT_BYTES + 500_000
+
+
+def test_a_malformed_reply_is_a_failure_not_an_exception(ungated: Callable[..., ExecResult]) -> None:
+    for line in ["[" * 20_000, "not json", '{"ok": true, "value": ' + "[" * 5000 + "]" * 5000 + "}"]:
+        result = ungated(f"import os\nos.write(1, {line.encode()!r})\nos._exit(0)")
+        assert not result.ok or len(result.value) <= sandbox.MAX_VALUE_CHARS
+
+
+def _ungated_runner(runner: str = sandbox._RUNNER) -> str:
+    """The runner without the AST gate and the builtins whitelist."""
+    for old, new in [("problem = check(tree)", "problem = None"), ('scope = {"__builtins__": SAFE_BUILTINS}', "scope = {}")]:
+        assert old in runner
+        runner = runner.replace(old, new)
+    return "import socket\n" + runner
+
+
+@pytest.fixture
+def ungated(monkeypatch: pytest.MonkeyPatch) -> Callable[..., ExecResult]:
+    runner = sandbox._RUNNER
+
+    def run(code: str) -> ExecResult:
+        monkeypatch.setattr(sandbox, "_RUNNER", _ungated_runner(runner))
+        return run_program(code)
+
+    return run
+
+
 def _run_ungated(code: str) -> str:
     """Run the sandbox's runner with the AST gate and builtins whitelist switched off, to show
     that the process layer (rlimits, empty env, no privileges) stops escapes on its own. ``socket``
     is imported before the limits, so that what stops a program using it is a layer, not a module
     it could not load."""
-    gate = "problem = check(tree)"
-    builtins_line = 'scope = {"__builtins__": SAFE_BUILTINS}'
-    assert gate in sandbox._RUNNER and builtins_line in sandbox._RUNNER
-    runner = "import socket\n" + sandbox._RUNNER.replace(gate, "problem = None").replace(builtins_line, "scope = {}")
+    runner = _ungated_runner()
     completed = subprocess.run(
-        [sys.executable, "-I", "-S", "-c", runner, "2.0", "256"],
+        [sys.executable, "-I", "-S", "-c", runner, "2.0", "256", str(sandbox.MAX_VALUE_CHARS)],
         input=code.encode(),
         capture_output=True,
         env={},
