@@ -44,8 +44,8 @@ off and shows each lower one holding alone.
    types (``len``, ``range``, ``sorted``, ``sum``, ...) and a ``print`` that does nothing; there is
    no ``__import__``, so even code that slipped past the gate cannot import.
 
-What holds where (:func:`sandbox_report` finds out on the running host and logs it; the runtime
-calls it at start): layers 1-3, 6-8 everywhere on Linux. Layer 4 where the kernel lets this user
+What holds where (:func:`sandbox_report` finds out on the running host and logs it; it is meant
+to be called once at start): layers 1-3, 6-8 everywhere on Linux. Layer 4 where the kernel lets this user
 create namespaces (root with ``CAP_SYS_ADMIN``; a normal user where unprivileged user namespaces
 are allowed; often not inside a container under a default seccomp profile). Without it, a child
 running as the server's own user (non-root server) could signal the server if the layers above
@@ -490,7 +490,7 @@ _report_lock = threading.Lock()
 def sandbox_report() -> SandboxLayers:
     """Which layers below the AST gate and the builtins whitelist hold on this host, found once by
     starting one probe child through the same launcher and runner as every program, and logged
-    (a warning when some are missing). The runtime calls this at start; later calls return the
+    (a warning when some are missing). Meant to be called once at start; later calls return the
     same answer. Also makes a non-root server undumpable, as the first program would."""
     global _report
     with _report_lock:
