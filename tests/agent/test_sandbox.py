@@ -13,8 +13,8 @@ import subprocess
 import sys
 import time
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
@@ -129,7 +129,9 @@ def test_huge_answer_is_rejected_in_the_child() -> None:
 
 
 @pytest.mark.parametrize(
-    "code", ["answer = 'x' * 75_000_000", "import os\nos.write(2, b'e' * 75_000_000)\nanswer = 1"], ids=["stdout", "stderr"]
+    "code",
+    ["answer = 'x' * 75_000_000", "import os\nos.write(2, b'e' * 75_000_000)\nanswer = 1"],
+    ids=["stdout", "stderr"],
 )
 def test_server_reads_a_bounded_amount_of_output(code: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Without the runner's own length check (and, for stderr, the gate) 75 MB reach the pipe; the
@@ -255,7 +257,8 @@ def outsider_reads_environ():  # another process of the same user, not sandboxed
     run = subprocess.run([sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True, env={})
     return run.stdout.strip() == "True"
 
-facts = {"uid": os.getuid(), "dumpable": ctypes.CDLL(None).prctl(3, 0, 0, 0, 0), "outsider_before": outsider_reads_environ()}
+dumpable = ctypes.CDLL(None).prctl(3, 0, 0, 0, 0)  # PR_GET_DUMPABLE
+facts = {"uid": os.getuid(), "dumpable": dumpable, "outsider_before": outsider_reads_environ()}
 layers = sandbox.sandbox_report()
 facts.update(layers=vars(layers), outsider_after=outsider_reads_environ())
 with socket.create_server(("127.0.0.1", 0)) as server:
@@ -287,12 +290,13 @@ def _run_as_nobody(script: str, stdin: str, tmp_path: Path) -> subprocess.Comple
     hidden = _hidden_ancestor(interpreter)
     if hidden is None:
         return subprocess.run(command, input=stdin, capture_output=True, text=True, env=env, timeout=120,
-                              user=65534, group=65534, extra_groups=[])
+                              user=65534, group=65534, extra_groups=[], check=False)
     # The interpreter lives under a directory only root may enter (pyenv in /root): show nobody just
     # the interpreter's tree there, in a private mount namespace: a tmpfs over that directory, with
     # the one entry leading to the interpreter bound back in.
     entry = Path(interpreter).relative_to(hidden).parts[0]
-    if _hidden_ancestor(str(Path(hidden) / entry / "x")) != hidden or not (shutil.which("unshare") and shutil.which("setpriv")):
+    tools = shutil.which("unshare") and shutil.which("setpriv")
+    if _hidden_ancestor(str(Path(hidden) / entry / "x")) != hidden or not tools:
         pytest.skip(f"cannot show the interpreter under {hidden} to an unprivileged user")
     keep = tmp_path / "hidden"
     keep.mkdir()
@@ -301,8 +305,9 @@ def _run_as_nobody(script: str, stdin: str, tmp_path: Path) -> subprocess.Comple
         'mount --bind "$2/$3" "$1/$3"; shift 3; exec setpriv --reuid=65534 --regid=65534 --clear-groups "$@"'
     )
     completed = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", "sh", "-c", expose, "sh", hidden, str(keep), entry, *command],
-        input=stdin, capture_output=True, text=True, env=env, timeout=120,
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", expose, "sh", hidden, str(keep), entry]
+        + command,
+        input=stdin, capture_output=True, text=True, env=env, timeout=120, check=False,
     )
     if completed.returncode and "mount" in completed.stderr:
         pytest.skip(f"cannot make a private mount namespace here: {completed.stderr.strip()[-200:]}")
@@ -341,7 +346,7 @@ def test_as_a_normal_user_programs_cannot_reach_the_server(tmp_path: Path) -> No
     # with those layers off too, the same programs do reach the server: the checks above are not vacuous
     assert facts["control"]["connect"]["value"] == "connected" and facts["control"]["signal"]["value"] == "signalled"
     if not (layers["user_namespace"] and layers["network_namespace"] and layers["pid_namespace"]):
-        pytest.skip(f"this host has no unprivileged user namespaces; with the fd limit off nothing else holds ({layers})")
+        pytest.skip(f"no unprivileged user namespaces here; with the fd limit off nothing else holds ({layers})")
     blocked("gate_and_fds_off", "signal")
     blocked("gate_and_fds_off", "connect")
     assert facts["gate_and_fds_off"]["signal"]["error"].startswith("ProcessLookupError")
