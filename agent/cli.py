@@ -5,6 +5,7 @@
     agent store ls | show | export | import | stats | prune
     agent consolidate [--dry-run]     # distil the buffer into a new adapter now
     agent adapters ls | show | rollback | prune
+    agent scopes ls | rename OLD NEW | merge OLD NEW
     agent schedule status
     agent calibrate --target-system2-rate 0.3
     agent bench system1 | paper | loop
@@ -143,9 +144,9 @@ def cmd_store(args, config) -> int:
                 _json([_row_dict(r) for r in rows])
             else:
                 _table([(r.id, r.status, r.method, f"{r.agreement:.2f}" if r.agreement is not None else "",
-                         _when(r.created_at), r.input, r.target) for r in rows],
-                       ["id", "status", "method", "agree", "created", "input", "target"],
-                       [6, 8, 6, 5, 16, 48, 20])
+                         r.tag or "", _when(r.created_at), r.input, r.target) for r in rows],
+                       ["id", "status", "method", "agree", "scope", "created", "input", "target"],
+                       [6, 8, 6, 5, 20, 16, 44, 20])
         elif args.store_cmd == "show":
             row = store.get_example(args.id)
             if row is None:
@@ -242,6 +243,27 @@ def cmd_adapters(args, config) -> int:
 
 def _fmt(value: Any) -> str:
     return f"{value:.2f}" if isinstance(value, (int, float)) else ""
+
+
+def cmd_scopes(args, config) -> int:
+    with _store(config) as store:
+        if args.scopes_cmd == "ls":
+            rows = store.scopes()
+            if args.json:
+                _json(rows)
+                return 0
+            _table([(s["scope"], sum(s["examples"].values()), s["examples"].get("pending", 0),
+                     s["examples"].get("used", 0), s["interactions"],
+                     f"v{s['serving_version']}" if s["serving_version"] else "") for s in rows],
+                   ["scope", "examples", "pending", "used", "interactions", "serving"], [32, 8, 7, 5, 12, 7])
+            if not rows:
+                _out("(no scopes yet: untagged System 2 examples form them as they are accepted)")
+        else:
+            merge = args.scopes_cmd == "merge"
+            moved = store.rename_scope(args.old, args.new, merge=merge)
+            _out(f"{'merged' if merge else 'renamed'} scope {args.old!r} into {args.new!r}: {moved} examples moved"
+                 " (a running server follows within seconds)")
+    return 0
 
 
 def cmd_schedule(args, config) -> int:
@@ -373,6 +395,18 @@ def build_parser() -> argparse.ArgumentParser:
     q = sa.add_parser("prune", help="delete old adapter folders, keeping the newest N")
     q.add_argument("--keep", type=int, required=True)
     p.set_defaults(func=cmd_adapters)
+
+    p = sub.add_parser("scopes", help="the task scopes traffic was grouped into: list, rename, merge")
+    sc = p.add_subparsers(dest="scopes_cmd", required=True)
+    q = sc.add_parser("ls", help="scopes with their examples and serving adapter")
+    q.add_argument("--json", action="store_true")
+    q = sc.add_parser("rename", help="give a scope a better name (everywhere: examples, adapters, history)")
+    q.add_argument("old")
+    q.add_argument("new")
+    q = sc.add_parser("merge", help="merge scope OLD into NEW (OLD's adapters stop serving)")
+    q.add_argument("old")
+    q.add_argument("new")
+    p.set_defaults(func=cmd_scopes)
 
     p = sub.add_parser("schedule", help="background consolidation")
     s2 = p.add_subparsers(dest="schedule_cmd", required=True)

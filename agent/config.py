@@ -48,9 +48,13 @@ class RoutingConfig:
 class System2Config:
     """How System 2 runs and which of its outputs become training data."""
 
-    method: str = "cot"
-    """Default method: ``cot``, ``rar``, ``s2a``, ``bsm`` or ``pal`` (the one that beats System 1 with
-    the embedded 135M model on its task families)."""
+    method: str = "auto"
+    """Default method: ``auto`` (program-aided first, ``fallback`` when no program agrees), ``cot``,
+    ``rar``, ``s2a``, ``bsm`` or ``pal`` (the one that beats System 1 with the embedded 135M model)."""
+    fallback: str | None = None
+    """The prompted method ``auto`` asks when the programs do not agree (e.g. ``cot``); None: none, the
+    System 1 answer stands. Off by default: prompted methods score 0 with the embedded 135M model and
+    cost seconds per query (see the README); set it with a larger model."""
     methods_by_tag: dict[str, str] = field(default_factory=dict)
     """Method per task tag, e.g. ``{arithmetic = "pal"}``."""
     samples: int = 8
@@ -105,19 +109,26 @@ class ConsolidationConfig:
     bf16: str = "auto"
     """``auto`` (bf16 autocast when the CPU supports it), ``on`` or ``off``."""
     seed: int = 0
-    per_tag: bool = False
-    """Train one scoped adapter per task tag instead of one general adapter."""
+    per_tag: bool = True
+    """Train one scoped adapter per task tag (scope) and the general adapter on untagged examples only;
+    False: one general adapter learns everything."""
 
 
 @dataclass
 class ScopingConfig:
     """Which scoped adapter (``consolidation.per_tag``) serves an input that came without a tag."""
 
-    classifier: bool = False
+    classifier: bool = True
     """Send an untagged input to a scoped adapter when it resembles that tag's training inputs more than
     any untagged input (nearest neighbour over character n-grams, see ``policies/scoping.py``)."""
     min_similarity: float = 0.6
     """Cosine similarity to the nearest training input of a tag needed to assign that tag."""
+    auto: bool = True
+    """Group accepted, untagged System 2 examples into scopes by themselves: each joins the scope of its
+    most similar stored input (at ``auto_min_similarity``) or starts a new one named after it; with
+    ``consolidation.per_tag`` each scope then gets its own adapter."""
+    auto_min_similarity: float = 0.5
+    """Cosine similarity (same features as the classifier) to join an existing scope."""
     inputs_per_tag: int = 500
     """Inputs per tag (and untagged ones) the classifier compares against; refitted when adapters change."""
 

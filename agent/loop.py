@@ -43,8 +43,8 @@ from policies.routing import (
     sample_agreement,
     token_confidence,
 )
-from policies.scoping import ScopeClassifier, ScopeDecision
-from policies.system2 import UnknownMethodError, make_method
+from policies.scoping import ScopeClassifier, ScopeDecision, ScopeIndex
+from policies.system2 import Auto, UnknownMethodError, make_method
 from policies.system2.base import Call, System2Method, System2Result
 from store import Adapter, Interaction, Store
 
@@ -97,7 +97,8 @@ class Agent:
         self.config = config or AgentConfig()
         self.router = make_router(self.config.routing.router, self.config.routing.threshold)
         self._methods: dict[tuple[str, str | None], System2Method] = {}
-        for name in {self.config.system2.method, *self.config.system2.methods_by_tag.values()}:
+        for name in {self.config.system2.method, *self.config.system2.methods_by_tag.values(),
+                     *([self.config.system2.fallback] if self.config.system2.fallback else [])}:
             self._method(name, None)  # an unknown method name is a start-up error, not a runtime surprise
         self.store = store or Store(self.config.db_url())
         self.model_path = resolve_model(self.config.model, self.config.cache_dir)
@@ -114,6 +115,8 @@ class Agent:
         self._adapter_lock = threading.Lock()
         self._last_poll = 0.0
         self._scopes: ScopeClassifier | None = None
+        self._scope_index: ScopeIndex | None = None
+        self._scope_lock = threading.Lock()
         self.scheduler: ConsolidationScheduler | None = None
         self.refresh_adapters(force=True)
 
@@ -184,6 +187,8 @@ class Agent:
                                             "general_similarity": round(scope.general_similarity, 3)}
         if decision.route == "system2":
             self._run_system2(answer, query, method, tag)
+            if tag is None and answer.accepted and self.config.scoping.auto:
+                tag = answer.tag = self._assign_scope(answer, query)
         answer.latency_ms = (time.perf_counter() - started) * 1000
         self._record(answer, query, tag)
         return answer
@@ -336,6 +341,8 @@ class Agent:
             self._retiring = keep
             if force or self._serving != before:
                 self._fit_scopes()
+                with self._scope_lock:  # scopes may have been renamed or merged: regroup from the store
+                    self._scope_index = None
 
     def _fit_scopes(self) -> None:
         """Refit the scope classifier on the inputs of the tags that have a serving adapter now.
@@ -354,6 +361,19 @@ class Agent:
         self._scopes = ScopeClassifier(scoped, general, cfg.min_similarity)
         logger.info("scope classifier fitted: %s against %d untagged inputs",
                     ", ".join(f"{t} ({len(v)})" for t, v in scoped.items()), len(general))
+
+    def _assign_scope(self, answer: Answer, query: str) -> str:
+        """The automatic scope of an accepted, untagged System 2 example (see ``policies.scoping.ScopeIndex``):
+        the scope of the most similar stored input, or a new one named after this input."""
+        with self._scope_lock:
+            if self._scope_index is None:
+                limit = self.config.scoping.inputs_per_tag
+                scoped = {tag: [e.input for e in self.store.sample_examples(None, limit, tag=tag)]
+                          for tag in self.store.example_tags() if tag is not None}
+                self._scope_index = ScopeIndex(scoped, self.config.scoping.auto_min_similarity)
+            tag, similarity = self._scope_index.assign(query)
+        answer.route_reason["scope"] = {"tag": tag, "similarity": round(similarity, 3), "assigned": "auto"}
+        return tag
 
     def _classify(self, query: str) -> ScopeDecision | None:
         return self._scopes.classify(query) if self._scopes else None
@@ -380,6 +400,9 @@ class Agent:
 
     def _method(self, name: str, tag: str | None) -> System2Method:
         key = (name, tag)
+        if name == "auto" and key not in self._methods:
+            fallback = self.config.system2.fallback
+            self._methods[key] = Auto(self._method("pal", tag), self._method(fallback, tag) if fallback else None)
         if key not in self._methods:
             cfg = self.config.system2
             kwargs: dict[str, Any] = {"prompts": cfg.prompts.get(name), "temperature": cfg.temperature,
@@ -430,6 +453,9 @@ class Agent:
 
     def _apply_system2(self, answer: Answer, result: System2Result) -> None:
         decision = result.decision
+        answer.method = result.method  # with ``auto``: the method whose answer this is
+        if "tried" in result.extra:
+            answer.route_reason["system2_tried"] = result.extra["tried"]
         answer.tokens_system2 = result.tokens
         answer.system2_calls = result.calls
         answer.tokens += result.tokens

@@ -87,6 +87,7 @@ def tiny_config(tiny_model_dir: Path, tmp_path: Path):
                          max_new_tokens=8, seed=0)
     config.system2.samples = 4
     config.system2.max_new_tokens = 16
+    config.scoping.auto = False  # tests of the general adapter keep untagged examples untagged; test_scoped turns it on
     return config
 
 

@@ -57,7 +57,7 @@ def user_text(call: Call) -> str:
 
 
 def test_methods_by_name():
-    assert set(METHODS) == {"cot", "rar", "s2a", "bsm", "pal"}
+    assert set(METHODS) == {"cot", "rar", "s2a", "bsm", "pal", "auto"}
     for name, cls in METHODS.items():
         assert cls.name == name
     assert isinstance(make_method("cot", answer_kind="number"), ChainOfThought)
@@ -350,10 +350,9 @@ def test_pal_explicit_family_and_extra_families():
 
 
 def test_pal_builds_one_few_shot_call_and_votes_executed_values():
-    programs = ["answer = 47 + 38", "```python\nanswer = 85.0\n```", "answer = 84", "answer = undefined", ""]
-    executor = FakeExecutor(
-        {"answer = 47 + 38": Result(True, "85"), "answer = 85.0": Result(True, 85.0), "answer = 84": Result(True, 84)}
-    )
+    programs = ["answer = 47 + 38", "```python\nanswer = 85.0 * 1\n```", "answer = 80 + 4", "answer = undefined", ""]
+    executor = FakeExecutor({"answer = 47 + 38": Result(True, "85"), "answer = 85.0 * 1": Result(True, 85.0),
+                             "answer = 80 + 4": Result(True, 84)})
     lm = ScriptedLM(programs)
     result = ProgramAided(executor=executor).solve("What is 47 + 38?", lm, k=5, threshold=0.4)
     [call] = lm.calls
@@ -363,15 +362,16 @@ def test_pal_builds_one_few_shot_call_and_votes_executed_values():
     assert call.messages[-1][1] == "What is 47 + 38?"
     assert ("assistant", "answer = 47 + 38 - 21") in call.messages  # the arithmetic shots
     # the empty program is not run; all others in one executor call
-    assert executor.batches == [["answer = 47 + 38", "answer = 85.0", "answer = 84", "answer = undefined"]]
+    assert executor.batches == [["answer = 47 + 38", "answer = 85.0 * 1", "answer = 80 + 4", "answer = undefined"]]
     assert [s.answer for s in result.samples] == ["85", "85", "84", None, None]
     assert [s.extra["error"] for s in result.samples][3:] == ["NameError", "empty program"]
     assert result.answer == "85" and result.decision.accepted and result.calls == 1
 
 
 def test_pal_values_are_normalised_by_family_kind():
-    executor = FakeExecutor({"a": Result(True, True), "b": Result(True, "No"), "c": Result(True, ""), "d": Result(True, None)})
-    lm = ScriptedLM(["a", "b", "c", "d"])
+    executor = FakeExecutor({"a()": Result(True, True), "b()": Result(True, "No"), "c()": Result(True, ""),
+                             "d()": Result(True, None)})
+    lm = ScriptedLM(["a()", "b()", "c()", "d()"])
     samples, _ = ProgramAided(executor=executor).sample("A coin is heads up. Is the coin still heads up?", lm, 4)
     assert [s.answer for s in samples] == ["yes", "no", None, None]
 
@@ -409,3 +409,73 @@ def test_pal_with_real_sandbox():
     samples, _ = pal.sample(LAST_LETTER, lm, 4)
     assert [s.answer for s in samples] == ["rd", "no", None, None]
     assert "ZeroDivisionError" in samples[2].extra["error"]
+
+
+# --- what a program must do to count, and the auto method -------------------------------------------------
+@pytest.mark.parametrize("program,computes", [
+    ("answer = 5", False),
+    ("answer = 'Paris'", False),
+    ("x = 5\nanswer = x", False),
+    ("answer = -3", False),
+    ("answer = 47 + 38", True),
+    ("words = 'apple house'.split()\nanswer = ''.join(w[-1] for w in words)", True),
+    ("answer = len('banana')", True),
+    ("answer = sorted([5, 2, 9])", True),
+    ("for i in range(3):\n    pass\nanswer = i", True),
+    ("this is not python", True),  # left to the sandbox, which reports the syntax error
+])
+def test_a_program_that_only_assigns_literals_computes_nothing(program, computes):
+    from policies.system2.pal import computes as check
+
+    assert check(program) is computes
+
+
+def test_pal_does_not_count_literal_answers_as_votes():
+    """'What is 2+2? The program is: answer = 5' must not become an accepted example."""
+    executor = FakeExecutor({"answer = 5": Result(True, 5), "answer = 2 + 2": Result(True, 4)})
+    lm = ScriptedLM(["answer = 5", "answer = 5", "answer = 5", "answer = 2 + 2"])
+    result = ProgramAided(executor=executor).solve("What is 2+2? The program is: answer = 5", lm, k=4)
+    assert [s.answer for s in result.samples] == [None, None, None, "4"]
+    assert "computes nothing" in result.samples[0].extra["error"]
+    assert result.answer == "4" and not result.decision.accepted  # one real vote of four is no consensus
+
+
+class _Fixed:
+    """A method whose solve returns a scripted decision and counts its calls."""
+
+    def __init__(self, name: str, answer: str | None, accepted: bool, tokens: int) -> None:
+        self.name, self.answer_kind, self.runs = name, "text", 0
+        self._answer, self._accepted, self._tokens = answer, accepted, tokens
+
+    def solve(self, query, lm, k=8, threshold=0.75):
+        from policies.consistency import Decision
+        from policies.system2 import System2Result
+
+        self.runs += 1
+        decision = Decision(self._answer, self._accepted, {self._answer or "<none>": k}, 1.0, "self_consistency")
+        return System2Result(self.name, [], decision, calls=1, tokens=self._tokens)
+
+
+def test_auto_keeps_agreeing_programs_and_asks_nothing_else():
+    from policies.system2 import Auto
+
+    first, fallback = _Fixed("pal", "85", True, 40), _Fixed("cot", "84", True, 300)
+    result = Auto(first, fallback).solve("What is 47 + 38?", ScriptedLM(["x"]), k=4)
+    assert (result.method, result.answer, result.tokens, result.extra["tried"]) == ("pal", "85", 40, ["pal"])
+    assert fallback.runs == 0
+
+
+def test_auto_asks_the_fallback_when_programs_do_not_agree_and_counts_both():
+    from policies.system2 import Auto
+
+    first, fallback = _Fixed("pal", None, False, 40), _Fixed("cot", "Paris", True, 300)
+    result = Auto(first, fallback).solve("What is the capital of France?", ScriptedLM(["x"]), k=4)
+    assert (result.method, result.answer, result.decision.accepted) == ("cot", "Paris", True)
+    assert (result.tokens, result.calls, result.extra["tried"]) == (340, 2, ["pal", "cot"])
+
+
+def test_auto_without_fallback_returns_the_programs_verdict():
+    from policies.system2 import Auto
+
+    result = Auto(_Fixed("pal", None, False, 40)).solve("Who are you?", ScriptedLM(["x"]), k=4)
+    assert (result.method, result.answer, result.decision.accepted) == ("pal", None, False)
