@@ -94,11 +94,11 @@ class Agent:
 
     def __init__(self, config: AgentConfig | None = None, *, backend: Backend | None = None,
                  store: Store | None = None) -> None:
-        self.config = config or AgentConfig()
+        self.config = (config or AgentConfig()).validate()  # a bad value fails here, before a model loads
         self.router = make_router(self.config.routing.router, self.config.routing.threshold)
         self._methods: dict[tuple[str, str | None], System2Method] = {}
         for name in {self.config.system2.method, *self.config.system2.methods_by_tag.values()}:
-            self._method(name, None)  # an unknown method name is a start-up error, not a runtime surprise
+            self._method(name, None)  # a method that cannot be built is a start-up error, not a runtime surprise
         self.store = store or Store(self.config.db_url())
         self.model_path = resolve_model(self.config.model, self.config.cache_dir)
         """The base model's folder: consolidation trains on it."""
