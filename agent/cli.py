@@ -10,8 +10,10 @@
     agent calibrate --target-system2-rate 0.3
     agent bench system1 | paper | loop
 
-Global options (before the command): --config agent.toml, --db, --model, --cache-dir, --log-level.
-Precedence: defaults < TOML < S2AGENT_* environment < flags.
+Global options (before the command): --config agent.toml, --db, --model, --cache-dir, --log-level
+(default: INFO for ``serve``, which logs one line per request; WARNING for the others).
+Precedence: defaults < TOML < S2AGENT_* environment < flags. The whole configuration, prompt templates
+included, is checked before anything loads: a bad value exits 2 with one line naming the key.
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ from agent.config import AgentConfig
 from agent.errors import EXPECTED
 
 logger = logging.getLogger("agent.cli")
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+DEFAULT_LOG_LEVEL = {"serve": "INFO"}
+"""Commands whose default log level is not WARNING: the server's one line per request is INFO."""
 
 
 # --- output helpers --------------------------------------------------------------------------
@@ -332,7 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--db", help="SQLite path or SQLAlchemy URL (default: $XDG_DATA_HOME/s2agent/agent.db)")
     parser.add_argument("--model", help="'default' (embedded SmolLM2-135M-Instruct), a local folder or a HF id")
     parser.add_argument("--cache-dir", help="model cache (default: $XDG_CACHE_HOME/s2agent)")
-    parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default) or ERROR")
+    parser.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, metavar="LEVEL",
+                        help=f"{', '.join(LOG_LEVELS)} (any case); default INFO for serve, WARNING otherwise")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="run the OpenAI-compatible server")
@@ -434,8 +441,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.bench_args = [*extra, *args.bench_args]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    level = args.log_level or DEFAULT_LOG_LEVEL.get(args.command, "WARNING")
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         config = _config(args)
         return args.func(args, config)

@@ -94,12 +94,12 @@ class Agent:
 
     def __init__(self, config: AgentConfig | None = None, *, backend: Backend | None = None,
                  store: Store | None = None) -> None:
-        self.config = config or AgentConfig()
+        self.config = (config or AgentConfig()).validate()  # a bad value fails here, before a model loads
         self.router = make_router(self.config.routing.router, self.config.routing.threshold)
         self._methods: dict[tuple[str, str | None], System2Method] = {}
         for name in {self.config.system2.method, *self.config.system2.methods_by_tag.values(),
                      *([self.config.system2.fallback] if self.config.system2.fallback else [])}:
-            self._method(name, None)  # an unknown method name is a start-up error, not a runtime surprise
+            self._method(name, None)  # a method that cannot be built is a start-up error, not a runtime surprise
         self.store = store or Store(self.config.db_url())
         self.model_path = resolve_model(self.config.model, self.config.cache_dir)
         """The base model's folder: consolidation trains on it."""
@@ -402,6 +402,8 @@ class Agent:
         key = (name, tag)
         if name == "auto" and key not in self._methods:
             fallback = self.config.system2.fallback
+            if fallback == "auto":
+                raise ConfigError("system2.fallback cannot be 'auto' itself; name a prompted method such as 'cot'")
             self._methods[key] = Auto(self._method("pal", tag), self._method(fallback, tag) if fallback else None)
         if key not in self._methods:
             cfg = self.config.system2

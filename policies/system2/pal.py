@@ -14,7 +14,8 @@ it cannot. Prompts are few-shot chat turns, per **task family** (``prompts.PAL_F
 
 Programs are run by ``executor`` (the runtime passes ``agent.sandbox.run_programs``), all ``k`` in one
 call. A program that raises, times out or leaves ``answer`` unset or empty is a None vote, and so is one that
-computes nothing (only assigns literals, see :func:`computes`): its value is a guess or a copy, not a result.
+computes nothing (only assigns literals, see :func:`computes`) or, for a question of no known family, does
+not compute on the question's own data (:func:`reads_the_question`): its value is a guess or a copy.
 """
 
 from __future__ import annotations
@@ -78,6 +79,33 @@ def computes(program: str) -> bool:
             isinstance(value, ast.UnaryOp) and isinstance(value.operand, ast.Constant)
         ):
             return True
+    return False
+
+
+_TRIVIAL = frozenset({"", " ", "0", "1", "2", "true", "false", "none"})
+
+
+def reads_the_question(program: str, query: str) -> bool:
+    """Does the program take its data from the question, rather than from the model's memory or from a
+    program the question itself supplies?
+
+    For a question that fits no task family, a program is evidence only when it computes on something the
+    question says: at least one of its literals (a number, a word, a quoted string) occurs in the question
+    ("What is the capital of France?" -> ``answer = "Paris".capitalize()`` does not; ``len("banana")`` for
+    "How many letters are in 'banana'?" does). A program copied from the question is never evidence."""
+    squeeze = lambda text: re.sub(r"\s+", "", text).lower()  # noqa: E731
+    if squeeze(program) and squeeze(program) in squeeze(query):
+        return False
+    try:
+        tree = ast.parse(program)
+    except SyntaxError:
+        return True  # the sandbox reports it
+    question = query.lower()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and not isinstance(node.value, bool):
+            text = str(node.value).strip().lower()
+            if text not in _TRIVIAL and text in question:
+                return True
     return False
 
 
@@ -179,6 +207,8 @@ class ProgramAided(System2Method):
                     error = f"answer is empty or unreadable: {result.value!r}"
                 elif result.ok and not computes(program):
                     answer, error = None, "the program computes nothing (it only assigns literals)"
+                elif result.ok and family == DEFAULT_FAMILY and not reads_the_question(program, query):
+                    answer, error = None, "the program does not compute on the question's data"
             extra = {"family": family, "program": program, "error": error}
             samples.append(Sample(trace=program, answer=answer, tokens=g.num_tokens, extra=extra))
         return samples, 1

@@ -20,7 +20,7 @@ QUESTIONS = [f"What is {a} + {b}?" for a, b in zip(range(11, 35), range(40, 64))
 def learning_config(tiny_config, monkeypatch):
     monkeypatch.setitem(METHODS, "arith", Arithmetic)
     tiny_config.system2.method = "arith"
-    tiny_config.routing.threshold = 1.01  # a random model is never this sure: every query goes to System 2
+    tiny_config.routing.threshold = 1.0  # a random model is never this sure: every query goes to System 2
     c = tiny_config.consolidation
     c.min_examples, c.epochs, c.learning_rate, c.batch_size, c.rank = 4, 2, 1e-2, 8, 4
     c.retention_threshold = 0.0  # a random model has no behaviour worth retaining; see the retention tests

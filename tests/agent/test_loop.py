@@ -64,20 +64,20 @@ def test_unknown_route_and_method_are_clear_errors(tiny_agent, tiny_config):
     with pytest.raises(InvalidQueryError, match="route"):
         tiny_agent.answer("hi", route="system3")
     tiny_config.system2.method = "nope"
-    with pytest.raises(ConfigError, match="unknown System 2 method 'nope'"):
+    with pytest.raises(ConfigError, match=r"'system2.method' \(from code\) must be one of .*cot.*; got 'nope'"):
         Agent(tiny_config)
 
 
 def test_uncertain_query_goes_to_system2_and_accepted_answer_joins_buffer(tiny_config, arith):
     tiny_config.system2.method = "arith"
-    tiny_config.routing.threshold = 1.01  # the random model is never this sure: route everything
+    tiny_config.routing.threshold = 1.0  # the random model is never this sure: route everything
     with Agent(tiny_config) as agent:
         answer = agent.answer("What is 47 + 38?")
         assert answer.route == "system2" and answer.method == "arith"
         assert answer.text == "85" and answer.accepted is True
         assert answer.votes == {"85": 4} and answer.agreement == 1.0
         assert answer.tokens == answer.tokens_system1 + answer.tokens_system2
-        assert answer.route_reason["estimator"] == "logprob" and answer.route_reason["threshold"] == 1.01
+        assert answer.route_reason["estimator"] == "logprob" and answer.route_reason["threshold"] == 1.0
         [example] = agent.store.list_examples()
         assert (example.input, example.target, example.status) == ("What is 47 + 38?", "85", "pending")
         assert example.interaction_id == answer.interaction_id

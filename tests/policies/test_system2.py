@@ -22,6 +22,7 @@ from policies.system2 import (
 )
 from policies.system2.bsm import parse_criteria
 from policies.system2.pal import STOP, extract_program
+from policies.system2.prompts import PLACEHOLDERS, TEMPLATES, template_problems
 
 
 @dataclass
@@ -77,6 +78,66 @@ def test_prompt_overrides_merge_over_defaults_and_reject_unknown_names():
     assert user_text(lm.calls[0]) == "Q: 2+2?\nReason, then 'Answer: X'."
     with pytest.raises(KeyError, match="usr"):
         ChainOfThought(prompts={"usr": "{query}"})
+
+
+# --- template checks -------------------------------------------------------------------------------
+
+
+def _run_with_templates(name: str, prompts: dict[str, str]) -> list[str]:
+    """Run method ``name`` (every stage of it) with ``prompts``; the texts of every message it sent."""
+
+    def respond(call, i):
+        return "1. Accuracy\n2. Clarity" if "<bsm.branch>" in user_text(call) else "answer = 1\nVerdict: A"
+
+    lm = ScriptedLM(respond)
+    if name == "rar":
+        for variant in ("1step", "2step"):
+            RephraseAndRespond(variant=variant, prompts=prompts).solve("q?", lm, k=2)
+    elif name == "bsm":
+        BranchSolveMerge(prompts=prompts).solve(JUDGE_QUERY, lm, k=2)
+    elif name == "pal":
+        ProgramAided(executor=FakeExecutor({"answer = 1": Result(True, 1)}), prompts=prompts).solve("q?", lm, k=2)
+    else:
+        make_method(name, prompts=prompts).solve("q?", lm, k=2)
+    return [content for call in lm.calls for _, content in call.messages]
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_placeholders_are_what_each_method_formats_its_templates_with(name):
+    """Each template, overridden to use every placeholder ``PLACEHOLDERS`` lists for it, is sent and filled."""
+    assert set(TEMPLATES[name]) == {"system", *PLACEHOLDERS[name]}
+    prompts = {t: f"<{name}.{t}> " + " ".join("{" + p + "}" for p in ps) for t, ps in PLACEHOLDERS[name].items()}
+    sent = "\n".join(_run_with_templates(name, prompts))
+    for template in PLACEHOLDERS[name]:
+        assert f"<{name}.{template}>" in sent
+    assert "{" not in sent.replace("{{", "")  # every placeholder was filled
+
+
+def test_default_templates_all_format():
+    assert template_problems() == []
+    assert template_problems({"cot": {}, "pal": {"system": "Braces {as written} in a system turn are fine."}}) == []
+    assert template_problems({"cot": {"user": 'Reply as JSON: {{"answer": ...}} to {query}'}}) == []
+
+
+@pytest.mark.parametrize(
+    "overrides, name, words",
+    [
+        ({"cot": {"user": "Q: {question}"}}, "cot.user", ["{question}", "{query}"]),
+        ({"bsm": {"branch": "{question} in {n} criteria"}}, "bsm.branch", ["{n}", "{question}, {num_criteria}"]),
+        ({"s2a": {"respond": "{query}"}}, "s2a.respond", ["{query}", "{context}"]),  # only the rewrite has it
+        ({"rar": {"respond": "Reply {query"}}, "rar.respond", ["not a valid template"]),
+        ({"pal": {"user": "{} {query}"}}, "pal.user", ["not a valid template"]),
+        ({"cot": {"usr": "{query}"}}, "cot.usr", ["not a template of cot", "system, user"]),
+        ({"cot": {"user": 3}}, "cot.user", ["must be a string"]),
+        ({"cott": {"user": "{query}"}}, "cott", ["not a System 2 method", "bsm, cot, pal, rar, s2a"]),
+        ({"rar": "Rephrase {query}"}, "rar", ["must be a table", "one_step"]),
+    ],
+)
+def test_template_problems_name_the_template(overrides, name, words):
+    [(where, problem)] = template_problems(overrides)
+    assert where == name
+    for word in words:
+        assert word in problem
 
 
 # --- CoT -------------------------------------------------------------------------------------------
@@ -479,3 +540,25 @@ def test_auto_without_fallback_returns_the_programs_verdict():
 
     result = Auto(_Fixed("pal", None, False, 40)).solve("Who are you?", ScriptedLM(["x"]), k=4)
     assert (result.method, result.answer, result.decision.accepted) == ("pal", None, False)
+
+
+@pytest.mark.parametrize("query,program,reads", [
+    ("How many letters are in the word 'banana'?", "answer = len('banana')", True),
+    ("Sort these numbers: 5, 2, 9, 1.", "answer = sorted([5, 2, 9, 1])", True),
+    ("What is the capital of France?", "answer = 'Paris'.capitalize()", False),
+    ("Who wrote Romeo and Juliet?", "answer = ' '.join(['William', 'Shakespeare'])", False),
+    ("What is 2+2? The program is: answer = 2 + 3", "answer = 2 + 3", False),  # copied from the question
+    ("What is 7 squared?", "answer = 7 ** 2", True),
+])
+def test_a_program_for_an_unknown_family_must_compute_on_the_question(query, program, reads):
+    from policies.system2.pal import reads_the_question
+
+    assert reads_the_question(program, query) is reads
+
+
+def test_pal_ignores_knowledge_written_as_code_for_general_questions():
+    executor = FakeExecutor({"answer = 'Paris'.capitalize()": Result(True, "Paris")})
+    lm = ScriptedLM(["answer = 'Paris'.capitalize()"] * 4)
+    result = ProgramAided(executor=executor).solve("What is the capital of France?", lm, k=4)
+    assert result.answer is None and not result.decision.accepted
+    assert "question's data" in result.samples[0].extra["error"]
