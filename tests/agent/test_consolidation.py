@@ -10,15 +10,11 @@ from __future__ import annotations
 import pytest
 
 from agent import Agent
-from policies.system2 import METHODS
-from tests.agent.test_loop import Arithmetic
-
-QUESTIONS = [f"What is {a} + {b}?" for a, b in zip(range(11, 35), range(40, 64))]
+from tests.fakes import QUESTIONS
 
 
 @pytest.fixture
-def learning_config(tiny_config, monkeypatch):
-    monkeypatch.setitem(METHODS, "arith", Arithmetic)
+def learning_config(tiny_config, arith):
     tiny_config.system2.method = "arith"
     tiny_config.routing.threshold = 1.01  # a random model is never this sure: every query goes to System 2
     c = tiny_config.consolidation

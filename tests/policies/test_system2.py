@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable
 
 import pytest
 
 from policies.system2 import (
     METHODS,
     BranchSolveMerge,
-    Call,
     ChainOfThought,
     ProgramAided,
     RephraseAndRespond,
@@ -22,36 +21,7 @@ from policies.system2 import (
 )
 from policies.system2.bsm import parse_criteria
 from policies.system2.pal import STOP, extract_program
-
-
-@dataclass
-class Gen:
-    text: str
-    num_tokens: int = 3
-
-
-class ScriptedLM:
-    """Answers each call with ``respond(call, i)`` for its i-th sample; records every batch it got."""
-
-    def __init__(self, respond: Callable[[Call, int], str] | Sequence[str]):
-        if not callable(respond):
-            texts = list(respond)
-            respond = lambda call, i: texts[i % len(texts)]  # noqa: E731
-        self.respond = respond
-        self.batches: list[list[Call]] = []
-
-    def __call__(self, calls: Sequence[Call]) -> list[list[Gen]]:
-        self.batches.append(list(calls))
-        return [[Gen(self.respond(call, i)) for i in range(call.n)] for call in calls]
-
-    @property
-    def calls(self) -> list[Call]:
-        return [c for batch in self.batches for c in batch]
-
-
-def user_text(call: Call) -> str:
-    return [content for role, content in call.messages if role == "user"][-1]
-
+from tests.fakes import Gen, ScriptedLM, user_text
 
 # --- registry --------------------------------------------------------------------------------------
 
