@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable
 
@@ -26,18 +27,43 @@ from tests.fakes import Gen, ScriptedLM, user_text
 # --- registry --------------------------------------------------------------------------------------
 
 
-def test_methods_by_name():
-    assert set(METHODS) == {"cot", "rar", "s2a", "bsm", "pal"}
-    for name, cls in METHODS.items():
-        assert cls.name == name
-    assert isinstance(make_method("cot", answer_kind="number"), ChainOfThought)
-    assert make_method("rar", variant="2step").variant == "2step"
+# What the agent passes every method it builds by name (agent.loop); a method that runs programs also
+# takes an executor, given here as one that "runs" any program to 4.
+AGENT_KWARGS = {"prompts": None, "temperature": 0.5, "top_k": 10, "max_new_tokens": 32}
+SUM_AS_JUDGE_QUERY = format_judge_query("What is 2 + 2?", "4", "5")  # also reads as a plain question
 
 
-def test_unknown_method_lists_known_names():
-    with pytest.raises(UnknownMethodError, match="bsm, cot, pal, rar, s2a"):
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_registered_method_is_built_by_name_and_solves_through_the_lm(name):
+    kwargs = dict(AGENT_KWARGS)
+    if "executor" in inspect.signature(METHODS[name]).parameters:
+        kwargs["executor"] = lambda codes: [Result(True, 4) for _ in codes]
+    method = make_method(name, **kwargs)
+    lm = ScriptedLM("answer = 4\nAnswer: 4")
+    result = method.solve(SUM_AS_JUDGE_QUERY, lm, k=3, threshold=0.5)
+
+    assert result.method == name  # what the agent records as the answer's method
+    assert len(result.samples) == 3 and sum(result.decision.votes.values()) == 3
+    assert result.answer is None or result.answer in result.decision.votes
+    # the model is reached only through the LM, and the cost reported is exactly what it served
+    assert result.calls == len(lm.calls) > 0 and result.tokens == lm.tokens
+    sampled = [c for c in lm.calls if c.temperature > 0]  # (a USC choice is a greedy call of its own)
+    assert sampled and all((c.temperature, c.top_k, c.max_new_tokens) == (0.5, 10, 32) for c in sampled)
+
+
+def test_make_method_passes_a_method_its_own_parameters():
+    lm = ScriptedLM("Answer: 4")
+    make_method("rar", variant="2step").solve("2+2?", lm, k=2)
+    assert len(lm.batches) == 2  # rephrase, then respond
+    with pytest.raises(TypeError):
+        make_method("cot", variant="2step")
+
+
+def test_unknown_method_is_a_value_error_naming_every_known_one():
+    with pytest.raises(UnknownMethodError) as info:
         make_method("tot")
-    assert issubclass(UnknownMethodError, ValueError)
+    assert isinstance(info.value, ValueError)  # the agent reports it as a configuration error
+    assert "'tot'" in str(info.value) and all(name in str(info.value) for name in METHODS)
 
 
 def test_prompt_overrides_merge_over_defaults_and_reject_unknown_names():
