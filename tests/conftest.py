@@ -100,6 +100,15 @@ def tiny_agent(tiny_config):
     agent.close()
 
 
+@pytest.fixture
+def arith(monkeypatch):
+    """Registers the scripted :class:`tests.fakes.Arithmetic` System 2 method as ``METHODS["arith"]``."""
+    from policies.system2 import METHODS
+    from tests.fakes import Arithmetic
+
+    monkeypatch.setitem(METHODS, "arith", Arithmetic)
+
+
 @pytest.fixture(scope="session")
 def embedded_model_dir() -> str:
     """The real embedded SmolLM2-135M-Instruct (dequantized once into the user cache)."""

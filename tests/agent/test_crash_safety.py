@@ -24,10 +24,8 @@ from safetensors.torch import load_file
 
 from agent import Agent
 from agent.consolidation import cleanup_after_crash
-from policies.system2 import METHODS
 from store import Store
-from tests.agent._consolidate_worker import make_config
-from tests.agent.test_loop import Arithmetic
+from tests.fakes import make_config
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("_consolidate_worker.py")
@@ -120,8 +118,7 @@ def recover(model_dir: Path, db: Path) -> tuple[list[int], list[str]]:
     return crashed, left
 
 
-def test_kill_9_at_every_stage_of_a_consolidation(tiny_model_dir, tmp_path, monkeypatch, spawn):
-    monkeypatch.setitem(METHODS, "arith", Arithmetic)
+def test_kill_9_at_every_stage_of_a_consolidation(tiny_model_dir, tmp_path, arith, spawn):
     db = tmp_path / "agent.db"
     adapters = tmp_path / "adapters"
     store = Store(db)

@@ -1,12 +1,11 @@
 """The agent loop on a tiny real model: System 1, routing, System 2, the buffer, and thread safety.
 
-System 2 here is a small deterministic method registered the way users add one (a class and a
-``METHODS`` entry), so acceptance and rejection are exact; the System 1 side is a real model.
+System 2 here is the scripted :class:`tests.fakes.Arithmetic` method, registered the way users add one
+(the ``arith`` fixture), so acceptance and rejection are exact; the System 1 side is a real model.
 """
 
 from __future__ import annotations
 
-import re
 import threading
 
 import pytest
@@ -15,29 +14,7 @@ from agent import Agent, Answer
 from agent.config import ConfigError
 from agent.loop import InvalidQueryError
 from policies.system2 import METHODS
-from policies.system2.base import Sample, System2Method
-
-
-class Arithmetic(System2Method):
-    """Answers 'What is a + b?' exactly; anything else gets split votes (rejected)."""
-
-    name = "arith"
-    answer_kind = "number"
-
-    def __init__(self, **_: object) -> None:
-        pass
-
-    def sample(self, query, lm, k):
-        match = re.search(r"(\d+) \+ (\d+)", query)
-        if match:
-            value = str(int(match[1]) + int(match[2]))
-            return [Sample(f"Answer: {value}", value, tokens=3) for _ in range(k)], 1
-        return [Sample("Answer: x", str(i % 2), tokens=3) for i in range(k)], 1
-
-
-@pytest.fixture
-def arith(monkeypatch):
-    monkeypatch.setitem(METHODS, "arith", Arithmetic)
+from tests.fakes import Arithmetic
 
 
 def test_system1_answer_is_typed_and_logged(tiny_agent):

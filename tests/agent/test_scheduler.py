@@ -19,18 +19,14 @@ import pytest
 
 from agent import Agent
 from agent.cli import main as cli
-from policies.system2 import METHODS
-from tests.agent._consolidate_worker import make_config
-from tests.agent.test_loop import Arithmetic
+from tests.fakes import QUESTIONS, make_config
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("_consolidate_worker.py")
-QUESTIONS = [f"What is {a} + {b}?" for a, b in zip(range(11, 35), range(40, 64))]
 
 
 @pytest.fixture
-def config(tiny_model_dir, tmp_path, monkeypatch):
-    monkeypatch.setitem(METHODS, "arith", Arithmetic)
+def config(tiny_model_dir, tmp_path, arith):
     return make_config(tiny_model_dir, tmp_path / "agent.db")
 
 

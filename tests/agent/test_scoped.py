@@ -1,6 +1,6 @@
 """Scoped adapters (opt-in): an adapter trained on one task tag's examples serves only that tag.
 
-Tiny real model, real SQLite file, real training; System 2 is the deterministic Arithmetic method.
+Tiny real model, real SQLite file, real training; System 2 is the scripted ``tests.fakes.Arithmetic`` method.
 """
 
 from __future__ import annotations
@@ -12,16 +12,11 @@ import pytest
 
 from agent import Agent
 from agent.cli import main as cli
-from policies.system2 import METHODS
-from tests.agent._consolidate_worker import make_config
-from tests.agent.test_loop import Arithmetic
-
-QUESTIONS = [f"What is {a} + {b}?" for a, b in zip(range(11, 35), range(40, 64))]
+from tests.fakes import QUESTIONS, make_config
 
 
 @pytest.fixture
-def config(tiny_model_dir, tmp_path, monkeypatch):
-    monkeypatch.setitem(METHODS, "arith", Arithmetic)
+def config(tiny_model_dir, tmp_path, arith):
     return make_config(tiny_model_dir, tmp_path / "agent.db")
 
 

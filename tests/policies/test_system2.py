@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable
 
 import pytest
 
 from policies.system2 import (
     METHODS,
+    Auto,
     BranchSolveMerge,
-    Call,
     ChainOfThought,
     ProgramAided,
     RephraseAndRespond,
@@ -23,52 +24,53 @@ from policies.system2 import (
 from policies.system2.bsm import parse_criteria
 from policies.system2.pal import STOP, extract_program
 from policies.system2.prompts import PLACEHOLDERS, TEMPLATES, template_problems
-
-
-@dataclass
-class Gen:
-    text: str
-    num_tokens: int = 3
-
-
-class ScriptedLM:
-    """Answers each call with ``respond(call, i)`` for its i-th sample; records every batch it got."""
-
-    def __init__(self, respond: Callable[[Call, int], str] | Sequence[str]):
-        if not callable(respond):
-            texts = list(respond)
-            respond = lambda call, i: texts[i % len(texts)]  # noqa: E731
-        self.respond = respond
-        self.batches: list[list[Call]] = []
-
-    def __call__(self, calls: Sequence[Call]) -> list[list[Gen]]:
-        self.batches.append(list(calls))
-        return [[Gen(self.respond(call, i)) for i in range(call.n)] for call in calls]
-
-    @property
-    def calls(self) -> list[Call]:
-        return [c for batch in self.batches for c in batch]
-
-
-def user_text(call: Call) -> str:
-    return [content for role, content in call.messages if role == "user"][-1]
-
+from tests.fakes import Gen, ScriptedLM, user_text
 
 # --- registry --------------------------------------------------------------------------------------
 
 
-def test_methods_by_name():
-    assert set(METHODS) == {"cot", "rar", "s2a", "bsm", "pal", "auto"}
-    for name, cls in METHODS.items():
-        assert cls.name == name
-    assert isinstance(make_method("cot", answer_kind="number"), ChainOfThought)
-    assert make_method("rar", variant="2step").variant == "2step"
+# What the agent passes every method it builds by name (agent.loop); a method that runs programs also
+# takes an executor, given here as one that "runs" any program to 4.
+AGENT_KWARGS = {"prompts": None, "temperature": 0.5, "top_k": 10, "max_new_tokens": 32}
+SUM_AS_JUDGE_QUERY = format_judge_query("What is 2 + 2?", "4", "5")  # also reads as a plain question
 
 
-def test_unknown_method_lists_known_names():
-    with pytest.raises(UnknownMethodError, match="bsm, cot, pal, rar, s2a"):
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_registered_method_is_built_by_name_and_solves_through_the_lm(name):
+    kwargs = dict(AGENT_KWARGS)
+    if "executor" in inspect.signature(METHODS[name]).parameters:
+        kwargs["executor"] = lambda codes: [Result(True, 4) for _ in codes]
+    if name == "auto":  # made of two methods, as the runtime builds it: programs first, then a prompted one
+        executor = lambda codes: [Result(True, 4) for _ in codes]  # noqa: E731
+        method = Auto(make_method("pal", executor=executor, **AGENT_KWARGS), make_method("cot", **AGENT_KWARGS))
+    else:
+        method = make_method(name, **kwargs)
+    lm = ScriptedLM("answer = 4\nAnswer: 4")
+    result = method.solve(SUM_AS_JUDGE_QUERY, lm, k=3, threshold=0.5)
+
+    # what the agent records as the answer's method (auto: the method whose answer it is)
+    assert result.method == (result.extra["tried"][-1] if name == "auto" else name)
+    assert len(result.samples) == 3 and sum(result.decision.votes.values()) == 3
+    assert result.answer is None or result.answer in result.decision.votes
+    # the model is reached only through the LM, and the cost reported is exactly what it served
+    assert result.calls == len(lm.calls) > 0 and result.tokens == lm.tokens
+    sampled = [c for c in lm.calls if c.temperature > 0]  # (a USC choice is a greedy call of its own)
+    assert sampled and all((c.temperature, c.top_k, c.max_new_tokens) == (0.5, 10, 32) for c in sampled)
+
+
+def test_make_method_passes_a_method_its_own_parameters():
+    lm = ScriptedLM("Answer: 4")
+    make_method("rar", variant="2step").solve("2+2?", lm, k=2)
+    assert len(lm.batches) == 2  # rephrase, then respond
+    with pytest.raises(TypeError):
+        make_method("cot", variant="2step")
+
+
+def test_unknown_method_is_a_value_error_naming_every_known_one():
+    with pytest.raises(UnknownMethodError) as info:
         make_method("tot")
-    assert issubclass(UnknownMethodError, ValueError)
+    assert isinstance(info.value, ValueError)  # the agent reports it as a configuration error
+    assert "'tot'" in str(info.value) and all(name in str(info.value) for name in METHODS)
 
 
 def test_prompt_overrides_merge_over_defaults_and_reject_unknown_names():
@@ -102,7 +104,7 @@ def _run_with_templates(name: str, prompts: dict[str, str]) -> list[str]:
     return [content for call in lm.calls for _, content in call.messages]
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("name", sorted(TEMPLATES))  # auto has no templates: it runs pal's and its fallback's
 def test_placeholders_are_what_each_method_formats_its_templates_with(name):
     """Each template, overridden to use every placeholder ``PLACEHOLDERS`` lists for it, is sent and filled."""
     assert set(TEMPLATES[name]) == {"system", *PLACEHOLDERS[name]}
