@@ -22,9 +22,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from agent import __version__
 from agent.config import ServerConfig
+from agent.errors import EXPECTED
 from agent.loop import Agent
 from agent.metrics import Metrics
 from agent.server import routes
+from agent.server.errors import api_error
 from agent.server.protocol import APIError, error_body
 from agent.server.serving import StatsCache
 
@@ -93,6 +95,12 @@ async def _on_api_error(request: Request, exc: Exception) -> JSONResponse:
     return _error_response(exc)
 
 
+async def _on_runtime_error(request: Request, exc: Exception) -> JSONResponse:
+    """What the runtime raised outside :func:`~agent.server.serving.call`, as :data:`~agent.server.errors.ERRORS`
+    says for no operation in particular."""
+    return _error_response(api_error(exc))
+
+
 async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
     """Unknown paths and wrong methods, in OpenAI's error shape."""
     assert isinstance(exc, StarletteHTTPException)
@@ -119,6 +127,8 @@ def create_app(agent: Agent, config: ServerConfig | None = None) -> FastAPI:
     app.state.stats = StatsCache(agent)
     app.add_middleware(_AccessLog, metrics=metrics)
     app.add_exception_handler(APIError, _on_api_error)
+    for root in EXPECTED:
+        app.add_exception_handler(root, _on_runtime_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(RequestValidationError, _on_request_validation)
     for router in (routes.openai, routes.ops, routes.admin):

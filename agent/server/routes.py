@@ -44,7 +44,6 @@ from agent.server.serving import (
     served_model,
     stream_events,
 )
-from store import StoreError
 
 READY_TIMEOUT_SECONDS = 2.0
 """A store that takes longer than this to count the buffer makes ``/readyz`` answer 503."""
@@ -66,7 +65,7 @@ def _metrics(request: Request) -> Metrics:
 async def _check_model(agent: Agent, name: str) -> None:
     if name in (agent.model_name, "default"):
         return
-    if name not in await run_in_threadpool(known_models, agent):
+    if name not in await call(None, known_models, agent):
         raise APIError(404, f"The model {name!r} does not exist; GET /v1/models lists the models served here",
                        param="model", code="model_not_found")
 
@@ -109,7 +108,7 @@ async def chat_completions(request: Request) -> Any:
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in body.messages]
     query = agent.learnable_query(messages, body.n)
     if query is not None:
-        answer = await call("messages", agent.answer, query, **answer_options(body, max_tokens))
+        answer = await call("chat", agent.answer, query, **answer_options(body, max_tokens))
         metrics.observe_answer(answer.route, answer.latency_ms / 1000, answer.tokens_system1,
                                answer.tokens_system2, answer.accepted if answer.route == "system2" else None)
         result = Result.of_answer(answer)
@@ -118,7 +117,7 @@ async def chat_completions(request: Request) -> Any:
             raise APIError(400, "s2agent.route 'system2' needs a single-turn request (one user message) with n=1",
                            param="s2agent.route")
         params = sampling_params(body, max_tokens, agent.config.max_new_tokens)
-        completions, version = await call("messages", agent.complete, messages, params, body.s2agent.tag)
+        completions, version = await call("chat", agent.complete, messages, params, body.s2agent.tag)
         metrics.observe_completion(sum(c.num_tokens for c in completions))
         result = Result.of_completions(completions, version, body.s2agent.tag)
     return _respond(request, body, result, chat=True)
@@ -143,11 +142,14 @@ async def completions(request: Request) -> Any:
     outs: list[Any] = [None] * len(prompts)
 
     async def one(i: int, prompt: str) -> None:
-        outs[i] = await call("prompt", agent.complete, prompt, params, body.s2agent.tag)
+        outs[i] = await call("completion", agent.complete, prompt, params, body.s2agent.tag)
 
-    async with anyio.create_task_group() as group:
-        for i, prompt in enumerate(prompts):
-            group.start_soon(one, i, prompt)
+    try:
+        async with anyio.create_task_group() as group:
+            for i, prompt in enumerate(prompts):
+                group.start_soon(one, i, prompt)
+    except* APIError as failed:  # the task group wraps what its tasks raise; the client gets the first error
+        raise failed.exceptions[0] from None
     completions_ = [c for out in outs for c in out[0]]
     metrics.observe_completion(sum(c.num_tokens for c in completions_))
     result = Result.of_completions(completions_, outs[0][1], body.s2agent.tag)
@@ -157,7 +159,7 @@ async def completions(request: Request) -> Any:
 
 @openai.get("/v1/models")
 async def models(request: Request) -> dict[str, Any]:
-    return {"object": "list", "data": await run_in_threadpool(model_cards, _agent(request))}
+    return {"object": "list", "data": await call(None, model_cards, _agent(request))}
 
 
 # --- operations ----------------------------------------------------------------------------------------------
@@ -213,26 +215,23 @@ admin = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
 @admin.post("/consolidate")
 async def consolidate(request: Request) -> Any:
     # Training takes minutes: a worker thread, never the event loop; requests keep being served meanwhile.
-    report = await anyio.to_thread.run_sync(_agent(request).consolidate)
+    report = await call(None, _agent(request).consolidate)
     return jsonable(report)
 
 
 @admin.get("/adapters")
 async def adapters(request: Request) -> Any:
-    return {"object": "list", "data": jsonable(await run_in_threadpool(_agent(request).adapters))}
+    return {"object": "list", "data": jsonable(await call(None, _agent(request).adapters))}
 
 
 @admin.post("/rollback")
 async def rollback(request: Request) -> Any:
     agent = _agent(request)
     body = parse(RollbackRequest, await read_json(request, _config(request).max_body_bytes))
-    try:
-        row = await run_in_threadpool(agent.rollback, body.version, body.scope)
-    except StoreError as exc:
-        raise APIError(409, str(exc), param="version", code="rollback_refused") from None
+    row = await call("rollback", agent.rollback, body.version, body.scope)
     return {"serving": jsonable(row), "adapter_version": agent.serving_version(body.scope)}
 
 
 @admin.get("/stats")
 async def stats(request: Request) -> Any:
-    return jsonable(await run_in_threadpool(_agent(request).stats))
+    return jsonable(await call(None, _agent(request).stats))

@@ -21,9 +21,10 @@ from typing import Any, AsyncIterator, Callable, TypeVar
 from starlette.concurrency import run_in_threadpool
 
 from agent.backends import Completion, SamplingParams
+from agent.errors import EXPECTED
 from agent.loop import Agent, Answer
 from agent.metrics import store_snapshot
-from agent.server.errors import agent_errors
+from agent.server.errors import api_error
 from agent.server.protocol import SamplingRequest
 
 logger = logging.getLogger(__name__)
@@ -35,10 +36,15 @@ STARTED = int(time.time())
 T = TypeVar("T")
 
 
-async def call(param: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Run a blocking Agent call in a worker thread (the event loop keeps serving meanwhile)."""
-    with agent_errors(param):
+async def call(operation: str | None, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run a blocking Agent call in a worker thread (the event loop keeps serving meanwhile).
+
+    What the runtime raises becomes the client's error, as :data:`agent.server.errors.ERRORS` says for
+    ``operation`` (``chat``, ``completion``, ``rollback``; None for one without rows of its own)."""
+    try:
         return await run_in_threadpool(fn, *args, **kwargs)
+    except EXPECTED as exc:
+        raise api_error(exc, operation) from None
 
 
 # --- models --------------------------------------------------------------------------------------------------
