@@ -46,7 +46,7 @@ from policies.routing import (
 from policies.scoping import ScopeClassifier, ScopeDecision, ScopeIndex
 from policies.system2 import Auto, UnknownMethodError, make_method
 from policies.system2.base import Call, System2Method, System2Result
-from store import Adapter, Interaction, Store
+from store import Adapter, ConsolidationRun, Interaction, Store
 
 logger = logging.getLogger(__name__)
 
@@ -271,6 +271,10 @@ class Agent:
     def stats(self) -> dict[str, Any]:
         """The store's counts: examples by status and method, interactions by route, tokens spent."""
         return self.store.stats()
+
+    def runs(self, limit: int | None = 20) -> list[ConsolidationRun]:
+        """Consolidation runs, newest first; every run ever started when ``limit`` is None."""
+        return self.store.list_runs(limit=limit)
 
     def pending_examples(self) -> int:
         """Examples waiting for the next consolidation (also a cheap check that the store answers)."""

@@ -15,7 +15,12 @@ import math
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
+
+from store import ExampleStatus, RunStatus
+
+if TYPE_CHECKING:
+    from agent.loop import Agent
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 """Histogram upper bounds in seconds: a System 1 answer on CPU takes ~0.1-1 s, System 2 several seconds."""
@@ -143,16 +148,14 @@ class Metrics:
         return "\n".join(out) + "\n"
 
 
-def store_snapshot(agent: Any) -> dict[str, Any]:
-    """The store-side numbers for :meth:`Metrics.render` (blocking: a few queries)."""
-    from store import ExampleStatus, RunStatus
-
-    stats = agent.store.stats()
+def store_snapshot(agent: Agent) -> dict[str, Any]:
+    """The store-side numbers for :meth:`Metrics.render`, read through the agent (blocking: a few queries)."""
+    stats = agent.stats()
     buffer = {status.value: 0 for status in ExampleStatus}
     buffer.update(stats["examples"]["by_status"])
     runs = {status.value: 0 for status in RunStatus}
-    runs.update(Counter(run.status for run in agent.store.list_runs(limit=None)))
-    scopes = {None} | {a.scope for a in agent.store.list_adapters() if a.serving}
+    runs.update(Counter(run.status for run in agent.runs(limit=None)))
+    scopes = {None} | {a.scope for a in agent.adapters() if a.serving}
     serving = {scope or "general": agent.serving_version(scope) or 0 for scope in scopes}
     return {
         "system2_acceptance_rate": stats["interactions"]["system2_acceptance_rate"],
