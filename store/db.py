@@ -33,10 +33,21 @@ logger = logging.getLogger(__name__)
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
+_POSTGRES_SCHEMES = ("postgresql", "postgres")
+_POSTGRES_DRIVER = "postgresql+psycopg"  # psycopg 3, the ``postgres`` extra
+
+
 def resolve_url(target: Union[str, os.PathLike[str]]) -> str:
-    """A SQLAlchemy URL for ``target``: URLs pass through, anything else is a SQLite file path."""
+    """A SQLAlchemy URL for ``target``: URLs pass through, anything else is a SQLite file path.
+
+    A plain ``postgresql://`` (or ``postgres://``) URL gets the psycopg 3 driver, the one the ``postgres``
+    extra installs (SQLAlchemy 2.0 would pick psycopg2 for it). An explicit ``postgresql+driver://`` is kept.
+    """
     text = os.fspath(target)
     if "://" in text:
+        scheme, rest = text.split("://", 1)
+        if scheme.lower() in _POSTGRES_SCHEMES:
+            return f"{_POSTGRES_DRIVER}://{rest}"
         return text
     return "sqlite:///" + str(Path(text).expanduser().resolve())
 
@@ -132,7 +143,10 @@ class StoreBase:
         try:
             self._engine = create_engine(self.url, echo=echo)
         except (SQLAlchemyError, ImportError) as exc:
-            raise StoreError(f"cannot use the database URL {where}: {exc}") from None
+            hint = ""
+            if isinstance(exc, ImportError) and make_url(self.url).get_backend_name() == "postgresql":
+                hint = " (PostgreSQL needs a driver: pip install 's2agent[postgres]')"
+            raise StoreError(f"cannot use the database URL {where}: {exc}{hint}") from None
         if self._engine.dialect.name == "sqlite":
             configure_sqlite(self._engine)
         write_engine = self._engine.execution_options(sqlite_begin="IMMEDIATE")

@@ -2,13 +2,22 @@
 
 The tiny model makes real forward passes, real LoRA training and real adapter swaps run in
 milliseconds; tests that need the real embedded model are marked ``slow``.
+
+PostgreSQL variants of tests run on fresh databases of the server named by ``S2AGENT_TEST_POSTGRES_URL``
+(``bash .ci/postgres.sh run ...`` starts a throwaway one). Without that variable they skip, except on CI
+(``CI`` set), where they fail: CI must run them.
 """
 
 from __future__ import annotations
 
+import os
+import uuid
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
+
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -77,6 +86,45 @@ def tiny_backend(tiny_model_dir: Path):
     from agent.backends.hf import HFBackend
 
     return HFBackend(str(tiny_model_dir), model_name="tiny-llama", threads=1)
+
+
+def postgres_server_url() -> str:
+    """``S2AGENT_TEST_POSTGRES_URL``; without it the calling test skips, or fails when ``CI`` is set."""
+    url = os.environ.get("S2AGENT_TEST_POSTGRES_URL")
+    if url:
+        return url
+    if os.environ.get("CI"):
+        pytest.fail("CI is set but S2AGENT_TEST_POSTGRES_URL is not: on CI the PostgreSQL tests must run "
+                    "(.ci/run starts a server with .ci/postgres.sh)", pytrace=False)
+    pytest.skip("set S2AGENT_TEST_POSTGRES_URL to run the PostgreSQL variants "
+                "(bash .ci/postgres.sh run .venv/bin/python -m pytest ...)")
+
+
+@contextmanager
+def fresh_postgres_database() -> Iterator[str]:
+    """A new, empty database on the test server, dropped afterwards (with whatever is still connected to it).
+
+    Yields its URL in the form the server's was given in (a plain ``postgresql://`` URL stays plain, so the
+    store's choice of driver is what the tests exercise).
+    """
+    from sqlalchemy import create_engine, make_url, text
+    from sqlalchemy.pool import NullPool
+
+    from store.db import resolve_url
+
+    server = postgres_server_url()
+    name = f"s2agent_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(resolve_url(server), isolation_level="AUTOCOMMIT", poolclass=NullPool)
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}" TEMPLATE template0'))
+        try:
+            yield make_url(server).set(database=name).render_as_string(hide_password=False)
+        finally:
+            with admin.connect() as conn:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        admin.dispose()
 
 
 @pytest.fixture
