@@ -68,6 +68,7 @@ from agent.config import ConfigError, ServerConfig
 from agent.loop import Agent, Answer, InvalidQueryError
 from agent.metrics import Metrics, store_snapshot
 from store import StoreError
+from store.schema import MAX_TAG_LENGTH
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +135,7 @@ class S2AgentOptions(_Body):
     model_config = ConfigDict(extra="forbid")
     route: Literal["auto", "system1", "system2"] = "auto"
     method: str | None = None
-    tag: str | None = None
+    tag: str | None = Field(None, max_length=MAX_TAG_LENGTH)
 
 
 class TextPart(_Body):

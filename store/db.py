@@ -126,6 +126,25 @@ def configure_sqlite(engine: Engine) -> None:
         conn.exec_driver_sql(f"BEGIN {mode}")
 
 
+def check_lengths(session: Session, _context: Any, _instances: Any) -> None:
+    """Refuse, before it is written, a string longer than its ``VARCHAR(n)`` column, on every backend.
+
+    PostgreSQL refuses such a row and SQLite keeps it whole; this makes both refuse it, with a clear error.
+    """
+    for row in (*session.new, *session.dirty):
+        table = getattr(row, "__table__", None)
+        if table is None:
+            continue
+        for column in table.columns:
+            length = getattr(column.type, "length", None)
+            value = row.__dict__.get(column.key)
+            if length is not None and isinstance(value, str) and len(value) > length:
+                shown = value if len(value) <= 40 else value[:37] + "..."
+                raise StoreError(
+                    f"{table.name}.{column.key} holds at most {length} characters, not {len(value)} ({shown!r})"
+                )
+
+
 class StoreBase:
     """The connection to one database: the engine, read and write sessions, and the schema check on open.
 
@@ -152,6 +171,8 @@ class StoreBase:
         write_engine = self._engine.execution_options(sqlite_begin="IMMEDIATE")
         self._read_sessions = sessionmaker(bind=self._engine, expire_on_commit=False)
         self._write_sessions = sessionmaker(bind=write_engine, expire_on_commit=False)
+        for sessions in (self._read_sessions, self._write_sessions):
+            event.listen(sessions, "before_flush", check_lengths)
         try:
             with write_engine.begin() as conn:
                 ensure_schema(conn, where)
