@@ -29,9 +29,9 @@ QUESTIONS = [f"What is {a} + {b}?" for a, b in zip(range(11, 35), range(40, 64))
 
 
 @pytest.fixture
-def config(tiny_model_dir, tmp_path, monkeypatch):
+def config(tiny_model_dir, db_url, monkeypatch):
     monkeypatch.setitem(METHODS, "arith", Arithmetic)
-    return make_config(tiny_model_dir, tmp_path / "agent.db")
+    return make_config(tiny_model_dir, db_url)
 
 
 def wait_for(condition, timeout: float = 30, what: str = "the condition"):
