@@ -3,8 +3,8 @@
 #
 #   bash .ci/postgres.sh run CMD...   start a server, run CMD with S2AGENT_TEST_POSTGRES_URL set, stop it;
 #                                     exits with CMD's status (e.g. `bash .ci/postgres.sh run .venv/bin/python -m pytest -q`)
-#   eval "$(bash .ci/postgres.sh start)"   start one; prints `export` lines for S2AGENT_TEST_POSTGRES_URL and
-#                                     TEST_POSTGRES_DIR (the temp folder)
+#   env=$(bash .ci/postgres.sh start) && eval "$env"   start one; it prints `export` lines for
+#                                     S2AGENT_TEST_POSTGRES_URL and TEST_POSTGRES_DIR (the temp folder)
 #   bash .ci/postgres.sh stop [DIR]   stop the server in DIR (default $TEST_POSTGRES_DIR) and delete DIR
 #
 # The server trusts local connections (no password), keeps nothing (fsync off) and listens on a free port.
