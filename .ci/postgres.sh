@@ -16,13 +16,16 @@ shopt -s inherit_errexit  # errexit also inside $(start)
 
 log() { echo "postgres.sh: $*" >&2; }
 
+# The folder holding initdb, pg_ctl, postgres and createdb (not a wrapper's folder: Debian wraps some tools).
 pg_bindir() {
-    local initdb
+    local initdb dir
     if initdb=$(command -v initdb 2>/dev/null); then
-        dirname "$(readlink -f "$initdb")"
-        return
+        dir=$(dirname "$(readlink -f "$initdb")")
+        if [ -x "$dir/pg_ctl" ] && [ -x "$dir/postgres" ]; then
+            echo "$dir"
+            return
+        fi
     fi
-    local dir
     dir=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
     [ -n "$dir" ] && [ -x "$dir/initdb" ] && echo "$dir"
 }
