@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 from urllib.parse import quote
 
-from sqlalchemy import Engine, create_engine, event, make_url
+from sqlalchemy import Engine, create_engine, event, inspect, make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -135,10 +135,13 @@ def check_lengths(session: Session, _context: Any, _instances: Any) -> None:
         table = getattr(row, "__table__", None)
         if table is None:
             continue
+        state = inspect(row)
         for column in table.columns:
             length = getattr(column.type, "length", None)
+            if length is None or (not state.pending and not state.attrs[column.key].history.added):
+                continue  # an unchanged value of a stored row: not this write's doing (old SQLite rows may be longer)
             value = row.__dict__.get(column.key)
-            if length is not None and isinstance(value, str) and len(value) > length:
+            if isinstance(value, str) and len(value) > length:
                 shown = value if len(value) <= 40 else value[:37] + "..."
                 raise StoreError(
                     f"{table.name}.{column.key} holds at most {length} characters, not {len(value)} ({shown!r})"

@@ -7,6 +7,7 @@ U+FFFD and refuses an over-long value with a StoreError, on every backend.
 from __future__ import annotations
 
 import pytest
+from sqlalchemy import text
 
 from store import Store, StoreError
 from store.schema import MAX_TAG_LENGTH
@@ -45,3 +46,14 @@ def test_strings_longer_than_their_column_are_refused(store: Store) -> None:
         store.update_adapter(1, scope=too_long)
     assert store.get_adapter(1).scope is None
     assert [i.tag for i in store.list_interactions()] == ["t" * MAX_TAG_LENGTH]
+
+
+def test_an_old_over_long_value_does_not_block_other_changes_to_its_row(sqlite_path) -> None:
+    with Store(sqlite_path) as store:
+        store.register_adapter(1, "/adapters/v1", None)
+        with store.engine.begin() as conn:  # what an older s2agent could leave in a SQLite file
+            conn.execute(text("UPDATE adapters SET scope = :scope WHERE version = 1"), {"scope": "s" * 200})
+        assert store.update_adapter(1, metrics={"holdout": 1.0}).metrics == {"holdout": 1.0}
+        with pytest.raises(StoreError, match=r"adapters\.scope holds at most"):
+            store.update_adapter(1, scope="t" * 200)
+        assert store.get_adapter(1).scope == "s" * 200
