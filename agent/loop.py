@@ -47,6 +47,7 @@ from policies.scoping import ScopeClassifier, ScopeDecision, ScopeIndex
 from policies.system2 import Auto, UnknownMethodError, make_method
 from policies.system2.base import Call, System2Method, System2Result
 from store import Adapter, ConsolidationRun, Interaction, Store
+from store.schema import MAX_TAG_LENGTH
 
 logger = logging.getLogger(__name__)
 
@@ -147,6 +148,8 @@ class Agent:
             raise InvalidQueryError("query is empty")
         if route not in ROUTES:
             raise InvalidQueryError(f"unknown route {route!r}; choose one of {', '.join(ROUTES)}")
+        if tag is not None and len(tag) > MAX_TAG_LENGTH:  # refused before any generation, not by the store after it
+            raise InvalidQueryError(f"tag is {len(tag)} characters long; the most is {MAX_TAG_LENGTH}")
         self.refresh_adapters()
         scope = self._classify(query) if tag is None else None
         tag = scope.tag if scope else tag

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 from urllib.parse import quote
 
-from sqlalchemy import Engine, create_engine, event, make_url
+from sqlalchemy import Engine, create_engine, event, inspect, make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -33,10 +33,21 @@ logger = logging.getLogger(__name__)
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
+_POSTGRES_SCHEMES = ("postgresql", "postgres")
+_POSTGRES_DRIVER = "postgresql+psycopg"  # psycopg 3, the ``postgres`` extra
+
+
 def resolve_url(target: Union[str, os.PathLike[str]]) -> str:
-    """A SQLAlchemy URL for ``target``: URLs pass through, anything else is a SQLite file path."""
+    """A SQLAlchemy URL for ``target``: URLs pass through, anything else is a SQLite file path.
+
+    A plain ``postgresql://`` (or ``postgres://``) URL gets the psycopg 3 driver, the one the ``postgres``
+    extra installs (SQLAlchemy 2.0 would pick psycopg2 for it). An explicit ``postgresql+driver://`` is kept.
+    """
     text = os.fspath(target)
     if "://" in text:
+        scheme, rest = text.split("://", 1)
+        if scheme.lower() in _POSTGRES_SCHEMES:
+            return f"{_POSTGRES_DRIVER}://{rest}"
         return text
     return "sqlite:///" + str(Path(text).expanduser().resolve())
 
@@ -115,6 +126,28 @@ def configure_sqlite(engine: Engine) -> None:
         conn.exec_driver_sql(f"BEGIN {mode}")
 
 
+def check_lengths(session: Session, _context: Any, _instances: Any) -> None:
+    """Refuse, before it is written, a string longer than its ``VARCHAR(n)`` column, on every backend.
+
+    PostgreSQL refuses such a row and SQLite keeps it whole; this makes both refuse it, with a clear error.
+    """
+    for row in (*session.new, *session.dirty):
+        table = getattr(row, "__table__", None)
+        if table is None:
+            continue
+        state = inspect(row)
+        for column in table.columns:
+            length = getattr(column.type, "length", None)
+            if length is None or (not state.pending and not state.attrs[column.key].history.added):
+                continue  # an unchanged value of a stored row: not this write's doing (old SQLite rows may be longer)
+            value = row.__dict__.get(column.key)
+            if isinstance(value, str) and len(value) > length:
+                shown = value if len(value) <= 40 else value[:37] + "..."
+                raise StoreError(
+                    f"{table.name}.{column.key} holds at most {length} characters, not {len(value)} ({shown!r})"
+                )
+
+
 class StoreBase:
     """The connection to one database: the engine, read and write sessions, and the schema check on open.
 
@@ -132,12 +165,17 @@ class StoreBase:
         try:
             self._engine = create_engine(self.url, echo=echo)
         except (SQLAlchemyError, ImportError) as exc:
-            raise StoreError(f"cannot use the database URL {where}: {exc}") from None
+            hint = ""
+            if isinstance(exc, ImportError) and make_url(self.url).get_backend_name() == "postgresql":
+                hint = " (PostgreSQL needs a driver: pip install 's2agent[postgres]')"
+            raise StoreError(f"cannot use the database URL {where}: {exc}{hint}") from None
         if self._engine.dialect.name == "sqlite":
             configure_sqlite(self._engine)
         write_engine = self._engine.execution_options(sqlite_begin="IMMEDIATE")
         self._read_sessions = sessionmaker(bind=self._engine, expire_on_commit=False)
         self._write_sessions = sessionmaker(bind=write_engine, expire_on_commit=False)
+        for sessions in (self._read_sessions, self._write_sessions):
+            event.listen(sessions, "before_flush", check_lengths)
         try:
             with write_engine.begin() as conn:
                 ensure_schema(conn, where)

@@ -13,6 +13,8 @@ from typing import Any, Literal, Sequence, TypeVar
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from store.schema import MAX_TAG_LENGTH
+
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -54,7 +56,7 @@ class S2AgentOptions(_Body):
     model_config = ConfigDict(extra="forbid")
     route: Literal["auto", "system1", "system2"] = "auto"
     method: str | None = None
-    tag: str | None = None
+    tag: str | None = Field(None, max_length=MAX_TAG_LENGTH)
 
 
 class TextPart(_Body):

@@ -26,8 +26,8 @@ WORKER = Path(__file__).with_name("_consolidate_worker.py")
 
 
 @pytest.fixture
-def config(tiny_model_dir, tmp_path, arith):
-    return make_config(tiny_model_dir, tmp_path / "agent.db")
+def config(tiny_model_dir, db_url, arith):
+    return make_config(tiny_model_dir, db_url)
 
 
 def wait_for(condition, timeout: float = 30, what: str = "the condition"):

@@ -80,8 +80,10 @@ def tiny_agent_config(model_dir: Path, data_dir: Path) -> AgentConfig:
 
 
 @pytest.fixture(scope="module")
-def agent(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    agent = Agent(tiny_agent_config(tiny_model_dir, tmp_path_factory.mktemp("server-agent")))
+def agent(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory, module_db_url: str):
+    config = tiny_agent_config(tiny_model_dir, tmp_path_factory.mktemp("server-agent"))
+    config.db = module_db_url  # a SQLite file, then a PostgreSQL database: the module runs on each
+    agent = Agent(config)
     yield agent
     agent.close()
 
