@@ -93,7 +93,7 @@ def test_store_ls(capsys: pytest.CaptureFixture, db: Path) -> None:
     code, out, _ = run(capsys, "--db", str(db), "store", "ls")
     assert code == 0
     lines = out.splitlines()
-    assert lines[0].split() == ["id", "status", "method", "agree", "created", "input", "target"]
+    assert lines[0].split() == ["id", "status", "method", "agree", "scope", "created", "input", "target"]
     assert len(lines) == 1 + len(EXAMPLES)
     assert lines[1].split()[0] == "3"  # newest first
     for text, target, _ in EXAMPLES:
