@@ -336,7 +336,7 @@ def test_serve_logs_one_line_per_request_by_default(tiny_model_dir: Path, tmp_pa
     finally:
         server.kill()
     assert server.returncode == 0, err
-    assert "INFO agent.server: GET /v1/models 200" in err
+    assert "INFO agent.server.app: GET /v1/models 200" in err
 
 
 # --- commands that load the tiny model -----------------------------------------------------------

@@ -132,7 +132,7 @@ def test_chat_completion_goes_through_the_learning_loop(client, agent):
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
     extra = response.model_extra["s2agent"]
     assert set(extra) == {"route", "confidence", "method", "adapter_version", "accepted", "votes", "interaction_id", "tag"}
-    assert extra["method"] == "cot" and isinstance(extra["confidence"], float)
+    assert extra["method"] == "pal" and isinstance(extra["confidence"], float)  # auto: programs first, no fallback
     assert usage.completion_tokens_details.reasoning_tokens > 0  # System 2 ran (forced)
     logged = agent.store.get_interaction(extra["interaction_id"])
     assert logged.final_answer == choice.message.content and logged.tag == "arithmetic"
