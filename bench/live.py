@@ -627,7 +627,7 @@ def run(settings: LiveSettings, model: str, out: Path, cache_dir: str | None = N
     with server:
         client = Client(server.url, settings.request_timeout_s)
         result["retention_start"], failed = retention(client, facts, settings.clients, "general facts (start)")
-        other_errors += ["general fact"] * failed
+        other_errors += ["a general fact (start) failed"] * failed
         baseline = client.ask_all(probe_set, settings.clients, "system1", "probes (start)")
         result["probe_start"] = probe_summary(baseline)
         other_errors += [r.error for r in baseline if not r.ok]
@@ -650,9 +650,10 @@ def run(settings: LiveSettings, model: str, out: Path, cache_dir: str | None = N
                             record["adapters"] or "none")
                 _write(out, result)
         result["retention_end"], failed = retention(client, facts, settings.clients, "general facts (end)")
-        other_errors += ["general fact"] * failed
+        other_errors += ["a general fact (end) failed"] * failed
     result["retention"] = retention_summary(result["retention_start"], result["retention_end"])
     result["errors_outside_windows"] = len(other_errors)
+    result["error_examples_outside_windows"] = other_errors[:3]
     result["requests"] = (2 * len(facts) + len(probe_set) * (1 + len(result["windows"]))
                           + sum(w["n"] for w in result["windows"]))
     result["seconds"] = round(time.perf_counter() - started, 1)
@@ -767,13 +768,15 @@ def plot(result: dict[str, Any], path: Path) -> None:
     windows = result["windows"]
     served = [w["queries_served"] for w in windows]
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    ax.plot(served, [w["system2_share"] for w in windows], "s-", label="share answered by System 2")
+    ax.plot(served, [w["system2_share"] for w in windows], "s-", label="share of queries sent to System 2")
     ax.plot([0, *served], [result["probe_start"]["accuracy"], *(w["probe"]["accuracy"] for w in windows)], "o-",
             label="System 1 accuracy, held-out probes")
     ax.set_xlabel("queries served")
     ax.set_ylim(-0.03, 1.05)
     ax2 = ax.twinx()
     ax2.plot(served, [w["latency_p50_s"] for w in windows], "^:", color="C2", label="p50 latency (s)")
+    ax2.plot([0, *served], [result["probe_start"]["latency_p50_s"], *(w["probe"]["latency_p50_s"] for w in windows)],
+             ".:", color="C7", label="p50 of a plain System 1 answer (s)")
     ax2.set_ylabel("seconds")
     ax2.set_ylim(bottom=0)
     for w in windows:
@@ -783,7 +786,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
     labels = ax.get_legend_handles_labels()[1] + ax2.get_legend_handles_labels()[1]
     ax.legend(handles, labels, fontsize=8, loc="center right")
-    ax.set_title(f"agent serve, live replay ({result['model']}): dashed lines = adapter promoted", fontsize=10)
+    ax.set_title(f"agent serve, live replay ({Path(result['model']).name}): dashed lines = adapter promoted",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

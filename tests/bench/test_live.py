@@ -7,10 +7,13 @@ windows and the checks written, the plot drawn, shares in [0, 1]), never how muc
 from __future__ import annotations
 
 import json
+import signal
+import sys
 from collections import Counter
 from pathlib import Path
 
 import psutil
+import pytest
 
 from bench import cli, live
 
@@ -79,3 +82,42 @@ def test_live_replay_runs_a_real_server_and_writes_its_measures(tiny_model_dir: 
     assert (out / "live.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
     assert "no request failed" in printed and printed.count("\n") > len(windows) + 6
+
+
+def _stand_in(tmp_path: Path) -> live.ServerProcess:
+    """A ServerProcess whose command is a plain static file server answering ``/readyz``: the lifecycle
+    (start, wait for ready, stop or kill, clean up) on a real process, without loading a model."""
+    site = tmp_path / "site"
+    site.mkdir(parents=True)
+    (site / "readyz").write_text("ok")
+    server = live.ServerProcess("unused", log_path=tmp_path / "server.log")
+    server.command = [sys.executable, "-m", "http.server", str(server.port), "--bind", "127.0.0.1",
+                      "--directory", str(site)]
+    return server
+
+
+def test_the_server_is_killed_and_its_data_dir_removed_when_the_replay_fails(tmp_path: Path) -> None:
+    server = _stand_in(tmp_path / "failing")
+    with pytest.raises(RuntimeError, match="replay failed"):
+        with server:
+            assert psutil.pid_exists(server.process.pid) and server.home.is_dir()
+            raise RuntimeError("replay failed")
+
+    assert server.info["stopped_by"] == "SIGKILL" and server.process.returncode == -signal.SIGKILL
+    assert not psutil.pid_exists(server.process.pid) and not server.home.exists()
+
+    calm = _stand_in(tmp_path / "calm")
+    with calm:
+        pass
+    assert calm.info["stopped_by"] == "SIGTERM" and calm.process.returncode == -signal.SIGTERM
+    assert not calm.home.exists()
+
+
+def test_a_server_that_cannot_start_is_reported_with_its_log(tmp_path: Path) -> None:
+    server = live.ServerProcess("unused", log_path=tmp_path / "server.log", ready_timeout_s=30)
+    server.command = [sys.executable, "-c", "import sys; print('no model here'); sys.exit(3)"]
+
+    with pytest.raises(RuntimeError, match="exited with code 3 before it was ready(.|\n)*no model here"):
+        with server:
+            pass
+    assert not server.home.exists()
