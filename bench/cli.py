@@ -156,7 +156,11 @@ def main(argv: Sequence[str] | None = None, config: AgentConfig | None = None, p
     config = config or AgentConfig.load()
     if args.model:
         config = dataclasses.replace(config, model=args.model)
-    return run(args, config)
+    try:
+        return run(args, config)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM during bench live: whatever it started is stopped by now
+        sys.stderr.write(f"{prog}: interrupted\n")
+        return 130
 
 
 def run(args: argparse.Namespace, config: AgentConfig) -> int:

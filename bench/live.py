@@ -460,14 +460,19 @@ class Client:
         on ``bar``, or on a bar of its own named ``desc``."""
         own = tqdm(total=len(queries), desc=desc, leave=False) if bar is None and desc else None
         replies = []
-        with ThreadPoolExecutor(clients, thread_name_prefix="live-client") as pool:
+        pool = ThreadPoolExecutor(clients, thread_name_prefix="live-client")
+        try:
             for reply in pool.map(lambda q: self.ask(q, route), queries):
                 replies.append(reply)
                 for progress in (bar, own):
                     if progress is not None:
                         progress.update(1)
-        if own is not None:
-            own.close()
+        finally:
+            # on Ctrl-C or SIGTERM, do not wait for the requests in flight: the server is killed next, which
+            # ends them
+            pool.shutdown(wait=False, cancel_futures=True)
+            if own is not None:
+                own.close()
         return replies
 
     def get(self, path: str) -> Any:
