@@ -611,6 +611,7 @@ class LiveSettings:
     server_env: dict[str, str] = field(default_factory=dict)
     """Extra environment of the server (e.g. ``S2AGENT_SYSTEM2__SAMPLES=4``), for settings without a flag."""
     request_timeout_s: float = 600.0
+    """A request unanswered after this long counts as an error (600 s is the openai client's own default)."""
     ready_timeout_s: float = 900.0
     keep_home: bool = False
     """Keep the server's data dir (its store and adapters) after the run, to look at with ``agent --db``."""
