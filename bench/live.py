@@ -246,6 +246,13 @@ def traffic(queries: int, mix: dict[str, float], probes: int, seed: int) -> tupl
     return stream, probe_set
 
 
+def pick_facts(n: int | None) -> tuple[Fact, ...]:
+    """``n`` facts spread evenly over ``FACTS`` (not only the capitals that open it); all for None."""
+    if n is None or n >= len(FACTS):
+        return FACTS
+    return tuple(FACTS[i * len(FACTS) // n] for i in range(n))
+
+
 def correct(query: Query, reply: str) -> bool | None:
     """Whether ``reply`` answers ``query`` (None when the query has no known answer)."""
     if query.family in KINDS:
@@ -605,7 +612,7 @@ class LiveSettings:
     probes: int = 5
     """Held-out inputs per task family asked with ``route = system1`` after every window."""
     facts: int | None = None
-    """General facts asked at the start and the end for retention (the first ones of ``FACTS``); None: all."""
+    """General facts asked at the start and the end for retention (spread over ``FACTS``); None: all."""
     serve_args: list[str] = field(default_factory=list)
     """Extra arguments of ``agent serve`` (e.g. ``--min-pending 16``)."""
     server_env: dict[str, str] = field(default_factory=dict)
@@ -623,7 +630,7 @@ def run(settings: LiveSettings, model: str, out: Path, cache_dir: str | None = N
         raise ValueError("queries, window and clients must be positive, probes and facts not negative")
     out.mkdir(parents=True, exist_ok=True)
     stream, probe_set = traffic(settings.queries, settings.mix, settings.probes, settings.seed)
-    facts = FACTS[:settings.facts] if settings.facts is not None else FACTS
+    facts = pick_facts(settings.facts)
     result: dict[str, Any] = {"model": model, "settings": asdict(settings), "windows": []}
     other_errors: list[str] = []  # requests outside the windows' replay and probes
     started = time.perf_counter()

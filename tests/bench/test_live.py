@@ -38,6 +38,7 @@ def test_traffic_is_seeded_mixed_and_keeps_the_probes_out_of_the_replay() -> Non
     assert live.correct(live.Query("Sort these numbers: 9, 2, 5", "sorting", "2, 5, 9"), "[2, 5, 9]")
     assert live.correct(live.Query("What is the capital of France?", "general", "Paris"), "It is Paris.")
     assert not live.correct(live.Query("How many legs does a spider have?", "general", "8"), "It has 18 legs.")
+    assert len(set(live.pick_facts(8))) == 8 and live.pick_facts(None) == live.FACTS
     assert live.parse_mix("arithmetic=3,general=1") == {**dict.fromkeys(live.FAMILIES, 0.0), "arithmetic": 0.75,
                                                         "general": 0.25}
 
