@@ -62,6 +62,7 @@ def build_parser(prog: str = "agent bench") -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench/out/loop")
     p.add_argument("--json", action="store_true")
+    _add_live(sub)
     _add_model_option(sub)
     return parser
 
@@ -93,6 +94,55 @@ def _add_paper(sub) -> None:
     p.add_argument("--json", action="store_true")
 
 
+def _add_live(sub) -> None:
+    p = sub.add_parser("live", help="agent serve with no configuration, learning by itself from mixed untagged traffic")
+    p.add_argument("--queries", type=int, default=400, help="replayed queries in all")
+    p.add_argument("--window", type=int, default=100, help="queries per measured window")
+    p.add_argument("--clients", type=int, default=2, help="concurrent clients")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mix", help="family=share, comma-separated, of arithmetic, counting, sorting, last_letter, "
+                                 "general, unanswerable (default: 0.35, 0.15, 0.1, 0.1, 0.2, 0.1)")
+    p.add_argument("--probes", type=int, default=5, help="held-out System 1 probes per task family, after each window")
+    p.add_argument("--facts", type=int, help="general facts asked at the start and the end for retention "
+                                             "(default: all 32)")
+    p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
+                   help="one extra argument of agent serve, e.g. --server-arg=--min-pending=16 (repeatable)")
+    p.add_argument("--serve-args", default="", metavar="ARGS",
+                   help="extra arguments of agent serve in one string, e.g. \"--min-pending 16\"")
+    p.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra environment of the server, for settings without a flag, e.g. "
+                        "S2AGENT_SYSTEM2__SAMPLES=4 (repeatable)")
+    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request counts as failed")
+    p.add_argument("--ready-timeout", type=float, default=900.0, help="seconds to wait for the server's /readyz")
+    p.add_argument("--keep-home", action="store_true", help="keep the server's data dir (store, adapters)")
+    p.add_argument("--out", default="bench/out/live")
+    p.add_argument("--json", action="store_true")
+
+
+def _live_settings(args: argparse.Namespace):
+    import shlex
+
+    from bench import live
+
+    env = {}
+    for item in args.server_env:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--server-env expects KEY=VALUE, got {item!r}")
+        env[key] = value
+    try:
+        mix = live.parse_mix(args.mix) if args.mix else dict(live.DEFAULT_MIX)
+    except ValueError as exc:
+        raise SystemExit(f"--mix: {exc}") from None
+    if min(args.queries, args.window, args.clients) < 1 or args.probes < 0 or (args.facts or 0) < 0:
+        raise SystemExit("--queries, --window and --clients must be positive, --probes and --facts not negative")
+    return live.LiveSettings(
+        queries=args.queries, window=args.window, clients=args.clients, seed=args.seed, mix=mix, probes=args.probes,
+        facts=args.facts,
+        serve_args=[*args.server_arg, *shlex.split(args.serve_args)], server_env=env,
+        request_timeout_s=args.request_timeout, ready_timeout_s=args.ready_timeout, keep_home=args.keep_home)
+
+
 def _add_model_option(sub) -> None:
     """``agent bench paper --model X`` reads as naturally as ``agent --model X bench paper``: accept both."""
     for parser in sub.choices.values():
@@ -106,7 +156,11 @@ def main(argv: Sequence[str] | None = None, config: AgentConfig | None = None, p
     config = config or AgentConfig.load()
     if args.model:
         config = dataclasses.replace(config, model=args.model)
-    return run(args, config)
+    try:
+        return run(args, config)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM during bench live: whatever it started is stopped by now
+        sys.stderr.write(f"{prog}: interrupted\n")
+        return 130
 
 
 def run(args: argparse.Namespace, config: AgentConfig) -> int:
@@ -141,6 +195,13 @@ def run(args: argparse.Namespace, config: AgentConfig) -> int:
         result = loop.run(loop.LoopSettings(args.task, args.queries, args.round, args.method, args.n_eval, args.k,
                                             args.seed, args.epochs), config, Path(args.out))
         sys.stdout.write((json.dumps(result, indent=2) if args.json else loop.table(result)) + "\n")
+        return 0
+    if args.bench_cmd == "live":
+        from bench import live
+
+        result = live.run(_live_settings(args), config.model, Path(args.out), config.cache_dir)
+        sys.stdout.write((json.dumps(result, indent=2, default=str) if args.json else live.report(result)) + "\n")
+        sys.stdout.write(f"wrote {args.out}/results.json, live.png and server.log\n")
         return 0
     if args.bench_cmd == "system1":
         from bench import system1
