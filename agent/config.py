@@ -14,7 +14,7 @@ import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 from agent.errors import ConfigError
 
@@ -126,12 +126,31 @@ class ScopingConfig:
 class SchedulerConfig:
     """Background consolidation (``agent serve`` and embedded agents that ask for it)."""
 
-    interval_minutes: float | None = None
-    """Consolidate every this many minutes; off when unset."""
-    min_pending: int | None = None
-    """Consolidate as soon as this many examples are pending; off when unset."""
+    enabled: bool = True
+    """Whether ``agent serve`` consolidates in the background (``--no-train`` sets it false: a replica that
+    only serves, following the promotions another process makes in the shared store). An embedded
+    ``Agent`` never starts the scheduler by itself, whatever this says: call ``Agent.start_scheduler()``."""
+    interval_minutes: float | None = 60.0
+    """Every this many minutes, consolidate each scope (each task tag with ``consolidation.per_tag``, else
+    the general adapter) that has at least ``consolidation.min_examples`` examples to train on; 0 or unset:
+    off. A quiet scope still learns within the hour, and the cost is bounded to one run per scope per hour."""
+    min_pending: int | None = 64
+    """Consolidate a scope as soon as this many of its examples are pending (with ``consolidation.per_tag``
+    each tag is counted on its own); 0 or unset: off. 64 pending examples give about 51 to train on and 13
+    held out for the gate (``consolidation.min_examples`` is 16). In ``agent bench loop`` on addition a round
+    of 31 new examples trained a worse candidate that the gate refused; the first round, ~95, was promoted."""
     check_seconds: float = 30.0
     """How often the pending count is checked."""
+    process: Literal["child", "thread"] = "child"
+    """``child``: each consolidation runs in a separate process (``python -m agent.worker``) at a lower CPU
+    priority with few torch threads, built from this same configuration; the serving process follows the
+    promotion through the store. ``thread``: in a thread of this process (training then competes with
+    serving for the same interpreter and torch thread pool)."""
+    nice: int = 10
+    """Child process: how much lower its CPU priority is than this process's (``os.nice``; 0-19)."""
+    train_threads: int | None = None
+    """Child process: torch threads for training; default: half the CPU cores, at least 1 (1 on 2 cores).
+    The other half stays free for serving."""
 
 
 @dataclass
@@ -223,6 +242,14 @@ class AgentConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "a configuration dict") -> "AgentConfig":
+        """The configuration :meth:`to_dict` wrote, as it was: defaults overwritten by ``data`` alone (no file,
+        no environment). This is how a child process gets its parent's effective configuration."""
+        config = cls()
+        _apply(config, data, source=source)
+        return config
 
 
 _NOT_CONFIG_ENV = {"S2AGENT_HOME", "S2AGENT_CACHE_DIR", "S2AGENT_ADMIN_TOKEN", "S2AGENT_TEST_POSTGRES_URL"}

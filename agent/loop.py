@@ -30,6 +30,7 @@ from agent.backends import (
     make_backend,
 )
 from agent.config import AgentConfig
+from agent.consolidation import LOCK_NAME as CONSOLIDATION_LOCK
 from agent.consolidation import ConsolidationReport, consolidate
 from agent.data import general_prompts
 from agent.errors import ConfigError, InvalidQueryError, System2Timeout
@@ -271,8 +272,18 @@ class Agent:
         """Examples waiting for the next consolidation (also a cheap check that the store answers)."""
         return self.store.count_examples(status="pending")
 
+    def running_consolidation(self) -> dict[str, Any] | None:
+        """The consolidation running now on this store, in any process (a scheduler's child included): the
+        holder of the store's consolidation lock, as ``{"pid", "host", "since"}``; None when none runs."""
+        holder = self.store.lock_holder(CONSOLIDATION_LOCK)
+        if holder is None:
+            return None
+        return {"pid": holder.pid, "host": holder.host, "since": holder.acquired_at}
+
     def start_scheduler(self) -> ConsolidationScheduler:
-        """Consolidate in the background as ``config.scheduler`` says (interval and/or pending count)."""
+        """Consolidate in the background as ``config.scheduler`` says (pending count per scope and/or
+        interval; in a child process unless ``scheduler.process = "thread"``). Not started by the
+        constructor: an embedded agent consolidates only when asked to."""
         if self.scheduler is None:
             self.scheduler = ConsolidationScheduler(self)
             self.scheduler.start()
