@@ -66,6 +66,18 @@ class System2Config:
     """A System 2 run taking longer than this falls back to the System 1 answer."""
     prompts: dict[str, dict[str, str]] = field(default_factory=dict)
     """Prompt overrides per method, e.g. ``[system2.prompts.cot] user = "...{question}..."``."""
+    mode: Literal["inline", "background"] = "inline"
+    """``inline``: when the router sends a query to System 2, the user waits for System 2's answer (the
+    paper's loop: the better answer now, and a training example). ``background``: the user gets System 1's
+    answer at once and the query is labelled later by System 2 from a bounded queue (training data
+    without the wait, but the user keeps System 1's less reliable answer). Only the router's decisions are
+    deferred: a request for ``route="system2"`` always runs inline."""
+    queue_size: int = 256
+    """Background mode: queries waiting for a System 2 label; when full, new ones are dropped (and counted).
+    At about one second per label on 2 CPU cores this is a few minutes of backlog."""
+    workers: int = 1
+    """Background mode: threads labelling queued queries. Their generations share the backend (and its
+    micro-batcher) with serving, so more workers mostly queue up behind the same cores."""
 
 
 @dataclass

@@ -574,7 +574,8 @@ def create_app(agent: Agent, config: ServerConfig | None = None) -> FastAPI:
     @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus() -> PlainTextResponse:
         snapshot = await run_in_threadpool(store_cache.get)
-        return PlainTextResponse(metrics.render(snapshot), media_type="text/plain; version=0.0.4")
+        text = metrics.render(snapshot, agent.background_stats())  # background System 2 counters: live, not cached
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     # --- admin -------------------------------------------------------------------------------------------
     def require_admin(request: Request) -> None:

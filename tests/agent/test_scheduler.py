@@ -23,8 +23,8 @@ import pytest
 from agent import Agent
 from agent.cli import main as cli
 from agent.metrics import Metrics, store_snapshot
-from store import Store
 from policies.system2 import METHODS
+from store import Store
 from tests.agent._consolidate_worker import make_config
 from tests.agent.test_loop import Arithmetic
 
