@@ -123,7 +123,7 @@ class ConsolidationScheduler:
 
     def run_now(self, trigger: str = "manual", scope: str | None = None) -> ConsolidationReport | None:
         """Consolidate ``scope`` now unless a run is already going in this process (then None)."""
-        if not self._run_lock.acquire(blocking=False):
+        if self.stop_event.is_set() or not self._run_lock.acquire(blocking=False):
             return None
         self.running = True
         try:
@@ -155,6 +155,7 @@ class ConsolidationScheduler:
             threads = str(self.config.train_threads or default_train_threads())
             env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads,
                        PYTHONPATH=os.pathsep.join(filter(None, [PACKAGE_ROOT, os.environ.get("PYTHONPATH")])))
+            env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle torch threads sleep instead of spinning on a core
             level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
             command = worker_command(config_file, report_file, scope, self.config.nice, str(level))
             started = time.perf_counter()

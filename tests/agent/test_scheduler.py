@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -171,8 +172,20 @@ def test_shutdown_stops_a_running_training_at_a_safe_point(config, process):
         assert agent.answer(QUESTIONS[0], route="system1").adapter_version is None  # still serving
 
 
+def test_a_stop_before_training_ends_the_run_during_its_retention_answers(config):
+    stop = threading.Event()
+    stop.set()  # as if SIGTERM came while the serving model answers the retention prompts
+    with Agent(config) as agent:
+        for q in QUESTIONS:
+            agent.answer(q)
+        report = agent.consolidate(stop=stop)
+        assert report.status == "failed" and report.reason == "stopped before training by shutdown"
+        assert "train_steps" not in report.metrics and agent.store.list_adapters() == []
+        assert agent.store.count_examples(status="used") == 0 and agent.store.lock_holder("consolidation") is None
+
+
 # --- the child process ---------------------------------------------------------------------------------------
-def test_each_scope_consolidates_in_a_niced_child_and_its_adapter_serves_here_without_restart(config, capsys):
+def test_each_scope_consolidates_in_a_niced_child_and_its_adapter_serves_here_without_restart(config):
     config.consolidation.per_tag = True
     config.consolidation.epochs = 60  # long enough to watch the child hold the lock
     config.scheduler.process = "child"
@@ -195,7 +208,11 @@ def test_each_scope_consolidates_in_a_niced_child_and_its_adapter_serves_here_wi
         # While it trains, the child holds the store's lock: the CLI and /metrics show it; serving goes on.
         wait_for(lambda: (h := agent.store.lock_holder("consolidation")) and h.pid == child.pid, timeout=120,
                  what="the child to take the consolidation lock")
-        assert schedule_status(capsys, config.db)["running"] == f"pid {child.pid} on {socket.gethostname()}"
+        # From another process, as an operator would (and a second Store in this process would drop this
+        # process's SQLite file locks: the child, exiting, would then delete the WAL under our connections).
+        status = subprocess.run([sys.executable, "-m", "agent.cli", "--db", config.db, "schedule", "status", "--json"],
+                                cwd=REPO, capture_output=True, text=True, check=True)
+        assert json.loads(status.stdout)["running"] == f"pid {child.pid} on {socket.gethostname()}"
         text = Metrics().render(store_snapshot(agent))
         assert "s2agent_consolidation_running 1" in text and f'pid="{child.pid}"' in text
         assert agent.answer(QUESTIONS[0], tag="arith", route="system1").adapter_version is None
