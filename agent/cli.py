@@ -125,11 +125,18 @@ def cmd_ask(args, config) -> int:
 def cmd_serve(args, config) -> int:
     from agent.server import serve
 
+    if args.no_train:
+        config.scheduler.enabled = False
     agent = _agent(config)
-    scheduler = "off"
-    if config.scheduler.interval_minutes or config.scheduler.min_pending:
+    sched = config.scheduler
+    if not sched.enabled:
+        scheduler = "off (serving only: following the promotions of other processes)"
+    elif not (sched.interval_minutes or sched.min_pending):
+        scheduler = "off (scheduler.min_pending and scheduler.interval_minutes are both off)"
+    else:
         agent.start_scheduler()
-        scheduler = f"every {config.scheduler.interval_minutes or '-'} min / at {config.scheduler.min_pending or '-'} pending"
+        scheduler = (f"at {sched.min_pending or '-'} pending per scope / every {sched.interval_minutes or '-'} min,"
+                     f" in a {'child process' if sched.process == 'child' else 'thread'}")
     version = agent.serving_version()
     sys.stderr.write(
         f"s2agent: model {agent.model_name}, adapter {'v' + str(version) if version else 'none (base model)'}, "
@@ -279,6 +286,7 @@ def cmd_schedule(args, config) -> int:
         holder = store.lock_holder("consolidation")
         pending = store.count_examples(status="pending")
         info: dict[str, Any] = {
+            "enabled": sched.enabled, "process": sched.process,
             "interval_minutes": sched.interval_minutes, "min_pending": sched.min_pending, "pending": pending,
             "running": f"pid {holder.pid} on {holder.host}" if holder else None,
             "last_run": _row_dict(last) if last else None,
@@ -288,10 +296,11 @@ def cmd_schedule(args, config) -> int:
         if args.json:
             _json(info)
             return 0
-        if not (sched.interval_minutes or sched.min_pending):
-            _out("scheduler: off (set scheduler.interval_minutes and/or scheduler.min_pending)")
+        if not sched.enabled or not (sched.interval_minutes or sched.min_pending):
+            _out("scheduler: off (scheduler.enabled, scheduler.interval_minutes, scheduler.min_pending)")
         else:
-            _out(f"scheduler: every {sched.interval_minutes or '-'} min; when pending >= {sched.min_pending or '-'}")
+            _out(f"scheduler: every {sched.interval_minutes or '-'} min; when pending >= {sched.min_pending or '-'}"
+                 f" ({'child processes' if sched.process == 'child' else 'a thread'} of agent serve)")
         _out(f"pending examples: {pending}")
         _out(f"running now: {info['running'] or 'no'}")
         if "next_run_after" in info:
@@ -346,8 +355,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host")
     p.add_argument("--port", type=int)
     p.add_argument("--admin-token", dest="admin_token")
-    p.add_argument("--interval-minutes", dest="interval_minutes", type=float, help="consolidate every N minutes")
-    p.add_argument("--min-pending", dest="min_pending", type=int, help="consolidate when N examples are pending")
+    p.add_argument("--interval-minutes", dest="interval_minutes", type=float,
+                   help="consolidate every scope with enough examples every N minutes (default 60; 0: off)")
+    p.add_argument("--min-pending", dest="min_pending", type=int,
+                   help="consolidate a scope when N of its examples are pending (default 32; 0: off)")
+    p.add_argument("--no-train", dest="no_train", action="store_true",
+                   help="serve only: no consolidation here; follow the promotions made by another process")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("ask", help="answer one question")

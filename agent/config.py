@@ -125,6 +125,19 @@ class System2Config:
     placeholders of each method's templates are in ``policies/system2/prompts.py``. Every template is
     formatted once at start, so a misspelt name or placeholder is an error naming it."""
 
+    mode: Literal["inline", "background"] = "inline"
+    """``inline``: when the router sends a query to System 2, the user waits for System 2's answer (the
+    paper's loop: the better answer now, and a training example). ``background``: the user gets System 1's
+    answer at once and the query is labelled later by System 2 from a bounded queue (training data
+    without the wait, but the user keeps System 1's less reliable answer). Only the router's decisions are
+    deferred: a request for ``route="system2"`` always runs inline."""
+    queue_size: int = within("[1, inf)", 256)
+    """Background mode: queries waiting for a System 2 label; when full, new ones are dropped (and counted).
+    At about one second per label on 2 CPU cores this is a few minutes of backlog."""
+    workers: int = within("[1, inf)", 1)
+    """Background mode: threads labelling queued queries. Their generations share the backend (and its
+    micro-batcher) with serving, so more workers mostly queue up behind the same cores."""
+
     def __post_init__(self) -> None:
         _check_fields(self)
 
@@ -208,12 +221,31 @@ class ScopingConfig:
 class SchedulerConfig:
     """Background consolidation (``agent serve`` and embedded agents that ask for it)."""
 
-    interval_minutes: float | None = within("(0, inf)", None)
-    """Consolidate every this many minutes; off when unset."""
-    min_pending: int | None = within("[1, inf)", None)
-    """Consolidate as soon as this many examples are pending; off when unset."""
+    enabled: bool = True
+    """Whether ``agent serve`` consolidates in the background (``--no-train`` sets it false: a replica that
+    only serves, following the promotions another process makes in the shared store). An embedded
+    ``Agent`` never starts the scheduler by itself, whatever this says: call ``Agent.start_scheduler()``."""
+    interval_minutes: float | None = within("[0, inf)", 60.0)
+    """Every this many minutes, consolidate each scope (each task tag with ``consolidation.per_tag``, else
+    the general adapter) that has at least ``consolidation.min_examples`` examples to train on; 0 or unset:
+    off. A quiet scope still learns within the hour, and the cost is bounded to one run per scope per hour."""
+    min_pending: int | None = within("[0, inf)", 32)
+    """Consolidate a scope as soon as this many of its examples are pending (with ``consolidation.per_tag``
+    each tag is counted on its own); 0 or unset: off. 32 pending examples give about 26 to train on and 6
+    held out for the gate: a scope starts learning after a few dozen of its questions, and a candidate
+    trained on too little is refused by the gate, never served."""
     check_seconds: float = within("(0, inf)", 30.0)
     """How often the pending count is checked."""
+    process: Literal["child", "thread"] = "child"
+    """``child``: each consolidation runs in a separate process (``python -m agent.worker``) at a lower CPU
+    priority with few torch threads, built from this same configuration; the serving process follows the
+    promotion through the store. ``thread``: in a thread of this process (training then competes with
+    serving for the same interpreter and torch thread pool)."""
+    nice: int = 10
+    """Child process: how much lower its CPU priority is than this process's (``os.nice``; 0-19)."""
+    train_threads: int | None = None
+    """Child process: torch threads for training; default: half the CPU cores, at least 1 (1 on 2 cores).
+    The other half stays free for serving."""
 
     def __post_init__(self) -> None:
         _check_fields(self)
@@ -337,6 +369,14 @@ class AgentConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "a configuration dict") -> "AgentConfig":
+        """The configuration :meth:`to_dict` wrote, as it was: defaults overwritten by ``data`` alone (no file,
+        no environment). This is how a child process gets its parent's effective configuration."""
+        config = cls()
+        _apply(config, data, source=source)
+        return config
 
 
 _NOT_CONFIG_ENV = {"S2AGENT_HOME", "S2AGENT_CACHE_DIR", "S2AGENT_ADMIN_TOKEN", "S2AGENT_TEST_POSTGRES_URL"}

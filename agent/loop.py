@@ -7,7 +7,9 @@
    adapter's terse format never leaks into the reasoning), then a consistency filter;
 4. the interaction is logged; an accepted System 2 answer joins the distillation buffer as a
    ``pending`` (input -> final answer) example, a rejected one is kept with its votes as ``rejected``;
-5. the user gets the System 2 answer now; System 1 learns it at the next consolidation.
+5. the user gets the System 2 answer now; System 1 learns it at the next consolidation. With
+   ``system2.mode = "background"`` the user gets System 1's answer at once instead, and System 2 labels
+   the query later from a bounded queue (:mod:`agent.background`); the example is stored the same way.
 
 The ``Agent`` is thread-safe: concurrent ``answer`` calls share forward passes through the backend's
 batcher, and a newly promoted adapter is picked up between requests without a restart.
@@ -29,7 +31,9 @@ from agent.backends import (
     SamplingParams,
     make_backend,
 )
+from agent.background import Deferred, Label, System2Queue
 from agent.config import AgentConfig
+from agent.consolidation import LOCK_NAME as CONSOLIDATION_LOCK
 from agent.consolidation import ConsolidationReport, consolidate
 from agent.data import general_prompts
 from agent.errors import ConfigError, InvalidQueryError, System2Timeout
@@ -91,7 +95,13 @@ class Answer:
 
 
 class Agent:
-    """The runtime, usable without a server: ``Agent(AgentConfig()).answer("...")``."""
+    """The runtime, usable without a server: ``Agent(AgentConfig()).answer("...")``.
+
+    An embedded agent consolidates only when asked: :meth:`consolidate` now, or :meth:`start_scheduler` for
+    the configured triggers (``agent serve`` starts the scheduler itself unless ``--no-train``). With
+    ``system2.mode = "background"`` it labels System 2's queries in worker threads; :meth:`close` stops
+    them and the scheduler.
+    """
 
     def __init__(self, config: AgentConfig | None = None, *, backend: Backend | None = None,
                  store: Store | None = None) -> None:
@@ -119,6 +129,9 @@ class Agent:
         self._scope_index: ScopeIndex | None = None
         self._scope_lock = threading.Lock()
         self.scheduler: ConsolidationScheduler | None = None
+        self._closing = threading.Event()
+        self._system2_queue = System2Queue(self.config.system2.queue_size, self.config.system2.workers,
+                                           self._label_deferred)  # its threads start on first use
         self.refresh_adapters(force=True)
 
     # --- public API ------------------------------------------------------------------------
@@ -188,12 +201,20 @@ class Agent:
         if scope:
             answer.route_reason["scope"] = {"tag": scope.tag, "similarity": round(scope.similarity, 3),
                                             "general_similarity": round(scope.general_similarity, 3)}
+        deferred = None
         if decision.route == "system2":
-            self._run_system2(answer, query, method, tag)
-            if tag is None and answer.accepted and self.config.scoping.auto:
-                tag = answer.tag = self._assign_scope(answer, query)
+            if route == "auto" and self.config.system2.mode == "background":
+                deferred = self._defer_system2(answer, query, method, tag)
+            else:
+                self._run_system2(answer, query, method, tag)
+                if tag is None and answer.accepted and self.config.scoping.auto:
+                    tag = answer.tag = self._assign_scope(answer, query)
         answer.latency_ms = (time.perf_counter() - started) * 1000
-        self._record(answer, query, tag)
+        try:
+            self._record(answer, query, tag)
+        finally:
+            if deferred is not None:
+                deferred.logged(answer.interaction_id)
         return answer
 
     def complete(self, prompt: Prompt, params: SamplingParams, tag: str | None = None
@@ -283,17 +304,32 @@ class Agent:
         """Examples waiting for the next consolidation (also a cheap check that the store answers)."""
         return self.store.count_examples(status="pending")
 
+    def running_consolidation(self) -> dict[str, Any] | None:
+        """The consolidation running now on this store, in any process (a scheduler's child included): the
+        holder of the store's consolidation lock, as ``{"pid", "host", "since"}``; None when none runs."""
+        holder = self.store.lock_holder(CONSOLIDATION_LOCK)
+        if holder is None:
+            return None
+        return {"pid": holder.pid, "host": holder.host, "since": holder.acquired_at}
+
     def start_scheduler(self) -> ConsolidationScheduler:
-        """Consolidate in the background as ``config.scheduler`` says (interval and/or pending count)."""
+        """Consolidate in the background as ``config.scheduler`` says (pending count per scope and/or
+        interval; in a child process unless ``scheduler.process = "thread"``). Not started by the
+        constructor: an embedded agent consolidates only when asked to."""
         if self.scheduler is None:
             self.scheduler = ConsolidationScheduler(self)
             self.scheduler.start()
         return self.scheduler
 
     def close(self) -> None:
+        """Stop the scheduler (a running consolidation stops at its next training step) and the background
+        System 2 workers (queries still waiting are dropped; a label in progress stops at its next call),
+        then release the backend and the store."""
+        self._closing.set()
         if self.scheduler is not None:
             self.scheduler.shutdown()
             self.scheduler = None
+        self._system2_queue.close()
         self.backend.close()
         self.store.close()
 
@@ -481,6 +517,8 @@ class Agent:
         seed = self.config.seed
 
         def run(calls: Sequence[Call]) -> list[list[Completion]]:
+            if self._closing.is_set():
+                raise System2Timeout("System 2 stopped: the agent is closing")
             if time.monotonic() > deadline:
                 raise System2Timeout(f"System 2 exceeded {self.config.system2.timeout_s:.0f} s")
             requests = [
@@ -505,9 +543,42 @@ class Agent:
             latency_ms=answer.latency_ms, route_reason=answer.route_reason, votes=answer.votes,
             accepted=answer.accepted, error=answer.error,
         )
+        self._record_example(answer, query, tag)
+
+    def _record_example(self, answer: Answer, query: str, tag: str | None) -> None:
+        """Keep System 2's answer as an example: ``pending`` if it passed the filter, else ``rejected`` with
+        its votes; nothing when System 2 gave no parsable answer. Inline and background labels both come here."""
         if answer.method and answer.votes is not None and answer.route == "system2":
             self.store.add_example(
                 input=query, target=answer.text, method=answer.method, votes=answer.votes,
                 agreement=answer.agreement, status="pending" if answer.accepted else "rejected",
                 kind="system2", tag=tag, interaction_id=answer.interaction_id,
             )
+
+    # --- background System 2 ---------------------------------------------------------------
+    def _defer_system2(self, answer: Answer, query: str, method: str | None, tag: str | None) -> Deferred | None:
+        """Offer ``query`` to the background queue; the user keeps System 1's ``answer``, which says whether
+        System 2 was ``queued`` or ``dropped`` (queue full) in ``route_reason["system2"]``."""
+        item = Deferred(query, method, tag, answer.system1_text, answer.confidence, answer.adapter_version)
+        queued = self._system2_queue.offer(item)
+        answer.route_reason["system2"] = "queued" if queued else "dropped"
+        return item if queued else None
+
+    def _label_deferred(self, item: Deferred) -> Label:
+        """System 2 on a queued query, recorded as the inline path records it (linked to its interaction)."""
+        result = self.system2(item.query, method=item.method, tag=item.tag)
+        answer = Answer(text=item.system1_text, route="system1", confidence=item.confidence, method=result.method,
+                        adapter_version=item.adapter_version, tokens=0, latency_ms=0.0,
+                        system1_text=item.system1_text, tag=item.tag, interaction_id=item.interaction_id)
+        self._apply_system2(answer, result)
+        tag = item.tag
+        if tag is None and answer.accepted and self.config.scoping.auto:
+            tag = self._assign_scope(answer, item.query)  # the example joins its scope; the logged answer stays
+        self._record_example(answer, item.query, tag)
+        return Label(accepted=bool(answer.accepted and answer.route == "system2"), tokens=result.tokens)
+
+    def background_stats(self) -> dict[str, int]:
+        """Background System 2 (``system2.mode = "background"``) since this agent started: queries
+        ``queued``, ``dropped`` (queue full, or waiting at close), ``labelled``, ``accepted`` into the buffer,
+        ``failed``, System 2 ``tokens`` spent, and ``waiting`` now."""
+        return self._system2_queue.stats()

@@ -191,7 +191,8 @@ async def readyz(request: Request) -> Any:
 async def prometheus(request: Request) -> PlainTextResponse:
     stats: StatsCache = request.app.state.stats
     snapshot = await run_in_threadpool(stats.get)
-    return PlainTextResponse(_metrics(request).render(snapshot), media_type="text/plain; version=0.0.4")
+    background = _agent(request).background_stats()  # background System 2 counters: live, not cached
+    return PlainTextResponse(_metrics(request).render(snapshot, background), media_type="text/plain; version=0.0.4")
 
 
 # --- admin ---------------------------------------------------------------------------------------------------

@@ -232,7 +232,7 @@ def test_adapters_rollback_with_nothing_to_roll_back(capsys: pytest.CaptureFixtu
 def test_schedule_status(capsys: pytest.CaptureFixture, db: Path) -> None:
     code, out, _ = run(capsys, "--db", str(db), "schedule", "status")
     assert code == 0
-    assert "scheduler: off" in out
+    assert "scheduler: every 60.0 min; when pending >= 64 (child processes of agent serve)" in out  # the defaults
     assert "pending examples: 3" in out
     assert "running now: no" in out
     assert "last run: never" in out
@@ -241,6 +241,7 @@ def test_schedule_status(capsys: pytest.CaptureFixture, db: Path) -> None:
     info = json.loads(out)
     assert info["pending"] == 3
     assert info["running"] is None and info["last_run"] is None
+    assert (info["enabled"], info["process"], info["interval_minutes"], info["min_pending"]) == (True, "child", 60, 64)
 
 
 def test_schedule_status_reads_the_environment(capsys: pytest.CaptureFixture, db: Path,
@@ -250,6 +251,9 @@ def test_schedule_status_reads_the_environment(capsys: pytest.CaptureFixture, db
     code, out, _ = run(capsys, "--db", str(db), "schedule", "status")
     assert code == 0
     assert "scheduler: every 30.0 min; when pending >= 8" in out
+    monkeypatch.setenv("S2AGENT_SCHEDULER__ENABLED", "false")  # what agent serve --no-train sets
+    code, out, _ = run(capsys, "--db", str(db), "schedule", "status")
+    assert code == 0 and "scheduler: off" in out
 
 
 # --- errors --------------------------------------------------------------------------------------

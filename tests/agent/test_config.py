@@ -257,7 +257,7 @@ OUT_OF_RANGE = [
     ("consolidation.epochs", 0, "[1, inf)"),
     ("consolidation.dropout", 1, "[0, 1)"),
     ("scoping.min_similarity", 1.2, "[0, 1]"),
-    ("scheduler.interval_minutes", 0, "(0, inf)"),
+    ("scheduler.interval_minutes", -1, "[0, inf)"),
     ("scheduler.check_seconds", -1, "(0, inf)"),
     ("server.port", 0, "[1, 65535]"),
     ("server.port", 65536, "[1, 65535]"),
@@ -277,7 +277,7 @@ def test_values_out_of_range_are_refused(tmp_path: Path, source: str, key: str, 
 
 @pytest.mark.parametrize("key, value", [
     ("routing.threshold", 0), ("routing.threshold", 1), ("consolidation.holdout_fraction", 0),
-    ("system2.temperature", 0), ("server.port", 1), ("server.port", 65535), ("scheduler.interval_minutes", None),
+    ("system2.temperature", 0), ("server.port", 1), ("server.port", 65535), ("scheduler.interval_minutes", 0),
 ])
 def test_bounds_that_mean_something_are_accepted(tmp_path: Path, key: str, value: object) -> None:
     for source in SOURCES:
