@@ -30,9 +30,6 @@ from .migrations import check_not_newer, ensure_schema
 
 logger = logging.getLogger(__name__)
 
-_SQLITE_MAGIC = b"SQLite format 3\x00"
-
-
 _POSTGRES_SCHEMES = ("postgresql", "postgres")
 _POSTGRES_DRIVER = "postgresql+psycopg"  # psycopg 3, the ``postgres`` extra
 
@@ -72,10 +69,9 @@ def _preflight_sqlite(path: Path) -> None:
             raise StoreError(f"{path}: the database file is not readable and writable by this user")
         if path.stat().st_size == 0:
             return  # SQLite treats an empty file as an empty database
-        with open(path, "rb") as fh:
-            header = fh.read(len(_SQLITE_MAGIC))
-        if header != _SQLITE_MAGIC:
-            raise StoreError(f"{path} is not a SQLite database (its header is not 'SQLite format 3'); refusing to open it")
+        # The header is read by SQLite itself, never by a plain open(): closing any descriptor of a file
+        # drops every POSIX lock this process holds on it, and another Store of this process may hold them
+        # (SQLite keeps its own descriptors open for exactly that reason).
         _check_version_read_only(path)
         return
     parent = path.parent
@@ -94,6 +90,12 @@ def _check_version_read_only(path: Path) -> None:
         conn = sqlite3.connect(uri, uri=True)
     except sqlite3.Error as exc:
         raise StoreError(f"cannot open {path} read-only: {exc}") from None
+    try:
+        if conn.execute("PRAGMA schema_version").fetchone() is None:
+            raise sqlite3.DatabaseError("no schema")
+    except sqlite3.DatabaseError:
+        conn.close()
+        raise StoreError(f"{path} is not a SQLite database (SQLite cannot read its header); refusing to open it") from None
     try:
         has_meta = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone()
         if not has_meta:
