@@ -312,14 +312,17 @@ def cmd_schedule(args, config) -> int:
     return 0
 
 
-def cmd_calibrate(args, config) -> int:
+def _agrees(system1: str | None, final: str | None, kind: str) -> bool:
     from policies.answers import answers_match, normalise
+
+    return answers_match(normalise(system1 or "", kind), normalise(final or "", kind), kind)
+
+
+def cmd_calibrate(args, config) -> int:
     from policies.routing import calibrate
 
     with _store(config) as store:
-        kind = config.answer_kind
-        records = [(i.confidence, answers_match(normalise(i.system1_answer or "", kind),
-                                                normalise(i.final_answer or "", kind), kind))
+        records = [(i.confidence, _agrees(i.system1_answer, i.final_answer, config.answer_kind_for(i.tag)))
                    for i in store.list_interactions(route="system2", limit=100_000)
                    if i.accepted and i.confidence is not None]
     result = calibrate(records, target_system2_rate=args.target_system2_rate, target_precision=args.target_precision)
@@ -399,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="show what would be trained on")
     p.add_argument("--min-examples", type=int, help="refuse to run on fewer pending examples")
     p.add_argument("--epochs", type=int)
-    p.add_argument("--tag", help="train the adapter scoped to this task tag")
+    p.add_argument("--tag", "--scope", dest="tag", help="train the adapter of this scope (task tag)")
     p.add_argument("--json", action="store_true", help="print the run's summary as JSON")
     p.set_defaults(func=cmd_consolidate)
 

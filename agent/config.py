@@ -324,6 +324,10 @@ class AgentConfig:
         return self
 
     # ----------------------------------------------------------------------------------------
+    def answer_kind_for(self, tag: str | None) -> str:
+        """How answers of scope ``tag`` are compared: ``kinds_by_tag[tag]``, else ``answer_kind``."""
+        return self.kinds_by_tag.get(tag or "", self.answer_kind)
+
     def db_url(self) -> str:
         return self.db or str(default_data_dir() / "agent.db")
 

@@ -468,7 +468,7 @@ class Agent:
 
     def answer_kind(self, tag: str | None) -> str:
         """How answers for ``tag`` are compared (``kinds_by_tag``, else ``answer_kind``)."""
-        return self.config.kinds_by_tag.get(tag or "", self.config.answer_kind)
+        return self.config.answer_kind_for(tag)
 
     def _run_system2(self, answer: Answer, query: str, method_name: str | None, tag: str | None) -> None:
         cfg = self.config.system2
