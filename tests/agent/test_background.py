@@ -54,7 +54,7 @@ def config(tiny_config, monkeypatch):
     monkeypatch.setitem(METHODS, "gated", Gated)
     Gated.gate.clear()
     Gated.entered.clear()
-    tiny_config.routing.threshold = 1.01  # the router sends every query to System 2
+    tiny_config.routing.threshold = 1.0  # the router sends every query to System 2
     tiny_config.system2.method = "arith"
     tiny_config.system2.mode = "background"
     return tiny_config
@@ -155,7 +155,7 @@ def test_close_stops_the_workers_and_drops_what_still_waits(config):
 
 def test_an_inline_agent_starts_no_worker(tiny_config, monkeypatch):
     monkeypatch.setitem(METHODS, "arith", Arithmetic)
-    tiny_config.routing.threshold = 1.01
+    tiny_config.routing.threshold = 1.0
     tiny_config.system2.method = "arith"
     with Agent(tiny_config) as agent:
         assert agent.answer(QUESTIONS[0]).route == "system2"
