@@ -123,6 +123,7 @@ def cmd_ask(args, config) -> int:
 
 
 def cmd_serve(args, config) -> int:
+    from agent.sandbox import sandbox_report  # model-written programs run here: say at start what holds them
     from agent.server import serve
 
     if args.no_train:
@@ -141,6 +142,7 @@ def cmd_serve(args, config) -> int:
     sys.stderr.write(
         f"s2agent: model {agent.model_name}, adapter {'v' + str(version) if version else 'none (base model)'}, "
         f"database {config.db_url()}, consolidation scheduler {scheduler}\n"
+        f"s2agent: program sandbox: {sandbox_report()}\n"
         f"s2agent: serving the OpenAI API at http://{config.server.host}:{config.server.port}/v1\n"
     )
     serve(agent, config.server.host, config.server.port)
