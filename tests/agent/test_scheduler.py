@@ -202,15 +202,27 @@ def test_each_scope_consolidates_in_a_niced_child_and_its_adapter_serves_here_wi
         assert b"OMP_NUM_THREADS=1\0" in Path(f"/proc/{child.pid}/environ").read_bytes()
 
         # While it trains, the child holds the store's lock: the CLI and /metrics show it; serving goes on.
-        wait_for(lambda: (h := agent.store.lock_holder("consolidation")) and h.pid == child.pid, timeout=120,
-                 what="the child to take the consolidation lock")
-        # From another process, as an operator would (and a second Store in this process would drop this
-        # process's SQLite file locks: the child, exiting, would then delete the WAL under our connections).
-        status = subprocess.run([sys.executable, "-m", "agent.cli", "--db", config.db, "schedule", "status", "--json"],
-                                cwd=REPO, capture_output=True, text=True, check=True)
-        assert json.loads(status.stdout)["running"] == f"pid {child.pid} on {socket.gethostname()}"
-        text = Metrics().render(store_snapshot(agent))
-        assert "s2agent_consolidation_running 1" in text and f'pid="{child.pid}"' in text
+        # The child is frozen (SIGSTOP) while it holds the lock, so a fast machine cannot finish the run
+        # between the checks below.
+        def frozen_holding_the_lock() -> bool:
+            os.kill(child.pid, signal.SIGSTOP)
+            holder = agent.store.lock_holder("consolidation")
+            if holder is not None and holder.pid == child.pid:
+                return True
+            os.kill(child.pid, signal.SIGCONT)
+            return False
+
+        wait_for(frozen_holding_the_lock, timeout=120, what="the child to take the consolidation lock")
+        try:
+            # From another process, as an operator would (and a second Store in this process would drop this
+            # process's SQLite file locks: the child, exiting, would then delete the WAL under our connections).
+            status = subprocess.run([sys.executable, "-m", "agent.cli", "--db", config.db, "schedule", "status", "--json"],
+                                    cwd=REPO, capture_output=True, text=True, check=True)
+            assert json.loads(status.stdout)["running"] == f"pid {child.pid} on {socket.gethostname()}"
+            text = Metrics().render(store_snapshot(agent))
+            assert "s2agent_consolidation_running 1" in text and f'pid="{child.pid}"' in text
+        finally:
+            os.kill(child.pid, signal.SIGCONT)
         assert agent.answer(QUESTIONS[0], tag="arith", route="system1").adapter_version is None
 
         wait_for(lambda: scheduler.last_report is not None and not scheduler.running, timeout=180,
