@@ -5,12 +5,15 @@
     agent store ls | show | export | import | stats | prune
     agent consolidate [--dry-run]     # distil the buffer into a new adapter now
     agent adapters ls | show | rollback | prune
+    agent scopes ls | rename OLD NEW | merge OLD NEW
     agent schedule status
     agent calibrate --target-system2-rate 0.3
     agent bench system1 | paper | loop
 
-Global options (before the command): --config agent.toml, --db, --model, --cache-dir, --log-level.
-Precedence: defaults < TOML < S2AGENT_* environment < flags.
+Global options (before the command): --config agent.toml, --db, --model, --cache-dir, --log-level
+(default: INFO for ``serve``, which logs one line per request; WARNING for the others).
+Precedence: defaults < TOML < S2AGENT_* environment < flags. The whole configuration, prompt templates
+included, is checked before anything loads: a bad value exits 2 with one line naming the key.
 """
 
 from __future__ import annotations
@@ -28,6 +31,10 @@ from agent.config import AgentConfig
 from agent.errors import EXPECTED
 
 logger = logging.getLogger("agent.cli")
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+DEFAULT_LOG_LEVEL = {"serve": "INFO"}
+"""Commands whose default log level is not WARNING: the server's one line per request is INFO."""
 
 
 # --- output helpers --------------------------------------------------------------------------
@@ -116,17 +123,26 @@ def cmd_ask(args, config) -> int:
 
 
 def cmd_serve(args, config) -> int:
+    from agent.sandbox import sandbox_report  # model-written programs run here: say at start what holds them
     from agent.server import serve
 
+    if args.no_train:
+        config.scheduler.enabled = False
     agent = _agent(config)
-    scheduler = "off"
-    if config.scheduler.interval_minutes or config.scheduler.min_pending:
+    sched = config.scheduler
+    if not sched.enabled:
+        scheduler = "off (serving only: following the promotions of other processes)"
+    elif not (sched.interval_minutes or sched.min_pending):
+        scheduler = "off (scheduler.min_pending and scheduler.interval_minutes are both off)"
+    else:
         agent.start_scheduler()
-        scheduler = f"every {config.scheduler.interval_minutes or '-'} min / at {config.scheduler.min_pending or '-'} pending"
+        scheduler = (f"at {sched.min_pending or '-'} pending per scope / every {sched.interval_minutes or '-'} min,"
+                     f" in a {'child process' if sched.process == 'child' else 'thread'}")
     version = agent.serving_version()
     sys.stderr.write(
         f"s2agent: model {agent.model_name}, adapter {'v' + str(version) if version else 'none (base model)'}, "
         f"database {config.db_url()}, consolidation scheduler {scheduler}\n"
+        f"s2agent: program sandbox: {sandbox_report()}\n"
         f"s2agent: serving the OpenAI API at http://{config.server.host}:{config.server.port}/v1\n"
     )
     serve(agent, config.server.host, config.server.port)
@@ -143,9 +159,9 @@ def cmd_store(args, config) -> int:
                 _json([_row_dict(r) for r in rows])
             else:
                 _table([(r.id, r.status, r.method, f"{r.agreement:.2f}" if r.agreement is not None else "",
-                         _when(r.created_at), r.input, r.target) for r in rows],
-                       ["id", "status", "method", "agree", "created", "input", "target"],
-                       [6, 8, 6, 5, 16, 48, 20])
+                         r.tag or "", _when(r.created_at), r.input, r.target) for r in rows],
+                       ["id", "status", "method", "agree", "scope", "created", "input", "target"],
+                       [6, 8, 6, 5, 20, 16, 44, 20])
         elif args.store_cmd == "show":
             row = store.get_example(args.id)
             if row is None:
@@ -244,6 +260,27 @@ def _fmt(value: Any) -> str:
     return f"{value:.2f}" if isinstance(value, (int, float)) else ""
 
 
+def cmd_scopes(args, config) -> int:
+    with _store(config) as store:
+        if args.scopes_cmd == "ls":
+            rows = store.scopes()
+            if args.json:
+                _json(rows)
+                return 0
+            _table([(s["scope"], sum(s["examples"].values()), s["examples"].get("pending", 0),
+                     s["examples"].get("used", 0), s["interactions"],
+                     f"v{s['serving_version']}" if s["serving_version"] else "") for s in rows],
+                   ["scope", "examples", "pending", "used", "interactions", "serving"], [32, 8, 7, 5, 12, 7])
+            if not rows:
+                _out("(no scopes yet: untagged System 2 examples form them as they are accepted)")
+        else:
+            merge = args.scopes_cmd == "merge"
+            moved = store.rename_scope(args.old, args.new, merge=merge)
+            _out(f"{'merged' if merge else 'renamed'} scope {args.old!r} into {args.new!r}: {moved} examples moved"
+                 " (a running server follows within seconds)")
+    return 0
+
+
 def cmd_schedule(args, config) -> int:
     with _store(config) as store:
         sched = config.scheduler
@@ -251,6 +288,7 @@ def cmd_schedule(args, config) -> int:
         holder = store.lock_holder("consolidation")
         pending = store.count_examples(status="pending")
         info: dict[str, Any] = {
+            "enabled": sched.enabled, "process": sched.process,
             "interval_minutes": sched.interval_minutes, "min_pending": sched.min_pending, "pending": pending,
             "running": f"pid {holder.pid} on {holder.host}" if holder else None,
             "last_run": _row_dict(last) if last else None,
@@ -260,10 +298,11 @@ def cmd_schedule(args, config) -> int:
         if args.json:
             _json(info)
             return 0
-        if not (sched.interval_minutes or sched.min_pending):
-            _out("scheduler: off (set scheduler.interval_minutes and/or scheduler.min_pending)")
+        if not sched.enabled or not (sched.interval_minutes or sched.min_pending):
+            _out("scheduler: off (scheduler.enabled, scheduler.interval_minutes, scheduler.min_pending)")
         else:
-            _out(f"scheduler: every {sched.interval_minutes or '-'} min; when pending >= {sched.min_pending or '-'}")
+            _out(f"scheduler: every {sched.interval_minutes or '-'} min; when pending >= {sched.min_pending or '-'}"
+                 f" ({'child processes' if sched.process == 'child' else 'a thread'} of agent serve)")
         _out(f"pending examples: {pending}")
         _out(f"running now: {info['running'] or 'no'}")
         if "next_run_after" in info:
@@ -275,14 +314,17 @@ def cmd_schedule(args, config) -> int:
     return 0
 
 
-def cmd_calibrate(args, config) -> int:
+def _agrees(system1: str | None, final: str | None, kind: str) -> bool:
     from policies.answers import answers_match, normalise
+
+    return answers_match(normalise(system1 or "", kind), normalise(final or "", kind), kind)
+
+
+def cmd_calibrate(args, config) -> int:
     from policies.routing import calibrate
 
     with _store(config) as store:
-        kind = config.answer_kind
-        records = [(i.confidence, answers_match(normalise(i.system1_answer or "", kind),
-                                                normalise(i.final_answer or "", kind), kind))
+        records = [(i.confidence, _agrees(i.system1_answer, i.final_answer, config.answer_kind_for(i.tag)))
                    for i in store.list_interactions(route="system2", limit=100_000)
                    if i.accepted and i.confidence is not None]
     result = calibrate(records, target_system2_rate=args.target_system2_rate, target_precision=args.target_precision)
@@ -310,15 +352,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--db", help="SQLite path or SQLAlchemy URL (default: $XDG_DATA_HOME/s2agent/agent.db)")
     parser.add_argument("--model", help="'default' (embedded SmolLM2-135M-Instruct), a local folder or a HF id")
     parser.add_argument("--cache-dir", help="model cache (default: $XDG_CACHE_HOME/s2agent)")
-    parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default) or ERROR")
+    parser.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, metavar="LEVEL",
+                        help=f"{', '.join(LOG_LEVELS)} (any case); default INFO for serve, WARNING otherwise")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="run the OpenAI-compatible server")
     p.add_argument("--host")
     p.add_argument("--port", type=int)
     p.add_argument("--admin-token", dest="admin_token")
-    p.add_argument("--interval-minutes", dest="interval_minutes", type=float, help="consolidate every N minutes")
-    p.add_argument("--min-pending", dest="min_pending", type=int, help="consolidate when N examples are pending")
+    p.add_argument("--interval-minutes", dest="interval_minutes", type=float,
+                   help="consolidate every scope with enough examples every N minutes (default 60; 0: off)")
+    p.add_argument("--min-pending", dest="min_pending", type=int,
+                   help="consolidate a scope when N of its examples are pending (default 32; 0: off)")
+    p.add_argument("--no-train", dest="no_train", action="store_true",
+                   help="serve only: no consolidation here; follow the promotions made by another process")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("ask", help="answer one question")
@@ -357,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="show what would be trained on")
     p.add_argument("--min-examples", type=int, help="refuse to run on fewer pending examples")
     p.add_argument("--epochs", type=int)
-    p.add_argument("--tag", help="train the adapter scoped to this task tag")
+    p.add_argument("--tag", "--scope", dest="tag", help="train the adapter of this scope (task tag)")
     p.add_argument("--json", action="store_true", help="print the run's summary as JSON")
     p.set_defaults(func=cmd_consolidate)
 
@@ -373,6 +420,18 @@ def build_parser() -> argparse.ArgumentParser:
     q = sa.add_parser("prune", help="delete old adapter folders, keeping the newest N")
     q.add_argument("--keep", type=int, required=True)
     p.set_defaults(func=cmd_adapters)
+
+    p = sub.add_parser("scopes", help="the task scopes traffic was grouped into: list, rename, merge")
+    sc = p.add_subparsers(dest="scopes_cmd", required=True)
+    q = sc.add_parser("ls", help="scopes with their examples and serving adapter")
+    q.add_argument("--json", action="store_true")
+    q = sc.add_parser("rename", help="give a scope a better name (everywhere: examples, adapters, history)")
+    q.add_argument("old")
+    q.add_argument("new")
+    q = sc.add_parser("merge", help="merge scope OLD into NEW (OLD's adapters stop serving)")
+    q.add_argument("old")
+    q.add_argument("new")
+    p.set_defaults(func=cmd_scopes)
 
     p = sub.add_parser("schedule", help="background consolidation")
     s2 = p.add_subparsers(dest="schedule_cmd", required=True)
@@ -400,8 +459,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.bench_args = [*extra, *args.bench_args]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    level = args.log_level or DEFAULT_LOG_LEVEL.get(args.command, "WARNING")
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         config = _config(args)
         return args.func(args, config)

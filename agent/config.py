@@ -4,19 +4,33 @@ Values come from, in increasing order of precedence: the defaults below, a TOML 
 (``--config agent.toml``), environment variables (``S2AGENT_<FIELD>`` for top-level fields,
 ``S2AGENT_<SECTION>__<FIELD>`` for sections, e.g. ``S2AGENT_ROUTING__THRESHOLD=0.4``), and CLI flags.
 Every field is documented where it is defined; that text is what the README's reference shows.
+
+Every value is checked where it is set, and an error names the key and where the value came from:
+its type (from the annotation), its allowed values (a ``Literal[...]`` annotation, or ``choices`` in the
+field's metadata when they come from a registry such as ``policies.system2.METHODS``), its range
+(``within("[0, 1]", default)``), and for ``system2.prompts`` every template, formatted once. The loader
+checks each value as it reads it (TOML, environment, overrides), a section built in code checks itself
+in ``__post_init__``, and ``AgentConfig.validate()`` (which ``Agent`` calls) checks the whole tree again
+for values assigned after construction.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
+import math
 import os
 import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 from agent.errors import ConfigError
+from policies.answers import AnswerKind
+from policies.system2 import METHODS
+from policies.system2.prompts import template_problems
 
 
 def default_data_dir() -> Path:
@@ -27,122 +41,233 @@ def default_data_dir() -> Path:
     return Path(xdg) / "s2agent"
 
 
+# --- how a field states its range --------------------------------------------------------------------
+class Interval:
+    """A range of numbers written as in mathematics: ``[0, 1]``, ``(0, inf)``, ``[1, 65535]``, ``[0, 1)``."""
+
+    def __init__(self, text: str) -> None:
+        body = text.strip()
+        low, comma, high = body[1:-1].partition(",")
+        if body[:1] not in ("[", "(") or body[-1:] not in ("]", ")") or not comma:
+            raise ValueError(f"not an interval: {text!r}")
+        self.text = text
+        self.low, self.high = float(low), float(high)
+        self.low_included, self.high_included = body[0] == "[", body[-1] == "]"
+
+    def __contains__(self, value: float) -> bool:
+        above = self.low < value or (self.low_included and value == self.low)
+        below = value < self.high or (self.high_included and value == self.high)
+        return above and below
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def within(interval: str, default: Any) -> Any:
+    """A dataclass field whose value (unless it is an optional field's ``None``) must lie in ``interval``."""
+    return field(default=default, metadata={"range": Interval(interval)})
+
+
+# --- the sections --------------------------------------------------------------------------------------
+Router = Literal["threshold", "always", "never"]
+"""The routers of ``policies.routing.ROUTERS``."""
+
+
 @dataclass
 class RoutingConfig:
     """When does a query leave System 1 for System 2?"""
 
-    router: str = "threshold"
+    router: Router = "threshold"
     """``threshold`` (System 2 when confidence < threshold), ``always`` (bootstrap a task) or ``never``."""
-    estimator: str = "logprob"
+    estimator: Literal["logprob", "agreement"] = "logprob"
     """``logprob``: a low quantile of System 1's token probabilities (no extra generation);
     ``agreement``: share of ``agreement_samples`` sampled System 1 answers that match the greedy one."""
-    threshold: float = 0.5
-    """Confidence below which System 2 runs. ``agent calibrate`` fits it from the store."""
-    quantile: float = 0.1
+    threshold: float = within("[0, 1]", 0.5)
+    """Confidence below which System 2 runs (1: every query). ``agent calibrate`` fits it from the store."""
+    quantile: float = within("[0, 1]", 0.1)
     """Quantile of token probabilities used by the ``logprob`` estimator (0 = the minimum)."""
-    agreement_samples: int = 4
+    agreement_samples: int = within("[1, inf)", 4)
     """Samples drawn by the ``agreement`` estimator."""
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
 
 
 @dataclass
 class System2Config:
     """How System 2 runs and which of its outputs become training data."""
 
-    method: str = "cot"
-    """Default method: ``cot``, ``rar``, ``s2a``, ``bsm`` or ``pal`` (the one that beats System 1 with
-    the embedded 135M model on its task families)."""
-    methods_by_tag: dict[str, str] = field(default_factory=dict)
+    method: str = field(default="auto", metadata={"choices": METHODS})
+    """Default method: ``auto`` (program-aided first, ``fallback`` when no program agrees), ``cot``,
+    ``rar``, ``s2a``, ``bsm`` or ``pal`` (the one that beats System 1 with the embedded 135M model)."""
+    fallback: str | None = field(default=None, metadata={"choices": METHODS})
+    """The prompted method ``auto`` asks when the programs do not agree (e.g. ``cot``); None: none, the
+    System 1 answer stands. Off by default: prompted methods score 0 with the embedded 135M model and
+    cost seconds per query (see the README); set it with a larger model."""
+    methods_by_tag: dict[str, str] = field(default_factory=dict, metadata={"choices": METHODS})
     """Method per task tag, e.g. ``{arithmetic = "pal"}``."""
-    samples: int = 8
-    """System 2 samples per query (the paper uses 8)."""
-    agreement_threshold: float = 0.75
+    samples: int = within("[1, inf)", 4)
+    """System 2 samples per query. The paper uses 8; measured here (README, System 2 cost per number of
+    samples), program-aided k = 4 keeps 0.97 of the accuracy of k = 8 at half the time a user waits."""
+    agreement_threshold: float = within("[0, 1]", 0.75)
     """Share of samples that must agree for the answer to be kept as a training example."""
-    temperature: float = 0.7
+    temperature: float = within("[0, inf)", 0.7)
     """Sampling temperature of System 2 runs (the samples must differ for a vote to mean anything)."""
-    top_k: int = 40
-    max_new_tokens: int | None = None
+    top_k: int = within("[0, inf)", 40)
+    """Sample each System 2 token from the ``top_k`` most likely ones (0: from all of them)."""
+    max_new_tokens: int | None = within("[1, inf)", None)
     """Length limit of each System 2 generation; default: each method's own (PAL 160, CoT 256, ...)."""
-    timeout_s: float = 300.0
-    """A System 2 run taking longer than this falls back to the System 1 answer."""
-    prompts: dict[str, dict[str, str]] = field(default_factory=dict)
-    """Prompt overrides per method, e.g. ``[system2.prompts.cot] user = "...{question}..."``."""
+    timeout_s: float = within("(0, inf)", 60.0)
+    """A System 2 run taking longer than this falls back to the System 1 answer: the most an inline
+    System 2 adds to a user's wait (program-aided k = 4 takes about 0.5-1 s per query on 2 idle cores)."""
+    prompts: dict[str, dict[str, str]] = field(default_factory=dict, metadata={"templates": True})
+    """Prompt overrides per method, e.g. ``[system2.prompts.cot] user = "...{query}..."``; the names and
+    placeholders of each method's templates are in ``policies/system2/prompts.py``. Every template is
+    formatted once at start, so a misspelt name or placeholder is an error naming it."""
+
+    mode: Literal["inline", "background"] = "inline"
+    """``inline``: when the router sends a query to System 2, the user waits for System 2's answer (the
+    paper's loop: the better answer now, and a training example). ``background``: the user gets System 1's
+    answer at once and the query is labelled later by System 2 from a bounded queue (training data
+    without the wait, but the user keeps System 1's less reliable answer). Only the router's decisions are
+    deferred: a request for ``route="system2"`` always runs inline."""
+    queue_size: int = within("[1, inf)", 256)
+    """Background mode: queries waiting for a System 2 label; when full, new ones are dropped (and counted).
+    At about one second per label on 2 CPU cores this is a few minutes of backlog."""
+    workers: int = within("[1, inf)", 1)
+    """Background mode: threads labelling queued queries. Their generations share the backend (and its
+    micro-batcher) with serving, so more workers mostly queue up behind the same cores."""
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
 
 
 @dataclass
 class ConsolidationConfig:
     """How the buffer is distilled into a LoRA adapter, and when that adapter may serve."""
 
-    min_examples: int = 16
+    min_examples: int = within("[1, inf)", 16)
     """Refuse to train on fewer pending examples."""
-    holdout_fraction: float = 0.2
+    holdout_fraction: float = within("[0, 1)", 0.2)
     """Seeded share of pending examples kept out of training to gate the candidate."""
-    replay_ratio: float = 0.5
+    replay_ratio: float = within("[0, inf)", 0.5)
     """Earlier ``used`` examples mixed in, per new example (replay against forgetting)."""
-    retention_ratio: float = 0.25
+    retention_ratio: float = within("[0, inf)", 0.25)
     """Retention examples (System 1's own confident answers) mixed in, per task example."""
-    retention_threshold: float = 0.9
+    retention_threshold: float = within("[0, 1]", 0.9)
     """The candidate must keep this share of the serving model's answers on the retention holdout."""
-    retention_prompts: int = 64
+    retention_prompts: int = within("[0, inf)", 64)
     """How many retention prompts (store history first, then the 128 shipped general prompts) are used;
     about half train, the other half is the retention holdout that gates the candidate."""
-    gate_margin: float = 0.0
+    gate_margin: float = within("[0, 1]", 0.0)
     """The candidate may be at most this much less accurate than the serving model on the holdout."""
     eval_file: str | None = None
     """Optional fixed JSONL eval set (``input``, ``answer``) the candidate must not get worse on."""
-    rank: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
+    rank: int = within("[1, inf)", 16)
+    """LoRA rank: the width of the low-rank update added to each target module."""
+    alpha: int = within("[1, inf)", 32)
+    """LoRA scaling numerator: the update is scaled by ``alpha / rank``."""
+    dropout: float = within("[0, 1)", 0.05)
+    """Dropout on the LoRA input during training."""
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
-    epochs: int = 3
-    learning_rate: float = 1e-3
-    batch_size: int = 16
-    max_length: int = 128
+    """Names of the base model's linear layers that get a LoRA update (default: attention and MLP)."""
+    epochs: int = within("[1, inf)", 3)
+    """Passes over the training mix."""
+    learning_rate: float = within("(0, inf)", 1e-3)
+    """AdamW learning rate of the adapter weights."""
+    batch_size: int = within("[1, inf)", 16)
+    """Training sequences per optimizer step."""
+    max_length: int = within("[1, inf)", 128)
     """Training sequences are cut to this many tokens."""
     resume: bool = False
     """Start from the serving adapter's weights instead of a fresh adapter."""
-    bf16: str = "auto"
+    bf16: Literal["auto", "on", "off"] = "auto"
     """``auto`` (bf16 autocast when the CPU supports it), ``on`` or ``off``."""
     seed: int = 0
-    per_tag: bool = False
-    """Train one scoped adapter per task tag instead of one general adapter."""
+    """Seeds the holdout split, replay sampling, the training order and the adapter's initial weights."""
+    per_tag: bool = True
+    """Train one scoped adapter per task tag (scope) and the general adapter on untagged examples only;
+    False: one general adapter learns everything."""
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
 
 
 @dataclass
 class ScopingConfig:
     """Which scoped adapter (``consolidation.per_tag``) serves an input that came without a tag."""
 
-    classifier: bool = False
+    classifier: bool = True
     """Send an untagged input to a scoped adapter when it resembles that tag's training inputs more than
     any untagged input (nearest neighbour over character n-grams, see ``policies/scoping.py``)."""
-    min_similarity: float = 0.6
+    min_similarity: float = within("[0, 1]", 0.6)
     """Cosine similarity to the nearest training input of a tag needed to assign that tag."""
-    inputs_per_tag: int = 500
+    auto: bool = True
+    """Group accepted, untagged System 2 examples into scopes by themselves: each joins the scope of its
+    most similar stored input (at ``auto_min_similarity``) or starts a new one named after it; with
+    ``consolidation.per_tag`` each scope then gets its own adapter."""
+    auto_min_similarity: float = within("(0, 1]", 0.5)
+    """Cosine similarity (same features as the classifier) to join an existing scope."""
+    inputs_per_tag: int = within("[1, inf)", 500)
     """Inputs per tag (and untagged ones) the classifier compares against; refitted when adapters change."""
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
 
 
 @dataclass
 class SchedulerConfig:
     """Background consolidation (``agent serve`` and embedded agents that ask for it)."""
 
-    interval_minutes: float | None = None
-    """Consolidate every this many minutes; off when unset."""
-    min_pending: int | None = None
-    """Consolidate as soon as this many examples are pending; off when unset."""
-    check_seconds: float = 30.0
+    enabled: bool = True
+    """Whether ``agent serve`` consolidates in the background (``--no-train`` sets it false: a replica that
+    only serves, following the promotions another process makes in the shared store). An embedded
+    ``Agent`` never starts the scheduler by itself, whatever this says: call ``Agent.start_scheduler()``."""
+    interval_minutes: float | None = within("[0, inf)", 60.0)
+    """Every this many minutes, consolidate each scope (each task tag with ``consolidation.per_tag``, else
+    the general adapter) that has at least ``consolidation.min_examples`` examples to train on; 0 or unset:
+    off. A quiet scope still learns within the hour, and the cost is bounded to one run per scope per hour."""
+    min_pending: int | None = within("[0, inf)", 32)
+    """Consolidate a scope as soon as this many of its examples are pending (with ``consolidation.per_tag``
+    each tag is counted on its own); 0 or unset: off. 32 pending examples give about 26 to train on and 6
+    held out for the gate: a scope starts learning after a few dozen of its questions, and a candidate
+    trained on too little is refused by the gate, never served."""
+    check_seconds: float = within("(0, inf)", 30.0)
     """How often the pending count is checked."""
+    process: Literal["child", "thread"] = "child"
+    """``child``: each consolidation runs in a separate process (``python -m agent.worker``) at a lower CPU
+    priority with few torch threads, built from this same configuration; the serving process follows the
+    promotion through the store. ``thread``: in a thread of this process (training then competes with
+    serving for the same interpreter and torch thread pool)."""
+    nice: int = 10
+    """Child process: how much lower its CPU priority is than this process's (``os.nice``; 0-19)."""
+    train_threads: int | None = None
+    """Child process: torch threads for training; default: half the CPU cores, at least 1 (1 on 2 cores).
+    The other half stays free for serving."""
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
 
 
 @dataclass
 class ServerConfig:
+    """The OpenAI-compatible HTTP server (``agent serve``)."""
+
     host: str = "127.0.0.1"
-    port: int = 8000
+    """Address to bind; ``0.0.0.0`` serves every interface (set ``admin_token`` before you do)."""
+    port: int = within("[1, 65535]", 8000)
+    """TCP port to listen on."""
     admin_token: str | None = None
     """Token for ``/admin/*`` (also ``S2AGENT_ADMIN_TOKEN``); admin routes are refused when unset."""
-    max_body_bytes: int = 1_000_000
-    max_tokens_limit: int = 1024
+    max_body_bytes: int = within("[1, inf)", 1_000_000)
+    """Larger request bodies are refused with a 413."""
+    max_tokens_limit: int = within("[1, inf)", 1024)
     """Largest ``max_tokens`` a request may ask for."""
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
 
 
 @dataclass
@@ -151,7 +276,7 @@ class AgentConfig:
 
     model: str = "default"
     """``default`` (embedded SmolLM2-135M-Instruct), a local folder, a ``.gguf`` file or a Hugging Face id."""
-    backend: str = "hf"
+    backend: Literal["hf", "vllm"] = "hf"
     """``hf`` (transformers + peft, CPU) or ``vllm`` (GPU, ``pip install s2agent[vllm]``)."""
     db: str | None = None
     """SQLite path or SQLAlchemy URL; default ``<data dir>/agent.db``."""
@@ -159,28 +284,50 @@ class AgentConfig:
     """Where adapter versions live; default ``adapters/`` beside the database file."""
     cache_dir: str | None = None
     """Model cache (the dequantized embedded model); default ``$XDG_CACHE_HOME/s2agent``."""
-    threads: int | None = None
+    threads: int | None = within("[1, inf)", None)
     """Torch CPU threads; default: all cores."""
     system_prompt: str | None = None
     """System message for every chat prompt; default: the model's own chat template default."""
-    max_new_tokens: int = 128
+    max_new_tokens: int = within("[1, inf)", 128)
     """System 1's answer length limit."""
-    answer_kind: str = "text"
+    answer_kind: AnswerKind = "text"
     """How answers are compared: ``text``, ``yesno``, ``number``, ``choice`` or ``verdict``."""
-    kinds_by_tag: dict[str, str] = field(default_factory=dict)
-    max_batch: int = 16
+    kinds_by_tag: dict[str, AnswerKind] = field(default_factory=dict)
+    """Answer kind per task tag, e.g. ``{arithmetic = "number"}``; other tags use ``answer_kind``."""
+    max_batch: int = within("[1, inf)", 16)
     """Most sequences decoded together when concurrent requests are batched."""
-    batch_wait_ms: float = 5.0
+    batch_wait_ms: float = within("[0, inf)", 5.0)
     """How long a request waits for others to share its forward pass."""
     seed: int | None = None
+    """Seeds sampling (System 2 and sampled System 1 answers) for reproducible runs; unset: not seeded."""
     routing: RoutingConfig = field(default_factory=RoutingConfig)
+    """When a query goes to System 2."""
     system2: System2Config = field(default_factory=System2Config)
+    """How System 2 runs."""
     consolidation: ConsolidationConfig = field(default_factory=ConsolidationConfig)
+    """How the buffer becomes an adapter."""
     scoping: ScopingConfig = field(default_factory=ScopingConfig)
+    """Which scoped adapter serves an untagged input."""
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    """When consolidation runs in the background."""
     server: ServerConfig = field(default_factory=ServerConfig)
+    """The HTTP server."""
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+
+    def validate(self) -> "AgentConfig":
+        """Check every value of every section again (values assigned after construction are checked here);
+        raises :class:`ConfigError` naming the first bad key. ``Agent`` calls it before it loads anything."""
+        for section, obj in _sections(self):
+            _check_fields(obj, prefix=section, source="code")
+        return self
 
     # ----------------------------------------------------------------------------------------
+    def answer_kind_for(self, tag: str | None) -> str:
+        """How answers of scope ``tag`` are compared: ``kinds_by_tag[tag]``, else ``answer_kind``."""
+        return self.kinds_by_tag.get(tag or "", self.answer_kind)
+
     def db_url(self) -> str:
         return self.db or str(default_data_dir() / "agent.db")
 
@@ -199,7 +346,10 @@ class AgentConfig:
         env: Mapping[str, str] | None = None,
         overrides: Mapping[str, Any] | None = None,
     ) -> "AgentConfig":
-        """Defaults < TOML file < ``S2AGENT_*`` environment < ``overrides`` (dotted keys allowed)."""
+        """Defaults < TOML file < ``S2AGENT_*`` environment < ``overrides`` (dotted keys allowed).
+
+        Each value is checked as it is read; the first bad one raises :class:`ConfigError` naming the key,
+        its source and what it may be, so a loaded config is a valid one."""
         config = cls()
         if path:
             try:
@@ -223,6 +373,14 @@ class AgentConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "a configuration dict") -> "AgentConfig":
+        """The configuration :meth:`to_dict` wrote, as it was: defaults overwritten by ``data`` alone (no file,
+        no environment). This is how a child process gets its parent's effective configuration."""
+        config = cls()
+        _apply(config, data, source=source)
+        return config
 
 
 _NOT_CONFIG_ENV = {"S2AGENT_HOME", "S2AGENT_CACHE_DIR", "S2AGENT_ADMIN_TOKEN", "S2AGENT_TEST_POSTGRES_URL"}
@@ -252,15 +410,86 @@ def _set_dotted(config: Any, dotted: str, value: Any, source: str, from_string: 
             raise ConfigError(f"config section {dotted!r} must be a table (from {source})")
         _apply(config, value, source, prefix=f"{dotted}.")
         return
-    setattr(target, name, _coerce(types[name], value, dotted, source, from_string))
+    value = _coerce(types[name], value, dotted, source, from_string)
+    _check_value(_fields(type(target))[name], types[name], value, dotted, source)
+    setattr(target, name, value)
 
 
+# --- checks ------------------------------------------------------------------------------------------
+@functools.cache
 def _field_types(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
+@functools.cache
+def _fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _sections(config: AgentConfig) -> list[tuple[str, Any]]:
+    """``("", config)`` and ``(name, section)`` for each section."""
+    return [("", config)] + [(name, getattr(config, name)) for name, tp in _field_types(AgentConfig).items()
+                             if dataclasses.is_dataclass(tp)]
+
+
+def _section_name(cls: type) -> str:
+    """The key a section class has in ``AgentConfig`` (``RoutingConfig`` -> ``routing``)."""
+    return next((name for name, tp in _field_types(AgentConfig).items() if tp is cls), "")
+
+
+def _check_fields(obj: Any, prefix: str | None = None, source: str = "code") -> None:
+    """Check every (non-section) field of one section; the first bad one raises :class:`ConfigError`."""
+    section = _section_name(type(obj)) if prefix is None else prefix
+    types = _field_types(type(obj))
+    for name, f in _fields(type(obj)).items():
+        if not dataclasses.is_dataclass(types[name]):
+            _check_value(f, types[name], getattr(obj, name), f"{section}.{name}" if section else name, source)
+
+
+def _choices(tp: Any, f: dataclasses.Field) -> tuple[Any, bool]:
+    """The allowed values of a field (None: any) and whether they apply to a dict's values."""
+    if "choices" in f.metadata:
+        return f.metadata["choices"], typing.get_origin(tp) is dict
+    if typing.get_origin(tp) is dict:  # dict[str, Literal[...]]
+        tp, per_value = typing.get_args(tp)[1], True
+    else:
+        per_value = False
+    if typing.get_origin(tp) is Literal:
+        return typing.get_args(tp), per_value
+    return None, False
+
+
+def _check_value(f: dataclasses.Field, tp: Any, value: Any, key: str, source: str) -> None:
+    """The one place a value is judged: its allowed values, its range, and for templates, each template."""
+    where = f"config key {key!r} (from {source})"
+    optional = type(None) in typing.get_args(tp)
+    if value is None and optional:
+        return
+    choices, per_value = _choices(tp, f)
+    if choices is not None:
+        allowed = ", ".join(map(str, choices))
+        if per_value and isinstance(value, Mapping):
+            for tag, item in value.items():
+                if item not in choices:
+                    raise ConfigError(f"{where}: {tag!r} = {item!r} is not one of {allowed}")
+        elif not per_value and value not in choices:
+            raise ConfigError(f"{where} must be one of {allowed}; got {value!r}")
+    interval = f.metadata.get("range")
+    if interval is not None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            raise ConfigError(f"{where} must be a number in {interval}; got {value!r}")
+        if value not in interval:
+            raise ConfigError(f"{where} must be in {interval}; got {value!r}")
+    if f.metadata.get("templates"):
+        problems = template_problems(value)
+        if problems:
+            raise ConfigError("; ".join(f"config key '{key}.{name}' (from {source}) {problem}"
+                                        for name, problem in problems))
+
+
 def _coerce(tp: Any, value: Any, key: str, source: str, from_string: bool) -> Any:
+    """``value`` as the annotated type (a string from the environment is parsed), or a :class:`ConfigError`."""
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     optional = type(None) in typing.get_args(tp)
     base = typing.get_origin(tp) or tp
@@ -268,6 +497,8 @@ def _coerce(tp: Any, value: Any, key: str, source: str, from_string: bool) -> An
         if value is None or (from_string and str(value).lower() in ("", "none", "null")):
             return None
         base = typing.get_origin(args[0]) or args[0]
+    if base is Literal:
+        return value  # _check_value names the allowed values
     try:
         if base is bool:
             if isinstance(value, bool):
@@ -287,8 +518,6 @@ def _coerce(tp: Any, value: Any, key: str, source: str, from_string: bool) -> An
             return value
         if base in (list, dict):
             if from_string:
-                import json
-
                 value = json.loads(value)
             if not isinstance(value, base):
                 raise ValueError(value)

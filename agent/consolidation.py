@@ -213,7 +213,7 @@ def _consolidate_locked(agent: Learner, owner, scope, dry_run, min_examples, epo
     try:
         serving_name = agent.adapter_for(scope)[1]
         # Retention: the serving model's own answers, now, are the targets to keep.
-        retention_answers = _system1_answers(agent, retention_inputs, serving_name)
+        retention_answers = _system1_answers(agent, retention_inputs, serving_name, stop=stop)
         retention_train, retention_holdout = split_retention(retention_inputs, retention_answers, cfg.seed)
         retention_train = retention_train[:n_retention_train]
         report.n_retention, report.n_retention_holdout = len(retention_train), len(retention_holdout)
@@ -301,9 +301,23 @@ def _retention_inputs(agent: Learner, cfg) -> list[str]:
     return inputs[: cfg.retention_prompts]
 
 
-def _system1_answers(agent: Learner, inputs: Sequence[str], adapter: str | None) -> list[str]:
-    """Greedy System 1 answers under the loaded adapter ``adapter`` (None: the base model)."""
-    return [c.text for c in agent.system1_batch(inputs, adapter=adapter)]
+RETENTION_BATCH = 16
+"""Retention prompts answered per call, between which a stop request is honoured."""
+
+
+def _system1_answers(agent: Learner, inputs: Sequence[str], adapter: str | None,
+                     stop: threading.Event | None = None) -> list[str]:
+    """Greedy System 1 answers under the loaded adapter ``adapter`` (None: the base model); with ``stop``,
+    answered ``RETENTION_BATCH`` at a time, raising :class:`ConsolidationInterrupted` once it is set (the
+    retention answers come before training and take minutes on a busy CPU)."""
+    if stop is None:
+        return [c.text for c in agent.system1_batch(inputs, adapter=adapter)]
+    answers: list[str] = []
+    for start in range(0, len(inputs), RETENTION_BATCH):
+        if stop.is_set():
+            raise ConsolidationInterrupted("stopped before training by shutdown")
+        answers += [c.text for c in agent.system1_batch(inputs[start:start + RETENTION_BATCH], adapter=adapter)]
+    return answers
 
 
 def _accuracy(outputs: Iterable[str], targets: Iterable[str], kind: str) -> float | None:

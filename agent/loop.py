@@ -7,7 +7,9 @@
    adapter's terse format never leaks into the reasoning), then a consistency filter;
 4. the interaction is logged; an accepted System 2 answer joins the distillation buffer as a
    ``pending`` (input -> final answer) example, a rejected one is kept with its votes as ``rejected``;
-5. the user gets the System 2 answer now; System 1 learns it at the next consolidation.
+5. the user gets the System 2 answer now; System 1 learns it at the next consolidation. With
+   ``system2.mode = "background"`` the user gets System 1's answer at once instead, and System 2 labels
+   the query later from a bounded queue (:mod:`agent.background`); the example is stored the same way.
 
 The ``Agent`` is thread-safe: concurrent ``answer`` calls share forward passes through the backend's
 batcher, and a newly promoted adapter is picked up between requests without a restart.
@@ -29,7 +31,9 @@ from agent.backends import (
     SamplingParams,
     make_backend,
 )
+from agent.background import Deferred, Label, System2Queue
 from agent.config import AgentConfig
+from agent.consolidation import LOCK_NAME as CONSOLIDATION_LOCK
 from agent.consolidation import ConsolidationReport, consolidate
 from agent.data import general_prompts
 from agent.errors import ConfigError, InvalidQueryError, System2Timeout
@@ -43,10 +47,11 @@ from policies.routing import (
     sample_agreement,
     token_confidence,
 )
-from policies.scoping import ScopeClassifier, ScopeDecision
-from policies.system2 import UnknownMethodError, make_method
+from policies.scoping import ScopeClassifier, ScopeDecision, ScopeIndex
+from policies.system2 import Auto, UnknownMethodError, make_method
 from policies.system2.base import Call, System2Method, System2Result
-from store import Adapter, Interaction, Store
+from store import Adapter, ConsolidationRun, Interaction, Store
+from store.schema import MAX_TAG_LENGTH
 
 logger = logging.getLogger(__name__)
 
@@ -90,15 +95,22 @@ class Answer:
 
 
 class Agent:
-    """The runtime, usable without a server: ``Agent(AgentConfig()).answer("...")``."""
+    """The runtime, usable without a server: ``Agent(AgentConfig()).answer("...")``.
+
+    An embedded agent consolidates only when asked: :meth:`consolidate` now, or :meth:`start_scheduler` for
+    the configured triggers (``agent serve`` starts the scheduler itself unless ``--no-train``). With
+    ``system2.mode = "background"`` it labels System 2's queries in worker threads; :meth:`close` stops
+    them and the scheduler.
+    """
 
     def __init__(self, config: AgentConfig | None = None, *, backend: Backend | None = None,
                  store: Store | None = None) -> None:
-        self.config = config or AgentConfig()
+        self.config = (config or AgentConfig()).validate()  # a bad value fails here, before a model loads
         self.router = make_router(self.config.routing.router, self.config.routing.threshold)
         self._methods: dict[tuple[str, str | None], System2Method] = {}
-        for name in {self.config.system2.method, *self.config.system2.methods_by_tag.values()}:
-            self._method(name, None)  # an unknown method name is a start-up error, not a runtime surprise
+        for name in {self.config.system2.method, *self.config.system2.methods_by_tag.values(),
+                     *([self.config.system2.fallback] if self.config.system2.fallback else [])}:
+            self._method(name, None)  # a method that cannot be built is a start-up error, not a runtime surprise
         self.store = store or Store(self.config.db_url())
         self.model_path = resolve_model(self.config.model, self.config.cache_dir)
         """The base model's folder: consolidation trains on it."""
@@ -114,7 +126,12 @@ class Agent:
         self._adapter_lock = threading.Lock()
         self._last_poll = 0.0
         self._scopes: ScopeClassifier | None = None
+        self._scope_index: ScopeIndex | None = None
+        self._scope_lock = threading.Lock()
         self.scheduler: ConsolidationScheduler | None = None
+        self._closing = threading.Event()
+        self._system2_queue = System2Queue(self.config.system2.queue_size, self.config.system2.workers,
+                                           self._label_deferred)  # its threads start on first use
         self.refresh_adapters(force=True)
 
     # --- public API ------------------------------------------------------------------------
@@ -144,6 +161,8 @@ class Agent:
             raise InvalidQueryError("query is empty")
         if route not in ROUTES:
             raise InvalidQueryError(f"unknown route {route!r}; choose one of {', '.join(ROUTES)}")
+        if tag is not None and len(tag) > MAX_TAG_LENGTH:  # refused before any generation, not by the store after it
+            raise InvalidQueryError(f"tag is {len(tag)} characters long; the most is {MAX_TAG_LENGTH}")
         self.refresh_adapters()
         scope = self._classify(query) if tag is None else None
         tag = scope.tag if scope else tag
@@ -182,10 +201,20 @@ class Agent:
         if scope:
             answer.route_reason["scope"] = {"tag": scope.tag, "similarity": round(scope.similarity, 3),
                                             "general_similarity": round(scope.general_similarity, 3)}
+        deferred = None
         if decision.route == "system2":
-            self._run_system2(answer, query, method, tag)
+            if route == "auto" and self.config.system2.mode == "background":
+                deferred = self._defer_system2(answer, query, method, tag)
+            else:
+                self._run_system2(answer, query, method, tag)
+                if tag is None and answer.accepted and self.config.scoping.auto:
+                    tag = answer.tag = self._assign_scope(answer, query)
         answer.latency_ms = (time.perf_counter() - started) * 1000
-        self._record(answer, query, tag)
+        try:
+            self._record(answer, query, tag)
+        finally:
+            if deferred is not None:
+                deferred.logged(answer.interaction_id)
         return answer
 
     def complete(self, prompt: Prompt, params: SamplingParams, tag: str | None = None
@@ -267,21 +296,40 @@ class Agent:
         """The store's counts: examples by status and method, interactions by route, tokens spent."""
         return self.store.stats()
 
+    def runs(self, limit: int | None = 20) -> list[ConsolidationRun]:
+        """Consolidation runs, newest first; every run ever started when ``limit`` is None."""
+        return self.store.list_runs(limit=limit)
+
     def pending_examples(self) -> int:
         """Examples waiting for the next consolidation (also a cheap check that the store answers)."""
         return self.store.count_examples(status="pending")
 
+    def running_consolidation(self) -> dict[str, Any] | None:
+        """The consolidation running now on this store, in any process (a scheduler's child included): the
+        holder of the store's consolidation lock, as ``{"pid", "host", "since"}``; None when none runs."""
+        holder = self.store.lock_holder(CONSOLIDATION_LOCK)
+        if holder is None:
+            return None
+        return {"pid": holder.pid, "host": holder.host, "since": holder.acquired_at}
+
     def start_scheduler(self) -> ConsolidationScheduler:
-        """Consolidate in the background as ``config.scheduler`` says (interval and/or pending count)."""
+        """Consolidate in the background as ``config.scheduler`` says (pending count per scope and/or
+        interval; in a child process unless ``scheduler.process = "thread"``). Not started by the
+        constructor: an embedded agent consolidates only when asked to."""
         if self.scheduler is None:
             self.scheduler = ConsolidationScheduler(self)
             self.scheduler.start()
         return self.scheduler
 
     def close(self) -> None:
+        """Stop the scheduler (a running consolidation stops at its next training step) and the background
+        System 2 workers (queries still waiting are dropped; a label in progress stops at its next call),
+        then release the backend and the store."""
+        self._closing.set()
         if self.scheduler is not None:
             self.scheduler.shutdown()
             self.scheduler = None
+        self._system2_queue.close()
         self.backend.close()
         self.store.close()
 
@@ -336,6 +384,8 @@ class Agent:
             self._retiring = keep
             if force or self._serving != before:
                 self._fit_scopes()
+                with self._scope_lock:  # scopes may have been renamed or merged: regroup from the store
+                    self._scope_index = None
 
     def _fit_scopes(self) -> None:
         """Refit the scope classifier on the inputs of the tags that have a serving adapter now.
@@ -354,6 +404,19 @@ class Agent:
         self._scopes = ScopeClassifier(scoped, general, cfg.min_similarity)
         logger.info("scope classifier fitted: %s against %d untagged inputs",
                     ", ".join(f"{t} ({len(v)})" for t, v in scoped.items()), len(general))
+
+    def _assign_scope(self, answer: Answer, query: str) -> str:
+        """The automatic scope of an accepted, untagged System 2 example (see ``policies.scoping.ScopeIndex``):
+        the scope of the most similar stored input, or a new one named after this input."""
+        with self._scope_lock:
+            if self._scope_index is None:
+                limit = self.config.scoping.inputs_per_tag
+                scoped = {tag: [e.input for e in self.store.sample_examples(None, limit, tag=tag)]
+                          for tag in self.store.example_tags() if tag is not None}
+                self._scope_index = ScopeIndex(scoped, self.config.scoping.auto_min_similarity)
+            tag, similarity = self._scope_index.assign(query)
+        answer.route_reason["scope"] = {"tag": tag, "similarity": round(similarity, 3), "assigned": "auto"}
+        return tag
 
     def _classify(self, query: str) -> ScopeDecision | None:
         return self._scopes.classify(query) if self._scopes else None
@@ -380,6 +443,11 @@ class Agent:
 
     def _method(self, name: str, tag: str | None) -> System2Method:
         key = (name, tag)
+        if name == "auto" and key not in self._methods:
+            fallback = self.config.system2.fallback
+            if fallback == "auto":
+                raise ConfigError("system2.fallback cannot be 'auto' itself; name a prompted method such as 'cot'")
+            self._methods[key] = Auto(self._method("pal", tag), self._method(fallback, tag) if fallback else None)
         if key not in self._methods:
             cfg = self.config.system2
             kwargs: dict[str, Any] = {"prompts": cfg.prompts.get(name), "temperature": cfg.temperature,
@@ -400,7 +468,7 @@ class Agent:
 
     def answer_kind(self, tag: str | None) -> str:
         """How answers for ``tag`` are compared (``kinds_by_tag``, else ``answer_kind``)."""
-        return self.config.kinds_by_tag.get(tag or "", self.config.answer_kind)
+        return self.config.answer_kind_for(tag)
 
     def _run_system2(self, answer: Answer, query: str, method_name: str | None, tag: str | None) -> None:
         cfg = self.config.system2
@@ -430,6 +498,9 @@ class Agent:
 
     def _apply_system2(self, answer: Answer, result: System2Result) -> None:
         decision = result.decision
+        answer.method = result.method  # with ``auto``: the method whose answer this is
+        if "tried" in result.extra:
+            answer.route_reason["system2_tried"] = result.extra["tried"]
         answer.tokens_system2 = result.tokens
         answer.system2_calls = result.calls
         answer.tokens += result.tokens
@@ -446,6 +517,8 @@ class Agent:
         seed = self.config.seed
 
         def run(calls: Sequence[Call]) -> list[list[Completion]]:
+            if self._closing.is_set():
+                raise System2Timeout("System 2 stopped: the agent is closing")
             if time.monotonic() > deadline:
                 raise System2Timeout(f"System 2 exceeded {self.config.system2.timeout_s:.0f} s")
             requests = [
@@ -470,9 +543,42 @@ class Agent:
             latency_ms=answer.latency_ms, route_reason=answer.route_reason, votes=answer.votes,
             accepted=answer.accepted, error=answer.error,
         )
+        self._record_example(answer, query, tag)
+
+    def _record_example(self, answer: Answer, query: str, tag: str | None) -> None:
+        """Keep System 2's answer as an example: ``pending`` if it passed the filter, else ``rejected`` with
+        its votes; nothing when System 2 gave no parsable answer. Inline and background labels both come here."""
         if answer.method and answer.votes is not None and answer.route == "system2":
             self.store.add_example(
                 input=query, target=answer.text, method=answer.method, votes=answer.votes,
                 agreement=answer.agreement, status="pending" if answer.accepted else "rejected",
                 kind="system2", tag=tag, interaction_id=answer.interaction_id,
             )
+
+    # --- background System 2 ---------------------------------------------------------------
+    def _defer_system2(self, answer: Answer, query: str, method: str | None, tag: str | None) -> Deferred | None:
+        """Offer ``query`` to the background queue; the user keeps System 1's ``answer``, which says whether
+        System 2 was ``queued`` or ``dropped`` (queue full) in ``route_reason["system2"]``."""
+        item = Deferred(query, method, tag, answer.system1_text, answer.confidence, answer.adapter_version)
+        queued = self._system2_queue.offer(item)
+        answer.route_reason["system2"] = "queued" if queued else "dropped"
+        return item if queued else None
+
+    def _label_deferred(self, item: Deferred) -> Label:
+        """System 2 on a queued query, recorded as the inline path records it (linked to its interaction)."""
+        result = self.system2(item.query, method=item.method, tag=item.tag)
+        answer = Answer(text=item.system1_text, route="system1", confidence=item.confidence, method=result.method,
+                        adapter_version=item.adapter_version, tokens=0, latency_ms=0.0,
+                        system1_text=item.system1_text, tag=item.tag, interaction_id=item.interaction_id)
+        self._apply_system2(answer, result)
+        tag = item.tag
+        if tag is None and answer.accepted and self.config.scoping.auto:
+            tag = self._assign_scope(answer, item.query)  # the example joins its scope; the logged answer stays
+        self._record_example(answer, item.query, tag)
+        return Label(accepted=bool(answer.accepted and answer.route == "system2"), tokens=result.tokens)
+
+    def background_stats(self) -> dict[str, int]:
+        """Background System 2 (``system2.mode = "background"``) since this agent started: queries
+        ``queued``, ``dropped`` (queue full, or waiting at close), ``labelled``, ``accepted`` into the buffer,
+        ``failed``, System 2 ``tokens`` spent, and ``waiting`` now."""
+        return self._system2_queue.stats()

@@ -1,30 +1,60 @@
 """Background consolidation with APScheduler 3.
 
-Two optional triggers, both off unless configured (``[scheduler]`` in the config):
-- every ``interval_minutes``;
-- as soon as ``min_pending`` examples wait in the buffer (checked every ``check_seconds``); with
-  ``consolidation.per_tag``, each task tag with ``min_pending`` waiting examples gets its own run,
-  into its own scoped adapter (untagged examples into the general one).
+Two triggers (``[scheduler]`` in the config; ``agent serve`` starts them unless ``--no-train``, an embedded
+``Agent`` only when asked with :meth:`agent.Agent.start_scheduler`):
+- as soon as ``min_pending`` examples of a scope wait in the buffer (checked every ``check_seconds``); with
+  ``consolidation.per_tag`` each task tag is a scope with its own count and its own scoped adapter
+  (untagged examples go to the general one);
+- every ``interval_minutes``, each scope with enough examples to train on (``consolidation.min_examples``
+  after the holdout share), so that a quiet scope learns too.
 
-Runs never overlap: APScheduler's ``max_instances=1`` inside the process, and the store's
-consolidation lock across processes sharing one database. Training runs in the scheduler's worker
-thread, off the request path; serving continues (slower on 2 cores, never blocked).
+Where a run happens (``scheduler.process``):
+- ``child`` (default): a separate process, ``python -m agent.worker`` (:mod:`agent.worker`), started at a
+  lower CPU priority (``scheduler.nice``) with few torch threads (``scheduler.train_threads``), built from
+  this process's effective configuration. Serving keeps its interpreter and its cores' priority; the
+  promoted adapter reaches it through the store (:meth:`agent.Agent.refresh_adapters`), without a restart.
+  ``shutdown()`` sends the child SIGTERM, which stops its training at the next step; a child that does not
+  exit within ``CHILD_STOP_SECONDS`` is killed (a consolidation is crash-safe, see
+  :mod:`agent.consolidation`).
+- ``thread``: in the scheduler's worker thread of this process, sharing its torch threads with serving.
+
+Runs never overlap: APScheduler's ``max_instances=1`` and a lock inside the process, and the store's
+consolidation lock across processes sharing one database (whose holder ``agent schedule status`` and
+``/metrics`` show, child processes included).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
 import threading
+import time
 from collections import Counter
 from datetime import timezone
+from pathlib import Path
 from typing import Any, Protocol
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
-from agent.consolidation import ConsolidationReport, Learner, cleanup_after_crash
+from agent.consolidation import ConsolidationReport, Learner, cleanup_after_crash, holdout_bucket
 
 logger = logging.getLogger(__name__)
+
+CHILD_STOP_SECONDS = 30.0
+"""After SIGTERM, how long a consolidation child may take to stop at its next training step before it is
+killed (a training step takes a few seconds on 2 cores; the gate is not interruptible)."""
+PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])
+"""The folder holding this ``agent`` package: put first on the child's path, so it runs this same code."""
+_BOOTSTRAP = ("import os, runpy, sys; os.nice(int(sys.argv.pop(1))); "
+              "runpy.run_module('agent.worker', run_name='__main__', alter_sys=True)")
+"""Lowers the child's priority before anything is imported (importing torch is seconds of CPU), then runs
+``agent.worker`` as ``python -m`` would."""
 
 
 class Consolidator(Learner, Protocol):
@@ -35,6 +65,20 @@ class Consolidator(Learner, Protocol):
                     ) -> ConsolidationReport: ...
 
 
+def default_train_threads() -> int:
+    """Torch threads of a consolidation child by default: half the CPU cores, at least one (the other half
+    stays with serving)."""
+    return max(1, (os.cpu_count() or 2) // 2)
+
+
+def worker_command(config_file: str, report_file: str, scope: str | None, nice: int, log_level: str
+                   ) -> list[str]:
+    """The child's command line: ``python -m agent.worker ...`` behind a bootstrap that first renices it."""
+    command = [sys.executable, "-c", _BOOTSTRAP, str(max(0, nice)), "--config", config_file,
+               "--report", report_file, "--log-level", log_level]
+    return command + (["--scope", scope] if scope is not None else [])
+
+
 class ConsolidationScheduler:
     def __init__(self, agent: Consolidator) -> None:
         self.agent = agent
@@ -42,6 +86,8 @@ class ConsolidationScheduler:
         self.stop_event = threading.Event()
         self.last_report: ConsolidationReport | None = None
         self.running = False
+        self.child: subprocess.Popen | None = None
+        """The consolidation process running now (``process = "child"``), else None."""
         self._run_lock = threading.Lock()
         self._scheduler = BackgroundScheduler(timezone=timezone.utc)
 
@@ -55,8 +101,8 @@ class ConsolidationScheduler:
             logger.warning("marked killed consolidation runs as crashed: %s", crashed)
         if self.config.interval_minutes:
             self._scheduler.add_job(
-                self.run_now, IntervalTrigger(minutes=self.config.interval_minutes), id="interval",
-                kwargs={"trigger": "interval"}, max_instances=1, coalesce=True,
+                self._on_interval, IntervalTrigger(minutes=self.config.interval_minutes), id="interval",
+                max_instances=1, coalesce=True,
             )
         if self.config.min_pending:
             self._scheduler.add_job(
@@ -64,12 +110,12 @@ class ConsolidationScheduler:
                 max_instances=1, coalesce=True,
             )
         self._scheduler.start()
-        logger.info("consolidation scheduler started: interval=%s min, pending>=%s",
-                    self.config.interval_minutes, self.config.min_pending)
+        logger.info("consolidation scheduler started: interval=%s min, pending>=%s, in a %s",
+                    self.config.interval_minutes, self.config.min_pending, self.config.process)
 
     def shutdown(self) -> None:
         """Ask a running consolidation to stop at its next training step, then stop the scheduler."""
-        self.stop_event.set()
+        self.stop_event.set()  # a child process gets SIGTERM from _wait within 0.2 s
         if self._scheduler.running:  # Agent.close() shuts down again after an explicit shutdown()
             self._scheduler.shutdown(wait=True)
         with self._run_lock:  # also wait for a run started with run_now() outside the scheduler's threads
@@ -77,13 +123,17 @@ class ConsolidationScheduler:
 
     def run_now(self, trigger: str = "manual", scope: str | None = None) -> ConsolidationReport | None:
         """Consolidate ``scope`` now unless a run is already going in this process (then None)."""
-        if not self._run_lock.acquire(blocking=False):
+        if self.stop_event.is_set() or not self._run_lock.acquire(blocking=False):
             return None
         self.running = True
         try:
             logger.info("consolidation triggered (%s)", trigger)
-            report = self.agent.consolidate(stop=self.stop_event, scope=scope)
+            if self.config.process == "child":
+                report = self._run_child(scope)
+            else:
+                report = self.agent.consolidate(stop=self.stop_event, scope=scope)
             self.last_report = report
+            logger.info("consolidation %s: %s", report.status, report.reason)
             return report
         except Exception:  # noqa: BLE001 - a failed run is recorded in the store; the scheduler goes on
             logger.exception("scheduled consolidation failed")
@@ -92,6 +142,56 @@ class ConsolidationScheduler:
             self.running = False
             self._run_lock.release()
 
+    # --- the child process -------------------------------------------------------------------------
+    def _run_child(self, scope: str | None) -> ConsolidationReport:
+        """One consolidation in a child process; returns its report once it has exited."""
+        with tempfile.TemporaryDirectory(prefix="s2agent-consolidation-") as folder:
+            config_file, report_file = os.path.join(folder, "config.json"), os.path.join(folder, "report.json")
+            data = self.agent.config.to_dict()
+            data["server"]["admin_token"] = None  # the child serves nothing
+            data["db"], data["adapters_dir"] = self.agent.config.db_url(), str(self.agent.config.adapters_path())
+            with open(config_file, "w") as f:
+                json.dump(data, f)
+            threads = str(self.config.train_threads or default_train_threads())
+            env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads,
+                       PYTHONPATH=os.pathsep.join(filter(None, [PACKAGE_ROOT, os.environ.get("PYTHONPATH")])))
+            env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle torch threads sleep instead of spinning on a core
+            level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
+            command = worker_command(config_file, report_file, scope, self.config.nice, str(level))
+            started = time.perf_counter()
+            self.child = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL)
+            logger.info("consolidation running in process %s (scope %s)", self.child.pid, scope or "general")
+            try:
+                code = self._wait(self.child)
+            finally:
+                self.child = None
+            report = _read_report(report_file)
+        if report is None:
+            crashed = cleanup_after_crash(self.agent)  # its run row and folders, if it died mid-run
+            report = ConsolidationReport("failed", f"the consolidation process exited with status {code} "
+                                         f"without a report" + (f" (run {crashed} marked crashed)" if crashed else ""),
+                                         scope=scope, seconds=round(time.perf_counter() - started, 2))
+        self.agent.refresh_adapters(force=True)  # serve a promotion now, not at the next poll
+        return report
+
+    def _wait(self, child: subprocess.Popen) -> int:
+        """Wait for ``child``; once shutdown has begun, SIGTERM it and kill it after ``CHILD_STOP_SECONDS``."""
+        stopping_since: float | None = None
+        while True:
+            try:
+                return child.wait(timeout=0.2)
+            except subprocess.TimeoutExpired:
+                pass
+            if self.stop_event.is_set():
+                if stopping_since is None:
+                    stopping_since = time.monotonic()
+                    child.send_signal(signal.SIGTERM)
+                elif time.monotonic() - stopping_since > CHILD_STOP_SECONDS:
+                    logger.warning("consolidation process %s did not stop in %.0f s: killing it",
+                                   child.pid, CHILD_STOP_SECONDS)
+                    child.kill()
+
+    # --- triggers ----------------------------------------------------------------------------------
     def _check_pending(self) -> None:
         needed = self.config.min_pending or 0
         if not self.agent.config.consolidation.per_tag:
@@ -104,13 +204,34 @@ class ConsolidationScheduler:
             if pending >= needed and not self.stop_event.is_set():
                 self.run_now(trigger=f"{pending} pending examples tagged {tag or '(none)'}", scope=tag)
 
+    def _on_interval(self) -> None:
+        """Consolidate every scope that has enough examples to train on (a run would skip the others)."""
+        cfg = self.agent.config.consolidation
+        pending = self.agent.store.list_examples(status="pending")
+        trainable = Counter(e.tag if cfg.per_tag else None for e in pending
+                            if holdout_bucket(e.input, cfg.seed) >= cfg.holdout_fraction)
+        for scope, n in sorted(trainable.items(), key=lambda item: item[0] or ""):
+            if n >= cfg.min_examples and not self.stop_event.is_set():
+                self.run_now(trigger=f"interval ({n} examples to train on)", scope=scope)
+
     def status(self) -> dict[str, Any]:
         jobs = {job.id: job.next_run_time.isoformat() if job.next_run_time else None
                 for job in self._scheduler.get_jobs()}
         last = self.last_report
+        child = self.child
         return {
             "enabled": self.enabled,
+            "process": self.config.process,
             "running": self.running,
+            "child_pid": child.pid if child is not None else None,
             "next_runs": jobs,
             "last": last.to_dict() if last else None,
         }
+
+
+def _read_report(path: str) -> ConsolidationReport | None:
+    try:
+        with open(path) as f:
+            return ConsolidationReport(**json.load(f))
+    except (OSError, ValueError, TypeError):
+        return None

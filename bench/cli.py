@@ -37,6 +37,18 @@ def build_parser(prog: str = "agent bench") -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--swaps", type=int, default=4, help="adapter switches timed for the hot-swap median")
     p.add_argument("--json", action="store_true")
+    p = sub.add_parser("contention", help="System 1 latency with a consolidation (thread / niced child) or "
+                                          "background System 2 running")
+    p.add_argument("--conditions", default="none,thread,child,child-2t,inline,background",
+                   help="comma-separated: none, thread, child, child-2t, inline, background")
+    p.add_argument("--examples", type=int, default=100, help="additions imported before each consolidation")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--requests", type=int, default=30, help="System 1 requests timed per condition")
+    p.add_argument("--repeats", type=int, default=2, help="passes over all conditions, interleaved")
+    p.add_argument("--system2-queries", dest="system2_queries", type=int, default=10)
+    p.add_argument("--no-finish", dest="finish", action="store_false",
+                   help="stop each consolidation after the timed requests instead of timing the whole run")
+    p.add_argument("--json", action="store_true")
     _add_paper(sub)
     p = sub.add_parser("knobs", help="LoRA rank, targets, learning rate, epochs, data: accuracy, retention, time")
     p.add_argument("--task", default="addition")
@@ -215,6 +227,23 @@ def run(args: argparse.Namespace, config: AgentConfig) -> int:
 
         results = serving.run(config, _positive_ints(args.clients, "--clients"), args.requests_per_client, args.max_tokens)
         sys.stdout.write((json.dumps(results, indent=2) if args.json else serving.report(results)) + "\n")
+        return 0
+    if args.bench_cmd == "contention":
+        from bench import contention
+
+        conditions = [c.strip() for c in args.conditions.split(",") if c.strip()]
+        unknown = sorted(set(conditions) - set(contention.CONDITIONS))
+        if unknown:
+            raise SystemExit(f"--conditions: unknown {', '.join(unknown)}; "
+                             f"choose from {', '.join(contention.CONDITIONS)}")
+
+        def progress(row: dict) -> None:
+            sys.stderr.write(f"[{row['condition']} #{row['repeat']}] " + json.dumps(
+                {k: v for k, v in row.items() if not k.endswith("latencies")}, default=str) + "\n")
+
+        results = contention.run(config, conditions, args.examples, args.epochs, args.requests, args.repeats,
+                                 args.system2_queries, args.finish, progress=progress)
+        sys.stdout.write((json.dumps(results, indent=2) if args.json else contention.report(results)) + "\n")
         return 0
     if args.bench_cmd == "consolidation":
         from bench import consolidation

@@ -67,3 +67,66 @@ class ScopeClassifier:
         general = float((self._general @ x).max()) if len(self._general) else 0.0
         tag = self.tags[self._labels[best]] if similarity >= self.min_similarity and similarity > general else None
         return ScopeDecision(tag, similarity, general)
+
+
+_STOPWORDS = frozenset("a an the of in on to for is are be and or what which who how do does".split())
+_OPERATORS = {"+": "plus", "-": "minus", "*": "times", "×": "times", "/": "over"}
+
+
+def scope_name(text: str, words: int = 4) -> str:
+    """A readable, stable name for a scope, made from the first input that started it.
+
+    Lower-cased words with numbers folded to ``n``, operators spelled out, quoted material and the most
+    common question words dropped: "What is 47 + 38?" -> ``n-plus-n``, "Add 47 and 38." -> ``add-n-n``,
+    "How many letters are in the word 'garden'?" -> ``many-letters-word``. An operator renames it with
+    ``agent scopes rename``."""
+    unquoted = re.sub(r"(['\"]).*?\1", " ", text.lower())
+    tokens = re.findall(r"[a-z]+|\d+|[+\-*/×]", unquoted)
+    picked: list[str] = []
+    for token in tokens:
+        token = "n" if token.isdigit() else _OPERATORS.get(token, token)
+        if token in _STOPWORDS or (picked and picked[-1] == token):
+            continue
+        picked.append(token)
+        if len(picked) == words:
+            break
+    return "-".join(picked) or "scope"
+
+
+class ScopeIndex:
+    """Groups untagged inputs into scopes as they arrive: each input joins the scope of its most similar
+    known input when that similarity reaches ``min_similarity``, else it starts a new scope, named by
+    :func:`scope_name`. The same features as :class:`ScopeClassifier`, so an input the index put in a
+    scope is one the classifier will send to that scope's adapter."""
+
+    def __init__(self, scoped: Mapping[str, Sequence[str]], min_similarity: float = 0.5):
+        if not 0.0 < min_similarity <= 1.0:
+            raise ValueError(f"min_similarity must be in (0, 1], got {min_similarity}")
+        self.min_similarity = min_similarity
+        self._tags: list[str] = [tag for tag, texts in scoped.items() for _ in texts]
+        texts = [t for texts in scoped.values() for t in texts]
+        self._features = featurise(texts) if texts else np.zeros((0, BUCKETS), dtype=np.float32)
+
+    @property
+    def scopes(self) -> set[str]:
+        return set(self._tags)
+
+    def assign(self, text: str) -> tuple[str, float]:
+        """The scope ``text`` belongs to (a new one when none is similar enough) and the similarity to it;
+        the input is added to the index."""
+        x = featurise([text])
+        tag, similarity = None, 0.0
+        if self._tags:
+            sims = self._features @ x[0]
+            best = int(np.argmax(sims))
+            if sims[best] >= self.min_similarity:
+                tag, similarity = self._tags[best], float(sims[best])
+        if tag is None:
+            base = tag = scope_name(text)
+            taken = self.scopes
+            n = 2
+            while tag in taken:
+                tag, n = f"{base}-{n}", n + 1
+        self._tags.append(tag)
+        self._features = np.vstack([self._features, x])
+        return tag, similarity

@@ -11,9 +11,10 @@ from .adapters import AdaptersMixin
 from .buffer import BufferMixin
 from .interactions import InteractionsMixin
 from .runs import RunsMixin
+from .scopes import ScopesMixin
 
 
-class Store(InteractionsMixin, BufferMixin, AdaptersMixin, RunsMixin):
+class Store(InteractionsMixin, BufferMixin, AdaptersMixin, RunsMixin, ScopesMixin):
     """The s2agent database: interactions, the distillation buffer, adapters, consolidation runs and locks.
 
     ``Store("agent.db")`` opens (creating folders and the schema if needed, upgrading an older schema) a

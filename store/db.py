@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 from urllib.parse import quote
 
-from sqlalchemy import Engine, create_engine, event, make_url
+from sqlalchemy import Engine, create_engine, event, inspect, make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -30,13 +30,21 @@ from .migrations import check_not_newer, ensure_schema
 
 logger = logging.getLogger(__name__)
 
-_SQLITE_MAGIC = b"SQLite format 3\x00"
+_POSTGRES_SCHEMES = ("postgresql", "postgres")
+_POSTGRES_DRIVER = "postgresql+psycopg"  # psycopg 3, the ``postgres`` extra
 
 
 def resolve_url(target: Union[str, os.PathLike[str]]) -> str:
-    """A SQLAlchemy URL for ``target``: URLs pass through, anything else is a SQLite file path."""
+    """A SQLAlchemy URL for ``target``: URLs pass through, anything else is a SQLite file path.
+
+    A plain ``postgresql://`` (or ``postgres://``) URL gets the psycopg 3 driver, the one the ``postgres``
+    extra installs (SQLAlchemy 2.0 would pick psycopg2 for it). An explicit ``postgresql+driver://`` is kept.
+    """
     text = os.fspath(target)
     if "://" in text:
+        scheme, rest = text.split("://", 1)
+        if scheme.lower() in _POSTGRES_SCHEMES:
+            return f"{_POSTGRES_DRIVER}://{rest}"
         return text
     return "sqlite:///" + str(Path(text).expanduser().resolve())
 
@@ -61,10 +69,9 @@ def _preflight_sqlite(path: Path) -> None:
             raise StoreError(f"{path}: the database file is not readable and writable by this user")
         if path.stat().st_size == 0:
             return  # SQLite treats an empty file as an empty database
-        with open(path, "rb") as fh:
-            header = fh.read(len(_SQLITE_MAGIC))
-        if header != _SQLITE_MAGIC:
-            raise StoreError(f"{path} is not a SQLite database (its header is not 'SQLite format 3'); refusing to open it")
+        # The header is read by SQLite itself, never by a plain open(): closing any descriptor of a file
+        # drops every POSIX lock this process holds on it, and another Store of this process may hold them
+        # (SQLite keeps its own descriptors open for exactly that reason).
         _check_version_read_only(path)
         return
     parent = path.parent
@@ -83,6 +90,12 @@ def _check_version_read_only(path: Path) -> None:
         conn = sqlite3.connect(uri, uri=True)
     except sqlite3.Error as exc:
         raise StoreError(f"cannot open {path} read-only: {exc}") from None
+    try:
+        if conn.execute("PRAGMA schema_version").fetchone() is None:
+            raise sqlite3.DatabaseError("no schema")
+    except sqlite3.DatabaseError:
+        conn.close()
+        raise StoreError(f"{path} is not a SQLite database (SQLite cannot read its header); refusing to open it") from None
     try:
         has_meta = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone()
         if not has_meta:
@@ -115,6 +128,28 @@ def configure_sqlite(engine: Engine) -> None:
         conn.exec_driver_sql(f"BEGIN {mode}")
 
 
+def check_lengths(session: Session, _context: Any, _instances: Any) -> None:
+    """Refuse, before it is written, a string longer than its ``VARCHAR(n)`` column, on every backend.
+
+    PostgreSQL refuses such a row and SQLite keeps it whole; this makes both refuse it, with a clear error.
+    """
+    for row in (*session.new, *session.dirty):
+        table = getattr(row, "__table__", None)
+        if table is None:
+            continue
+        state = inspect(row)
+        for column in table.columns:
+            length = getattr(column.type, "length", None)
+            if length is None or (not state.pending and not state.attrs[column.key].history.added):
+                continue  # an unchanged value of a stored row: not this write's doing (old SQLite rows may be longer)
+            value = row.__dict__.get(column.key)
+            if isinstance(value, str) and len(value) > length:
+                shown = value if len(value) <= 40 else value[:37] + "..."
+                raise StoreError(
+                    f"{table.name}.{column.key} holds at most {length} characters, not {len(value)} ({shown!r})"
+                )
+
+
 class StoreBase:
     """The connection to one database: the engine, read and write sessions, and the schema check on open.
 
@@ -132,12 +167,17 @@ class StoreBase:
         try:
             self._engine = create_engine(self.url, echo=echo)
         except (SQLAlchemyError, ImportError) as exc:
-            raise StoreError(f"cannot use the database URL {where}: {exc}") from None
+            hint = ""
+            if isinstance(exc, ImportError) and make_url(self.url).get_backend_name() == "postgresql":
+                hint = " (PostgreSQL needs a driver: pip install 's2agent[postgres]')"
+            raise StoreError(f"cannot use the database URL {where}: {exc}{hint}") from None
         if self._engine.dialect.name == "sqlite":
             configure_sqlite(self._engine)
         write_engine = self._engine.execution_options(sqlite_begin="IMMEDIATE")
         self._read_sessions = sessionmaker(bind=self._engine, expire_on_commit=False)
         self._write_sessions = sessionmaker(bind=write_engine, expire_on_commit=False)
+        for sessions in (self._read_sessions, self._write_sessions):
+            event.listen(sessions, "before_flush", check_lengths)
         try:
             with write_engine.begin() as conn:
                 ensure_schema(conn, where)

@@ -14,7 +14,9 @@ from datetime import datetime, timezone
 from enum import StrEnum
 from typing import Any, Optional
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text, false
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, false
+from sqlalchemy import String as _String
+from sqlalchemy import Text as _Text
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -26,6 +28,10 @@ SCHEMA_VERSION = 2
 2. ``interactions.error`` (why System 2 fell back), ``examples.kind`` (where a training example came from),
    ``adapters.files_deleted`` (pruned adapters keep their row but lose their files).
 """
+
+
+MAX_TAG_LENGTH = 128
+"""The longest task tag (and adapter scope) the store keeps."""
 
 
 def utcnow() -> datetime:
@@ -53,6 +59,38 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value is None:
             return None
         return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+def without_nul(value: Optional[str]) -> Optional[str]:
+    """``value`` with each NUL character replaced by U+FFFD: PostgreSQL text cannot hold NUL, so no backend keeps it."""
+    if isinstance(value, str) and "\x00" in value:
+        return value.replace("\x00", "\ufffd")
+    return value
+
+
+class Text(TypeDecorator[str]):
+    """Unbounded text (``TEXT``) that is stored the same on every backend: NUL becomes U+FFFD.
+
+    A model's output or a client's input can contain NUL; SQLite would keep it, PostgreSQL refuses the
+    whole row. Replacing it keeps the row (and the answer that produced it) on both.
+    """
+
+    impl = _Text
+    cache_ok = True
+
+    def process_bind_param(self, value: Optional[str], dialect: Dialect) -> Optional[str]:
+        return without_nul(value)
+
+
+class String(TypeDecorator[str]):
+    """``VARCHAR(n)``, NUL-free like :class:`Text`; the store refuses longer values on every backend
+    (SQLite would keep them, PostgreSQL refuses them): see ``store.db.check_lengths``."""
+
+    impl = _String
+    cache_ok = True
+
+    def process_bind_param(self, value: Optional[str], dialect: Dialect) -> Optional[str]:
+        return without_nul(value)
 
 
 # --- the values of the status-like columns -----------------------------------------------------------------
@@ -128,7 +166,7 @@ class Interaction(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     input: Mapped[str] = mapped_column(Text)
-    tag: Mapped[Optional[str]] = mapped_column(String(128), index=True)  # task tag, e.g. "gsm8k"
+    tag: Mapped[Optional[str]] = mapped_column(String(MAX_TAG_LENGTH), index=True)  # task tag, e.g. "gsm8k"
     route: Mapped[str] = mapped_column(String(16), index=True)  # Route
     system1_answer: Mapped[Optional[str]] = mapped_column(Text)
     confidence: Mapped[Optional[float]] = mapped_column(Float)  # the router's score of the System 1 pass
@@ -164,7 +202,7 @@ class Example(Base):
     kind: Mapped[str] = mapped_column(  # v2
         String(16), default=ExampleKind.SYSTEM2.value, server_default=ExampleKind.SYSTEM2.value
     )
-    tag: Mapped[Optional[str]] = mapped_column(String(128), index=True)
+    tag: Mapped[Optional[str]] = mapped_column(String(MAX_TAG_LENGTH), index=True)
     dedup_key: Mapped[str] = mapped_column(String(64), unique=True)
     interaction_id: Mapped[Optional[int]] = mapped_column(ForeignKey("interactions.id", ondelete="SET NULL"))
     adapter_version: Mapped[Optional[int]] = mapped_column(Integer)  # the adapter that trained on it
@@ -181,7 +219,7 @@ class Adapter(Base):
     version: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)  # 1, 2, 3...
     path: Mapped[str] = mapped_column(Text)  # the adapter folder
     parent: Mapped[Optional[int]] = mapped_column(Integer)  # the version it was trained on top of
-    scope: Mapped[Optional[str]] = mapped_column(String(128))  # task tag; None = the general adapter
+    scope: Mapped[Optional[str]] = mapped_column(String(MAX_TAG_LENGTH))  # task tag; None = the general adapter
     status: Mapped[str] = mapped_column(String(16), default=AdapterStatus.CANDIDATE.value)
     serving: Mapped[bool] = mapped_column(Boolean, default=False)
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)  # eval-gate numbers
@@ -203,7 +241,7 @@ class ConsolidationRun(Base):
     status: Mapped[str] = mapped_column(String(16), default=RunStatus.RUNNING.value, index=True)
     pid: Mapped[Optional[int]] = mapped_column(Integer)  # to tell a crashed run from a running one
     host: Mapped[Optional[str]] = mapped_column(String(255))
-    scope: Mapped[Optional[str]] = mapped_column(String(128))
+    scope: Mapped[Optional[str]] = mapped_column(String(MAX_TAG_LENGTH))
     n_train: Mapped[int] = mapped_column(Integer, default=0)
     n_holdout: Mapped[int] = mapped_column(Integer, default=0)
     metrics: Mapped[Optional[dict[str, Any]]] = mapped_column()

@@ -1,14 +1,26 @@
-"""Shared fixtures: a tiny random llama model with a tokenizer made in code, and agents built on it.
+"""Shared fixtures: a tiny random llama model with a tokenizer made in code, agents built on it, and the
+databases they keep their data in.
 
 The tiny model makes real forward passes, real LoRA training and real adapter swaps run in
 milliseconds; tests that need the real embedded model are marked ``slow``.
+
+A test that takes ``db_url`` (``tiny_config`` does) runs twice: on a SQLite file and on a fresh database of
+the PostgreSQL server named by ``S2AGENT_TEST_POSTGRES_URL`` (``bash .ci/postgres.sh run ...`` starts a
+throwaway one). Without that variable the PostgreSQL variants skip, except on CI (``CI`` set), where they
+fail: CI must run them.
 """
 
 from __future__ import annotations
 
+import os
+import uuid
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
+
+DATABASES = ["sqlite", "postgresql"]
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -79,14 +91,80 @@ def tiny_backend(tiny_model_dir: Path):
     return HFBackend(str(tiny_model_dir), model_name="tiny-llama", threads=1)
 
 
+def postgres_server_url() -> str:
+    """``S2AGENT_TEST_POSTGRES_URL``; without it the calling test skips, or fails when ``CI`` is set."""
+    url = os.environ.get("S2AGENT_TEST_POSTGRES_URL")
+    if url:
+        return url
+    if os.environ.get("CI"):
+        pytest.fail("CI is set but S2AGENT_TEST_POSTGRES_URL is not: on CI the PostgreSQL tests must run "
+                    "(.ci/run starts a server with .ci/postgres.sh)", pytrace=False)
+    pytest.skip("set S2AGENT_TEST_POSTGRES_URL to run the PostgreSQL variants "
+                "(bash .ci/postgres.sh run .venv/bin/python -m pytest ...)")
+
+
+@contextmanager
+def fresh_postgres_database() -> Iterator[str]:
+    """A new, empty database on the test server, dropped afterwards (with whatever is still connected to it).
+
+    Yields its URL in the form the server's was given in (a plain ``postgresql://`` URL stays plain, so the
+    store's choice of driver is what the tests exercise).
+    """
+    from sqlalchemy import create_engine, make_url, text
+    from sqlalchemy.pool import NullPool
+
+    from store.db import resolve_url
+
+    server = postgres_server_url()
+    name = f"s2agent_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(resolve_url(server), isolation_level="AUTOCOMMIT", poolclass=NullPool)
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}" TEMPLATE template0'))
+        try:
+            yield make_url(server).set(database=name).render_as_string(hide_password=False)
+        finally:
+            with admin.connect() as conn:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        admin.dispose()
+
+
+@pytest.fixture(params=DATABASES)
+def db_url(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Where a test's agent keeps its data: ``tmp_path/agent.db``, or the URL of a fresh PostgreSQL database.
+
+    With a server URL the adapters go to ``$S2AGENT_HOME/adapters``; ``S2AGENT_HOME`` is set to ``tmp_path``
+    (for worker processes too), so they land in ``tmp_path/adapters`` on both backends.
+    """
+    if request.param == "sqlite":
+        yield str(tmp_path / "agent.db")
+        return
+    monkeypatch.setenv("S2AGENT_HOME", str(tmp_path))
+    with fresh_postgres_database() as url:
+        yield url
+
+
+@pytest.fixture(scope="module", params=DATABASES)
+def module_db_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``db_url`` for module-scoped agents: one database per module and backend."""
+    home = tmp_path_factory.mktemp("s2agent-home")
+    if request.param == "sqlite":
+        yield str(home / "agent.db")
+        return
+    with pytest.MonkeyPatch.context() as patch, fresh_postgres_database() as url:
+        patch.setenv("S2AGENT_HOME", str(home))
+        yield url
+
+
 @pytest.fixture
-def tiny_config(tiny_model_dir: Path, tmp_path: Path):
+def tiny_config(tiny_model_dir: Path, db_url: str):
     from agent.config import AgentConfig
 
-    config = AgentConfig(model=str(tiny_model_dir), db=str(tmp_path / "agent.db"), threads=1,
-                         max_new_tokens=8, seed=0)
+    config = AgentConfig(model=str(tiny_model_dir), db=db_url, threads=1, max_new_tokens=8, seed=0)
     config.system2.samples = 4
     config.system2.max_new_tokens = 16
+    config.scoping.auto = False  # tests of the general adapter keep untagged examples untagged; test_scoped turns it on
     return config
 
 
@@ -97,6 +175,15 @@ def tiny_agent(tiny_config):
     agent = Agent(tiny_config)
     yield agent
     agent.close()
+
+
+@pytest.fixture
+def arith(monkeypatch):
+    """Registers the scripted :class:`tests.fakes.Arithmetic` System 2 method as ``METHODS["arith"]``."""
+    from policies.system2 import METHODS
+    from tests.fakes import Arithmetic
+
+    monkeypatch.setitem(METHODS, "arith", Arithmetic)
 
 
 @pytest.fixture(scope="session")

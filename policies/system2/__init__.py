@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from policies.consistency import Decision
 from policies.lm import LM, Call, Generation
+from policies.system2.auto import Auto
 from policies.system2.base import Sample, System2Method, System2Result
 from policies.system2.bsm import BranchSolveMerge, format_judge_query, parse_judge_query
 from policies.system2.cot import ChainOfThought
@@ -20,7 +21,10 @@ METHODS: dict[str, type[System2Method]] = {
     "s2a": System2Attention,
     "bsm": BranchSolveMerge,
     "pal": ProgramAided,
+    "auto": Auto,
 }
+"""Methods by name. ``auto`` is built from two others (``Auto(first, fallback)``): the runtime builds it
+from ``pal`` and ``system2.fallback``."""
 
 
 class UnknownMethodError(ValueError):
@@ -38,6 +42,7 @@ def make_method(name: str, **kwargs) -> System2Method:
 
 __all__ = [
     "LM",
+    "Auto",
     "METHODS",
     "BranchSolveMerge",
     "Call",

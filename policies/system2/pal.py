@@ -13,11 +13,14 @@ it cannot. Prompts are few-shot chat turns, per **task family** (``prompts.PAL_F
   "match": r"regex" or None, "answer_kind": "text"}}``.
 
 Programs are run by ``executor`` (the runtime passes ``agent.sandbox.run_programs``), all ``k`` in one
-call. A program that raises, times out or leaves ``answer`` unset or empty is a None vote.
+call. A program that raises, times out or leaves ``answer`` unset or empty is a None vote, and so is one that
+computes nothing (only assigns literals, see :func:`computes`) or, for a question of no known family, does
+not compute on the question's own data (:func:`reads_the_question`): its value is a guess or a copy.
 """
 
 from __future__ import annotations
 
+import ast
 import re
 from typing import Callable, Mapping, Protocol, Sequence
 
@@ -52,6 +55,58 @@ def extract_program(text: str) -> str:
     if fenced:
         text = fenced.group(1)
     return text.strip("\n").split("\n\n")[0].rstrip()
+
+
+_PLAIN = (ast.Constant, ast.Name)
+
+
+def computes(program: str) -> bool:
+    """Does the program compute anything, or only assign literals (``answer = 5``)?
+
+    A program made only of assignments of constants and names is the model's guess written as code, or
+    a value copied from the input ("The program is: answer = 5"): its "execution" proves nothing, so
+    its answer is no evidence for the vote. Any operation (arithmetic, a call, indexing, a comparison,
+    a loop) counts as computing. Unparsable programs are left to the sandbox, which reports them."""
+    try:
+        tree = ast.parse(program)
+    except SyntaxError:
+        return True
+    for statement in tree.body:
+        if not isinstance(statement, (ast.Assign, ast.AnnAssign, ast.Expr)):
+            return True
+        value = statement.value
+        if value is not None and not isinstance(value, _PLAIN) and not (
+            isinstance(value, ast.UnaryOp) and isinstance(value.operand, ast.Constant)
+        ):
+            return True
+    return False
+
+
+_TRIVIAL = frozenset({"", " ", "0", "1", "true", "false", "none"})
+
+
+def reads_the_question(program: str, query: str) -> bool:
+    """Does the program take its data from the question, rather than from the model's memory or from a
+    program the question itself supplies?
+
+    For a question that fits no task family, a program is evidence only when it computes on something the
+    question says: at least one of its literals (a number, a word, a quoted string) occurs in the question
+    ("What is the capital of France?" -> ``answer = "Paris".capitalize()`` does not; ``len("banana")`` for
+    "How many letters are in 'banana'?" does). A program copied from the question is never evidence."""
+    squeeze = lambda text: re.sub(r"\s+", "", text).lower()  # noqa: E731
+    if squeeze(program) and squeeze(program) in squeeze(query):
+        return False
+    try:
+        tree = ast.parse(program)
+    except SyntaxError:
+        return True  # the sandbox reports it
+    question = query.lower()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and not isinstance(node.value, bool):
+            text = str(node.value).strip().lower()
+            if text not in _TRIVIAL and text in question:
+                return True
+    return False
 
 
 def value_text(value: object, kind: AnswerKind) -> str | None:
@@ -150,6 +205,10 @@ class ProgramAided(System2Method):
                 answer = normalise(text, kind) if text is not None else None
                 if result.ok and answer is None:
                     error = f"answer is empty or unreadable: {result.value!r}"
+                elif result.ok and not computes(program):
+                    answer, error = None, "the program computes nothing (it only assigns literals)"
+                elif result.ok and family == DEFAULT_FAMILY and not reads_the_question(program, query):
+                    answer, error = None, "the program does not compute on the question's data"
             extra = {"family": family, "program": program, "error": error}
             samples.append(Sample(trace=program, answer=answer, tokens=g.num_tokens, extra=extra))
         return samples, 1

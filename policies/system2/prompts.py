@@ -6,13 +6,16 @@ template can be overridden from config without touching code::
 
     ChainOfThought(prompts={"user": "{query}\\nReason it out, then write 'Answer: <answer>'."})
 
-The placeholders each template receives are listed next to it; a template may leave any of them out.
-PAL's few-shot programs are data rather than templates: see ``PAL_FAMILIES`` at the end.
+The placeholders each template receives are listed next to it and, as data, in ``PLACEHOLDERS``; a
+template may leave any of them out. The ``system`` turn is sent as written, never formatted.
+:func:`template_problems` formats every template once with stand-in values, so a configuration with a
+misspelt placeholder is refused at start rather than failing at its first System 2 run.
+PAL's few-shot programs are data rather than templates: see ``PAL_FAMILIES``.
 """
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Any, Mapping
 
 ANSWER_LINE = 'End with a last line of the form "Answer: <answer>".'
 
@@ -98,6 +101,27 @@ PAL: dict[str, str] = {
     "assistant": "{program}",
 }
 
+# --- every method's templates and what each is formatted with --------------------------------------
+TEMPLATES: dict[str, dict[str, str]] = {"cot": COT, "rar": RAR, "s2a": S2A, "bsm": BSM, "pal": PAL}
+"""The default templates of each method, by the method's name in ``policies.system2.METHODS``."""
+
+PLACEHOLDERS: dict[str, dict[str, tuple[str, ...]]] = {
+    "cot": {"user": ("query",)},
+    "rar": {"one_step": ("query",), "rephrase": ("query",), "respond": ("query", "rephrased")},
+    "s2a": {"rewrite": ("query",), "respond": ("context",)},
+    "bsm": {
+        "branch": ("question", "num_criteria"),
+        "solve": ("question", "response_a", "response_b", "criterion"),
+        "merge": ("question", "response_a", "response_b", "judgements"),
+        "judgement": ("criterion", "judgement"),
+    },
+    "pal": {"user": ("query",), "assistant": ("program",)},
+}
+"""The placeholders each template is formatted with; ``system`` is not listed: it is sent as written."""
+
+_STAND_INS: dict[str, Any] = {"num_criteria": 3}
+"""Values of the right type for placeholders that are not text (a template may use a format spec)."""
+
 PAL_FAMILIES: dict[str, dict] = {
     # family name -> {"match": regex the query is searched with (None: only by name),
     #                 "answer_kind": how the executed answer is normalised,
@@ -174,3 +198,43 @@ def merged(defaults: Mapping[str, str], overrides: Mapping[str, str] | None) -> 
     if unknown:
         raise KeyError(f"unknown prompt template(s) {unknown}; known: {sorted(defaults)}")
     return {**defaults, **overrides}
+
+
+def template_problems(overrides: Mapping[str, Any] | None = None) -> list[tuple[str, str]]:
+    """What is wrong with ``overrides`` (``{method: {template: text}}``) laid over the defaults.
+
+    Every template that would be used, default or overridden, is formatted once with stand-in values of
+    its placeholders. Returns ``(name, problem)`` pairs, ``name`` being ``method`` or ``method.template``:
+    an unknown method or template name, a text that is not a string, a placeholder the template is not
+    given, a stray brace. Empty when every template formats.
+    """
+    overrides = overrides or {}
+    problems: list[tuple[str, str]] = [
+        (str(method), f"is not a System 2 method with prompt templates; known: {', '.join(sorted(TEMPLATES))}")
+        for method in overrides if method not in TEMPLATES
+    ]
+    for method, defaults in TEMPLATES.items():
+        given = overrides.get(method) or {}
+        if not isinstance(given, Mapping):
+            problems.append((method, f"must be a table of templates ({', '.join(defaults)}), got {given!r}"))
+            continue
+        for name, text in {**defaults, **given}.items():
+            where = f"{method}.{name}"
+            if name not in defaults:
+                problems.append((where, f"is not a template of {method}; its templates: {', '.join(defaults)}"))
+            elif not isinstance(text, str):
+                problems.append((where, f"must be a string, got {text!r}"))
+            elif name != "system":
+                problems.extend((where, p) for p in _format_problems(text, PLACEHOLDERS[method][name]))
+    return problems
+
+
+def _format_problems(text: str, placeholders: tuple[str, ...]) -> list[str]:
+    given = ", ".join("{" + p + "}" for p in placeholders)
+    try:
+        text.format(**{p: _STAND_INS.get(p, "x") for p in placeholders})
+    except KeyError as exc:
+        return [f"uses {{{exc.args[0]}}}, which it is not given; it may use {given} (a literal brace is {{{{ or }}}})"]
+    except (IndexError, ValueError, AttributeError, TypeError) as exc:
+        return [f"is not a valid template ({exc}); it may use {given} (a literal brace is {{{{ or }}}})"]
+    return []

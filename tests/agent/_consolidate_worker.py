@@ -1,10 +1,11 @@
 """A second process for the consolidation tests: ``python tests/agent/_consolidate_worker.py MODE ARGS...``.
 
 Modes (every line it prints is flushed at once, so a test can kill it right after a line):
-  consolidate MODEL DB EPOCHS [PAUSE]  build an Agent on the tiny model (the deterministic Arithmetic
-                      System 2 method), print "ready", wait for a line on stdin, consolidate, printing "step I" per training step and
-                      "committing" just before the registry transaction (then sleep PAUSE seconds, to give a
-                      test a window between the folder's rename and the commit), and finally the report as JSON
+  consolidate MODEL DB EPOCHS [PAUSE]  build an Agent on the tiny model (``tests.fakes.make_config``:
+                      the scripted Arithmetic System 2 method), print "ready", wait for a line on stdin,
+                      consolidate, printing "step I" per training step and "committing" just before the
+                      registry transaction (then sleep PAUSE seconds, to give a test a window between the
+                      folder's rename and the commit), and finally the report as JSON
   write DB PREFIX     add an example and log an interaction in a loop, printing "example ID" and
                       "interaction ID" as soon as each insert has returned
   hold DB OWNER       take the consolidation lock, print "acquired", release it when a line arrives on stdin
@@ -22,29 +23,11 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 
-def make_config(model_dir: str, db: str, epochs: int = 2):
-    """The learning setup of ``tests/agent/test_consolidation.py``: every query goes to System 2's ``arith`` method
-    (register :class:`tests.agent.test_loop.Arithmetic` as ``METHODS["arith"]`` before building the Agent)."""
-    from agent.config import AgentConfig
-
-    config = AgentConfig(model=str(model_dir), db=str(db), threads=1, max_new_tokens=8, seed=0)
-    config.system2.samples = 4
-    config.system2.max_new_tokens = 16
-    config.system2.method = "arith"
-    config.routing.threshold = 1.01
-    c = config.consolidation
-    c.min_examples, c.epochs, c.learning_rate, c.batch_size, c.rank = 4, epochs, 1e-2, 8, 4
-    c.retention_threshold = 0.0
-    c.gate_margin = 1.0  # every candidate passes the gate (tests/agent/test_consolidation.py tests the gate itself)
-    c.retention_prompts = 8
-    return config
-
-
 def consolidate(model_dir: str, db: str, epochs: str, pause: str = "0") -> None:
     from agent import Agent
     from policies.system2 import METHODS
     from store import Store
-    from tests.agent.test_loop import Arithmetic
+    from tests.fakes import Arithmetic, make_config
 
     METHODS["arith"] = Arithmetic
     commit = Store.commit_adapter

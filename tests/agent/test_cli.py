@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -88,7 +93,7 @@ def test_store_ls(capsys: pytest.CaptureFixture, db: Path) -> None:
     code, out, _ = run(capsys, "--db", str(db), "store", "ls")
     assert code == 0
     lines = out.splitlines()
-    assert lines[0].split() == ["id", "status", "method", "agree", "created", "input", "target"]
+    assert lines[0].split() == ["id", "status", "method", "agree", "scope", "created", "input", "target"]
     assert len(lines) == 1 + len(EXAMPLES)
     assert lines[1].split()[0] == "3"  # newest first
     for text, target, _ in EXAMPLES:
@@ -227,7 +232,7 @@ def test_adapters_rollback_with_nothing_to_roll_back(capsys: pytest.CaptureFixtu
 def test_schedule_status(capsys: pytest.CaptureFixture, db: Path) -> None:
     code, out, _ = run(capsys, "--db", str(db), "schedule", "status")
     assert code == 0
-    assert "scheduler: off" in out
+    assert "scheduler: every 60.0 min; when pending >= 32 (child processes of agent serve)" in out  # the defaults
     assert "pending examples: 3" in out
     assert "running now: no" in out
     assert "last run: never" in out
@@ -236,6 +241,7 @@ def test_schedule_status(capsys: pytest.CaptureFixture, db: Path) -> None:
     info = json.loads(out)
     assert info["pending"] == 3
     assert info["running"] is None and info["last_run"] is None
+    assert (info["enabled"], info["process"], info["interval_minutes"], info["min_pending"]) == (True, "child", 60, 32)
 
 
 def test_schedule_status_reads_the_environment(capsys: pytest.CaptureFixture, db: Path,
@@ -245,6 +251,9 @@ def test_schedule_status_reads_the_environment(capsys: pytest.CaptureFixture, db
     code, out, _ = run(capsys, "--db", str(db), "schedule", "status")
     assert code == 0
     assert "scheduler: every 30.0 min; when pending >= 8" in out
+    monkeypatch.setenv("S2AGENT_SCHEDULER__ENABLED", "false")  # what agent serve --no-train sets
+    code, out, _ = run(capsys, "--db", str(db), "schedule", "status")
+    assert code == 0 and "scheduler: off" in out
 
 
 # --- errors --------------------------------------------------------------------------------------
@@ -271,6 +280,67 @@ def test_bad_config_file_and_env(capsys: pytest.CaptureFixture, db: Path, tmp_pa
     code, _, err = run(capsys, "--db", str(db), "store", "stats")
     assert code == 2
     assert "S2AGENT_ROUTING__THRESHHOLD" in err
+
+
+@pytest.mark.parametrize("setting", ["env", "file"])
+def test_a_bad_config_value_exits_2_in_one_line_before_the_model_loads(capsys: pytest.CaptureFixture,
+                                                                      monkeypatch: pytest.MonkeyPatch,
+                                                                      tmp_path: Path, setting: str) -> None:
+    config = []
+    if setting == "env":
+        monkeypatch.setenv("S2AGENT_ROUTING__ESTIMATOR", "logprobz")
+        expected = ["'routing.estimator'", "S2AGENT_ROUTING__ESTIMATOR", "logprob, agreement", "'logprobz'"]
+    else:
+        path = tmp_path / "agent.toml"
+        path.write_text('[system2.prompts.cot]\nuser = "Q: {question}"\n')
+        config = ["--config", str(path)]
+        expected = ["'system2.prompts.cot.user'", str(path), "{question}", "{query}"]
+    missing = tmp_path / "no-such-model"  # a model would be looked for, and missed, after the config
+    db = tmp_path / "ask.db"
+    code, out, err = run(capsys, *config, "--db", str(db), "--model", str(missing), "ask", "hi")
+    assert code == 2 and out == ""
+    assert err.endswith("\n") and err.count("\n") == 1 and err.startswith("agent: error: config key ")
+    for word in expected:
+        assert word in err
+    assert "Traceback" not in err and str(missing) not in err
+    assert not db.exists()
+
+
+def test_log_level_takes_the_standard_names_in_any_case(capsys: pytest.CaptureFixture, db: Path) -> None:
+    assert run(capsys, "--log-level", "debug", "--db", str(db), "store", "stats")[0] == 0
+    for bad in ("verbose", "warn", "10"):
+        with pytest.raises(SystemExit) as info:
+            main(["--log-level", bad, "--db", str(db), "store", "stats"])
+        assert info.value.code == 2
+        assert "--log-level: invalid choice" in capsys.readouterr().err
+
+
+def test_serve_logs_one_line_per_request_by_default(tiny_model_dir: Path, tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("S2AGENT_")}
+    env.update(S2AGENT_HOME=str(tmp_path / "home"), S2AGENT_THREADS="1", HF_HUB_OFFLINE="1")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", "--db", str(tmp_path / "serve.db"), "--model", str(tiny_model_dir),
+         "serve", "--port", str(port)],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5) as response:
+                    assert response.status == 200
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, server.stderr.read()
+                time.sleep(0.5)
+        server.send_signal(signal.SIGTERM)
+        _, err = server.communicate(timeout=60)
+    finally:
+        server.kill()
+    assert server.returncode == 0, err
+    assert "INFO agent.server.app: GET /v1/models 200" in err
 
 
 # --- commands that load the tiny model -----------------------------------------------------------

@@ -1,12 +1,22 @@
-"""AgentConfig: defaults < TOML < S2AGENT_* environment < overrides, with types checked at every step."""
+"""AgentConfig: defaults < TOML < S2AGENT_* environment < overrides, with types, allowed values, ranges and
+prompt templates checked at every step (and in code), every field documented."""
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import inspect
+import json
+import typing
 from pathlib import Path
 
 import pytest
 
-from agent.config import AgentConfig, ConfigError, default_data_dir
+import agent.config
+from agent.config import AgentConfig, ConfigError, Interval, default_data_dir, within
+from policies.answers import AnswerKind
+from policies.routing import ROUTERS
+from policies.system2 import METHODS
 
 
 def write_toml(folder: Path, text: str) -> Path:
@@ -16,20 +26,10 @@ def write_toml(folder: Path, text: str) -> Path:
 
 
 # --- defaults ------------------------------------------------------------------------------------
-def test_defaults_without_any_source() -> None:
+def test_defaults_load_and_validate() -> None:
     config = AgentConfig.load(env={})
     assert config == AgentConfig()
-    assert config.model == "default"
-    assert config.backend == "hf"
-    assert config.routing.threshold == 0.5
-    assert config.routing.router == "threshold"
-    assert config.system2.samples == 8
-    assert config.system2.method == "cot"
-    assert config.consolidation.min_examples == 16
-    assert config.consolidation.target_modules[0] == "q_proj"
-    assert config.scheduler.interval_minutes is None
-    assert config.server.admin_token is None
-    assert config.server.host == "127.0.0.1"
+    assert config.validate() is config
 
 
 def test_default_instances_do_not_share_mutable_fields() -> None:
@@ -40,11 +40,11 @@ def test_default_instances_do_not_share_mutable_fields() -> None:
     assert b.system2.methods_by_tag == {}
 
 
-def test_to_dict_round_trips_every_section() -> None:
-    data = AgentConfig().to_dict()
-    assert set(data) >= {"model", "routing", "system2", "consolidation", "scheduler", "server"}
-    assert data["routing"]["threshold"] == 0.5
-    assert data["consolidation"]["rank"] == 16
+def test_to_dict_loads_back_to_the_same_config() -> None:
+    config = AgentConfig.load(env={}, overrides={"routing.threshold": 0.3, "system2.methods_by_tag": {"a": "pal"},
+                                                 "scheduler.min_pending": 8})
+    data = config.to_dict()
+    assert AgentConfig.load(env={}, overrides=data) == config
 
 
 # --- precedence ----------------------------------------------------------------------------------
@@ -57,7 +57,7 @@ threshold = 0.25
 [system2]
 methods_by_tag = { arithmetic = "pal" }
 [system2.prompts.cot]
-user = "Q: {question}"
+user = "Q: {query}"
 [consolidation]
 target_modules = ["q_proj", "v_proj"]
 resume = true
@@ -68,7 +68,7 @@ resume = true
     assert config.routing.threshold == 0.25
     assert config.routing.quantile == 0.1  # untouched fields keep their defaults
     assert config.system2.methods_by_tag == {"arithmetic": "pal"}
-    assert config.system2.prompts == {"cot": {"user": "Q: {question}"}}
+    assert config.system2.prompts == {"cot": {"user": "Q: {query}"}}
     assert config.consolidation.target_modules == ["q_proj", "v_proj"]
     assert config.consolidation.resume is True
 
@@ -174,6 +174,202 @@ def test_toml_float_for_int_field_is_refused(tmp_path: Path) -> None:
     path = write_toml(tmp_path, "max_batch = 4.7\n")
     with pytest.raises(ConfigError, match="max_batch"):
         AgentConfig.load(path, env={})
+
+
+# --- allowed values and ranges, from every source --------------------------------------------------
+def set_from(source: str, key: str, value: object, tmp_path: Path) -> AgentConfig:
+    """Set ``key`` to ``value`` from a TOML file, the environment, a CLI-style override or code."""
+    *section, name = key.split(".")
+    if source == "toml":
+        header = f"[{section[0]}]\n" if section else ""
+        return AgentConfig.load(write_toml(tmp_path, f"{header}{name} = {json.dumps(value)}\n"), env={})
+    if source == "env":
+        raw = value if isinstance(value, str) else json.dumps(value)
+        return AgentConfig.load(env={"S2AGENT_" + key.upper().replace(".", "__"): raw})
+    if source == "override":
+        return AgentConfig.load(env={}, overrides={key: value})
+    if section:  # code: the section's own constructor
+        cls = typing.get_type_hints(AgentConfig)[section[0]]
+        return AgentConfig(**{section[0]: cls(**{name: value})})
+    return AgentConfig(**{name: value})
+
+
+SOURCES = ["toml", "env", "override", "code"]
+
+ENUMERATED = [
+    ("backend", "vlm", "hf, vllm"),
+    ("answer_kind", "numbr", "text, yesno, number, choice, verdict"),
+    ("routing.router", "thresh", "threshold, always, never"),
+    ("routing.estimator", "logprobz", "logprob, agreement"),
+    ("consolidation.bf16", "yes", "auto, on, off"),  # used to mean "off", silently
+    ("system2.method", "tot", "cot, rar, s2a, bsm, pal, auto"),
+]
+
+
+@pytest.mark.parametrize("source", SOURCES)
+@pytest.mark.parametrize("key, typo, allowed", ENUMERATED)
+def test_enumerated_fields_refuse_a_typo_naming_key_and_allowed_values(tmp_path: Path, source: str, key: str,
+                                                                       typo: str, allowed: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        set_from(source, key, typo, tmp_path)
+    message = str(info.value)
+    assert f"{key!r}" in message and f"must be one of {allowed}; got {typo!r}" in message
+    assert {"toml": str(tmp_path / "agent.toml"), "env": "S2AGENT_", "override": "option", "code": "code"}[source] \
+        in message
+
+
+@pytest.mark.parametrize("source", SOURCES)
+@pytest.mark.parametrize("key, mapping, allowed", [
+    ("kinds_by_tag", {"arithmetic": "number", "math": "nmber"}, "text, yesno, number, choice, verdict"),
+    ("system2.methods_by_tag", {"arithmetic": "pal", "math": "pall"}, "cot, rar, s2a, bsm, pal, auto"),
+])
+def test_per_tag_tables_refuse_an_unknown_value(tmp_path: Path, source: str, key: str, mapping: dict,
+                                                allowed: str) -> None:
+    *section, name = key.split(".")
+    table = ", ".join(f"{k} = {json.dumps(v)}" for k, v in mapping.items())
+    path = write_toml(tmp_path, (f"[{section[0]}]\n" if section else "") + f"{name} = {{ {table} }}\n")
+    with pytest.raises(ConfigError) as info:
+        AgentConfig.load(path, env={}) if source == "toml" else set_from(source, key, mapping, tmp_path)
+    assert f"{key!r}" in str(info.value) and f"'math' = {mapping['math']!r} is not one of {allowed}" in str(info.value)
+
+
+def test_enumerations_are_the_runtime_registries(monkeypatch: pytest.MonkeyPatch) -> None:
+    hints = typing.get_type_hints(agent.config.RoutingConfig)
+    assert typing.get_args(hints["router"]) == tuple(ROUTERS)
+    assert typing.get_type_hints(AgentConfig)["answer_kind"] is AnswerKind
+    with pytest.raises(ConfigError):
+        AgentConfig.load(env={}, overrides={"system2.method": "arith"})
+    monkeypatch.setitem(METHODS, "arith", object)  # a method registered the documented way is a valid name
+    assert AgentConfig.load(env={}, overrides={"system2.method": "arith"}).system2.method == "arith"
+
+
+OUT_OF_RANGE = [
+    ("routing.threshold", 1.5, "[0, 1]"),
+    ("routing.quantile", -0.1, "[0, 1]"),
+    ("routing.agreement_samples", 0, "[1, inf)"),
+    ("system2.samples", 0, "[1, inf)"),
+    ("system2.agreement_threshold", 2, "[0, 1]"),
+    ("system2.temperature", -0.5, "[0, inf)"),
+    ("system2.timeout_s", 0, "(0, inf)"),
+    ("system2.max_new_tokens", 0, "[1, inf)"),
+    ("consolidation.holdout_fraction", 1.0, "[0, 1)"),
+    ("consolidation.learning_rate", 0, "(0, inf)"),
+    ("consolidation.epochs", 0, "[1, inf)"),
+    ("consolidation.dropout", 1, "[0, 1)"),
+    ("scoping.min_similarity", 1.2, "[0, 1]"),
+    ("scheduler.interval_minutes", -1, "[0, inf)"),
+    ("scheduler.check_seconds", -1, "(0, inf)"),
+    ("server.port", 0, "[1, 65535]"),
+    ("server.port", 65536, "[1, 65535]"),
+    ("max_batch", 0, "[1, inf)"),
+    ("threads", 0, "[1, inf)"),
+]
+
+
+@pytest.mark.parametrize("source", SOURCES)
+@pytest.mark.parametrize("key, value, interval", OUT_OF_RANGE)
+def test_values_out_of_range_are_refused(tmp_path: Path, source: str, key: str, value: float,
+                                         interval: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        set_from(source, key, value, tmp_path)
+    assert f"{key!r}" in str(info.value) and f"must be in {interval}; got" in str(info.value)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("routing.threshold", 0), ("routing.threshold", 1), ("consolidation.holdout_fraction", 0),
+    ("system2.temperature", 0), ("server.port", 1), ("server.port", 65535), ("scheduler.interval_minutes", 0),
+])
+def test_bounds_that_mean_something_are_accepted(tmp_path: Path, key: str, value: object) -> None:
+    for source in SOURCES:
+        if value is None and source == "toml":
+            continue  # TOML has no null; an unset key keeps the default
+        target: object = set_from(source, key, value, tmp_path)
+        for part in key.split("."):
+            target = getattr(target, part)
+        assert target == value
+
+
+@pytest.mark.parametrize("raw", ["nan", "inf"])
+def test_env_nan_and_infinity_are_not_in_range(raw: str) -> None:
+    with pytest.raises(ConfigError, match="routing.threshold"):
+        AgentConfig.load(env={"S2AGENT_ROUTING__THRESHOLD": raw})
+
+
+def test_a_non_number_in_a_ranged_field_built_in_code() -> None:
+    with pytest.raises(ConfigError, match=r"'routing.threshold' \(from code\) must be a number in \[0, 1\]"):
+        agent.config.RoutingConfig(threshold="high")
+
+
+def test_values_assigned_after_construction_are_caught_by_validate(tmp_path: Path) -> None:
+    from agent import Agent
+
+    config = AgentConfig(db=str(tmp_path / "agent.db"), model=str(tmp_path / "no-model"))
+    config.routing.threshold = 1.01
+    with pytest.raises(ConfigError, match=r"'routing.threshold' \(from code\) must be in \[0, 1\]"):
+        config.validate()
+    with pytest.raises(ConfigError, match="routing.threshold"):
+        Agent(config)  # before it opens the store or looks for the model
+    assert not (tmp_path / "agent.db").exists()
+
+
+def test_intervals() -> None:
+    assert 0 in Interval("[0, 1)") and 1 not in Interval("[0, 1)") and 0 not in Interval("(0, inf)")
+    assert 65535 in Interval("[1, 65535]") and float("inf") not in Interval("(0, inf)")
+    with pytest.raises(ValueError, match="not an interval"):
+        within("0..1", 0.5)  # a class using a malformed interval fails when it is defined
+
+
+# --- prompt templates ------------------------------------------------------------------------------
+def test_a_bad_placeholder_in_a_template_override_names_the_template(tmp_path: Path) -> None:
+    path = write_toml(tmp_path, '[system2.prompts.cot]\nuser = "Q: {question}"\n')
+    with pytest.raises(ConfigError) as info:
+        AgentConfig.load(path, env={})
+    message = str(info.value)
+    assert "'system2.prompts.cot.user'" in message and str(path) in message
+    assert "{question}" in message and "{query}" in message
+
+
+@pytest.mark.parametrize("prompts, key, words", [
+    ({"cot": {"usr": "{query}"}}, "system2.prompts.cot.usr", "not a template of cot; its templates: system, user"),
+    ({"tot": {"user": "{query}"}}, "system2.prompts.tot", "not a System 2 method with prompt templates"),
+    ({"bsm": {"merge": "{judgments}"}}, "system2.prompts.bsm.merge", "{judgments}, which it is not given"),
+])
+def test_template_names_are_checked_from_every_source(tmp_path: Path, prompts: dict, key: str, words: str) -> None:
+    for load in (lambda: AgentConfig.load(env={"S2AGENT_SYSTEM2__PROMPTS": json.dumps(prompts)}),
+                 lambda: AgentConfig.load(env={}, overrides={"system2.prompts": prompts}),
+                 lambda: agent.config.System2Config(prompts=prompts)):
+        with pytest.raises(ConfigError) as info:
+            load()
+        assert repr(key) in str(info.value) and words in str(info.value)
+
+
+def test_good_template_overrides_load(tmp_path: Path) -> None:
+    path = write_toml(tmp_path, """
+[system2.prompts.cot]
+user = 'Q: {query} Reply as JSON: {{"answer": "..."}}'
+[system2.prompts.rar]
+respond = "{rephrased}"
+""")
+    assert AgentConfig.load(path, env={}).system2.prompts["rar"] == {"respond": "{rephrased}"}
+
+
+# --- every field is documented where it is defined -------------------------------------------------
+def test_every_config_field_has_a_docstring() -> None:
+    tree = ast.parse(inspect.getsource(agent.config))
+    classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
+    sections = [AgentConfig, *(cls for cls in typing.get_type_hints(AgentConfig).values()
+                               if dataclasses.is_dataclass(cls))]
+    undocumented = []
+    for cls in sections:
+        body = classes[cls.__name__].body
+        for node, after in zip(body, body[1:] + [None]):
+            if isinstance(node, ast.AnnAssign):
+                documented = (isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                              and isinstance(after.value.value, str) and after.value.value.strip())
+                if not documented:
+                    undocumented.append(f"{cls.__name__}.{node.target.id}")
+        assert {n.target.id for n in body if isinstance(n, ast.AnnAssign)} == {f.name for f in dataclasses.fields(cls)}
+    assert undocumented == []
 
 
 # --- unknown keys and sections -------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """Consolidation on a tiny real model: the whole learning loop, the gate, and failure paths.
 
 The first test is the loop a newcomer should read: queries come in, System 2 answers them, the
-store keeps the consistent answers, consolidation trains and gates a LoRA adapter, and the next
-query is served by it.
+store keeps the consistent answers, consolidation trains and gates a LoRA adapter, and System 1,
+now served with it, answers as System 2 taught.
 """
 
 from __future__ import annotations
@@ -10,37 +10,47 @@ from __future__ import annotations
 import pytest
 
 from agent import Agent
-from policies.system2 import METHODS
-from tests.agent.test_loop import Arithmetic
+from tests.fakes import QUESTIONS
 
-QUESTIONS = [f"What is {a} + {b}?" for a, b in zip(range(11, 35), range(40, 64))]
+TAUGHT = [f"What is {a} + {85 - a}?" for a in range(11, 35)]
+"""24 questions System 2 answers "85": one short answer, which the 2-layer random model learns in two epochs
+(24 distinct sums would take it far longer), so the loop's test can see System 1 learn it."""
+UNSEEN = [f"What is {a} + {85 - a}?" for a in range(40, 50)]
 
 
 @pytest.fixture
-def learning_config(tiny_config, monkeypatch):
-    monkeypatch.setitem(METHODS, "arith", Arithmetic)
+def learning_config(tiny_config, arith):
     tiny_config.system2.method = "arith"
-    tiny_config.routing.threshold = 1.01  # a random model is never this sure: every query goes to System 2
+    tiny_config.routing.threshold = 1.0  # a random model is never this sure: every query goes to System 2
     c = tiny_config.consolidation
     c.min_examples, c.epochs, c.learning_rate, c.batch_size, c.rank = 4, 2, 1e-2, 8, 4
     c.retention_threshold = 0.0  # a random model has no behaviour worth retaining; see the retention tests
     return tiny_config
 
 
+def match_rate(agent: Agent, questions: list[str], target: str = "85") -> float:
+    """The share of ``questions`` that System 1 (greedy, with the adapter now serving) answers with ``target``."""
+    return sum(c.text.strip() == target for c in agent.system1_batch(questions)) / len(questions)
+
+
 def test_learning_loop_end_to_end(learning_config):
     with Agent(learning_config) as agent:
-        # 1. System 2 answers uncertain queries; consistent answers become pending examples.
-        for q in QUESTIONS:
-            assert agent.answer(q).route == "system2"
-        assert agent.store.count_examples(status="pending") == len(QUESTIONS)
+        # 0. System 1, the base model alone, does not know the answer.
+        assert match_rate(agent, TAUGHT) == 0.0
 
-        # 2. Consolidation trains, gates and promotes a LoRA adapter.
+        # 1. System 2 answers uncertain queries; consistent answers become pending examples.
+        for q in TAUGHT:
+            answer = agent.answer(q)
+            assert (answer.route, answer.text, answer.accepted) == ("system2", "85", True)
+        assert agent.store.count_examples(status="pending") == len(TAUGHT)
+
+        # 2. Consolidation trains, gates and promotes a LoRA adapter; the gate saw it do better.
         report = agent.consolidate()
         assert report.status == "promoted", report.reason
         assert report.adapter_version == 1 and report.parent_version is None
-        assert report.n_new + report.n_holdout == len(QUESTIONS) and report.n_holdout > 0
-        assert report.metrics["train_steps"] > 0
-        assert "holdout_accuracy_candidate" in report.metrics and "retention" in report.metrics
+        assert report.n_new + report.n_holdout == len(TAUGHT) and report.n_holdout > 0
+        assert report.metrics["train_steps"] > 0 and "retention" in report.metrics
+        assert report.metrics["holdout_accuracy_candidate"] > report.metrics["holdout_accuracy_serving"]
 
         # 3. The registry, the adapter files and the buffer agree.
         [adapter] = agent.store.list_adapters()
@@ -50,12 +60,17 @@ def test_learning_loop_end_to_end(learning_config):
         assert not list(agent.config.adapters_path().glob(".tmp-*"))
         used = agent.store.list_examples(status="used")
         assert len(used) == report.n_new and {e.adapter_version for e in used} == {1}
-        assert agent.store.count_examples(status="holdout") == report.n_holdout
+        held_out = agent.store.list_examples(status="holdout")
+        assert len(held_out) == report.n_holdout
         run = agent.store.last_run()
         assert run.status == "promoted" and run.adapter_version == 1
 
-        # 4. The next query is served by the new adapter, without a restart.
-        assert agent.answer("What is 2 + 3?", route="system1").adapter_version == 1
+        # 4. Without a restart, System 1 is served by the new adapter and says what System 2 taught: on the
+        #    inputs it trained on, on the held-out ones, and on questions it never saw.
+        assert agent.answer("What is 40 + 45?", route="system1").adapter_version == 1
+        assert match_rate(agent, [e.input for e in used]) >= 0.5
+        assert match_rate(agent, [e.input for e in held_out]) >= 0.5
+        assert match_rate(agent, UNSEEN) >= 0.5
 
 
 def test_dry_run_and_min_examples_change_nothing(learning_config):

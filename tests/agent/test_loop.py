@@ -1,12 +1,11 @@
 """The agent loop on a tiny real model: System 1, routing, System 2, the buffer, and thread safety.
 
-System 2 here is a small deterministic method registered the way users add one (a class and a
-``METHODS`` entry), so acceptance and rejection are exact; the System 1 side is a real model.
+System 2 here is the scripted :class:`tests.fakes.Arithmetic` method, registered the way users add one
+(the ``arith`` fixture), so acceptance and rejection are exact; the System 1 side is a real model.
 """
 
 from __future__ import annotations
 
-import re
 import threading
 
 import pytest
@@ -15,29 +14,7 @@ from agent import Agent, Answer
 from agent.config import ConfigError
 from agent.loop import InvalidQueryError
 from policies.system2 import METHODS
-from policies.system2.base import Sample, System2Method
-
-
-class Arithmetic(System2Method):
-    """Answers 'What is a + b?' exactly; anything else gets split votes (rejected)."""
-
-    name = "arith"
-    answer_kind = "number"
-
-    def __init__(self, **_: object) -> None:
-        pass
-
-    def sample(self, query, lm, k):
-        match = re.search(r"(\d+) \+ (\d+)", query)
-        if match:
-            value = str(int(match[1]) + int(match[2]))
-            return [Sample(f"Answer: {value}", value, tokens=3) for _ in range(k)], 1
-        return [Sample("Answer: x", str(i % 2), tokens=3) for i in range(k)], 1
-
-
-@pytest.fixture
-def arith(monkeypatch):
-    monkeypatch.setitem(METHODS, "arith", Arithmetic)
+from tests.fakes import Arithmetic
 
 
 def test_system1_answer_is_typed_and_logged(tiny_agent):
@@ -64,20 +41,20 @@ def test_unknown_route_and_method_are_clear_errors(tiny_agent, tiny_config):
     with pytest.raises(InvalidQueryError, match="route"):
         tiny_agent.answer("hi", route="system3")
     tiny_config.system2.method = "nope"
-    with pytest.raises(ConfigError, match="unknown System 2 method 'nope'"):
+    with pytest.raises(ConfigError, match=r"'system2.method' \(from code\) must be one of .*cot.*; got 'nope'"):
         Agent(tiny_config)
 
 
 def test_uncertain_query_goes_to_system2_and_accepted_answer_joins_buffer(tiny_config, arith):
     tiny_config.system2.method = "arith"
-    tiny_config.routing.threshold = 1.01  # the random model is never this sure: route everything
+    tiny_config.routing.threshold = 1.0  # the random model is never this sure: route everything
     with Agent(tiny_config) as agent:
         answer = agent.answer("What is 47 + 38?")
         assert answer.route == "system2" and answer.method == "arith"
         assert answer.text == "85" and answer.accepted is True
         assert answer.votes == {"85": 4} and answer.agreement == 1.0
         assert answer.tokens == answer.tokens_system1 + answer.tokens_system2
-        assert answer.route_reason["estimator"] == "logprob" and answer.route_reason["threshold"] == 1.01
+        assert answer.route_reason["estimator"] == "logprob" and answer.route_reason["threshold"] == 1.0
         [example] = agent.store.list_examples()
         assert (example.input, example.target, example.status) == ("What is 47 + 38?", "85", "pending")
         assert example.interaction_id == answer.interaction_id

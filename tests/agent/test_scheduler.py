@@ -1,17 +1,21 @@
 """Background consolidation (APScheduler 3) on the tiny real model, a real SQLite file and real processes.
 
-Training runs in the scheduler's thread while ``Agent.answer`` keeps serving; runs never overlap, in one
-process (APScheduler's ``max_instances=1`` and the scheduler's own lock) or across processes (the store's
-consolidation lock); ``shutdown()`` stops a training at a safe point and changes nothing.
+Training runs in a niced child process (the default) or in the scheduler's thread while ``Agent.answer``
+keeps serving; runs never overlap, in one process (APScheduler's ``max_instances=1`` and the scheduler's own
+lock) or across processes (the store's consolidation lock); ``shutdown()`` stops a training at a safe point
+and changes nothing; ``agent serve`` starts the scheduler unless ``--no-train``, and SIGTERM to it stops a
+running child.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -19,19 +23,19 @@ import pytest
 
 from agent import Agent
 from agent.cli import main as cli
-from policies.system2 import METHODS
-from tests.agent._consolidate_worker import make_config
-from tests.agent.test_loop import Arithmetic
+from agent.metrics import Metrics, store_snapshot
+from store import Store
+from tests.fakes import QUESTIONS, make_config
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("_consolidate_worker.py")
-QUESTIONS = [f"What is {a} + {b}?" for a, b in zip(range(11, 35), range(40, 64))]
 
 
 @pytest.fixture
-def config(tiny_model_dir, tmp_path, monkeypatch):
-    monkeypatch.setitem(METHODS, "arith", Arithmetic)
-    return make_config(tiny_model_dir, tmp_path / "agent.db")
+def config(tiny_model_dir, db_url, arith):
+    config = make_config(tiny_model_dir, db_url)
+    config.scheduler.process = "thread"  # the child process has tests of its own below
+    return config
 
 
 def wait_for(condition, timeout: float = 30, what: str = "the condition"):
@@ -138,7 +142,9 @@ def test_a_consolidation_in_another_process_makes_this_one_skip(config, lock_hol
         assert agent.consolidate().status == "promoted"
 
 
-def test_shutdown_stops_a_running_training_at_a_safe_point(config):
+@pytest.mark.parametrize("process", ["thread", "child"])
+def test_shutdown_stops_a_running_training_at_a_safe_point(config, process):
+    config.scheduler.process = process
     config.scheduler.interval_minutes = 0.01
     config.consolidation.epochs = 1000  # far longer than the test: only shutdown ends it
     with Agent(config) as agent:
@@ -147,10 +153,10 @@ def test_shutdown_stops_a_running_training_at_a_safe_point(config):
         scheduler = agent.start_scheduler()
         # A run heartbeats its lock every 10 training steps: a fresher heartbeat means training is under way.
         wait_for(lambda: (h := agent.store.lock_holder("consolidation")) and h.heartbeat_at > h.acquired_at,
-                 what="the scheduled run to train")
+                 timeout=30 if process == "thread" else 120, what="the scheduled run to train")
         started = time.monotonic()
         scheduler.shutdown()
-        assert time.monotonic() - started < 10 and not scheduler.running
+        assert time.monotonic() - started < (10 if process == "thread" else 20) and not scheduler.running
         [run] = agent.store.list_runs()
         assert run.status == "failed" and "stopped" in run.reason and run.adapter_version is None
         assert scheduler.last_report.status == "failed"
@@ -160,3 +166,136 @@ def test_shutdown_stops_a_running_training_at_a_safe_point(config):
         assert agent.store.count_examples(status="pending") == scheduler.last_report.n_new  # kept for next time
         assert agent.store.lock_holder("consolidation") is None
         assert agent.answer(QUESTIONS[0], route="system1").adapter_version is None  # still serving
+
+
+def test_a_stop_before_training_ends_the_run_during_its_retention_answers(config):
+    stop = threading.Event()
+    stop.set()  # as if SIGTERM came while the serving model answers the retention prompts
+    with Agent(config) as agent:
+        for q in QUESTIONS:
+            agent.answer(q)
+        report = agent.consolidate(stop=stop)
+        assert report.status == "failed" and report.reason == "stopped before training by shutdown"
+        assert "train_steps" not in report.metrics and agent.store.list_adapters() == []
+        assert agent.store.count_examples(status="used") == 0 and agent.store.lock_holder("consolidation") is None
+
+
+# --- the child process ---------------------------------------------------------------------------------------
+def test_each_scope_consolidates_in_a_niced_child_and_its_adapter_serves_here_without_restart(config):
+    config.consolidation.per_tag = True
+    config.consolidation.epochs = 60  # long enough to watch the child hold the lock
+    config.scheduler.process = "child"
+    config.scheduler.train_threads = 1
+    config.scheduler.min_pending = 8
+    config.scheduler.check_seconds = 0.2
+    config.scheduler.interval_minutes = None
+    with Agent(config) as agent:
+        for q in QUESTIONS[:12]:
+            agent.answer(q, tag="arith")
+        for q in QUESTIONS[12:15]:
+            agent.answer(q, tag="sums")  # 3 pending: below min_pending, no run for this scope
+        scheduler = agent.start_scheduler()
+        child = wait_for(lambda: scheduler.child, what="the consolidation process to start")
+        assert child.pid != os.getpid()
+        expected_nice = min(19, os.getpriority(os.PRIO_PROCESS, 0) + config.scheduler.nice)
+        wait_for(lambda: os.getpriority(os.PRIO_PROCESS, child.pid) == expected_nice, what="the child to renice")
+        assert b"OMP_NUM_THREADS=1\0" in Path(f"/proc/{child.pid}/environ").read_bytes()
+
+        # While it trains, the child holds the store's lock: the CLI and /metrics show it; serving goes on.
+        wait_for(lambda: (h := agent.store.lock_holder("consolidation")) and h.pid == child.pid, timeout=120,
+                 what="the child to take the consolidation lock")
+        # From another process, as an operator would (and a second Store in this process would drop this
+        # process's SQLite file locks: the child, exiting, would then delete the WAL under our connections).
+        status = subprocess.run([sys.executable, "-m", "agent.cli", "--db", config.db, "schedule", "status", "--json"],
+                                cwd=REPO, capture_output=True, text=True, check=True)
+        assert json.loads(status.stdout)["running"] == f"pid {child.pid} on {socket.gethostname()}"
+        text = Metrics().render(store_snapshot(agent))
+        assert "s2agent_consolidation_running 1" in text and f'pid="{child.pid}"' in text
+        assert agent.answer(QUESTIONS[0], tag="arith", route="system1").adapter_version is None
+
+        wait_for(lambda: scheduler.last_report is not None and not scheduler.running, timeout=180,
+                 what="the child's run to finish")
+        assert scheduler.last_report.status == "promoted", scheduler.last_report.reason
+        [run] = agent.store.list_runs()
+        assert (run.scope, run.status, run.pid) == ("arith", "promoted", child.pid)  # trained in the child
+        answer = agent.answer(QUESTIONS[0], tag="arith", route="system1")
+        assert answer.adapter_version == run.adapter_version == 1  # the promotion serves here, no restart
+        assert agent.answer(QUESTIONS[0], tag="sums", route="system1").adapter_version is None
+        assert child.returncode == 0 and scheduler.child is None
+        text = Metrics().render(store_snapshot(agent))
+        assert "s2agent_consolidation_running 0" in text
+        assert 's2agent_serving_adapter_version{scope="arith"} 1' in text
+
+
+def test_the_child_gets_the_effective_configuration(config, tmp_path, monkeypatch):
+    """TOML < environment < flags, as the parent resolved them; the child reads neither file nor environment."""
+    from agent.config import AgentConfig
+    from agent.worker import child_config
+
+    toml = tmp_path / "agent.toml"
+    toml.write_text("[consolidation]\nrank = 8\nepochs = 5\n[system2]\nmethod = \"arith\"\n")
+    monkeypatch.setenv("S2AGENT_CONSOLIDATION__EPOCHS", "7")
+    parent = AgentConfig.load(toml, overrides={"consolidation.learning_rate": 0.05, "db": config.db})
+    monkeypatch.setenv("S2AGENT_CONSOLIDATION__EPOCHS", "99")  # the child must not read the environment again
+    child = child_config(json.loads(json.dumps(parent.to_dict())))
+    assert (child.consolidation.rank, child.consolidation.epochs, child.consolidation.learning_rate) == (8, 7, 0.05)
+    assert child.to_dict() | {"system2": None, "threads": None} == parent.to_dict() | {"system2": None, "threads": None}
+    assert child.system2.method == AgentConfig().system2.method  # System 2 never runs there: the default will do
+    assert child.threads == (parent.scheduler.train_threads or max(1, (os.cpu_count() or 2) // 2))
+
+
+def test_sigterm_to_agent_serve_stops_its_consolidation_child_cleanly(config, tiny_model_dir, tmp_path):
+    store = Store(config.db)
+    for q in QUESTIONS[:12]:
+        store.add_example(q, "0", method="arith", agreement=1.0)
+    env = {"S2AGENT_THREADS": "1", "S2AGENT_MAX_NEW_TOKENS": "8", "S2AGENT_SCHEDULER__MIN_PENDING": "8",
+           "S2AGENT_SCHEDULER__CHECK_SECONDS": "0.2", "S2AGENT_CONSOLIDATION__MIN_EXAMPLES": "4",
+           "S2AGENT_CONSOLIDATION__EPOCHS": "1000", "S2AGENT_CONSOLIDATION__BATCH_SIZE": "8",
+           "S2AGENT_CONSOLIDATION__RANK": "4", "S2AGENT_CONSOLIDATION__RETENTION_PROMPTS": "8"}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path / "serve.log"
+    command = [sys.executable, "-m", "agent.cli", "--db", config.db, "--model", str(tiny_model_dir),
+               "--log-level", "INFO", "serve", "--port", str(port)]
+    with open(log, "w") as out:
+        server = subprocess.Popen(command, cwd=REPO, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        holder = wait_for(lambda: server.poll() is None and (h := store.lock_holder("consolidation"))
+                          and h.heartbeat_at > h.acquired_at and h, timeout=180, what="a consolidation to train")
+        assert holder.pid != server.pid and Path(f"/proc/{holder.pid}").exists()  # a child of the server trains
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
+    finally:
+        if server.poll() is None:
+            server.kill()
+    output = log.read_text()
+    assert server.returncode == 0, output
+    assert "in a child process" in output
+    wait_for(lambda: not Path(f"/proc/{holder.pid}").exists(), timeout=10, what="the child to be gone")
+    [run] = store.list_runs()
+    assert run.pid == holder.pid and run.status == "failed" and "stopped" in run.reason, run.reason
+    assert store.lock_holder("consolidation") is None and store.list_adapters() == []
+    assert store.count_examples(status="pending") + store.count_examples(status="holdout") == 12
+    store.close()
+
+
+def test_no_train_serves_without_a_scheduler(config, tiny_model_dir, monkeypatch, capsys):
+    import agent.server
+
+    started: list[object] = []
+
+    def fake_serve(agent, host, port):  # what cmd_serve built, without binding a port
+        started.append(agent.scheduler and agent.scheduler.status())
+        agent.close()
+
+    monkeypatch.setattr(agent.server, "serve", fake_serve)
+    base = ["--db", config.db, "--model", config.model, "serve"]
+    assert cli([*base, "--no-train"]) == 0
+    assert cli(base) == 0
+    assert started[0] is None
+    assert started[1]["enabled"] and started[1]["process"] == "child"
+    assert set(started[1]["next_runs"]) == {"interval", "pending"}  # both triggers, on by default
+    err = capsys.readouterr().err
+    assert "consolidation scheduler off (serving only" in err
+    assert "at 32 pending per scope / every 60.0 min, in a child process" in err

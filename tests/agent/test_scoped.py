@@ -1,6 +1,6 @@
 """Scoped adapters (opt-in): an adapter trained on one task tag's examples serves only that tag.
 
-Tiny real model, real SQLite file, real training; System 2 is the deterministic Arithmetic method.
+Tiny real model, real SQLite file, real training; System 2 is the scripted ``tests.fakes.Arithmetic`` method.
 """
 
 from __future__ import annotations
@@ -12,16 +12,11 @@ import pytest
 
 from agent import Agent
 from agent.cli import main as cli
-from policies.system2 import METHODS
-from tests.agent._consolidate_worker import make_config
-from tests.agent.test_loop import Arithmetic
-
-QUESTIONS = [f"What is {a} + {b}?" for a, b in zip(range(11, 35), range(40, 64))]
+from tests.fakes import QUESTIONS, make_config
 
 
 @pytest.fixture
-def config(tiny_model_dir, tmp_path, monkeypatch):
-    monkeypatch.setitem(METHODS, "arith", Arithmetic)
+def config(tiny_model_dir, tmp_path, arith):
     return make_config(tiny_model_dir, tmp_path / "agent.db")
 
 
@@ -132,3 +127,32 @@ def test_general_retention_gates_the_general_adapter_but_not_a_scoped_one(config
     assert scoped.metrics["retention"] < 0.99 and general.metrics["retention"] < 0.99
     assert scoped.status == "promoted" and "not gated" in scoped.reason
     assert general.status == "rejected" and "retention" in general.reason
+
+
+def test_untagged_traffic_groups_itself_into_a_scope_that_learns_and_serves(config, capsys):
+    """No tag anywhere: accepted sums form a scope by themselves, it gets its own adapter, and new sums
+    are served by it while a general question stays on the base model."""
+    config.scoping.auto = True
+    with Agent(config) as agent:
+        answers = [agent.answer(q) for q in QUESTIONS[:16]]
+        assert {a.tag for a in answers} == {"n-plus-n"}
+        assert all(a.route_reason["scope"]["assigned"] == "auto" for a in answers)
+        assert agent.store.count_examples(status="pending", tag="n-plus-n") == 16
+        assert agent.store.get_interaction(answers[0].interaction_id).tag == "n-plus-n"
+
+        report = agent.consolidate(scope="n-plus-n")
+        assert report.status == "promoted", report.reason
+        lookalike = agent.answer("What is 71 + 5?", route="system1")
+        assert (lookalike.tag, lookalike.adapter_version) == ("n-plus-n", report.adapter_version)
+        general = agent.answer("Name a primary colour.", route="system1")
+        assert (general.tag, general.adapter_version) == (None, None)
+
+    capsys.readouterr()
+    assert cli(["--db", config.db, "scopes", "rename", "n-plus-n", "sums"]) == 0
+    assert "renamed scope 'n-plus-n' into 'sums'" in capsys.readouterr().out
+    assert cli(["--db", config.db, "scopes", "ls", "--json"]) == 0
+    [scope] = json.loads(capsys.readouterr().out)
+    assert (scope["scope"], scope["serving_version"]) == ("sums", report.adapter_version)
+    assert sum(scope["examples"].values()) == 16
+    with Agent(config) as agent:  # the renamed scope keeps serving, under its new name
+        assert agent.answer("What is 71 + 5?", route="system1").tag == "sums"

@@ -24,9 +24,18 @@ import pytest
 import uvicorn
 from openai import OpenAI
 
+import agent.errors as agent_errors
 from agent import Agent, AgentConfig
 from agent.config import ServerConfig
+from agent.errors import (
+    ConfigError,
+    InvalidQueryError,
+    ModelNotFoundError,
+    PromptTooLongError,
+)
 from agent.server import create_app
+from agent.server.errors import ERRORS, api_error, rule_for
+from store import SchemaVersionError, StoreError
 from tests.conftest import make_random_adapter
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -71,8 +80,10 @@ def tiny_agent_config(model_dir: Path, data_dir: Path) -> AgentConfig:
 
 
 @pytest.fixture(scope="module")
-def agent(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    agent = Agent(tiny_agent_config(tiny_model_dir, tmp_path_factory.mktemp("server-agent")))
+def agent(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory, module_db_url: str):
+    config = tiny_agent_config(tiny_model_dir, tmp_path_factory.mktemp("server-agent"))
+    config.db = module_db_url  # a SQLite file, then a PostgreSQL database: the module runs on each
+    agent = Agent(config)
     yield agent
     agent.close()
 
@@ -121,7 +132,7 @@ def test_chat_completion_goes_through_the_learning_loop(client, agent):
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
     extra = response.model_extra["s2agent"]
     assert set(extra) == {"route", "confidence", "method", "adapter_version", "accepted", "votes", "interaction_id", "tag"}
-    assert extra["method"] == "cot" and isinstance(extra["confidence"], float)
+    assert extra["method"] == "pal" and isinstance(extra["confidence"], float)  # auto: programs first, no fallback
     assert usage.completion_tokens_details.reasoning_tokens > 0  # System 2 ran (forced)
     logged = agent.store.get_interaction(extra["interaction_id"])
     assert logged.final_answer == choice.message.content and logged.tag == "arithmetic"
@@ -252,6 +263,10 @@ def test_bad_raw_completions_and_unknown_paths(http):
     assert_error(http.post("/v1/completions", json={"model": "default", "prompt": "a", "max_tokens": 10_000}), 400)
     assert_error(http.post("/v1/completions", json={"model": "default", "prompt": "a", "echo": True}), 400,
                  "unsupported_parameter")
+    for prompt in ("apple house " * 300, ["Red, blue,", "apple house " * 300]):  # one prompt, or one of several
+        error = assert_error(http.post("/v1/completions", json={"model": "default", "prompt": prompt}), 400,
+                             "context_length_exceeded")
+        assert error["param"] == "prompt"
     assert_error(http.get("/v1/nothing-here"), 404, "not_found")
     assert_error(http.get(CHAT), 405)
 
@@ -282,12 +297,45 @@ def test_clients_that_hang_up_do_no_harm(server, http, agent, caplog):
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
+def test_runtime_errors_answer_by_the_table(http, agent, monkeypatch):
+    error = assert_error(http.post(CHAT, json={"model": "default", "messages": ask("hi"),
+                                               "s2agent": {"route": "system2", "method": "nope"}}), 400, "invalid_value")
+    assert error["param"] == "s2agent"
+
+    def store_down() -> list:
+        raise StoreError("the adapter registry is inconsistent")
+
+    monkeypatch.setattr(agent, "adapters", store_down)  # outside a rollback a StoreError is not the client's doing
+    error = assert_error(http.get("/v1/models"), 503, "store_error")
+    assert error["type"] == "service_unavailable" and "inconsistent" in error["message"]
+    assert_error(http.post(CHAT, json={"model": "gpt-4o", "messages": ask("hi")}), 503, "store_error")
+
+
+def test_the_error_table():
+    assert rule_for(PromptTooLongError("long"), "completion").code == "context_length_exceeded"
+    assert api_error(PromptTooLongError("long"), "completion").param == "prompt"
+    assert api_error(InvalidQueryError("empty"), "chat").param == "messages"
+    assert api_error(ConfigError("no method 'x'"), "chat").status == 400
+    assert api_error(ConfigError("bad config"), "rollback").status == 503  # not the client's fault there
+    for exc in (StoreError("no such version"), SchemaVersionError("newer schema", found=9, supported=3)):  # a subclass takes its root's
+        assert (api_error(exc, "rollback").status, api_error(exc, "rollback").code) == (409, "rollback_refused")
+        assert (api_error(exc, "chat").status, api_error(exc).code) == (503, "store_error")
+    assert api_error(ModelNotFoundError("gone")).status == 503
+    assert rule_for(ValueError("a bug")) is None
+    # Every input error of the runtime has a 4xx row of its own, not the 503 of its root.
+    for name in agent_errors.__all__:
+        cls = getattr(agent_errors, name)
+        if isinstance(cls, type) and issubclass(cls, agent_errors.S2AgentError) and issubclass(cls, ValueError):
+            assert any(key[0] is cls and rule.status < 500 for key, rule in ERRORS.items()), name
+
+
 # --- operations ----------------------------------------------------------------------------------------------
-def test_health_readiness_and_metrics(http, client):
+def test_health_readiness_and_metrics(http, client, agent):
     client.chat.completions.create(model="default", messages=ask("What is 2 + 2?"))
     assert http.get("/healthz").json() == {"status": "ok"}
     ready = http.get("/readyz")
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
+    assert ready.json()["pending_examples"] == agent.pending_examples()
     text = http.get("/metrics").text
     for name in ("s2agent_http_requests_total", "s2agent_http_request_duration_seconds_bucket",
                  "s2agent_answers_total", "s2agent_answer_duration_seconds_bucket",

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from agent import AgentConfig
-from bench import consolidation, serving
+from bench import consolidation, contention, serving
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -46,6 +46,19 @@ def test_consolidation_trains_gates_and_times_the_swap(tiny_model_dir: Path) -> 
     assert swap["first_answer_after_swap_median_s"] > 0 and swap["steady_answer_median_s"] > 0
     assert swap["answers_served_by_new_adapter"] == 2  # every timed answer came from the adapter just swapped in
     assert "hot-swap" in consolidation.report(results)
+
+
+def test_contention_times_system1_beside_each_kind_of_background_work(tiny_model_dir: Path) -> None:
+    results = contention.run(tiny(tiny_model_dir), ["none", "child", "background"], examples=30, requests=3,
+                             repeats=1, system2_queries=2)
+
+    none, child, background = results["rows"]
+    assert len(none["latencies"]) == len(child["latencies"]) == 3 and none["overlapped"] == 3
+    assert child["seeded"] == 30 and child["run_status"] in ("promoted", "rejected") and child["run_seconds"] > 0
+    assert len(background["routed_latencies"]) == 2 and background["last_route_reason"] == "queued"
+    assert background["background"]["labelled"] + background["background"]["failed"] == 2
+    assert [s["condition"] for s in results["summary"]] == ["none", "child", "background"]
+    assert "S1 p50" in contention.report(results)
 
 
 def test_embed_example_runs(tiny_model_dir: Path) -> None:

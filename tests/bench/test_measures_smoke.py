@@ -48,7 +48,7 @@ def test_paper_reads_jsonl_tasks(tiny_model_dir: Path, tmp_path: Path) -> None:
 
 def test_loop_measures_each_round(tiny_model_dir: Path, tmp_path: Path) -> None:
     config = tiny(tiny_model_dir)
-    config.routing.threshold = 1.01  # route everything to System 2
+    config.routing.threshold = 1.0  # route everything to System 2
     result = loop.run(loop.LoopSettings(task="addition", queries=4, round=2, method="cot", n_eval=2, k=2), config,
                       tmp_path)
     rounds = result["rounds"]

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
-
 import pytest
 
 from policies.consistency import (
@@ -14,7 +11,7 @@ from policies.consistency import (
     universal_self_consistency,
     usc_decision,
 )
-from policies.lm import Call
+from tests.fakes import ScriptedLM
 
 
 def test_majority_accepted() -> None:
@@ -63,24 +60,6 @@ def test_perturbation_position_bias_is_rejected() -> None:
 def test_perturbation_unparsable_and_mixed() -> None:
     d = perturbation_agreement([("B", "A"), ("B", None), (None, "A"), ("B", "A")], threshold=0.5)
     assert d.answer == "B" and d.accepted and d.agreement == 0.5 and d.votes == {"B": 2, "<none>": 2}
-
-
-@dataclass
-class Gen:
-    text: str
-    num_tokens: int = 3
-
-
-class ScriptedLM:
-    """Replies with fixed texts and records the calls it was given."""
-
-    def __init__(self, reply: str) -> None:
-        self.reply = reply
-        self.calls: list[Call] = []
-
-    def __call__(self, calls: Sequence[Call]) -> list[list[Gen]]:
-        self.calls.extend(calls)
-        return [[Gen(self.reply) for _ in range(c.n)] for c in calls]
 
 
 def test_usc_makes_one_greedy_call_listing_candidates() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from policies.scoping import ScopeClassifier, featurise
+from policies.scoping import ScopeClassifier, ScopeIndex, featurise, scope_name
 
 ADDITIONS = [f"What is {a} + {b}?" for a, b in zip(range(10, 40), range(40, 70))]
 LAST_LETTERS = [f"Take the last letters of the words in '{a} {b}' and concatenate them."
@@ -50,3 +50,36 @@ def test_features_are_stable_and_normalised():
     a, b = featurise(["What is 12 + 34?", "what is 98 +   76?"])
     assert np.allclose(a, b)  # case, digits and whitespace fold away
     assert np.isclose(np.linalg.norm(a), 1.0)
+
+
+# --- automatic scopes -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("text,name", [
+    ("What is 47 + 38?", "n-plus-n"),
+    ("Add 47 and 38.", "add-n"),
+    ("How many letters are in the word 'garden'?", "many-letters-word"),
+    ("Sort these numbers: 5, 2, 9, 1.", "sort-these-numbers-n"),
+    ("What is the capital of France?", "capital-france"),
+    ("???", "scope"),
+])
+def test_scope_names_are_readable_and_stable(text, name):
+    assert scope_name(text) == name
+
+
+def test_the_index_groups_phrasings_of_one_task_and_keeps_tasks_apart():
+    index = ScopeIndex({}, min_similarity=0.5)
+    assigned = {q: index.assign(q)[0] for q in [*ADDITIONS[:5], *LAST_LETTERS[:3], "What is the capital of France?"]}
+    assert {assigned[q] for q in ADDITIONS[:5]} == {"n-plus-n"}
+    assert {assigned[q] for q in LAST_LETTERS[:3]} == {"take-last-letters-words"}
+    assert assigned["What is the capital of France?"] == "capital-france"
+    assert index.scopes == {"n-plus-n", "take-last-letters-words", "capital-france"}
+    tag, similarity = index.assign("What is 81 + 94?")  # unseen numbers join the sums
+    assert tag == "n-plus-n" and similarity >= 0.5
+
+
+def test_the_index_starts_from_stored_scopes_and_never_reuses_a_name():
+    index = ScopeIndex({"n-plus-n": ["Where is the station?"]}, min_similarity=0.9)
+    tag, _ = index.assign("What is 1 + 2?")  # named like an existing, unrelated scope: gets a suffix
+    assert tag == "n-plus-n-2"
+    assert index.assign("What is 3 + 4?")[0] == "n-plus-n-2"
+    with pytest.raises(ValueError):
+        ScopeIndex({}, min_similarity=0)

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable
 
 import pytest
 
 from policies.system2 import (
     METHODS,
+    Auto,
     BranchSolveMerge,
-    Call,
     ChainOfThought,
     ProgramAided,
     RephraseAndRespond,
@@ -22,52 +23,54 @@ from policies.system2 import (
 )
 from policies.system2.bsm import parse_criteria
 from policies.system2.pal import STOP, extract_program
-
-
-@dataclass
-class Gen:
-    text: str
-    num_tokens: int = 3
-
-
-class ScriptedLM:
-    """Answers each call with ``respond(call, i)`` for its i-th sample; records every batch it got."""
-
-    def __init__(self, respond: Callable[[Call, int], str] | Sequence[str]):
-        if not callable(respond):
-            texts = list(respond)
-            respond = lambda call, i: texts[i % len(texts)]  # noqa: E731
-        self.respond = respond
-        self.batches: list[list[Call]] = []
-
-    def __call__(self, calls: Sequence[Call]) -> list[list[Gen]]:
-        self.batches.append(list(calls))
-        return [[Gen(self.respond(call, i)) for i in range(call.n)] for call in calls]
-
-    @property
-    def calls(self) -> list[Call]:
-        return [c for batch in self.batches for c in batch]
-
-
-def user_text(call: Call) -> str:
-    return [content for role, content in call.messages if role == "user"][-1]
-
+from policies.system2.prompts import PLACEHOLDERS, TEMPLATES, template_problems
+from tests.fakes import Gen, ScriptedLM, user_text
 
 # --- registry --------------------------------------------------------------------------------------
 
 
-def test_methods_by_name():
-    assert set(METHODS) == {"cot", "rar", "s2a", "bsm", "pal"}
-    for name, cls in METHODS.items():
-        assert cls.name == name
-    assert isinstance(make_method("cot", answer_kind="number"), ChainOfThought)
-    assert make_method("rar", variant="2step").variant == "2step"
+# What the agent passes every method it builds by name (agent.loop); a method that runs programs also
+# takes an executor, given here as one that "runs" any program to 4.
+AGENT_KWARGS = {"prompts": None, "temperature": 0.5, "top_k": 10, "max_new_tokens": 32}
+SUM_AS_JUDGE_QUERY = format_judge_query("What is 2 + 2?", "4", "5")  # also reads as a plain question
 
 
-def test_unknown_method_lists_known_names():
-    with pytest.raises(UnknownMethodError, match="bsm, cot, pal, rar, s2a"):
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_registered_method_is_built_by_name_and_solves_through_the_lm(name):
+    kwargs = dict(AGENT_KWARGS)
+    if "executor" in inspect.signature(METHODS[name]).parameters:
+        kwargs["executor"] = lambda codes: [Result(True, 4) for _ in codes]
+    if name == "auto":  # made of two methods, as the runtime builds it: programs first, then a prompted one
+        executor = lambda codes: [Result(True, 4) for _ in codes]  # noqa: E731
+        method = Auto(make_method("pal", executor=executor, **AGENT_KWARGS), make_method("cot", **AGENT_KWARGS))
+    else:
+        method = make_method(name, **kwargs)
+    lm = ScriptedLM("answer = 4\nAnswer: 4")
+    result = method.solve(SUM_AS_JUDGE_QUERY, lm, k=3, threshold=0.5)
+
+    # what the agent records as the answer's method (auto: the method whose answer it is)
+    assert result.method == (result.extra["tried"][-1] if name == "auto" else name)
+    assert len(result.samples) == 3 and sum(result.decision.votes.values()) == 3
+    assert result.answer is None or result.answer in result.decision.votes
+    # the model is reached only through the LM, and the cost reported is exactly what it served
+    assert result.calls == len(lm.calls) > 0 and result.tokens == lm.tokens
+    sampled = [c for c in lm.calls if c.temperature > 0]  # (a USC choice is a greedy call of its own)
+    assert sampled and all((c.temperature, c.top_k, c.max_new_tokens) == (0.5, 10, 32) for c in sampled)
+
+
+def test_make_method_passes_a_method_its_own_parameters():
+    lm = ScriptedLM("Answer: 4")
+    make_method("rar", variant="2step").solve("2+2?", lm, k=2)
+    assert len(lm.batches) == 2  # rephrase, then respond
+    with pytest.raises(TypeError):
+        make_method("cot", variant="2step")
+
+
+def test_unknown_method_is_a_value_error_naming_every_known_one():
+    with pytest.raises(UnknownMethodError) as info:
         make_method("tot")
-    assert issubclass(UnknownMethodError, ValueError)
+    assert isinstance(info.value, ValueError)  # the agent reports it as a configuration error
+    assert "'tot'" in str(info.value) and all(name in str(info.value) for name in METHODS)
 
 
 def test_prompt_overrides_merge_over_defaults_and_reject_unknown_names():
@@ -77,6 +80,66 @@ def test_prompt_overrides_merge_over_defaults_and_reject_unknown_names():
     assert user_text(lm.calls[0]) == "Q: 2+2?\nReason, then 'Answer: X'."
     with pytest.raises(KeyError, match="usr"):
         ChainOfThought(prompts={"usr": "{query}"})
+
+
+# --- template checks -------------------------------------------------------------------------------
+
+
+def _run_with_templates(name: str, prompts: dict[str, str]) -> list[str]:
+    """Run method ``name`` (every stage of it) with ``prompts``; the texts of every message it sent."""
+
+    def respond(call, i):
+        return "1. Accuracy\n2. Clarity" if "<bsm.branch>" in user_text(call) else "answer = 1\nVerdict: A"
+
+    lm = ScriptedLM(respond)
+    if name == "rar":
+        for variant in ("1step", "2step"):
+            RephraseAndRespond(variant=variant, prompts=prompts).solve("q?", lm, k=2)
+    elif name == "bsm":
+        BranchSolveMerge(prompts=prompts).solve(JUDGE_QUERY, lm, k=2)
+    elif name == "pal":
+        ProgramAided(executor=FakeExecutor({"answer = 1": Result(True, 1)}), prompts=prompts).solve("q?", lm, k=2)
+    else:
+        make_method(name, prompts=prompts).solve("q?", lm, k=2)
+    return [content for call in lm.calls for _, content in call.messages]
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES))  # auto has no templates: it runs pal's and its fallback's
+def test_placeholders_are_what_each_method_formats_its_templates_with(name):
+    """Each template, overridden to use every placeholder ``PLACEHOLDERS`` lists for it, is sent and filled."""
+    assert set(TEMPLATES[name]) == {"system", *PLACEHOLDERS[name]}
+    prompts = {t: f"<{name}.{t}> " + " ".join("{" + p + "}" for p in ps) for t, ps in PLACEHOLDERS[name].items()}
+    sent = "\n".join(_run_with_templates(name, prompts))
+    for template in PLACEHOLDERS[name]:
+        assert f"<{name}.{template}>" in sent
+    assert "{" not in sent.replace("{{", "")  # every placeholder was filled
+
+
+def test_default_templates_all_format():
+    assert template_problems() == []
+    assert template_problems({"cot": {}, "pal": {"system": "Braces {as written} in a system turn are fine."}}) == []
+    assert template_problems({"cot": {"user": 'Reply as JSON: {{"answer": ...}} to {query}'}}) == []
+
+
+@pytest.mark.parametrize(
+    "overrides, name, words",
+    [
+        ({"cot": {"user": "Q: {question}"}}, "cot.user", ["{question}", "{query}"]),
+        ({"bsm": {"branch": "{question} in {n} criteria"}}, "bsm.branch", ["{n}", "{question}, {num_criteria}"]),
+        ({"s2a": {"respond": "{query}"}}, "s2a.respond", ["{query}", "{context}"]),  # only the rewrite has it
+        ({"rar": {"respond": "Reply {query"}}, "rar.respond", ["not a valid template"]),
+        ({"pal": {"user": "{} {query}"}}, "pal.user", ["not a valid template"]),
+        ({"cot": {"usr": "{query}"}}, "cot.usr", ["not a template of cot", "system, user"]),
+        ({"cot": {"user": 3}}, "cot.user", ["must be a string"]),
+        ({"cott": {"user": "{query}"}}, "cott", ["not a System 2 method", "bsm, cot, pal, rar, s2a"]),
+        ({"rar": "Rephrase {query}"}, "rar", ["must be a table", "one_step"]),
+    ],
+)
+def test_template_problems_name_the_template(overrides, name, words):
+    [(where, problem)] = template_problems(overrides)
+    assert where == name
+    for word in words:
+        assert word in problem
 
 
 # --- CoT -------------------------------------------------------------------------------------------
@@ -350,10 +413,9 @@ def test_pal_explicit_family_and_extra_families():
 
 
 def test_pal_builds_one_few_shot_call_and_votes_executed_values():
-    programs = ["answer = 47 + 38", "```python\nanswer = 85.0\n```", "answer = 84", "answer = undefined", ""]
-    executor = FakeExecutor(
-        {"answer = 47 + 38": Result(True, "85"), "answer = 85.0": Result(True, 85.0), "answer = 84": Result(True, 84)}
-    )
+    programs = ["answer = 47 + 38", "```python\nanswer = 85.0 * 1\n```", "answer = 80 + 4", "answer = undefined", ""]
+    executor = FakeExecutor({"answer = 47 + 38": Result(True, "85"), "answer = 85.0 * 1": Result(True, 85.0),
+                             "answer = 80 + 4": Result(True, 84)})
     lm = ScriptedLM(programs)
     result = ProgramAided(executor=executor).solve("What is 47 + 38?", lm, k=5, threshold=0.4)
     [call] = lm.calls
@@ -363,15 +425,16 @@ def test_pal_builds_one_few_shot_call_and_votes_executed_values():
     assert call.messages[-1][1] == "What is 47 + 38?"
     assert ("assistant", "answer = 47 + 38 - 21") in call.messages  # the arithmetic shots
     # the empty program is not run; all others in one executor call
-    assert executor.batches == [["answer = 47 + 38", "answer = 85.0", "answer = 84", "answer = undefined"]]
+    assert executor.batches == [["answer = 47 + 38", "answer = 85.0 * 1", "answer = 80 + 4", "answer = undefined"]]
     assert [s.answer for s in result.samples] == ["85", "85", "84", None, None]
     assert [s.extra["error"] for s in result.samples][3:] == ["NameError", "empty program"]
     assert result.answer == "85" and result.decision.accepted and result.calls == 1
 
 
 def test_pal_values_are_normalised_by_family_kind():
-    executor = FakeExecutor({"a": Result(True, True), "b": Result(True, "No"), "c": Result(True, ""), "d": Result(True, None)})
-    lm = ScriptedLM(["a", "b", "c", "d"])
+    executor = FakeExecutor({"a()": Result(True, True), "b()": Result(True, "No"), "c()": Result(True, ""),
+                             "d()": Result(True, None)})
+    lm = ScriptedLM(["a()", "b()", "c()", "d()"])
     samples, _ = ProgramAided(executor=executor).sample("A coin is heads up. Is the coin still heads up?", lm, 4)
     assert [s.answer for s in samples] == ["yes", "no", None, None]
 
@@ -409,3 +472,95 @@ def test_pal_with_real_sandbox():
     samples, _ = pal.sample(LAST_LETTER, lm, 4)
     assert [s.answer for s in samples] == ["rd", "no", None, None]
     assert "ZeroDivisionError" in samples[2].extra["error"]
+
+
+# --- what a program must do to count, and the auto method -------------------------------------------------
+@pytest.mark.parametrize("program,computes", [
+    ("answer = 5", False),
+    ("answer = 'Paris'", False),
+    ("x = 5\nanswer = x", False),
+    ("answer = -3", False),
+    ("answer = 47 + 38", True),
+    ("words = 'apple house'.split()\nanswer = ''.join(w[-1] for w in words)", True),
+    ("answer = len('banana')", True),
+    ("answer = sorted([5, 2, 9])", True),
+    ("for i in range(3):\n    pass\nanswer = i", True),
+    ("this is not python", True),  # left to the sandbox, which reports the syntax error
+])
+def test_a_program_that_only_assigns_literals_computes_nothing(program, computes):
+    from policies.system2.pal import computes as check
+
+    assert check(program) is computes
+
+
+def test_pal_does_not_count_literal_answers_as_votes():
+    """'What is 2+2? The program is: answer = 5' must not become an accepted example."""
+    executor = FakeExecutor({"answer = 5": Result(True, 5), "answer = 2 + 2": Result(True, 4)})
+    lm = ScriptedLM(["answer = 5", "answer = 5", "answer = 5", "answer = 2 + 2"])
+    result = ProgramAided(executor=executor).solve("What is 2+2? The program is: answer = 5", lm, k=4)
+    assert [s.answer for s in result.samples] == [None, None, None, "4"]
+    assert "computes nothing" in result.samples[0].extra["error"]
+    assert result.answer == "4" and not result.decision.accepted  # one real vote of four is no consensus
+
+
+class _Fixed:
+    """A method whose solve returns a scripted decision and counts its calls."""
+
+    def __init__(self, name: str, answer: str | None, accepted: bool, tokens: int) -> None:
+        self.name, self.answer_kind, self.runs = name, "text", 0
+        self._answer, self._accepted, self._tokens = answer, accepted, tokens
+
+    def solve(self, query, lm, k=8, threshold=0.75):
+        from policies.consistency import Decision
+        from policies.system2 import System2Result
+
+        self.runs += 1
+        decision = Decision(self._answer, self._accepted, {self._answer or "<none>": k}, 1.0, "self_consistency")
+        return System2Result(self.name, [], decision, calls=1, tokens=self._tokens)
+
+
+def test_auto_keeps_agreeing_programs_and_asks_nothing_else():
+    from policies.system2 import Auto
+
+    first, fallback = _Fixed("pal", "85", True, 40), _Fixed("cot", "84", True, 300)
+    result = Auto(first, fallback).solve("What is 47 + 38?", ScriptedLM(["x"]), k=4)
+    assert (result.method, result.answer, result.tokens, result.extra["tried"]) == ("pal", "85", 40, ["pal"])
+    assert fallback.runs == 0
+
+
+def test_auto_asks_the_fallback_when_programs_do_not_agree_and_counts_both():
+    from policies.system2 import Auto
+
+    first, fallback = _Fixed("pal", None, False, 40), _Fixed("cot", "Paris", True, 300)
+    result = Auto(first, fallback).solve("What is the capital of France?", ScriptedLM(["x"]), k=4)
+    assert (result.method, result.answer, result.decision.accepted) == ("cot", "Paris", True)
+    assert (result.tokens, result.calls, result.extra["tried"]) == (340, 2, ["pal", "cot"])
+
+
+def test_auto_without_fallback_returns_the_programs_verdict():
+    from policies.system2 import Auto
+
+    result = Auto(_Fixed("pal", None, False, 40)).solve("Who are you?", ScriptedLM(["x"]), k=4)
+    assert (result.method, result.answer, result.decision.accepted) == ("pal", None, False)
+
+
+@pytest.mark.parametrize("query,program,reads", [
+    ("How many letters are in the word 'banana'?", "answer = len('banana')", True),
+    ("Sort these numbers: 5, 2, 9, 1.", "answer = sorted([5, 2, 9, 1])", True),
+    ("What is the capital of France?", "answer = 'Paris'.capitalize()", False),
+    ("Who wrote Romeo and Juliet?", "answer = ' '.join(['William', 'Shakespeare'])", False),
+    ("What is 2+2? The program is: answer = 2 + 3", "answer = 2 + 3", False),  # copied from the question
+    ("What is 7 squared?", "answer = 7 ** 2", True),
+])
+def test_a_program_for_an_unknown_family_must_compute_on_the_question(query, program, reads):
+    from policies.system2.pal import reads_the_question
+
+    assert reads_the_question(program, query) is reads
+
+
+def test_pal_ignores_knowledge_written_as_code_for_general_questions():
+    executor = FakeExecutor({"answer = 'Paris'.capitalize()": Result(True, "Paris")})
+    lm = ScriptedLM(["answer = 'Paris'.capitalize()"] * 4)
+    result = ProgramAided(executor=executor).solve("What is the capital of France?", lm, k=4)
+    assert result.answer is None and not result.decision.accepted
+    assert "question's data" in result.samples[0].extra["error"]

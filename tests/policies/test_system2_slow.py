@@ -7,7 +7,6 @@ Slow (a few minutes on 2 cores): run with ``pytest -m slow tests/policies/test_s
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from itertools import groupby
 from pathlib import Path
 from typing import Sequence
@@ -23,17 +22,12 @@ from policies.system2 import (
     System2Attention,
     format_judge_query,
 )
+from tests.fakes import Gen
 
 pytestmark = pytest.mark.slow
 
 MODEL_DIR = Path(os.environ.get("S2AGENT_CACHE_DIR", Path.home() / ".cache" / "s2agent")) / "models" / "SmolLM2-135M-Instruct"
 MAX_NEW_TOKENS = 40
-
-
-@dataclass
-class Gen:
-    text: str
-    num_tokens: int
 
 
 class TransformersLM:

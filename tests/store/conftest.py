@@ -1,5 +1,6 @@
 """Fixtures for the store tests: the same tests run on a real SQLite file and, when
-``S2AGENT_TEST_POSTGRES_URL`` is set, on PostgreSQL (each test starts from empty tables there)."""
+``S2AGENT_TEST_POSTGRES_URL`` is set, on PostgreSQL (each test gets a fresh database there; see
+``tests/conftest.py``: without the variable they skip, on CI they fail)."""
 
 from __future__ import annotations
 
@@ -16,9 +17,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from store import Store  # noqa: E402
-from store.schema import Base  # noqa: E402
+from tests.conftest import fresh_postgres_database  # noqa: E402
 
-POSTGRES_URL = os.environ.get("S2AGENT_TEST_POSTGRES_URL")
 WORKER = Path(__file__).with_name("_worker.py")
 
 
@@ -28,14 +28,8 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'agent.db'}"
         return
-    if not POSTGRES_URL:
-        pytest.skip("set S2AGENT_TEST_POSTGRES_URL to run the store tests on PostgreSQL")
-    from sqlalchemy import create_engine
-
-    engine = create_engine(POSTGRES_URL)
-    Base.metadata.drop_all(engine)
-    engine.dispose()
-    yield POSTGRES_URL
+    with fresh_postgres_database() as url:
+        yield url
 
 
 @pytest.fixture

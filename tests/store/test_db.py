@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import sqlite3
+import sys
 from datetime import timezone
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import make_url, text
 
 from store import SCHEMA_VERSION, SchemaVersionError, Store, StoreError
+from store.db import resolve_url
+from tests.conftest import fresh_postgres_database
 
 
 def test_plain_path_creates_parent_folders_and_schema(tmp_path: Path) -> None:
@@ -109,3 +112,34 @@ def test_directory_is_not_a_database(tmp_path: Path) -> None:
 def test_bad_url_gives_a_store_error() -> None:
     with pytest.raises(StoreError, match="cannot use the database URL"):
         Store("nosuchdialect://host/db")
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("postgresql://user:pass@db.example/agent", "postgresql+psycopg://user:pass@db.example/agent"),
+        ("postgres://user@db.example:5433/agent?sslmode=require", "postgresql+psycopg://user@db.example:5433/agent?sslmode=require"),
+        ("postgresql+psycopg2://user@db.example/agent", "postgresql+psycopg2://user@db.example/agent"),
+        ("postgresql+psycopg://user@db.example/agent", "postgresql+psycopg://user@db.example/agent"),
+        ("sqlite:////tmp/agent.db", "sqlite:////tmp/agent.db"),
+    ],
+)
+def test_plain_postgresql_urls_get_the_psycopg3_driver(given: str, expected: str) -> None:
+    """SQLAlchemy 2.0 (which pyproject allows) defaults ``postgresql://`` to psycopg2, which the ``postgres``
+    extra does not install; 2.1 defaults to psycopg 3. The store picks psycopg 3 on either."""
+    assert resolve_url(given) == expected
+
+
+def test_plain_postgresql_url_opens_through_psycopg3() -> None:
+    with fresh_postgres_database() as url:
+        plain = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+        with Store(plain) as store:
+            assert store.engine.dialect.name == "postgresql" and store.engine.dialect.driver == "psycopg"
+            store.add_example("What is 2+2?", "4", method="cot")
+            assert [e.target for e in store.list_examples()] == ["4"]
+
+
+def test_missing_postgresql_driver_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # as if the `postgres` extra were not installed
+    with pytest.raises(StoreError, match=r"s2agent\[postgres\]"):
+        Store("postgresql://user@127.0.0.1:1/agent")

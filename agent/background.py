@@ -1,0 +1,138 @@
+"""Background System 2: the user gets System 1's answer now, System 2 labels the query later.
+
+With ``system2.mode = "background"``, :meth:`agent.Agent.answer` does not wait when the router sends a
+query to System 2: it offers the query to a :class:`System2Queue` and answers with System 1. The queue is
+bounded (``system2.queue_size``): when it is full the query is dropped, and counted, rather than letting
+a backlog grow without limit. ``system2.workers`` threads take queries in order and call a labelling
+function (:meth:`agent.Agent._label_deferred`: System 2, the consistency filter, and the example stored
+exactly as the inline path stores it).
+
+A query waits in the queue until its interaction has been logged (:meth:`Deferred.logged`), so that the
+stored example can point at it. :meth:`System2Queue.close` stops taking queries, drops those still
+waiting (counted as dropped), and waits up to ``timeout`` seconds for the workers; a label in progress
+stops at its next generation call (the agent refuses System 2 calls once it is closing) and counts as
+failed. Thread-safe.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+
+logger = logging.getLogger(__name__)
+
+LOG_WAIT_SECONDS = 30.0
+"""How long a worker waits for the answer that queued a query to log its interaction."""
+
+
+@dataclass
+class Deferred:
+    """A query waiting for its System 2 label."""
+
+    query: str
+    method: str | None
+    """The method the request asked for (None: the configured one for ``tag``)."""
+    tag: str | None
+    system1_text: str
+    confidence: float | None
+    adapter_version: int | None
+    interaction_id: int | None = None
+    _logged: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    def logged(self, interaction_id: int | None) -> None:
+        """The answer's interaction is in the store (None: logging it failed): the query may be labelled."""
+        self.interaction_id = interaction_id
+        self._logged.set()
+
+
+@dataclass
+class Label:
+    """What labelling one query gave: whether its example joined the buffer as pending, and its cost."""
+
+    accepted: bool
+    tokens: int
+
+
+COUNTERS = ("queued", "dropped", "labelled", "accepted", "failed", "tokens")
+"""``queued``: queries taken into the queue; ``dropped``: refused because it was full, or still waiting
+at close; ``labelled``: System 2 reached a decision; ``accepted``: that decision passed the consistency
+filter and joined the buffer as pending; ``failed``: System 2 raised (timeout, closing, an error);
+``tokens``: tokens System 2 generated in the background."""
+
+
+class System2Queue:
+    """A bounded queue of :class:`Deferred` queries and the threads that label them."""
+
+    def __init__(self, size: int, workers: int, label: Callable[[Deferred], Label]) -> None:
+        self._queue: queue.Queue[Deferred] = queue.Queue(maxsize=max(1, size))
+        self._label = label
+        self._n_workers = max(1, workers)
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self._counts = dict.fromkeys(COUNTERS, 0)
+        self.closing = threading.Event()
+
+    def offer(self, item: Deferred) -> bool:
+        """Queue ``item``; False (and counted as dropped) when the queue is full or closing."""
+        with self._lock:
+            if self.closing.is_set():
+                self._counts["dropped"] += 1
+                return False
+            try:
+                self._queue.put_nowait(item)
+            except queue.Full:
+                self._counts["dropped"] += 1
+                return False
+            self._counts["queued"] += 1
+            if not self._threads:  # started on first use: an agent that never defers has no threads
+                self._threads = [threading.Thread(target=self._work, name=f"system2-background-{i}", daemon=True)
+                                 for i in range(self._n_workers)]
+                for thread in self._threads:
+                    thread.start()
+            return True
+
+    def stats(self) -> dict[str, int]:
+        """The counters (see :data:`COUNTERS`) and ``waiting``: queries in the queue now."""
+        with self._lock:
+            return {**self._counts, "waiting": self._queue.qsize()}
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop: drop what is still waiting, and wait up to ``timeout`` seconds for the workers."""
+        with self._lock:
+            self.closing.set()
+            while True:
+                try:
+                    self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                self._counts["dropped"] += 1
+            threads = list(self._threads)
+        for thread in threads:
+            thread.join(timeout)
+            if thread.is_alive():
+                logger.warning("background System 2 worker %s did not stop within %.0f s", thread.name, timeout)
+
+    def _count(self, **increments: int) -> None:
+        with self._lock:
+            for key, n in increments.items():
+                self._counts[key] += n
+
+    def _work(self) -> None:
+        while not self.closing.is_set():
+            try:
+                item = self._queue.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if not item._logged.wait(LOG_WAIT_SECONDS) or self.closing.is_set():
+                self._count(dropped=1)
+                continue
+            try:
+                label = self._label(item)
+            except Exception as exc:  # noqa: BLE001 - one bad label must not stop the worker
+                logger.warning("background System 2 failed on %r: %s", item.query[:80], exc)
+                self._count(failed=1)
+                continue
+            self._count(labelled=1, accepted=int(label.accepted), tokens=label.tokens)

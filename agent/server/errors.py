@@ -1,0 +1,81 @@
+"""What the runtime raises, as the HTTP error a client gets: one table, :data:`ERRORS`, read by :func:`api_error`.
+
+The runtime's own errors have two roots, :class:`~agent.errors.S2AgentError` and :class:`store.StoreError`
+(:data:`agent.errors.EXPECTED`). A row maps a class, optionally only within one operation, to a status,
+an OpenAI error ``code`` and ``type``, and the request field to blame (``param``). An exception takes the
+row of its nearest class, so a subclass without a row of its own gets its root's: a new error is answered
+sensibly before anyone adds a row for it. Anything outside the two roots is a bug: a 500 with a traceback
+in the log (see :mod:`agent.server.app`).
+
+What the statuses mean here:
+
+- 400: the request is wrong and the client can fix it (a prompt past the context window, an empty query,
+  a System 2 method that does not exist);
+- 409: the adapter registry refuses the change in its present state (no such version, its files pruned,
+  nothing to roll back to); another version, or a later moment, would be accepted;
+- 503: nothing in the request is wrong, the service cannot do it now (the store refuses what the runtime
+  asked of it, an adapter does not load); retry later, or ask the operator: the server log has the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from agent.errors import (
+    AdapterError,
+    ConfigError,
+    InvalidQueryError,
+    PromptTooLongError,
+    S2AgentError,
+)
+from agent.server.protocol import APIError
+from store import StoreError
+
+logger = logging.getLogger(__name__)
+
+INPUT = "<input>"
+"""A row's ``param`` meaning "the field that carried this operation's input" (see :data:`INPUT_PARAMS`)."""
+INPUT_PARAMS: dict[str, str] = {"chat": "messages", "completion": "prompt", "rollback": "version"}
+"""The request field that carries each operation's input."""
+UNAVAILABLE = "service_unavailable"
+
+
+@dataclass(frozen=True)
+class ErrorRule:
+    status: int
+    code: str
+    param: str | None = None
+    type: str = "invalid_request_error"
+
+
+ERRORS: dict[tuple[type[Exception], str | None], ErrorRule] = {
+    # (class, operation or None for any): the answer
+    (PromptTooLongError, None): ErrorRule(400, "context_length_exceeded", INPUT),
+    (InvalidQueryError, None): ErrorRule(400, "invalid_value", INPUT),
+    (ConfigError, "chat"): ErrorRule(400, "invalid_value", "s2agent"),  # s2agent.method names no System 2 method
+    (StoreError, "rollback"): ErrorRule(409, "rollback_refused", INPUT),
+    (AdapterError, None): ErrorRule(503, "adapter_unavailable", type=UNAVAILABLE),
+    (StoreError, None): ErrorRule(503, "store_error", type=UNAVAILABLE),
+    (S2AgentError, None): ErrorRule(503, "agent_unavailable", type=UNAVAILABLE),  # a ConfigError outside a chat too
+}
+
+
+def rule_for(exc: BaseException, operation: str | None = None) -> ErrorRule | None:
+    """The row for ``exc`` raised during ``operation``: its nearest class's, the operation's row first."""
+    for cls in type(exc).__mro__:
+        rule = ERRORS.get((cls, operation)) or ERRORS.get((cls, None))
+        if rule is not None:
+            return rule
+    return None
+
+
+def api_error(exc: BaseException, operation: str | None = None) -> APIError:
+    """``exc``, one of :data:`agent.errors.EXPECTED`, as the :class:`APIError` to answer with."""
+    rule = rule_for(exc, operation)
+    if rule is None:
+        raise TypeError(f"{type(exc).__name__} is not one of the runtime's errors") from exc
+    if rule.status >= 500:
+        logger.warning("%s failed: %s: %s", operation or "request", type(exc).__name__, exc)
+    param = INPUT_PARAMS.get(operation or "") if rule.param == INPUT else rule.param
+    return APIError(rule.status, str(exc), type=rule.type, param=param, code=rule.code)

@@ -1,0 +1,165 @@
+"""OpenAI's wire format as this server speaks it: request bodies, reading them, and the error shape.
+
+Everything here is pure: no agent, no app. A request body is read with :func:`read_json` (size limit,
+UTF-8, a JSON object), checked with :func:`refuse_unsupported` and parsed strictly with :func:`parse`;
+whatever is wrong becomes an :class:`APIError`, answered as ``{"error": {message, type, param, code}}``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal, Sequence, TypeVar
+
+from fastapi import Request
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from store.schema import MAX_TAG_LENGTH
+
+M = TypeVar("M", bound=BaseModel)
+
+
+# --- errors: OpenAI's shape ------------------------------------------------------------------------------------
+class APIError(Exception):
+    """An error the client caused (or may retry), answered as ``{"error": {message, type, param, code}}``."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
+
+
+def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+_UNION_TAGS = {"str", "int", "float", "bool", "none", "list", "dict"}
+
+
+def validation_error(exc: ValidationError) -> APIError:
+    """The first problem pydantic found, as a 400 naming the field (``messages.0.role``)."""
+    first = exc.errors()[0]
+    parts = [str(p) for p in first["loc"] if not (isinstance(p, str) and (p in _UNION_TAGS or "[" in p))]
+    param = ".".join(parts) or None
+    message = f"{param}: {first['msg']}" if param else first["msg"]
+    return APIError(400, message, param=param, code="invalid_value" if first["type"] != "missing" else "missing")
+
+
+# --- request bodies ------------------------------------------------------------------------------------------
+class _Body(BaseModel):
+    # OpenAI has many optional fields this server does not implement; unknown ones are ignored, the few that
+    # would change the meaning of the answer are refused by refuse_unsupported.
+    model_config = ConfigDict(extra="ignore")
+
+
+class S2AgentOptions(_Body):
+    model_config = ConfigDict(extra="forbid")
+    route: Literal["auto", "system1", "system2"] = "auto"
+    method: str | None = None
+    tag: str | None = Field(None, max_length=MAX_TAG_LENGTH)
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+
+    @property
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class SamplingRequest(_Body):
+    """What chat and raw completions share: the model name, sampling, streaming and the ``s2agent`` options."""
+
+    model: str
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    max_tokens: int | None = None
+    n: int = Field(1, ge=1, le=64)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    s2agent: S2AgentOptions = Field(default_factory=S2AgentOptions)
+
+    @property
+    def stops(self) -> tuple[str, ...]:
+        stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        return tuple(s for s in stop if s)
+
+
+class ChatCompletionRequest(SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: str | list[str]
+
+
+class RollbackRequest(_Body):
+    model_config = ConfigDict(extra="forbid")
+    version: int | None = None
+    """The version to serve again; None: the serving adapter's parent; 0: the base model."""
+    scope: str | None = None
+
+
+# --- reading them --------------------------------------------------------------------------------------------
+def refuse_unsupported(data: dict[str, Any], fields: Sequence[str]) -> None:
+    """Refuse the OpenAI options that would change what the answer means if silently ignored."""
+    for name in fields:
+        value = data.get(name)
+        if name == "response_format" and isinstance(value, dict) and value.get("type", "text") == "text":
+            continue
+        if name == "best_of" and value == 1:
+            continue
+        if value:
+            raise APIError(400, f"{name} is not supported by this server", param=name, code="unsupported_parameter")
+
+
+async def read_json(request: Request, limit: int) -> dict[str, Any]:
+    """The body as a JSON object; 413 past ``limit`` bytes (declared or streamed), 400 for anything malformed."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise APIError(400, "Content-Length is not a number", code="invalid_body")
+        if int(declared) > limit:
+            raise APIError(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes",
+                           code="request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"request body exceeds the limit of {limit} bytes", code="request_too_large")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise APIError(400, f"request body is not valid UTF-8 (byte {exc.start})", code="invalid_body") from None
+    if not text.strip():
+        raise APIError(400, "request body is empty; expected a JSON object", code="invalid_body")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise APIError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "request body must be a JSON object", code="invalid_body")
+    return data
+
+
+def parse(model: type[M], data: dict[str, Any]) -> M:
+    """``data`` as a ``model``, strictly (no "1" for 1); the first problem as a 400."""
+    try:
+        return model.model_validate(data, strict=True)
+    except ValidationError as exc:
+        raise validation_error(exc) from None

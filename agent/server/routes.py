@@ -1,0 +1,238 @@
+"""The HTTP routes: OpenAI's (``/v1``), the operator's (health, readiness, metrics) and ``/admin``.
+
+The routers are module-level; a handler finds the agent, its metrics and the server config on
+``request.app.state`` (set by :func:`agent.server.app.create_app`). A handler parses, validates, calls the
+agent (in a worker thread, through :func:`~agent.server.serving.call`) and formats; it decides nothing.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+import uuid
+from typing import Any
+
+import anyio
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from agent.config import ServerConfig
+from agent.loop import Agent
+from agent.metrics import Metrics
+from agent.server.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    RollbackRequest,
+    SamplingRequest,
+    error_body,
+    parse,
+    read_json,
+    refuse_unsupported,
+)
+from agent.server.serving import (
+    Result,
+    StatsCache,
+    answer_options,
+    call,
+    jsonable,
+    known_models,
+    model_cards,
+    response_body,
+    sampling_params,
+    served_model,
+    stream_events,
+)
+
+READY_TIMEOUT_SECONDS = 2.0
+"""A store that takes longer than this to count the buffer makes ``/readyz`` answer 503."""
+
+
+def _agent(request: Request) -> Agent:
+    return request.app.state.agent
+
+
+def _config(request: Request) -> ServerConfig:
+    return request.app.state.config
+
+
+def _metrics(request: Request) -> Metrics:
+    return request.app.state.metrics
+
+
+# --- checks --------------------------------------------------------------------------------------------------
+async def _check_model(agent: Agent, name: str) -> None:
+    if name in (agent.model_name, "default"):
+        return
+    if name not in await call(None, known_models, agent):
+        raise APIError(404, f"The model {name!r} does not exist; GET /v1/models lists the models served here",
+                       param="model", code="model_not_found")
+
+
+def _check_max_tokens(config: ServerConfig, value: int | None, param: str) -> None:
+    if value is not None and not 1 <= value <= config.max_tokens_limit:
+        raise APIError(400, f"{param} must be between 1 and {config.max_tokens_limit}, got {value}",
+                       param=param, code="invalid_value")
+
+
+def _respond(request: Request, body: SamplingRequest, result: Result, *, chat: bool) -> Any:
+    request.state.s2agent_route = result.extra["route"]  # for the access log line
+    rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+    created, model = int(time.time()), served_model(_agent(request), result.version)
+    if body.stream:
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        return StreamingResponse(stream_events(rid, created, model, result, chat, include_usage),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return response_body(rid, created, model, result, chat)
+
+
+# --- OpenAI routes -------------------------------------------------------------------------------------------
+openai = APIRouter()
+
+
+@openai.post("/v1/chat/completions")
+async def chat_completions(request: Request) -> Any:
+    agent, config, metrics = _agent(request), _config(request), _metrics(request)
+    data = await read_json(request, config.max_body_bytes)
+    refuse_unsupported(data, ("tools", "functions", "logprobs", "response_format"))
+    body = parse(ChatCompletionRequest, data)
+    if None not in (body.max_tokens, body.max_completion_tokens) and body.max_tokens != body.max_completion_tokens:
+        raise APIError(400, "max_tokens and max_completion_tokens disagree; give one of them",
+                       param="max_completion_tokens")
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    _check_max_tokens(config, max_tokens, "max_completion_tokens" if body.max_completion_tokens is not None
+                      else "max_tokens")
+    await _check_model(agent, body.model)
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in body.messages]
+    query = agent.learnable_query(messages, body.n)
+    if query is not None:
+        answer = await call("chat", agent.answer, query, **answer_options(body, max_tokens))
+        metrics.observe_answer(answer.route, answer.latency_ms / 1000, answer.tokens_system1,
+                               answer.tokens_system2, answer.accepted if answer.route == "system2" else None)
+        result = Result.of_answer(answer)
+    else:
+        if body.s2agent.route == "system2":
+            raise APIError(400, "s2agent.route 'system2' needs a single-turn request (one user message) with n=1",
+                           param="s2agent.route")
+        params = sampling_params(body, max_tokens, agent.config.max_new_tokens)
+        completions, version = await call("chat", agent.complete, messages, params, body.s2agent.tag)
+        metrics.observe_completion(sum(c.num_tokens for c in completions))
+        result = Result.of_completions(completions, version, body.s2agent.tag)
+    return _respond(request, body, result, chat=True)
+
+
+@openai.post("/v1/completions")
+async def completions(request: Request) -> Any:
+    agent, config, metrics = _agent(request), _config(request), _metrics(request)
+    data = await read_json(request, config.max_body_bytes)
+    refuse_unsupported(data, ("echo", "logprobs", "suffix", "best_of"))
+    body = parse(CompletionRequest, data)
+    _check_max_tokens(config, body.max_tokens, "max_tokens")
+    await _check_model(agent, body.model)
+    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    if not prompts or any(not p for p in prompts):
+        raise APIError(400, "prompt is empty", param="prompt", code="invalid_value")
+    if body.s2agent.route == "system2":
+        raise APIError(400, "s2agent.route 'system2' is only for chat completions", param="s2agent.route")
+    params = sampling_params(body, body.max_tokens, agent.config.max_new_tokens)
+    # Agent.complete takes any backend prompt; a plain string goes to the model untemplated. Several
+    # prompts run concurrently so they share the batcher's forward passes.
+    outs: list[Any] = [None] * len(prompts)
+
+    async def one(i: int, prompt: str) -> None:
+        outs[i] = await call("completion", agent.complete, prompt, params, body.s2agent.tag)
+
+    try:
+        async with anyio.create_task_group() as group:
+            for i, prompt in enumerate(prompts):
+                group.start_soon(one, i, prompt)
+    except* APIError as failed:  # the task group wraps what its tasks raise; the client gets the first error
+        raise failed.exceptions[0] from None
+    completions_ = [c for out in outs for c in out[0]]
+    metrics.observe_completion(sum(c.num_tokens for c in completions_))
+    result = Result.of_completions(completions_, outs[0][1], body.s2agent.tag)
+    result.prompt_tokens = sum(out[0][0].prompt_tokens for out in outs if out[0])
+    return _respond(request, body, result, chat=False)
+
+
+@openai.get("/v1/models")
+async def models(request: Request) -> dict[str, Any]:
+    return {"object": "list", "data": await call(None, model_cards, _agent(request))}
+
+
+# --- operations ----------------------------------------------------------------------------------------------
+ops = APIRouter()
+
+
+@ops.get("/healthz")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@ops.get("/readyz")
+async def readyz(request: Request) -> Any:
+    agent = _agent(request)
+    try:
+        with anyio.fail_after(READY_TIMEOUT_SECONDS):
+            pending = await anyio.to_thread.run_sync(agent.pending_examples, abandon_on_cancel=True)
+    except TimeoutError:
+        return JSONResponse(error_body(f"the store did not answer within {READY_TIMEOUT_SECONDS:g} s",
+                                       "service_unavailable", code="store_unreachable"), status_code=503)
+    except Exception as exc:  # noqa: BLE001 - any store failure means "not ready"
+        return JSONResponse(error_body(f"the store is unreachable: {exc}", "service_unavailable",
+                                       code="store_unreachable"), status_code=503)
+    return {"status": "ready", "model": agent.model_name, "adapter_version": agent.serving_version(None),
+            "pending_examples": pending}
+
+
+@ops.get("/metrics", response_class=PlainTextResponse)
+async def prometheus(request: Request) -> PlainTextResponse:
+    stats: StatsCache = request.app.state.stats
+    snapshot = await run_in_threadpool(stats.get)
+    background = _agent(request).background_stats()  # background System 2 counters: live, not cached
+    return PlainTextResponse(_metrics(request).render(snapshot, background), media_type="text/plain; version=0.0.4")
+
+
+# --- admin ---------------------------------------------------------------------------------------------------
+def require_admin(request: Request) -> None:
+    """The admin routes' gate: ``Authorization: Bearer <server.admin_token>``; all refused when unset."""
+    token_wanted = _config(request).admin_token
+    if not token_wanted:
+        raise APIError(403, "admin routes are disabled: set server.admin_token or S2AGENT_ADMIN_TOKEN",
+                       type="permission_error", code="admin_disabled")
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise APIError(401, "admin routes need 'Authorization: Bearer <token>'", type="authentication_error",
+                       code="missing_token", headers={"WWW-Authenticate": "Bearer"})
+    if not hmac.compare_digest(token.strip().encode(), token_wanted.encode()):
+        raise APIError(403, "the admin token is wrong", type="permission_error", code="invalid_token")
+
+
+admin = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
+
+
+@admin.post("/consolidate")
+async def consolidate(request: Request) -> Any:
+    # Training takes minutes: a worker thread, never the event loop; requests keep being served meanwhile.
+    report = await call(None, _agent(request).consolidate)
+    return jsonable(report)
+
+
+@admin.get("/adapters")
+async def adapters(request: Request) -> Any:
+    return {"object": "list", "data": jsonable(await call(None, _agent(request).adapters))}
+
+
+@admin.post("/rollback")
+async def rollback(request: Request) -> Any:
+    agent = _agent(request)
+    body = parse(RollbackRequest, await read_json(request, _config(request).max_body_bytes))
+    row = await call("rollback", agent.rollback, body.version, body.scope)
+    return {"serving": jsonable(row), "adapter_version": agent.serving_version(body.scope)}
+
+
+@admin.get("/stats")
+async def stats(request: Request) -> Any:
+    return jsonable(await call(None, _agent(request).stats))

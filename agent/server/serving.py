@@ -1,0 +1,234 @@
+"""Serving logic between the routes and the :class:`~agent.loop.Agent`: no routes, no request parsing.
+
+A request's sampling fields become :class:`~agent.backends.SamplingParams` or ``Agent.answer`` options;
+an :class:`~agent.loop.Answer` or a list of completions becomes a :class:`Result`, which becomes OpenAI's
+response object or its server-sent events. Blocking agent calls run in worker threads through
+:func:`call`, which also turns what the agent raises into the HTTP error a client gets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import logging
+import re
+import threading
+import time
+from datetime import datetime
+from typing import Any, AsyncIterator, Callable, TypeVar
+
+from starlette.concurrency import run_in_threadpool
+
+from agent.backends import Completion, SamplingParams
+from agent.errors import EXPECTED
+from agent.loop import Agent, Answer
+from agent.metrics import store_snapshot
+from agent.server.errors import api_error
+from agent.server.protocol import SamplingRequest
+
+logger = logging.getLogger(__name__)
+
+STATS_CACHE_SECONDS = 5.0
+"""How long ``/metrics`` reuses the store's numbers before asking again."""
+STARTED = int(time.time())
+"""When this process started: the ``created`` time of models that have no date of their own."""
+T = TypeVar("T")
+
+
+async def call(operation: str | None, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run a blocking Agent call in a worker thread (the event loop keeps serving meanwhile).
+
+    What the runtime raises becomes the client's error, as :data:`agent.server.errors.ERRORS` says for
+    ``operation`` (``chat``, ``completion``, ``rollback``; None for one without rows of its own)."""
+    try:
+        return await run_in_threadpool(fn, *args, **kwargs)
+    except EXPECTED as exc:
+        raise api_error(exc, operation) from None
+
+
+# --- models --------------------------------------------------------------------------------------------------
+def adapter_model_id(model_name: str, version: int) -> str:
+    """The model name an adapter is listed (and may be asked for) under: ``<base>:adapter-v<version>``."""
+    return f"{model_name}:adapter-v{version}"
+
+
+def served_model(agent: Agent, version: int | None) -> str:
+    return adapter_model_id(agent.model_name, version) if version else agent.model_name
+
+
+def known_models(agent: Agent) -> set[str]:
+    """Every name a request may ask for (blocking: reads the registry)."""
+    names = {agent.model_name, "default"}
+    names.update(adapter_model_id(agent.model_name, a.version) for a in agent.adapters() if a.serving)
+    return names
+
+
+def model_cards(agent: Agent) -> list[dict[str, Any]]:
+    """``GET /v1/models``: the base model, then every serving adapter (blocking: reads the registry)."""
+    cards = [{"id": agent.model_name, "object": "model", "created": STARTED, "owned_by": "s2agent",
+              "s2agent": {"kind": "base", "serving_adapter": agent.serving_version(None)}}]
+    for row in agent.adapters():
+        if not row.serving:
+            continue
+        when = row.promoted_at or row.created_at
+        cards.append({"id": adapter_model_id(agent.model_name, row.version), "object": "model",
+                      "created": int(when.timestamp()) if when else STARTED, "owned_by": "s2agent",
+                      "parent": agent.model_name, "root": agent.model_name,
+                      "s2agent": {"kind": "adapter", "version": row.version, "scope": row.scope,
+                                  "parent": row.parent, "status": row.status, "n_train": row.n_train,
+                                  "metrics": jsonable(row.metrics),
+                                  "loaded": agent.serving_version(row.scope) == row.version}})
+    return cards
+
+
+# --- requests ------------------------------------------------------------------------------------------------
+def sampling_params(body: SamplingRequest, max_tokens: int | None, default_max_tokens: int) -> SamplingParams:
+    """The sampling of a plain System 1 completion; unset fields keep the backend's defaults."""
+    fields: dict[str, Any] = {"n": body.n, "stop": body.stops, "seed": body.seed,
+                              "max_new_tokens": max_tokens or default_max_tokens}
+    if body.temperature is not None:
+        fields["temperature"] = body.temperature
+    if body.top_p is not None:
+        fields["top_p"] = body.top_p
+    return SamplingParams(**fields)
+
+
+def answer_options(body: SamplingRequest, max_tokens: int | None) -> dict[str, Any]:
+    """The keyword arguments of ``Agent.answer`` for a request; unset fields keep its defaults."""
+    opts = body.s2agent
+    kwargs: dict[str, Any] = {"route": opts.route, "method": opts.method, "tag": opts.tag,
+                              "max_new_tokens": max_tokens, "stop": body.stops, "seed": body.seed}
+    if body.temperature is not None:
+        kwargs["temperature"] = body.temperature
+    if body.top_p is not None:
+        kwargs["top_p"] = body.top_p
+    return kwargs
+
+
+# --- results -------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Result:
+    """What one request produced, whichever Agent method made it."""
+
+    texts: list[str]
+    finish_reasons: list[str]
+    prompt_tokens: int
+    completion_tokens: int
+    reasoning_tokens: int
+    version: int | None
+    extra: dict[str, Any]
+    """The response's ``s2agent`` field."""
+
+    @classmethod
+    def of_answer(cls, answer: Answer) -> Result:
+        extra = {"route": answer.route, "confidence": answer.confidence, "method": answer.method,
+                 "adapter_version": answer.adapter_version, "accepted": answer.accepted, "votes": answer.votes,
+                 "interaction_id": answer.interaction_id, "tag": answer.tag}
+        return cls([answer.text], [answer.finish_reason], answer.prompt_tokens, answer.tokens,
+                   answer.tokens_system2, answer.adapter_version, extra)
+
+    @classmethod
+    def of_completions(cls, completions: list[Completion], version: int | None, tag: str | None) -> Result:
+        """Plain System 1 completions, served under the request's tag; nothing routed or learned."""
+        extra = {"route": "system1", "confidence": None, "method": None, "adapter_version": version,
+                 "accepted": None, "votes": None, "interaction_id": None, "tag": tag}
+        return cls([c.text for c in completions], [c.finish_reason for c in completions],
+                   completions[0].prompt_tokens if completions else 0, sum(c.num_tokens for c in completions), 0,
+                   version, extra)
+
+    def usage(self) -> dict[str, Any]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens,
+                "completion_tokens_details": {"reasoning_tokens": self.reasoning_tokens}}
+
+
+def response_body(rid: str, created: int, model: str, result: Result, chat: bool) -> dict[str, Any]:
+    """A ``chat.completion`` or ``text_completion`` object."""
+    pairs = enumerate(zip(result.texts, result.finish_reasons))
+    if chat:
+        choices = [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                    "finish_reason": reason} for i, (text, reason) in pairs]
+    else:
+        choices = [{"index": i, "text": text, "logprobs": None, "finish_reason": reason} for i, (text, reason) in pairs]
+    return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
+            "model": model, "choices": choices, "usage": result.usage(), "s2agent": result.extra}
+
+
+def _pieces(text: str) -> list[str]:
+    """Split a finished text into word-sized pieces whose concatenation is the text."""
+    return re.findall(r"\s*\S+|\s+", text)
+
+
+async def stream_events(rid: str, created: int, model: str, result: Result, chat: bool, include_usage: bool
+                        ) -> AsyncIterator[str]:
+    """Server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``.
+
+    The engine does not stream tokens yet: the text is complete before the first event, and is sent in
+    word-sized pieces so that streaming clients work unchanged (they just see it arrive all at once).
+    """
+    kind = "chat.completion.chunk" if chat else "text_completion"
+
+    def event(choices: list[dict[str, Any]], **extra: Any) -> str:
+        payload = {"id": rid, "object": kind, "created": created, "model": model, "choices": choices, **extra}
+        return f"data: {json.dumps(payload)}\n\n"
+
+    def choice(i: int, content: str | None, finish: str | None, role: bool = False) -> dict[str, Any]:
+        if not chat:
+            return {"index": i, "text": content or "", "logprobs": None, "finish_reason": finish}
+        delta: dict[str, Any] = {"role": "assistant"} if role else {}
+        if content is not None:
+            delta["content"] = content
+        return {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+    for i, (text, reason) in enumerate(zip(result.texts, result.finish_reasons)):
+        if chat:
+            yield event([choice(i, "", None, role=True)])
+        for piece in _pieces(text):
+            yield event([choice(i, piece, None)])
+        yield event([choice(i, None, reason)], s2agent=result.extra)
+    if include_usage:
+        yield event([], usage=result.usage())
+    yield "data: [DONE]\n\n"
+
+
+# --- reports -------------------------------------------------------------------------------------------------
+def jsonable(value: Any) -> Any:
+    """Reports, ORM rows, dataclasses, datetimes and enums as plain JSON values."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return jsonable(dataclasses.asdict(value))
+    if hasattr(value, "__table__"):  # a store row
+        return {c.key: jsonable(getattr(value, c.key)) for c in value.__table__.columns}
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
+
+
+class StatsCache:
+    """``store_snapshot`` at most every ``STATS_CACHE_SECONDS``; None while the store does not answer."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self._lock = threading.Lock()
+        self._at = -1e9
+        self._value: dict[str, Any] | None = None
+
+    def get(self) -> dict[str, Any] | None:
+        """The snapshot (blocking when it is stale: a few store queries)."""
+        with self._lock:
+            if time.monotonic() - self._at > STATS_CACHE_SECONDS:
+                try:
+                    self._value = store_snapshot(self.agent)
+                except Exception as exc:  # noqa: BLE001 - metrics must render even when the store is down
+                    logger.warning("metrics: the store did not answer: %s", exc)
+                    self._value = None
+                self._at = time.monotonic()
+            return self._value

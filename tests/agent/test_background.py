@@ -1,0 +1,163 @@
+"""Background System 2 (``system2.mode = "background"``) on the tiny real model and a real SQLite file.
+
+The user gets System 1's answer at once; System 2 labels the query later from a bounded queue and the
+example is stored exactly as the inline path stores it. A full queue drops and counts; ``close()`` stops the
+workers. System 2 is a deterministic method that can be held at a gate, so the queue's states are exact.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from agent import Agent
+from agent.metrics import Metrics
+from policies.lm import Call
+from policies.system2 import METHODS
+from policies.system2.base import Sample
+from tests.agent.test_loop import Arithmetic
+
+QUESTIONS = [f"What is {a} + {b}?" for a, b in zip(range(11, 23), range(40, 52))]
+
+
+class Sums(Arithmetic):
+    """``arith``, except that anything but a sum gets a majority too weak to keep: a rejected example."""
+
+    def sample(self, query, lm, k):
+        if "+" in query:
+            return super().sample(query, lm, k)
+        return [Sample(f"Answer: {a}", a, tokens=3) for a in ("red", "red", "blue", "green")[:k]], 1
+
+
+class Gated(Arithmetic):
+    """``arith`` that first makes one real model call, held until the test opens ``gate``."""
+
+    name = "gated"
+    gate = threading.Event()
+    entered = threading.Event()
+
+    def sample(self, query, lm, k):
+        Gated.entered.set()
+        assert Gated.gate.wait(30), "the test never opened the gate"
+        generated = lm([Call((("user", query),), n=1, max_new_tokens=2)])
+        samples, calls = super().sample(query, lm, k)
+        for s in samples:
+            s.tokens = generated[0][0].num_tokens
+        return samples, calls + 1
+
+
+@pytest.fixture
+def config(tiny_config, monkeypatch):
+    monkeypatch.setitem(METHODS, "arith", Sums)
+    monkeypatch.setitem(METHODS, "gated", Gated)
+    Gated.gate.clear()
+    Gated.entered.clear()
+    tiny_config.routing.threshold = 1.0  # the router sends every query to System 2
+    tiny_config.system2.method = "arith"
+    tiny_config.system2.mode = "background"
+    return tiny_config
+
+
+def wait_for(condition, timeout: float = 30, what: str = "the condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def test_background_answers_with_system1_and_stores_the_label_later(config):
+    with Agent(config) as agent:
+        answers = [agent.answer(q) for q in QUESTIONS[:3]]
+        answers.append(agent.answer("Name a primary colour."))  # arith splits its votes: a rejected example
+        for a in answers:
+            assert a.route == "system1" and a.text == a.system1_text and a.method is None
+            assert a.route_reason["system2"] == "queued" and a.votes is None and a.tokens_system2 == 0
+        wait_for(lambda: agent.background_stats()["labelled"] == 4, what="the four labels")
+        stats = agent.background_stats()
+        assert stats == {"queued": 4, "dropped": 0, "labelled": 4, "accepted": 3, "failed": 0, "tokens": 48,
+                         "waiting": 0}  # 4 samples x 3 tokens each
+
+        examples = {e.input: e for e in agent.store.list_examples()}
+        for a, q in zip(answers, [*QUESTIONS[:3], "Name a primary colour."]):
+            example = examples[q]
+            assert example.interaction_id == a.interaction_id  # linked to what the user was answered
+            assert (example.method, example.kind) == ("arith", "system2")
+            interaction = agent.store.get_interaction(a.interaction_id)
+            assert interaction.route == "system1" and interaction.route_reason["system2"] == "queued"
+        assert [examples[q].status for q in QUESTIONS[:3]] == ["pending"] * 3
+        assert [examples[q].target for q in QUESTIONS[:3]] == ["51", "53", "55"]
+        assert examples["Name a primary colour."].status == "rejected"
+        assert examples["Name a primary colour."].votes == {"red": 2, "blue": 1, "green": 1}
+        assert examples["Name a primary colour."].target == "red"
+
+        # The inline path stores the same example for the same query: one recording function for both.
+        config.system2.mode = "inline"
+        inline = agent.answer(QUESTIONS[3])
+        assert inline.route == "system2" and inline.text == "57" and "system2" not in inline.route_reason
+        stored = agent.store.list_examples(status="pending")[-1]
+        assert (stored.input, stored.target, stored.method, stored.interaction_id) == (
+            QUESTIONS[3], "57", "arith", inline.interaction_id)
+        # A request that asks for System 2 by name is answered inline even in background mode.
+        config.system2.mode = "background"
+        forced = agent.answer(QUESTIONS[4], route="system2")
+        assert forced.route == "system2" and forced.text == "59"
+        assert agent.background_stats()["queued"] == 4
+
+        text = Metrics().render(None, agent.background_stats())
+        assert 's2agent_system2_background_total{event="accepted"} 3' in text
+        assert "s2agent_system2_background_tokens_total 48" in text
+        assert "s2agent_system2_background_waiting 0" in text
+
+
+def test_a_full_queue_drops_and_counts(config):
+    config.system2.method = "gated"
+    config.system2.queue_size = 2
+    with Agent(config) as agent:
+        first = agent.answer(QUESTIONS[0])
+        assert Gated.entered.wait(10)  # the worker holds the first query at the gate: the queue is empty
+        queued = [agent.answer(q) for q in QUESTIONS[1:3]]  # fills the queue (2)
+        dropped = [agent.answer(q) for q in QUESTIONS[3:6]]
+        assert [a.route_reason["system2"] for a in [first, *queued]] == ["queued"] * 3
+        assert [a.route_reason["system2"] for a in dropped] == ["dropped"] * 3
+        assert all(a.route == "system1" for a in [first, *queued, *dropped])
+        assert agent.background_stats() | {"tokens": 0} == {
+            "queued": 3, "dropped": 3, "labelled": 0, "accepted": 0, "failed": 0, "tokens": 0, "waiting": 2}
+        assert agent.store.get_interaction(dropped[0].interaction_id).route_reason["system2"] == "dropped"
+
+        Gated.gate.set()
+        wait_for(lambda: agent.background_stats()["labelled"] == 3, what="the queued labels")
+        assert sorted(e.input for e in agent.store.list_examples(status="pending")) == sorted(QUESTIONS[:3])
+        assert agent.background_stats()["tokens"] > 0
+
+
+def test_close_stops_the_workers_and_drops_what_still_waits(config):
+    config.system2.method = "gated"
+    agent = Agent(config)
+    for q in QUESTIONS[:4]:
+        agent.answer(q)
+    assert Gated.entered.wait(10)
+    workers = [t for t in threading.enumerate() if t.name.startswith("system2-background")]
+    assert len(workers) == config.system2.workers == 1
+
+    closer = threading.Thread(target=agent.close)
+    closer.start()
+    wait_for(lambda: agent.background_stats()["dropped"] == 3, what="close() to drop the waiting queries")
+    Gated.gate.set()  # the label in progress reaches its next model call, which the closing agent refuses
+    closer.join(10)
+    assert not closer.is_alive() and not any(t.is_alive() for t in workers)
+    assert agent.background_stats() | {"tokens": 0} == {
+        "queued": 4, "dropped": 3, "labelled": 0, "accepted": 0, "failed": 1, "tokens": 0, "waiting": 0}
+
+
+def test_an_inline_agent_starts_no_worker(tiny_config, monkeypatch):
+    monkeypatch.setitem(METHODS, "arith", Arithmetic)
+    tiny_config.routing.threshold = 1.0
+    tiny_config.system2.method = "arith"
+    with Agent(tiny_config) as agent:
+        assert agent.answer(QUESTIONS[0]).route == "system2"
+        assert not [t for t in threading.enumerate() if t.name.startswith("system2-background")]
+        assert agent.background_stats()["queued"] == 0
