@@ -109,7 +109,7 @@ FACTS = (
     Fact("What language is spoken in Brazil?", ("Portuguese",)),
     Fact("What is the largest mammal?", ("blue whale", "whale")),
     Fact("Who was the first person to walk on the Moon?", ("Armstrong",)),
-    Fact("What is the closest star to Earth?", ("Sun", "the Sun")),
+    Fact("Which star is at the centre of our solar system?", ("Sun",)),
     Fact("What do caterpillars turn into?", ("butterfly", "butterflies", "moth", "moths")),
     Fact("On which continent is Kenya?", ("Africa",)),
     Fact("What is frozen water called?", ("ice",)),
