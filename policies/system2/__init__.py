@@ -11,6 +11,7 @@ from policies.system2.auto import Auto
 from policies.system2.base import Sample, System2Method, System2Result
 from policies.system2.bsm import BranchSolveMerge, format_judge_query, parse_judge_query
 from policies.system2.cot import ChainOfThought
+from policies.system2.direct import Direct
 from policies.system2.pal import ProgramAided
 from policies.system2.rar import RephraseAndRespond
 from policies.system2.s2a import System2Attention
@@ -21,6 +22,7 @@ METHODS: dict[str, type[System2Method]] = {
     "s2a": System2Attention,
     "bsm": BranchSolveMerge,
     "pal": ProgramAided,
+    "direct": Direct,
     "auto": Auto,
 }
 """Methods by name. ``auto`` is built from two others (``Auto(first, fallback)``): the runtime builds it
@@ -48,6 +50,7 @@ __all__ = [
     "Call",
     "ChainOfThought",
     "Decision",
+    "Direct",
     "Generation",
     "ProgramAided",
     "RephraseAndRespond",

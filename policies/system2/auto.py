@@ -24,12 +24,15 @@ class Auto(System2Method):
         self.first, self.fallback = first, fallback
         self.answer_kind = first.answer_kind
 
-    def solve(self, query: str, lm: LM, k: int = 8, threshold: float = 0.75) -> System2Result:
+    def solve(self, query: str, lm: LM, k: int = 8, threshold: float = 0.75,
+              fallback_lm: LM | None = None) -> System2Result:
+        """``fallback_lm``: where the fallback's calls go (default: ``lm``, with the programs')."""
         result = self.first.solve(query, lm, k=k, threshold=threshold)
         if result.decision.accepted or self.fallback is None:
-            return replace(result, extra={**result.extra, "tried": [result.method]})
-        second = self.fallback.solve(query, lm, k=k, threshold=threshold)
+            return replace(result, extra={**result.extra, "tried": [result.method], "answered_by": "first"})
+        second = self.fallback.solve(query, fallback_lm or lm, k=k, threshold=threshold)
         # Prefer the fallback's answer when it has one; otherwise keep the programs' (possibly unaccepted) one.
         chosen = second if second.decision.answer is not None or result.decision.answer is None else result
         return replace(chosen, calls=result.calls + second.calls, tokens=result.tokens + second.tokens,
-                       extra={**chosen.extra, "tried": [result.method, second.method]})
+                       extra={**chosen.extra, "tried": [result.method, second.method],
+                              "answered_by": "fallback" if chosen is second else "first"})

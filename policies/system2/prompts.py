@@ -27,6 +27,14 @@ COT: dict[str, str] = {
     "user": "{query}\n\nLet's think step by step. " + ANSWER_LINE,
 }
 
+# --- Direct answer (direct.py) --------------------------------------------------------------------
+DIRECT: dict[str, str] = {
+    # an optional system turn ("": the model's default system prompt)
+    "system": "",
+    # {query}: by default the question alone, as System 1 sees it; a strong model answers it as asked
+    "user": "{query}",
+}
+
 # --- Rephrase-and-Respond (rar.py) -----------------------------------------------------------------
 RAR: dict[str, str] = {
     # an optional system turn ("": the model's default system prompt)
@@ -102,10 +110,11 @@ PAL: dict[str, str] = {
 }
 
 # --- every method's templates and what each is formatted with --------------------------------------
-TEMPLATES: dict[str, dict[str, str]] = {"cot": COT, "rar": RAR, "s2a": S2A, "bsm": BSM, "pal": PAL}
+TEMPLATES: dict[str, dict[str, str]] = {"direct": DIRECT, "cot": COT, "rar": RAR, "s2a": S2A, "bsm": BSM, "pal": PAL}
 """The default templates of each method, by the method's name in ``policies.system2.METHODS``."""
 
 PLACEHOLDERS: dict[str, dict[str, tuple[str, ...]]] = {
+    "direct": {"user": ("query",)},
     "cot": {"user": ("query",)},
     "rar": {"one_step": ("query",), "rephrase": ("query",), "respond": ("query", "rephrased")},
     "s2a": {"rewrite": ("query",), "respond": ("context",)},
