@@ -68,6 +68,35 @@ def within(interval: str, default: Any) -> Any:
     return field(default=default, metadata={"range": Interval(interval)})
 
 
+# --- System 2 method names ----------------------------------------------------------------------------
+TEACHER_PREFIX = "teacher:"
+"""``teacher:<method>`` runs a System 2 method of ``policies.system2.METHODS`` on ``[system2.teacher]``."""
+
+
+def split_method(name: str) -> tuple[bool, str]:
+    """``("teacher:cot")`` -> ``(True, "cot")``; ``("cot")`` -> ``(False, "cot")``."""
+    if name.startswith(TEACHER_PREFIX):
+        return True, name[len(TEACHER_PREFIX):]
+    return False, name
+
+
+class MethodNames:
+    """The method names a config (or a request) may use: each registered method, and each on the teacher.
+
+    A live view of ``METHODS``: a method registered after import (the documented way to add one) is a
+    valid name at once, with its ``teacher:`` twin."""
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and split_method(name)[1] in METHODS
+
+    def __iter__(self):
+        yield from METHODS
+        yield from (TEACHER_PREFIX + name for name in METHODS)
+
+
+METHOD_NAMES = MethodNames()
+
+
 # --- the sections --------------------------------------------------------------------------------------
 Router = Literal["threshold", "always", "never"]
 """The routers of ``policies.routing.ROUTERS``."""
@@ -94,18 +123,84 @@ class RoutingConfig:
 
 
 @dataclass
+class TeacherConfig:
+    """A stronger model behind an OpenAI-compatible endpoint that System 2 may run on (``teacher:<method>``).
+
+    The student stays the local model: the consistency filter, the store, consolidation and the gate are
+    the same whichever model wrote the votes. Only ``/chat/completions`` is used."""
+
+    base_url: str | None = field(default=None, metadata={"url": True})
+    """The endpoint's API root, e.g. ``http://gpu-host:8000/v1`` (vLLM, another ``agent serve``, a hosted
+    API); unset: no teacher, and ``teacher:*`` methods are a configuration error."""
+    model: str = "default"
+    """The ``model`` field sent with each request (vLLM: the served model name)."""
+    api_key_env: str | None = None
+    """The NAME of an environment variable holding the API key, sent as ``Authorization: Bearer``; the key
+    itself never belongs in a config file. Unset: no key is sent."""
+    max_concurrency: int = within("[1, inf)", 8)
+    """Most requests in flight to the teacher at once, from all queries of this process together."""
+    timeout_s: float = within("(0, inf)", 30.0)
+    """One HTTP request taking longer than this fails (and may be retried); ``system2.timeout_s`` still
+    bounds the whole System 2 run."""
+    max_retries: int = within("[0, inf)", 3)
+    """Retries of a request after a 429, a 5xx, a timeout or a connection error (other 4xx: none)."""
+    backoff_s: float = within("(0, inf)", 0.5)
+    """First retry delay; it doubles with each retry, with jitter (x0.5-1.5). A ``Retry-After`` header
+    is honoured instead, up to ``max_backoff_s``."""
+    max_backoff_s: float = within("(0, inf)", 30.0)
+    """The longest wait before one retry, ``Retry-After`` included."""
+    breaker_failures: int = within("[1, inf)", 5)
+    """After this many failed requests in a row the circuit breaker opens: System 2 runs that need the
+    teacher are skipped (System 1 answers, the skip is counted) for ``breaker_cooldown_s``."""
+    breaker_cooldown_s: float = within("(0, inf)", 30.0)
+    """How long the breaker stays open before one request may try the teacher again."""
+    use_n: bool = True
+    """Ask for the ``k`` samples with the API's ``n``. An endpoint that answers with fewer choices is
+    remembered as one without ``n`` and topped up with parallel requests; False: always parallel."""
+    auto: bool = True
+    """With a teacher configured, ``auto`` runs the local programs first and asks the teacher (``fallback``,
+    else ``cot``) only when they do not agree: cheap questions stay local, the teacher is paid for the rest.
+    False: ``auto`` stays local; the teacher runs only for ``teacher:*`` methods."""
+    price_prompt_per_1m: float | None = within("[0, inf)", None)
+    """Price of 1M prompt tokens (any currency); with ``price_completion_per_1m`` it turns the teacher's
+    token counts into a cost in ``/metrics`` and ``agent store stats``. Unset: tokens only."""
+    price_completion_per_1m: float | None = within("[0, inf)", None)
+    """Price of 1M completion tokens, as ``price_prompt_per_1m``."""
+    never_send: list[str] = field(default_factory=list)
+    """The privacy switch: task tags (scopes) whose queries never reach the teacher, whatever the method
+    asked for. Such a query runs the same method on the local model instead (``teacher:cot`` -> ``cot``;
+    ``auto`` stays local); the tag is the request's or the one the scope classifier assigned.
+    ``"*"`` keeps every query local, untagged ones included."""
+
+    def __post_init__(self) -> None:
+        _check_fields(self, prefix="system2.teacher")
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float | None:
+        """What the tokens cost at the configured prices; None when no price is set."""
+        if self.price_prompt_per_1m is None and self.price_completion_per_1m is None:
+            return None
+        return (prompt_tokens * (self.price_prompt_per_1m or 0.0)
+                + completion_tokens * (self.price_completion_per_1m or 0.0)) / 1e6
+
+    def withholds(self, tag: str | None) -> bool:
+        """Whether a query of ``tag`` must never be sent to the teacher (``never_send``)."""
+        return "*" in self.never_send or (tag is not None and tag in self.never_send)
+
+
+@dataclass
 class System2Config:
     """How System 2 runs and which of its outputs become training data."""
 
-    method: str = field(default="auto", metadata={"choices": METHODS})
+    method: str = field(default="auto", metadata={"choices": METHOD_NAMES})
     """Default method: ``auto`` (program-aided first, ``fallback`` when no program agrees), ``cot``,
-    ``rar``, ``s2a``, ``bsm`` or ``pal`` (the one that beats System 1 with the embedded 135M model)."""
-    fallback: str | None = field(default=None, metadata={"choices": METHODS})
+    ``rar``, ``s2a``, ``bsm``, ``pal`` (the one that beats System 1 with the embedded 135M model) or
+    ``direct``; any of them as ``teacher:<method>`` runs it on ``[system2.teacher]``."""
+    fallback: str | None = field(default=None, metadata={"choices": METHOD_NAMES})
     """The prompted method ``auto`` asks when the programs do not agree (e.g. ``cot``); None: none, the
     System 1 answer stands. Off by default: prompted methods score 0 with the embedded 135M model and
     cost seconds per query (see the README); set it with a larger model."""
-    methods_by_tag: dict[str, str] = field(default_factory=dict, metadata={"choices": METHODS})
-    """Method per task tag, e.g. ``{arithmetic = "pal"}``."""
+    methods_by_tag: dict[str, str] = field(default_factory=dict, metadata={"choices": METHOD_NAMES})
+    """Method per task tag, e.g. ``{arithmetic = "pal", legal = "teacher:cot"}``."""
     samples: int = within("[1, inf)", 4)
     """System 2 samples per query. The paper uses 8; measured here (README, System 2 cost per number of
     samples), program-aided k = 4 keeps 0.97 of the accuracy of k = 8 at half the time a user waits."""
@@ -137,6 +232,8 @@ class System2Config:
     workers: int = within("[1, inf)", 1)
     """Background mode: threads labelling queued queries. Their generations share the backend (and its
     micro-batcher) with serving, so more workers mostly queue up behind the same cores."""
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    """``[system2.teacher]``: a stronger model System 2 may run on (``teacher:<method>``)."""
 
     def __post_init__(self) -> None:
         _check_fields(self)
@@ -429,8 +526,15 @@ def _fields(cls: type) -> dict[str, dataclasses.Field]:
 
 def _sections(config: AgentConfig) -> list[tuple[str, Any]]:
     """``("", config)`` and ``(name, section)`` for each section."""
-    return [("", config)] + [(name, getattr(config, name)) for name, tp in _field_types(AgentConfig).items()
-                             if dataclasses.is_dataclass(tp)]
+    found: list[tuple[str, Any]] = [("", config)]
+    pending = [(name, getattr(config, name)) for name, tp in _field_types(AgentConfig).items()
+               if dataclasses.is_dataclass(tp)]
+    while pending:  # sections nest: [system2.teacher]
+        name, section = pending.pop(0)
+        found.append((name, section))
+        pending += [(f"{name}.{sub}", getattr(section, sub)) for sub, tp in _field_types(type(section)).items()
+                    if dataclasses.is_dataclass(tp)]
+    return found
 
 
 def _section_name(cls: type) -> str:
@@ -481,6 +585,8 @@ def _check_value(f: dataclasses.Field, tp: Any, value: Any, key: str, source: st
             raise ConfigError(f"{where} must be a number in {interval}; got {value!r}")
         if value not in interval:
             raise ConfigError(f"{where} must be in {interval}; got {value!r}")
+    if f.metadata.get("url") and not (isinstance(value, str) and value.startswith(("http://", "https://"))):
+        raise ConfigError(f"{where} must be an http:// or https:// URL such as http://host:8000/v1; got {value!r}")
     if f.metadata.get("templates"):
         problems = template_problems(value)
         if problems:

@@ -39,6 +39,14 @@ class System2Timeout(S2AgentError, RuntimeError):
     """System 2 ran past ``system2.timeout_s``; the System 1 answer is used instead."""
 
 
+class TeacherError(S2AgentError, RuntimeError):
+    """The System 2 teacher did not answer (after its retries); System 1's answer is used instead."""
+
+
+class TeacherUnavailable(TeacherError):
+    """The teacher's circuit breaker is open after repeated failures: System 2 on it is skipped for now."""
+
+
 class TrainingDiverged(S2AgentError, RuntimeError):
     """The loss became NaN or infinite: the candidate is discarded and serving is untouched."""
 
@@ -62,5 +70,7 @@ __all__ = [
     "S2AgentError",
     "StoreError",
     "System2Timeout",
+    "TeacherError",
+    "TeacherUnavailable",
     "TrainingDiverged",
 ]
