@@ -97,7 +97,8 @@ class InteractionsMixin(StoreBase):
 
     def stats(self) -> dict[str, Any]:
         """Counts for dashboards: the buffer by status/method/kind and its growth, interactions by route,
-        the System 2 rate, acceptance among System 2 answers, and tokens spent by each system."""
+        the System 2 rate, acceptance among System 2 answers, tokens spent by each system, and the teacher's
+        tokens with the number of accepted answers it wrote (``teacher_accepted``)."""
         now = utcnow()
         first_day = (now - timedelta(days=13)).date()
         with self._read() as session:
@@ -119,8 +120,15 @@ class InteractionsMixin(StoreBase):
                     func.coalesce(func.sum(Interaction.tokens_system1), 0),
                     func.coalesce(func.sum(Interaction.tokens_system2), 0),
                     func.coalesce(func.sum(Interaction.system2_calls), 0),
+                    func.coalesce(func.sum(Interaction.teacher_prompt_tokens), 0),
+                    func.coalesce(func.sum(Interaction.teacher_completion_tokens), 0),
                 )
             ).one()
+            taught = session.scalar(  # accepted examples the teacher wrote: what its tokens bought
+                select(func.count()).select_from(Interaction).where(
+                    Interaction.route == Route.SYSTEM2.value, Interaction.accepted.is_(True),
+                    Interaction.teacher_completion_tokens > 0)
+            )
             accepted = session.scalar(
                 select(func.count())
                 .select_from(Interaction)
@@ -146,6 +154,9 @@ class InteractionsMixin(StoreBase):
                 "tokens_system1": int(totals[1]),
                 "tokens_system2": int(totals[2]),
                 "system2_calls": int(totals[3]),
+                "teacher_prompt_tokens": int(totals[4]),
+                "teacher_completion_tokens": int(totals[5]),
+                "teacher_accepted": int(taught or 0),
                 "errors": int(errors or 0),
             },
         }

@@ -44,8 +44,14 @@ def _v1_to_v2(conn: Connection) -> None:
     conn.execute(text("ALTER TABLE adapters ADD COLUMN files_deleted BOOLEAN DEFAULT FALSE NOT NULL"))
 
 
+def _v2_to_v3(conn: Connection) -> None:
+    conn.execute(text("ALTER TABLE interactions ADD COLUMN teacher_prompt_tokens INTEGER DEFAULT 0 NOT NULL"))
+    conn.execute(text("ALTER TABLE interactions ADD COLUMN teacher_completion_tokens INTEGER DEFAULT 0 NOT NULL"))
+
+
 MIGRATIONS: list[Migration] = [
     Migration(1, "interactions.error, examples.kind, adapters.files_deleted", _v1_to_v2),
+    Migration(2, "interactions.teacher_prompt_tokens, interactions.teacher_completion_tokens", _v2_to_v3),
 ]
 """Every upgrade step, in order. Add one (and raise ``schema.SCHEMA_VERSION``) for each schema change."""
 

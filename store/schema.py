@@ -21,7 +21,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """The schema version these models describe. History (the upgrade steps live in ``store.migrations``):
 
 1. interactions, examples, adapters, consolidation_runs, locks, meta.
@@ -181,6 +181,8 @@ class Interaction(Base):
     votes: Mapped[Optional[dict[str, Any]]] = mapped_column()  # System 2 answer -> count
     accepted: Mapped[Optional[bool]] = mapped_column(Boolean)  # System 2 answer passed the consistency check
     error: Mapped[Optional[str]] = mapped_column(Text, default=None)  # v2: e.g. System 2 failed, fell back
+    teacher_prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)  # v3: System 2 on a remote teacher
+    teacher_completion_tokens: Mapped[int] = mapped_column(Integer, default=0)  # v3: (also in tokens_system2)
 
 
 class Example(Base):

@@ -56,7 +56,8 @@ def test_confident_sample_spans_history_and_dedups(store: Store) -> None:
 def test_stats(store: Store) -> None:
     store.log_interaction(input="a", route="system1", final_answer="x", tokens_system1=5)
     store.log_interaction(input="b", route="system2", final_answer="y", tokens_system1=5, tokens_system2=100,
-                          system2_calls=4, accepted=True)  # fmt: skip
+                          system2_calls=4, accepted=True, teacher_prompt_tokens=40,
+                          teacher_completion_tokens=100)  # fmt: skip
     store.log_interaction(input="c", route="system2", final_answer="z", tokens_system1=5, tokens_system2=50,
                           system2_calls=4, accepted=False, error="System 2 timed out; fell back")  # fmt: skip
     store.add_example("b", "y", method="cot")
@@ -65,6 +66,7 @@ def test_stats(store: Store) -> None:
     assert stats["interactions"] == {
         "total": 3, "by_route": {"system1": 1, "system2": 2}, "system2_rate": pytest.approx(2 / 3),
         "system2_acceptance_rate": 0.5, "tokens_system1": 15, "tokens_system2": 150, "system2_calls": 8, "errors": 1,
+        "teacher_prompt_tokens": 40, "teacher_completion_tokens": 100, "teacher_accepted": 1,
     }  # fmt: skip
     examples = stats["examples"]
     assert examples["total"] == 2 and examples["by_status"] == {"pending": 1, "used": 1}

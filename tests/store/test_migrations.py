@@ -95,18 +95,18 @@ def test_v1_database_is_upgraded_with_data_kept(tmp_path: Path) -> None:
 def test_failed_upgrade_changes_nothing(tmp_path: Path) -> None:
     path = tmp_path / "old.db"
     _write_v1(path)
-    boom = StoreError("step 2 -> 3 failed half way")
+    boom = StoreError("step 3 -> 4 failed half way")
 
     def half_done_then_fail(conn) -> None:  # type: ignore[no-untyped-def]
         conn.execute(text("ALTER TABLE examples ADD COLUMN half_done TEXT"))
         raise boom
 
-    steps = [*MIGRATIONS, Migration(2, "a step that fails", half_done_then_fail)]
+    steps = [*MIGRATIONS, Migration(SCHEMA_VERSION, "a step that fails", half_done_then_fail)]
     engine = create_engine(f"sqlite:///{path}")
     configure_sqlite(engine)  # SQLAlchemy emits BEGIN, so DDL is transactional on SQLite too
     with pytest.raises(StoreError, match="half way"):
         with engine.begin() as conn:
-            ensure_schema(conn, str(path), target=3, steps=steps)
+            ensure_schema(conn, str(path), target=SCHEMA_VERSION + 1, steps=steps)
     with engine.connect() as conn:
         assert read_version(conn) == 1
         columns = {c["name"] for c in inspect(conn).get_columns("examples")}
@@ -119,9 +119,9 @@ def test_missing_step_is_a_clear_error(tmp_path: Path) -> None:
     _write_v1(path)
     engine = create_engine(f"sqlite:///{path}")
     configure_sqlite(engine)
-    with pytest.raises(StoreError, match="no upgrade step from schema version 2 to 3"):
+    with pytest.raises(StoreError, match=f"no upgrade step from schema version {SCHEMA_VERSION} to {SCHEMA_VERSION + 1}"):
         with engine.begin() as conn:
-            ensure_schema(conn, str(path), target=3)
+            ensure_schema(conn, str(path), target=SCHEMA_VERSION + 1)
     with engine.connect() as conn:
-        assert read_version(conn) == 1  # the 1 -> 2 step that did run was rolled back too
+        assert read_version(conn) == 1  # the steps that did run (1 -> 2 -> ...) were rolled back too
     engine.dispose()
