@@ -177,6 +177,9 @@ def cmd_store(args, config) -> int:
             _out(f"imported {n} examples from {args.file}")
         elif args.store_cmd == "stats":
             stats = store.stats()
+            it = stats["interactions"]
+            it["teacher_cost"] = config.system2.teacher.cost(it.get("teacher_prompt_tokens", 0),
+                                                             it.get("teacher_completion_tokens", 0))
             if args.json:
                 _json(stats)
             else:
@@ -194,6 +197,13 @@ def _print_stats(stats: dict[str, Any]) -> None:
          f"  acceptance: {_pct(it.get('system2_acceptance_rate'))}")
     _out(f"tokens: System 1 {it.get('tokens_system1', 0)}, System 2 {it.get('tokens_system2', 0)}"
          f" in {it.get('system2_calls', 0)} calls")
+    if it.get("teacher_prompt_tokens") or it.get("teacher_completion_tokens"):
+        taught = it.get("teacher_accepted", 0)
+        per_example = (it["teacher_prompt_tokens"] + it["teacher_completion_tokens"]) / taught if taught else None
+        cost = f", cost {it['teacher_cost']:.4f}" if it.get("teacher_cost") is not None else ""
+        _out(f"teacher: {it['teacher_prompt_tokens']} prompt + {it['teacher_completion_tokens']} completion tokens"
+             f"{cost}; {taught} accepted answers"
+             + (f", {per_example:.0f} tokens each" if per_example is not None else ""))
     growth = ex.get("added_per_day") or {}
     if growth:
         _out("added per day: " + ", ".join(f"{d[5:]}: {n}" for d, n in growth.items() if n))
@@ -371,7 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ask", help="answer one question")
     p.add_argument("question")
     p.add_argument("--route", default="auto", choices=["auto", "system1", "system2"])
-    p.add_argument("--method", help="System 2 method: cot, rar, s2a, bsm, pal")
+    p.add_argument("--method", help="System 2 method: auto, cot, rar, s2a, bsm, pal, direct; teacher:<method> "
+                                    "runs it on [system2.teacher] (e.g. teacher:cot)")
     p.add_argument("--tag", help="task tag (selects method/adapter by tag)")
     p.add_argument("--threshold", type=float, help="routing threshold for this call")
     p.add_argument("--json", action="store_true")

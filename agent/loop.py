@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 from agent.backends import (
@@ -31,8 +31,9 @@ from agent.backends import (
     SamplingParams,
     make_backend,
 )
+from agent.backends.teacher import TeacherClient, TeacherLM
 from agent.background import Deferred, Label, System2Queue
-from agent.config import AgentConfig
+from agent.config import TEACHER_PREFIX, AgentConfig, split_method
 from agent.consolidation import LOCK_NAME as CONSOLIDATION_LOCK
 from agent.consolidation import ConsolidationReport, consolidate
 from agent.data import general_prompts
@@ -92,6 +93,12 @@ class Answer:
     interaction_id: int | None = None
     error: str | None = None
     """Why System 2 fell back to System 1, when it did."""
+    teacher_prompt_tokens: int = 0
+    """Prompt tokens the teacher (``[system2.teacher]``) read for this answer; 0 when it was not asked."""
+    teacher_completion_tokens: int = 0
+    """Tokens the teacher wrote for this answer (also counted in ``tokens_system2``)."""
+    teacher_cost: float | None = None
+    """What the teacher's tokens cost at the configured prices; None when unpriced or not asked."""
 
 
 class Agent:
@@ -107,6 +114,10 @@ class Agent:
                  store: Store | None = None) -> None:
         self.config = (config or AgentConfig()).validate()  # a bad value fails here, before a model loads
         self.router = make_router(self.config.routing.router, self.config.routing.threshold)
+        teacher = self.config.system2.teacher
+        self.teacher: TeacherClient | None = (TeacherClient(teacher, seed=self.config.seed)
+                                              if teacher.base_url else None)
+        """The System 2 teacher (``[system2.teacher]``), or None."""
         self._methods: dict[tuple[str, str | None], System2Method] = {}
         for name in {self.config.system2.method, *self.config.system2.methods_by_tag.values(),
                      *([self.config.system2.fallback] if self.config.system2.fallback else [])}:
@@ -330,6 +341,8 @@ class Agent:
             self.scheduler.shutdown()
             self.scheduler = None
         self._system2_queue.close()
+        if self.teacher is not None:
+            self.teacher.close()
         self.backend.close()
         self.store.close()
 
@@ -442,12 +455,21 @@ class Agent:
         return RouteDecision(route=route, estimator="forced", score=score, threshold=None)
 
     def _method(self, name: str, tag: str | None) -> System2Method:
-        key = (name, tag)
+        """The method called ``name`` (methods hold no model: ``teacher:cot`` is the same object as ``cot``,
+        run on another LM). ``teacher:auto`` falls back to ``cot`` when ``system2.fallback`` is unset: the
+        prompted methods that are useless on a small local model are what a strong teacher is good at."""
+        on_teacher, name = split_method(name)
+        if on_teacher and self.teacher is None:
+            raise ConfigError(f"System 2 method 'teacher:{name}' needs a teacher: set [system2.teacher] base_url")
+        key = (TEACHER_PREFIX + name if on_teacher and name == "auto" else name, tag)
         if name == "auto" and key not in self._methods:
             fallback = self.config.system2.fallback
-            if fallback == "auto":
+            if fallback is not None and split_method(fallback)[1] == "auto":
                 raise ConfigError("system2.fallback cannot be 'auto' itself; name a prompted method such as 'cot'")
-            self._methods[key] = Auto(self._method("pal", tag), self._method(fallback, tag) if fallback else None)
+            if fallback is not None:
+                self._method(fallback, None)  # a teacher fallback without a teacher fails here
+            second = split_method(fallback)[1] if fallback else ("cot" if on_teacher else None)
+            self._methods[key] = Auto(self._method("pal", tag), self._method(second, tag) if second else None)
         if key not in self._methods:
             cfg = self.config.system2
             kwargs: dict[str, Any] = {"prompts": cfg.prompts.get(name), "temperature": cfg.temperature,
@@ -492,9 +514,42 @@ class Agent:
         """
         cfg = self.config.system2
         name = method or cfg.methods_by_tag.get(tag or "") or cfg.method
-        lm = self._lm(time.monotonic() + cfg.timeout_s)
-        return self._method(name, tag).solve(query, lm, k=k or cfg.samples,
-                                             threshold=cfg.agreement_threshold if threshold is None else threshold)
+        solver = self._method(name, tag)  # an unknown name, or a teacher method without a teacher: ConfigError
+        on_teacher, base = split_method(name)
+        deadline = time.monotonic() + cfg.timeout_s
+        lm = self._lm(deadline)
+        options = {"k": k or cfg.samples, "threshold": cfg.agreement_threshold if threshold is None else threshold}
+        teacher_fallback = (base == "auto" and not on_teacher and self.teacher is not None
+                            and (cfg.teacher.auto or (cfg.fallback or "").startswith(TEACHER_PREFIX)))
+        if (on_teacher or teacher_fallback) and cfg.teacher.withholds(tag):
+            assert self.teacher is not None
+            self.teacher.count(withheld=1)  # the privacy switch: the same method, on the local model
+            result = self._method(base, tag).solve(query, lm, **options)
+            return replace(result, extra={**result.extra, "teacher": "withheld"})
+        if on_teacher:
+            assert self.teacher is not None
+            teacher_lm = self.teacher.lm(deadline)
+            result = solver.solve(query, teacher_lm, **options)
+            return self._taught(result, teacher_lm, TEACHER_PREFIX + result.method)
+        if teacher_fallback:
+            assert self.teacher is not None
+            auto = self._method(TEACHER_PREFIX + "auto", tag)
+            assert isinstance(auto, Auto)
+            teacher_lm = self.teacher.lm(deadline)
+            result = auto.solve(query, lm, fallback_lm=teacher_lm, **options)
+            by_teacher = result.extra.get("answered_by") == "fallback"
+            return self._taught(result, teacher_lm, TEACHER_PREFIX + result.method if by_teacher else result.method)
+        return solver.solve(query, lm, **options)
+
+    def _taught(self, result: System2Result, teacher_lm: TeacherLM, method: str) -> System2Result:
+        """``result`` named after the model that answered, with what the teacher was paid for it."""
+        usage = teacher_lm.usage.as_dict()
+        usage["cost"] = self.config.system2.teacher.cost(usage["prompt_tokens"], usage["completion_tokens"])
+        return replace(result, method=method, extra={**result.extra, "teacher": usage})
+
+    def teacher_stats(self) -> dict[str, Any] | None:
+        """The teacher's counters since start (see ``TeacherClient.stats``), or None without a teacher."""
+        return self.teacher.stats() if self.teacher is not None else None
 
     def _apply_system2(self, answer: Answer, result: System2Result) -> None:
         decision = result.decision
@@ -502,6 +557,13 @@ class Agent:
         if "tried" in result.extra:
             answer.route_reason["system2_tried"] = result.extra["tried"]
         answer.tokens_system2 = result.tokens
+        teacher = result.extra.get("teacher")
+        if teacher is not None:
+            answer.route_reason["teacher"] = teacher
+        if isinstance(teacher, dict):
+            answer.teacher_prompt_tokens = teacher["prompt_tokens"]
+            answer.teacher_completion_tokens = teacher["completion_tokens"]
+            answer.teacher_cost = teacher["cost"]
         answer.system2_calls = result.calls
         answer.tokens += result.tokens
         answer.votes = dict(decision.votes)
@@ -541,7 +603,8 @@ class Agent:
             adapter_version=answer.adapter_version, tokens_system1=answer.tokens_system1,
             tokens_system2=answer.tokens_system2, system2_calls=answer.system2_calls,
             latency_ms=answer.latency_ms, route_reason=answer.route_reason, votes=answer.votes,
-            accepted=answer.accepted, error=answer.error,
+            accepted=answer.accepted, error=answer.error, teacher_prompt_tokens=answer.teacher_prompt_tokens,
+            teacher_completion_tokens=answer.teacher_completion_tokens,
         )
         self._record_example(answer, query, tag)
 

@@ -8,7 +8,8 @@ Two kinds of numbers end up on ``GET /metrics``:
   acceptance rate, consolidation runs by result, the serving adapter per scope, the consolidation running now
   (in any process: the scheduler's child shows here). These are shared by every process on the same
   database and survive restarts;
-- the agent's background System 2 counters (:meth:`agent.Agent.background_stats`), passed to
+- the agent's background System 2 counters (:meth:`agent.Agent.background_stats`) and its teacher's
+  (:meth:`agent.Agent.teacher_stats`: tokens, failures, the breaker, the cost when priced), passed to
   :meth:`Metrics.render` as they are now.
 """
 
@@ -96,7 +97,8 @@ class Metrics:
             self.tokens["system1"] += tokens
 
     # ----------------------------------------------------------------------------------------
-    def render(self, snapshot: dict[str, Any] | None, background: dict[str, int] | None = None) -> str:
+    def render(self, snapshot: dict[str, Any] | None, background: dict[str, int] | None = None,
+               teacher: dict[str, Any] | None = None) -> str:
         """The exposition text: this process's numbers, its background System 2 counters (``background``, from
         :meth:`agent.Agent.background_stats`), then the store's (``snapshot``; None if unreachable)."""
         out: list[str] = []
@@ -146,6 +148,27 @@ class Metrics:
             family("s2agent_system2_background_waiting", "gauge",
                    "Queries waiting for a background System 2 label.",
                    [("s2agent_system2_background_waiting", {}, background.get("waiting", 0))])
+
+        if teacher is not None:
+            family("s2agent_teacher_tokens_total", "counter",
+                   "Tokens of the System 2 teacher ([system2.teacher]): read (prompt) and written (completion).",
+                   [("s2agent_teacher_tokens_total", {"kind": kind}, teacher.get(f"{kind}_tokens", 0))
+                    for kind in ("prompt", "completion")])
+            family("s2agent_teacher_requests_total", "counter",
+                   "HTTP requests to the teacher, retries included.",
+                   [("s2agent_teacher_requests_total", {}, teacher.get("requests", 0))])
+            family("s2agent_teacher_events_total", "counter",
+                   "Teacher trouble and privacy: failed requests, retries, malformed replies, System 2 runs skipped "
+                   "by the open breaker, queries withheld by never_send.",
+                   [("s2agent_teacher_events_total", {"event": e}, teacher.get(e, 0))
+                    for e in ("failures", "retries", "malformed", "skipped", "withheld")])
+            family("s2agent_teacher_breaker_open", "gauge",
+                   "Whether the teacher's circuit breaker is open now (System 2 on the teacher is skipped).",
+                   [("s2agent_teacher_breaker_open", {}, 1 if teacher.get("breaker_open") else 0)])
+            if teacher.get("cost") is not None:
+                family("s2agent_teacher_cost_total", "counter",
+                       "What the teacher's tokens cost at system2.teacher.price_*_per_1m.",
+                       [("s2agent_teacher_cost_total", {}, teacher["cost"])])
 
         family("s2agent_store_up", "gauge", "Whether the store answered the last query (1) or not (0).",
                [("s2agent_store_up", {}, 0 if snapshot is None else 1)])

@@ -192,7 +192,9 @@ async def prometheus(request: Request) -> PlainTextResponse:
     stats: StatsCache = request.app.state.stats
     snapshot = await run_in_threadpool(stats.get)
     background = _agent(request).background_stats()  # background System 2 counters: live, not cached
-    return PlainTextResponse(_metrics(request).render(snapshot, background), media_type="text/plain; version=0.0.4")
+    teacher = _agent(request).teacher_stats()
+    return PlainTextResponse(_metrics(request).render(snapshot, background, teacher),
+                             media_type="text/plain; version=0.0.4")
 
 
 # --- admin ---------------------------------------------------------------------------------------------------

@@ -125,6 +125,8 @@ class Result:
         extra = {"route": answer.route, "confidence": answer.confidence, "method": answer.method,
                  "adapter_version": answer.adapter_version, "accepted": answer.accepted, "votes": answer.votes,
                  "interaction_id": answer.interaction_id, "tag": answer.tag}
+        if "teacher" in answer.route_reason:  # System 2 ran on the teacher (its tokens), or was kept off it
+            extra["teacher"] = answer.route_reason["teacher"]
         return cls([answer.text], [answer.finish_reason], answer.prompt_tokens, answer.tokens,
                    answer.tokens_system2, answer.adapter_version, extra)
 
