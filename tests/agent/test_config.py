@@ -202,7 +202,7 @@ ENUMERATED = [
     ("routing.router", "thresh", "threshold, always, never"),
     ("routing.estimator", "logprobz", "logprob, agreement"),
     ("consolidation.bf16", "yes", "auto, on, off"),  # used to mean "off", silently
-    ("system2.method", "tot", "cot, rar, s2a, bsm, pal, auto"),
+    ("system2.method", "tot", ", ".join(agent.config.METHOD_NAMES)),  # each method, and each on the teacher
 ]
 
 
@@ -221,7 +221,7 @@ def test_enumerated_fields_refuse_a_typo_naming_key_and_allowed_values(tmp_path:
 @pytest.mark.parametrize("source", SOURCES)
 @pytest.mark.parametrize("key, mapping, allowed", [
     ("kinds_by_tag", {"arithmetic": "number", "math": "nmber"}, "text, yesno, number, choice, verdict"),
-    ("system2.methods_by_tag", {"arithmetic": "pal", "math": "pall"}, "cot, rar, s2a, bsm, pal, auto"),
+    ("system2.methods_by_tag", {"arithmetic": "pal", "math": "pall"}, ", ".join(agent.config.METHOD_NAMES)),
 ])
 def test_per_tag_tables_refuse_an_unknown_value(tmp_path: Path, source: str, key: str, mapping: dict,
                                                 allowed: str) -> None:

@@ -131,7 +131,7 @@ def test_default_templates_all_format():
         ({"pal": {"user": "{} {query}"}}, "pal.user", ["not a valid template"]),
         ({"cot": {"usr": "{query}"}}, "cot.usr", ["not a template of cot", "system, user"]),
         ({"cot": {"user": 3}}, "cot.user", ["must be a string"]),
-        ({"cott": {"user": "{query}"}}, "cott", ["not a System 2 method", "bsm, cot, pal, rar, s2a"]),
+        ({"cott": {"user": "{query}"}}, "cott", ["not a System 2 method", "bsm, cot, direct, pal, rar, s2a"]),
         ({"rar": "Rephrase {query}"}, "rar", ["must be a table", "one_step"]),
     ],
 )
