@@ -89,7 +89,7 @@ def teacher_chat_requests(teacher: ServerThread) -> int:
     """POST /v1/chat/completions the teacher server has answered, read from its own /metrics."""
     text = httpx.get(f"{teacher.url}/metrics", timeout=30).text
     return sum(int(float(n)) for n in re.findall(
-        r'^s2agent_http_requests_total\{method="POST",route="/v1/chat/completions",status="200"\} (\S+)$', text, re.M))
+        r'^s2agent_http_requests_total\{method="POST",route="/v1/chat/completions",status="200"\} (\S+)$', text, re.MULTILINE))
 
 
 def student_config(model_dir: Path, data: Path, base_url: str, **teacher: Any) -> AgentConfig:
@@ -191,7 +191,7 @@ class Scripted:
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
+            def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with lock:
                     index = len(outer.bodies)
@@ -216,7 +216,7 @@ class Scripted:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
-    def __enter__(self) -> "Scripted":
+    def __enter__(self) -> Scripted:
         self.thread.start()
         return self
 
@@ -383,3 +383,23 @@ def test_retry_after_header_forms() -> None:
     assert retry_after_seconds("2") == 2.0 and retry_after_seconds("0.5") == 0.5
     assert retry_after_seconds(None) is None and retry_after_seconds("soon") is None
     assert retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412470.0) == pytest.approx(10.0)
+
+
+def test_store_stats_show_teacher_spend(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from agent.cli import main
+    from store import Store
+
+    db = tmp_path / "agent.db"
+    with Store(str(db)) as store:
+        store.log_interaction(input="a", route="system2", final_answer="85", accepted=True,
+                              teacher_prompt_tokens=1000, teacher_completion_tokens=500)
+        store.log_interaction(input="b", route="system2", final_answer="", accepted=False,
+                              teacher_prompt_tokens=1000, teacher_completion_tokens=500)
+    config = tmp_path / "agent.toml"
+    config.write_text("[system2.teacher]\nbase_url = \"http://127.0.0.1:9/v1\"\n"
+                      "price_prompt_per_1m = 1.0\nprice_completion_per_1m = 4.0\n")
+    assert main(["--config", str(config), "--db", str(db), "store", "stats"]) == 0
+    out = capsys.readouterr().out
+    assert "teacher: 2000 prompt + 1000 completion tokens, cost 0.0060; 1 accepted answers, 3000 tokens each" in out
+    assert main(["--config", str(config), "--db", str(db), "store", "stats", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["interactions"]["teacher_cost"] == pytest.approx(0.006)
