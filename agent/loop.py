@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from agent.backends import (
     Backend,
@@ -31,7 +31,6 @@ from agent.backends import (
     SamplingParams,
     make_backend,
 )
-from agent.backends.teacher import TeacherClient, TeacherLM
 from agent.background import Deferred, Label, System2Queue
 from agent.config import TEACHER_PREFIX, AgentConfig, split_method
 from agent.consolidation import LOCK_NAME as CONSOLIDATION_LOCK
@@ -53,6 +52,9 @@ from policies.system2 import Auto, UnknownMethodError, make_method
 from policies.system2.base import Call, System2Method, System2Result
 from store import Adapter, ConsolidationRun, Interaction, Store
 from store.schema import MAX_TAG_LENGTH
+
+if TYPE_CHECKING:
+    from agent.backends.teacher import TeacherClient, TeacherLM
 
 logger = logging.getLogger(__name__)
 
@@ -115,9 +117,12 @@ class Agent:
         self.config = (config or AgentConfig()).validate()  # a bad value fails here, before a model loads
         self.router = make_router(self.config.routing.router, self.config.routing.threshold)
         teacher = self.config.system2.teacher
-        self.teacher: TeacherClient | None = (TeacherClient(teacher, seed=self.config.seed)
-                                              if teacher.base_url else None)
-        """The System 2 teacher (``[system2.teacher]``), or None."""
+        self.teacher: TeacherClient | None = None
+        """The System 2 teacher (``[system2.teacher]``), or None; httpx is loaded only when there is one."""
+        if teacher.base_url:
+            from agent.backends.teacher import TeacherClient
+
+            self.teacher = TeacherClient(teacher, seed=self.config.seed)
         self._methods: dict[tuple[str, str | None], System2Method] = {}
         for name in {self.config.system2.method, *self.config.system2.methods_by_tag.values(),
                      *([self.config.system2.fallback] if self.config.system2.fallback else [])}:
