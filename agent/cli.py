@@ -1,6 +1,8 @@
 """The ``agent`` command.
 
     agent serve                       # OpenAI-compatible server that learns while it serves
+    agent serve --no-train            # a replica: serves, follows the promotions made elsewhere
+    agent worker                      # consolidation only, for replicas sharing its database
     agent ask "What is 47 + 38?"      # one answer, with its route and confidence
     agent store ls | show | export | import | stats | prune
     agent consolidate [--dry-run]     # distil the buffer into a new adapter now
@@ -28,13 +30,13 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Sequence
 
 from agent.config import AgentConfig
-from agent.errors import EXPECTED
+from agent.errors import EXPECTED, ConfigError
 
 logger = logging.getLogger("agent.cli")
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-DEFAULT_LOG_LEVEL = {"serve": "INFO"}
-"""Commands whose default log level is not WARNING: the server's one line per request is INFO."""
+DEFAULT_LOG_LEVEL = {"serve": "INFO", "worker": "INFO"}
+"""Commands whose default log level is not WARNING: the server's one line per request, the worker's runs."""
 
 
 # --- output helpers --------------------------------------------------------------------------
@@ -138,6 +140,7 @@ def cmd_serve(args, config) -> int:
         agent.start_scheduler()
         scheduler = (f"at {sched.min_pending or '-'} pending per scope / every {sched.interval_minutes or '-'} min,"
                      f" in a {'child process' if sched.process == 'child' else 'thread'}")
+    agent.follow_promotions()  # promotions made by a worker (or the child process) serve without a request
     version = agent.serving_version()
     sys.stderr.write(
         f"s2agent: model {agent.model_name}, adapter {'v' + str(version) if version else 'none (base model)'}, "
@@ -146,6 +149,27 @@ def cmd_serve(args, config) -> int:
         f"s2agent: serving the OpenAI API at http://{config.server.host}:{config.server.port}/v1\n"
     )
     serve(agent, config.server.host, config.server.port)
+    return 0
+
+
+def cmd_worker(args, config) -> int:
+    from agent.server import serve
+
+    config.scheduler.enabled = True
+    config.scheduler.process = args.process
+    sched = config.scheduler
+    if not (sched.interval_minutes or sched.min_pending):
+        raise ConfigError("agent worker has nothing to do: scheduler.min_pending and scheduler.interval_minutes "
+                          "are both off")
+    agent = _agent(config)
+    agent.start_scheduler()
+    sys.stderr.write(
+        f"s2agent worker: model {agent.model_name}, database {config.db_url()}, adapters {config.adapters_path()}\n"
+        f"s2agent worker: consolidating at {sched.min_pending or '-'} pending per scope / every "
+        f"{sched.interval_minutes or '-'} min, in a {'child process' if sched.process == 'child' else 'thread'}\n"
+        f"s2agent worker: health and metrics at http://{config.server.host}:{config.server.port}/metrics\n"
+    )
+    serve(agent, config.server.host, config.server.port, worker=True)
     return 0
 
 
@@ -378,6 +402,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve only: no consolidation here; follow the promotions made by another process")
     p.set_defaults(func=cmd_serve)
 
+    p = sub.add_parser("worker", help="consolidate only: train, gate and promote for the replicas sharing the "
+                                      "database; serves health and metrics, no model")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int, default=8001, help="health and metrics port (default 8001)")
+    p.add_argument("--interval-minutes", dest="interval_minutes", type=float,
+                   help="consolidate every scope with enough examples every N minutes (default 60; 0: off)")
+    p.add_argument("--min-pending", dest="min_pending", type=int,
+                   help="consolidate a scope when N of its examples are pending (default 32; 0: off)")
+    p.add_argument("--process", choices=("thread", "child"), default="thread",
+                   help="train in this process (default: a worker has its cores to itself) or in a child process")
+    p.set_defaults(func=cmd_worker)
+
     p = sub.add_parser("ask", help="answer one question")
     p.add_argument("question")
     p.add_argument("--route", default="auto", choices=["auto", "system1", "system2"])
@@ -472,6 +508,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     level = args.log_level or DEFAULT_LOG_LEVEL.get(args.command, "WARNING")
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("apscheduler").setLevel(max(logging.WARNING, logging.getLogger().level))  # a line per check
     try:
         config = _config(args)
         return args.func(args, config)

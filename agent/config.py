@@ -287,6 +287,9 @@ class ConsolidationConfig:
     per_tag: bool = True
     """Train one scoped adapter per task tag (scope) and the general adapter on untagged examples only;
     False: one general adapter learns everything."""
+    store_adapter_files: bool = True
+    """Write each promoted adapter's files into the store, so replicas on other machines serve it from
+    there (each into its own ``adapters_dir``); False: replicas need the adapters folder shared."""
 
     def __post_init__(self) -> None:
         _check_fields(self)

@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol, Sequence
 
+from agent.adapter_cache import folder_files, local_folder
 from agent.backends import Backend, Completion
 from agent.config import AgentConfig
 from agent.data import general_prompts
@@ -230,7 +231,8 @@ def _consolidate_locked(agent: Learner, owner, scope, dry_run, min_examples, epo
                 on_step(i, total, loss)
 
         stats = train_lora(
-            agent.model_path, examples, cfg, tmp, resume_from=serving.path if (cfg.resume and serving) else None,
+            agent.model_path, examples, cfg, tmp,
+            resume_from=local_folder(store, serving, root) if (cfg.resume and serving) else None,
             system_prompt=system_prompt, epochs=epochs, on_step=step if not progress else _progress(step),
         )
         report.metrics.update(train_steps=stats.steps, train_seconds=round(stats.seconds, 2),
@@ -264,6 +266,7 @@ def _consolidate_locked(agent: Learner, owner, scope, dry_run, min_examples, epo
         version, str(final), report.parent_version, promote=passed, scope=scope, metrics=report.metrics,
         n_train=report.metrics.get("n_train", 0), run_id=run_id, used_examples=[e.id for e in new],
         reason=reason, n_holdout=report.n_holdout,
+        files=folder_files(final) if passed and cfg.store_adapter_files else None,
     )
     return _finish(agent, report, status, reason, started, record=False)
 

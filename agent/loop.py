@@ -31,6 +31,7 @@ from agent.backends import (
     SamplingParams,
     make_backend,
 )
+from agent.adapter_cache import local_folder
 from agent.background import Deferred, Label, System2Queue
 from agent.config import TEACHER_PREFIX, AgentConfig, split_method
 from agent.consolidation import LOCK_NAME as CONSOLIDATION_LOCK
@@ -146,6 +147,7 @@ class Agent:
         self._scope_lock = threading.Lock()
         self.scheduler: ConsolidationScheduler | None = None
         self._closing = threading.Event()
+        self._follower: threading.Thread | None = None
         self._system2_queue = System2Queue(self.config.system2.queue_size, self.config.system2.workers,
                                            self._label_deferred)  # its threads start on first use
         self.refresh_adapters(force=True)
@@ -337,11 +339,31 @@ class Agent:
             self.scheduler.start()
         return self.scheduler
 
+    def follow_promotions(self, interval_s: float = ADAPTER_POLL_SECONDS) -> None:
+        """Check the registry every ``interval_s`` in a thread and serve what it says, traffic or not.
+
+        Without it a promotion or rollback made by another process is picked up by the next request (which
+        then waits for the load); ``agent serve`` follows, so an idle replica is current when traffic comes."""
+        if self._follower is not None:
+            return
+
+        def follow() -> None:
+            while not self._closing.wait(interval_s):
+                try:
+                    self.refresh_adapters()
+                except Exception:  # noqa: BLE001 - the store may be away for a while; keep following
+                    logger.exception("checking the adapter registry failed; trying again in %.0f s", interval_s)
+
+        self._follower = threading.Thread(target=follow, name="s2agent-follow-promotions", daemon=True)
+        self._follower.start()
+
     def close(self) -> None:
-        """Stop the scheduler (a running consolidation stops at its next training step) and the background
-        System 2 workers (queries still waiting are dropped; a label in progress stops at its next call),
-        then release the backend and the store."""
+        """Stop the scheduler (a running consolidation stops at its next training step), the thread following
+        promotions and the background System 2 workers (queries still waiting are dropped; a label in
+        progress stops at its next call), then release the backend and the store."""
         self._closing.set()
+        if self._follower is not None:
+            self._follower.join()
         if self.scheduler is not None:
             self.scheduler.shutdown()
             self.scheduler = None
@@ -381,7 +403,7 @@ class Agent:
                     continue
                 name = f"v{row.version}"
                 try:
-                    self.backend.load_adapter(name, row.path)
+                    self.backend.load_adapter(name, local_folder(self.store, row, self.config.adapters_path()))
                 except Exception as exc:  # noqa: BLE001 - a bad adapter must never stop serving
                     logger.error("cannot serve adapter v%s (%s); keeping %s", row.version, exc,
                                  f"v{current[0]}" if current else "the base model")

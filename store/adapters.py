@@ -2,20 +2,22 @@
 
 Each scope (a task tag, or None for the general adapter) has at most one serving adapter. Promotion and
 rollback flip ``serving`` in one transaction, so a reader always sees exactly one (or no) serving adapter per
-scope. The store records; it never touches adapter files: :meth:`prune_adapters` returns the rows whose
-folders the caller should delete.
+scope. The store never touches adapter folders (:meth:`prune_adapters` returns the rows whose folders the
+caller should delete); it can keep a copy of a promoted adapter's files (:mod:`store.adapter_files`), which is
+how replicas without a shared folder serve it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from .adapter_files import drop_files, has_files, put_files
 from .db import StoreBase, chunks
 from .errors import StoreError
 from .schema import Adapter, AdapterStatus, ConsolidationRun, Example, ExampleStatus, RunStatus, utcnow
@@ -48,11 +50,11 @@ def _serve(session: Session, row: Adapter) -> None:
     row.promoted_at = utcnow()
 
 
-def _servable(row: Adapter) -> Optional[str]:
-    """Why ``row`` cannot be served, or None when it can."""
+def _servable(session: Session, row: Adapter) -> Optional[str]:
+    """Why ``row`` cannot be served, or None when it can (its folder exists here, or the store has its files)."""
     if row.status not in (AdapterStatus.PROMOTED, AdapterStatus.RETIRED):
         return f"adapter v{row.version} was never promoted (status {row.status!r})"
-    if row.files_deleted or not os.path.isdir(row.path):
+    if row.files_deleted or not (os.path.isdir(row.path) or has_files(session, row.version)):
         return f"adapter v{row.version}'s files are gone ({row.path})"
     return None
 
@@ -106,6 +108,7 @@ class AdaptersMixin(StoreBase):
         used_examples: Iterable[int] = (),
         reason: str = "",
         n_holdout: int = 0,
+        files: Optional[Mapping[str, bytes]] = None,
     ) -> Adapter:
         """A consolidation's outcome in one transaction: all of it is recorded, or (after a crash) none.
 
@@ -113,6 +116,7 @@ class AdaptersMixin(StoreBase):
         rejected (the examples stay as they are), and finishes run ``run_id`` with the same status. Done as
         separate calls, a crash in between could leave an adapter serving while the examples it learned are
         still ``pending`` (trained on again next time), or a finished adapter under a run reaped as crashed.
+        ``files`` (name -> content of the adapter's folder) are stored with it, for replicas on other machines.
         """
         if version < 1:
             raise StoreError(f"adapter versions start at 1 (0 is the base model), not {version}")
@@ -126,6 +130,8 @@ class AdaptersMixin(StoreBase):
             with self._write() as session:
                 session.add(row)
                 session.flush()
+                if files:
+                    put_files(session, version, files)
                 if promote:
                     _serve(session, row)
                     now = utcnow()
@@ -205,7 +211,7 @@ class AdaptersMixin(StoreBase):
                 row = session.get(Adapter, version)
                 if row is None:
                     raise StoreError(f"cannot roll back to adapter v{version}: no such version")
-                why = _servable(row)
+                why = _servable(session, row)
                 if why:
                     raise StoreError(f"cannot roll back to adapter v{version}: {why}")
             else:
@@ -217,7 +223,7 @@ class AdaptersMixin(StoreBase):
                     candidate = session.get(Adapter, parent)
                     if candidate is None:
                         break
-                    why = _servable(candidate)
+                    why = _servable(session, candidate)
                     if why is None:
                         row = candidate
                         break
@@ -265,6 +271,7 @@ class AdaptersMixin(StoreBase):
                     row.status = AdapterStatus.REJECTED.value
                 row.files_deleted = True
                 pruned.append(row)
+            drop_files(session, [row.version for row in pruned])
         for row in pruned:
             logger.info("pruned adapter v%d (%s): delete %s", row.version, row.status, row.path)
         return pruned

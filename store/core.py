@@ -7,6 +7,7 @@ number of processes may open the same database at once.
 
 from __future__ import annotations
 
+from .adapter_files import AdapterFilesMixin
 from .adapters import AdaptersMixin
 from .buffer import BufferMixin
 from .interactions import InteractionsMixin
@@ -14,7 +15,7 @@ from .runs import RunsMixin
 from .scopes import ScopesMixin
 
 
-class Store(InteractionsMixin, BufferMixin, AdaptersMixin, RunsMixin, ScopesMixin):
+class Store(InteractionsMixin, BufferMixin, AdaptersMixin, AdapterFilesMixin, RunsMixin, ScopesMixin):
     """The s2agent database: interactions, the distillation buffer, adapters, consolidation runs and locks.
 
     ``Store("agent.db")`` opens (creating folders and the schema if needed, upgrading an older schema) a

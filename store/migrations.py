@@ -49,9 +49,18 @@ def _v2_to_v3(conn: Connection) -> None:
     conn.execute(text("ALTER TABLE interactions ADD COLUMN teacher_completion_tokens INTEGER DEFAULT 0 NOT NULL"))
 
 
+def _v3_to_v4(conn: Connection) -> None:
+    blob = "BYTEA" if conn.dialect.name == "postgresql" else "BLOB"
+    conn.execute(text(f"CREATE TABLE adapter_blobs (sha256 VARCHAR(64) NOT NULL PRIMARY KEY, "
+                      f"size INTEGER NOT NULL, data {blob} NOT NULL)"))
+    conn.execute(text("CREATE TABLE adapter_files (version INTEGER NOT NULL, name VARCHAR(255) NOT NULL, "
+                      "sha256 VARCHAR(64) NOT NULL REFERENCES adapter_blobs (sha256), PRIMARY KEY (version, name))"))
+
+
 MIGRATIONS: list[Migration] = [
     Migration(1, "interactions.error, examples.kind, adapters.files_deleted", _v1_to_v2),
     Migration(2, "interactions.teacher_prompt_tokens, interactions.teacher_completion_tokens", _v2_to_v3),
+    Migration(3, "adapter_blobs, adapter_files", _v3_to_v4),
 ]
 """Every upgrade step, in order. Add one (and raise ``schema.SCHEMA_VERSION``) for each schema change."""
 

@@ -14,19 +14,22 @@ from datetime import datetime, timezone
 from enum import StrEnum
 from typing import Any, Optional
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, false
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, LargeBinary, false
 from sqlalchemy import String as _String
 from sqlalchemy import Text as _Text
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """The schema version these models describe. History (the upgrade steps live in ``store.migrations``):
 
 1. interactions, examples, adapters, consolidation_runs, locks, meta.
 2. ``interactions.error`` (why System 2 fell back), ``examples.kind`` (where a training example came from),
    ``adapters.files_deleted`` (pruned adapters keep their row but lose their files).
+3. ``interactions.teacher_prompt_tokens`` and ``teacher_completion_tokens`` (System 2 on a remote teacher).
+4. ``adapter_blobs`` and ``adapter_files``: promoted adapters' files in the database, so that replicas on
+   other machines can serve them without a shared folder.
 """
 
 
@@ -230,6 +233,26 @@ class Adapter(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     promoted_at: Mapped[Optional[datetime]] = mapped_column()
     files_deleted: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())  # v2
+
+
+class AdapterBlob(Base):
+    """The content of one adapter file, addressed by its sha256 (files two versions share are kept once)."""
+
+    __tablename__ = "adapter_blobs"  # v4
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)  # hex digest of ``data``
+    size: Mapped[int] = mapped_column(Integer)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class AdapterFile(Base):
+    """One file of an adapter version's folder (``adapter_model.safetensors``, ``adapter_config.json``...)."""
+
+    __tablename__ = "adapter_files"  # v4
+
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)  # the adapter version
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)  # file name inside the folder
+    sha256: Mapped[str] = mapped_column(ForeignKey("adapter_blobs.sha256"))
 
 
 class ConsolidationRun(Base):

@@ -117,8 +117,11 @@ async def _on_request_validation(request: Request, exc: Exception) -> JSONRespon
 
 
 # --- the app -------------------------------------------------------------------------------------------------
-def create_app(agent: Agent, config: ServerConfig | None = None) -> FastAPI:
-    """The FastAPI app serving ``agent``; ``config`` defaults to ``agent.config.server``."""
+def create_app(agent: Agent, config: ServerConfig | None = None, *, worker: bool = False) -> FastAPI:
+    """The FastAPI app serving ``agent``; ``config`` defaults to ``agent.config.server``.
+
+    ``worker``: the operator's routes only (health, readiness, metrics), for ``agent worker``, which
+    consolidates and answers no one."""
     config = config or agent.config.server
     metrics = Metrics()
     app = FastAPI(title="s2agent", summary="An OpenAI-compatible agent that distils System 2 into System 1.",
@@ -131,7 +134,7 @@ def create_app(agent: Agent, config: ServerConfig | None = None) -> FastAPI:
         app.add_exception_handler(root, _on_runtime_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(RequestValidationError, _on_request_validation)
-    for router in (routes.openai, routes.ops, routes.admin):
+    for router in (routes.ops,) if worker else (routes.openai, routes.ops, routes.admin):
         app.include_router(router)
     return app
 
@@ -156,7 +159,7 @@ class _Server(uvicorn.Server):
 
 
 def serve(agent: Agent, host: str | None = None, port: int | None = None, *, config: ServerConfig | None = None,
-          timeout_graceful_shutdown: float = 30.0, log_level: str = "info") -> None:
+          timeout_graceful_shutdown: float = 30.0, log_level: str = "info", worker: bool = False) -> None:
     """Serve ``agent`` until SIGTERM or SIGINT, then shut down cleanly and return.
 
     On a signal uvicorn stops accepting connections and lets requests in flight finish (for up to
@@ -168,7 +171,7 @@ def serve(agent: Agent, host: str | None = None, port: int | None = None, *, con
         logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     server = _Server(uvicorn.Config(
-        create_app(agent, config), host=host or config.host, port=port or config.port, log_level=log_level,
+        create_app(agent, config, worker=worker), host=host or config.host, port=port or config.port, log_level=log_level,
         access_log=False,  # our own line per request (with the agent route) replaces uvicorn's
         timeout_graceful_shutdown=timeout_graceful_shutdown, lifespan="off",
     ))

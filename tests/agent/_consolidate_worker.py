@@ -9,6 +9,8 @@ Modes (every line it prints is flushed at once, so a test can kill it right afte
   write DB PREFIX     add an example and log an interaction in a loop, printing "example ID" and
                       "interaction ID" as soon as each insert has returned
   hold DB OWNER       take the consolidation lock, print "acquired", release it when a line arrives on stdin
+  cli ARGS...         the ``agent`` command (``agent serve``, ``agent worker``...) with the scripted Arithmetic
+                      method registered as ``arith``, as an application registers its own method
 """
 
 from __future__ import annotations
@@ -71,6 +73,15 @@ def hold(db: str, owner: str) -> None:
     store.close()
 
 
+def cli(*argv: str) -> None:
+    from agent.cli import main
+    from policies.system2 import METHODS
+    from tests.fakes import Arithmetic
+
+    METHODS["arith"] = Arithmetic
+    sys.exit(main(list(argv)))
+
+
 if __name__ == "__main__":
     mode, *args = sys.argv[1:]
-    {"consolidate": consolidate, "write": write, "hold": hold}[mode](*args)
+    {"consolidate": consolidate, "write": write, "hold": hold, "cli": cli}[mode](*args)

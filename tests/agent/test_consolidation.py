@@ -8,6 +8,7 @@ now served with it, answers as System 2 taught.
 from __future__ import annotations
 
 import pytest
+from sqlalchemy import text
 
 from agent import Agent
 from tests.fakes import QUESTIONS
@@ -155,12 +156,25 @@ def test_rollback_and_corrupt_adapter(learning_config):
         assert agent.serving_version() == 1
         assert agent.answer("What is 1 + 2?", route="system1").adapter_version == 1
 
-        # a corrupted adapter is refused at load; the previous one keeps serving
+        # a damaged adapter folder is fetched again from the store's copy, checked by sha256
         v2 = agent.store.get_adapter(2)
-        (agent.config.adapters_path() / "v2" / "adapter_model.safetensors").write_bytes(b"garbage")
+        weights = agent.config.adapters_path() / "v2" / "adapter_model.safetensors"
+        good = weights.read_bytes()
+        weights.write_bytes(b"garbage")
         agent.store.rollback(2)
         agent.refresh_adapters(force=True)
-        assert v2.path.endswith("v2")
+        assert v2.path.endswith("v2") and weights.read_bytes() == good
+        assert agent.serving_version() == 2
+
+        # when the store's copy is damaged too, the adapter is refused at load; the previous one keeps serving
+        agent.store.rollback(1)
+        agent.refresh_adapters(force=True)
+        weights.write_bytes(b"garbage")
+        with agent.store.engine.begin() as conn:
+            conn.execute(text("UPDATE adapter_blobs SET data = :junk WHERE sha256 = :sha"),
+                         {"junk": b"junk", "sha": agent.store.adapter_manifest(2)["adapter_model.safetensors"]})
+        agent.store.rollback(2)
+        agent.refresh_adapters(force=True)
         assert agent.serving_version() == 1
         assert agent.answer("What is 1 + 2?", route="system1").adapter_version == 1
 
