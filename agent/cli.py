@@ -141,6 +141,8 @@ def cmd_serve(args, config) -> int:
         scheduler = (f"at {sched.min_pending or '-'} pending per scope / every {sched.interval_minutes or '-'} min,"
                      f" in a {'child process' if sched.process == 'child' else 'thread'}")
     agent.follow_promotions()  # promotions made by a worker (or the child process) serve without a request
+    if config.server.write_behind:
+        agent.start_write_behind()
     version = agent.serving_version()
     sys.stderr.write(
         f"s2agent: model {agent.model_name}, adapter {'v' + str(version) if version else 'none (base model)'}, "

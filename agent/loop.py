@@ -52,6 +52,7 @@ from policies.scoping import ScopeClassifier, ScopeDecision, ScopeIndex
 from policies.system2 import Auto, UnknownMethodError, make_method
 from policies.system2.base import Call, System2Method, System2Result
 from store import Adapter, ConsolidationRun, Interaction, Store
+from store.writer import InteractionWriter
 from store.schema import MAX_TAG_LENGTH
 
 if TYPE_CHECKING:
@@ -148,6 +149,7 @@ class Agent:
         self.scheduler: ConsolidationScheduler | None = None
         self._closing = threading.Event()
         self._follower: threading.Thread | None = None
+        self._writer: InteractionWriter | None = None
         self._system2_queue = System2Queue(self.config.system2.queue_size, self.config.system2.workers,
                                            self._label_deferred)  # its threads start on first use
         self.refresh_adapters(force=True)
@@ -312,6 +314,8 @@ class Agent:
 
     def stats(self) -> dict[str, Any]:
         """The store's counts: examples by status and method, interactions by route, tokens spent."""
+        if self._writer is not None:
+            self._writer.flush(timeout=5.0)
         return self.store.stats()
 
     def runs(self, limit: int | None = 20) -> list[ConsolidationRun]:
@@ -338,6 +342,15 @@ class Agent:
             self.scheduler = ConsolidationScheduler(self)
             self.scheduler.start()
         return self.scheduler
+
+    def start_write_behind(self, max_queued: int = 10_000) -> InteractionWriter:
+        """Log plain System 1 answers through a bounded queue committed in batches by one thread
+        (:mod:`store.writer`), instead of one transaction per answer; ``agent serve`` does (``server.write_behind``).
+        A crash loses at most the rows still queued (~50 ms of System 1 logs), never an example; :meth:`close`
+        flushes the queue. Reads through this façade (:meth:`stats`) flush it first."""
+        if self._writer is None:
+            self._writer = InteractionWriter(self.store, max_queued=max_queued)
+        return self._writer
 
     def follow_promotions(self, interval_s: float = ADAPTER_POLL_SECONDS) -> None:
         """Check the registry every ``interval_s`` in a thread and serve what it says, traffic or not.
@@ -370,6 +383,8 @@ class Agent:
         self._system2_queue.close()
         if self.teacher is not None:
             self.teacher.close()
+        if self._writer is not None:
+            self._writer.close()
         self.backend.close()
         self.store.close()
 
@@ -624,7 +639,10 @@ class Agent:
 
     # --- store -----------------------------------------------------------------------------
     def _record(self, answer: Answer, query: str, tag: str | None) -> None:
-        answer.interaction_id = self.store.log_interaction(
+        """Log the interaction, and System 2's example. A plain System 1 answer goes through the write-behind
+        queue when one runs (:meth:`start_write_behind`; its ``interaction_id`` stays None); an answer that
+        System 2 labelled, or will label in the background, is written now: its example points to it."""
+        fields = dict(
             input=query, tag=tag, route=answer.route, system1_answer=answer.system1_text,
             confidence=answer.confidence, final_answer=answer.text, method=answer.method,
             adapter_version=answer.adapter_version, tokens_system1=answer.tokens_system1,
@@ -633,6 +651,10 @@ class Agent:
             accepted=answer.accepted, error=answer.error, teacher_prompt_tokens=answer.teacher_prompt_tokens,
             teacher_completion_tokens=answer.teacher_completion_tokens,
         )
+        if self._writer is not None and answer.method is None and "system2" not in answer.route_reason:
+            self._writer.submit(fields)
+            return
+        answer.interaction_id = self.store.log_interaction(**fields)
         self._record_example(answer, query, tag)
 
     def _record_example(self, answer: Answer, query: str, tag: str | None) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -50,6 +51,13 @@ def build_parser(prog: str = "agent bench") -> argparse.ArgumentParser:
                    help="stop each consolidation after the timed requests instead of timing the whole run")
     p.add_argument("--json", action="store_true")
     _add_paper(sub)
+    p = sub.add_parser("store", help="interaction rows and examples per second: one transaction each vs write-behind")
+    p.add_argument("--rows", type=int, default=5000)
+    p.add_argument("--threads", type=int, default=8)
+    p.add_argument("--postgres", default=os.environ.get("S2AGENT_TEST_POSTGRES_URL"),
+                   help="a PostgreSQL server URL to measure too, in a fresh database it drops afterwards "
+                        "(default: $S2AGENT_TEST_POSTGRES_URL)")
+    p.add_argument("--json", action="store_true")
     p = sub.add_parser("knobs", help="LoRA rank, targets, learning rate, epochs, data: accuracy, retention, time")
     p.add_argument("--task", default="addition")
     p.add_argument("--n-train", type=int, default=200)
@@ -244,6 +252,14 @@ def run(args: argparse.Namespace, config: AgentConfig) -> int:
         results = contention.run(config, conditions, args.examples, args.epochs, args.requests, args.repeats,
                                  args.system2_queries, args.finish, progress=progress)
         sys.stdout.write((json.dumps(results, indent=2) if args.json else contention.report(results)) + "\n")
+        return 0
+    if args.bench_cmd == "store":
+        from bench import store
+
+        if min(args.rows, args.threads) < 1:
+            raise SystemExit("--rows and --threads must be positive")
+        results = store.run(args.rows, args.threads, args.postgres)
+        sys.stdout.write((json.dumps(results, indent=2) if args.json else store.report(results)) + "\n")
         return 0
     if args.bench_cmd == "consolidation":
         from bench import consolidation

@@ -10,9 +10,9 @@ import logging
 import random
 from collections import Counter
 from datetime import datetime, timedelta
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
-from sqlalchemy import func, select
+from sqlalchemy import func, insert, select
 
 from .db import StoreBase, chunks
 from .errors import StoreError
@@ -25,27 +25,45 @@ _INTERACTION_FIELDS = frozenset(c.key for c in Interaction.__table__.columns) - 
 _RETENTION_BUCKETS = 16
 
 
+def check_interaction(fields: dict[str, Any]) -> dict[str, Any]:
+    """The fields of one interaction row, validated: ``route`` and ``input`` required, nothing unknown."""
+    unknown = set(fields) - _INTERACTION_FIELDS
+    if unknown:
+        raise StoreError(f"log_interaction: unknown field(s) {sorted(unknown)}; known: {sorted(_INTERACTION_FIELDS)}")
+    if not isinstance(fields.get("input"), str):
+        raise StoreError("log_interaction: 'input' (a string) is required")
+    route = fields.get("route")
+    if route not in tuple(Route):
+        raise StoreError(f"log_interaction: route must be one of {[r.value for r in Route]}, not {route!r}")
+    fields["route"] = Route(route).value
+    if fields.get("final_answer") is None:
+        fields["final_answer"] = ""
+    return fields
+
+
 class InteractionsMixin(StoreBase):
     """Logging and reading interactions, and :meth:`stats`."""
 
     def log_interaction(self, **fields: Any) -> int:
         """Record one answered query; returns its id. ``route`` and ``input`` are required."""
-        unknown = set(fields) - _INTERACTION_FIELDS
-        if unknown:
-            raise StoreError(f"log_interaction: unknown field(s) {sorted(unknown)}; known: {sorted(_INTERACTION_FIELDS)}")
-        if not isinstance(fields.get("input"), str):
-            raise StoreError("log_interaction: 'input' (a string) is required")
-        route = fields.get("route")
-        if route not in tuple(Route):
-            raise StoreError(f"log_interaction: route must be one of {[r.value for r in Route]}, not {route!r}")
-        fields["route"] = Route(route).value
-        if fields.get("final_answer") is None:
-            fields["final_answer"] = ""
         with self._write() as session:
-            row = Interaction(**fields)
+            row = Interaction(**check_interaction(fields))
             session.add(row)
             session.flush()
             return row.id
+
+    def log_interactions(self, rows: Sequence[dict[str, Any]]) -> int:
+        """Record many answered queries in one transaction (what :class:`store.writer.InteractionWriter`
+        commits per batch); returns how many. Every row is checked first: one bad row writes none."""
+        checked = [check_interaction(dict(fields)) for fields in rows]
+        by_columns: dict[frozenset[str], list[dict[str, Any]]] = {}
+        for fields in checked:  # an executemany needs the same columns in every row; unset ones get defaults
+            by_columns.setdefault(frozenset(fields), []).append(fields)
+        if checked:
+            with self._write() as session:  # multi-row INSERTs (executemany), no ORM objects
+                for group in by_columns.values():
+                    session.execute(insert(Interaction), group)
+        return len(checked)
 
     def list_interactions(
         self, route: Optional[str] = None, limit: Optional[int] = 100, since: Optional[datetime] = None

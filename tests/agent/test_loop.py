@@ -125,3 +125,19 @@ def test_concurrent_answers_are_all_served_and_logged(tiny_agent):
         assert tiny_agent.answer(q, route="system1").text == answers[q].text
     assert len(tiny_agent.store.list_interactions(limit=100)) == 16
     assert tiny_agent.backend.batches < 16
+
+
+def test_write_behind_queues_system1_logs_and_writes_system2_answers_at_once(tiny_config, arith):
+    tiny_config.system2.method = "arith"
+    tiny_config.routing.threshold = 1.0  # every auto query goes to System 2
+    with Agent(tiny_config) as agent:
+        writer = agent.start_write_behind()
+        plain = [agent.answer(f"Say {i}.", route="system1") for i in range(20)]
+        labelled = agent.answer("What is 12 + 30?")
+        assert all(a.interaction_id is None for a in plain)  # queued: no id yet
+        # System 2's interaction and its example are committed before the answer returns.
+        assert labelled.interaction_id is not None and writer.stats.written + writer.queued == 20
+        [example] = agent.store.list_examples()
+        assert (example.interaction_id, example.target, example.status) == (labelled.interaction_id, "42", "pending")
+        assert agent.stats()["interactions"]["total"] == 21  # the façade's reads flush the queue first
+        assert writer.queued == 0 and writer.stats.written == 20
