@@ -51,6 +51,18 @@ def build_parser(prog: str = "agent bench") -> argparse.ArgumentParser:
                    help="stop each consolidation after the timed requests instead of timing the whole run")
     p.add_argument("--json", action="store_true")
     _add_paper(sub)
+    p = sub.add_parser("soak", help="N agent serve --no-train replicas on one PostgreSQL database under C clients "
+                                    "for D seconds: served, errors, p50/p99, nothing lost on the way to the store")
+    p.add_argument("--replicas", type=int, default=2)
+    p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--seconds", type=float, default=300.0)
+    p.add_argument("--max-tokens", dest="max_tokens", type=int, default=16)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per replica")
+    p.add_argument("--postgres", default=os.environ.get("S2AGENT_TEST_POSTGRES_URL"),
+                   help="PostgreSQL server URL; a fresh database is made and dropped (default: "
+                        "$S2AGENT_TEST_POSTGRES_URL)")
+    p.add_argument("--out", default="bench/out/soak")
+    p.add_argument("--json", action="store_true")
     p = sub.add_parser("store", help="interaction rows and examples per second: one transaction each vs write-behind")
     p.add_argument("--rows", type=int, default=5000)
     p.add_argument("--threads", type=int, default=8)
@@ -252,6 +264,18 @@ def run(args: argparse.Namespace, config: AgentConfig) -> int:
         results = contention.run(config, conditions, args.examples, args.epochs, args.requests, args.repeats,
                                  args.system2_queries, args.finish, progress=progress)
         sys.stdout.write((json.dumps(results, indent=2) if args.json else contention.report(results)) + "\n")
+        return 0
+    if args.bench_cmd == "soak":
+        from bench import soak
+
+        if not args.postgres:
+            raise SystemExit("agent bench soak needs a PostgreSQL server: --postgres URL or $S2AGENT_TEST_POSTGRES_URL "
+                             "(bash .ci/postgres.sh start prints one)")
+        if min(args.replicas, args.clients, args.max_tokens, args.threads) < 1 or args.seconds <= 0:
+            raise SystemExit("--replicas, --clients, --max-tokens, --threads and --seconds must be positive")
+        settings = soak.SoakSettings(args.replicas, args.clients, args.seconds, args.max_tokens, args.threads)
+        result = soak.run(settings, config.model, args.postgres, Path(args.out), config.cache_dir)
+        sys.stdout.write((json.dumps(result, indent=2) if args.json else soak.report(result)) + "\n")
         return 0
     if args.bench_cmd == "store":
         from bench import store

@@ -370,7 +370,7 @@ class ServerProcess:
 
     def stop(self) -> None:
         """SIGTERM, then wait for the graceful shutdown; SIGKILL to the process group past the timeout."""
-        if self.process is None:
+        if self.process is None or "stopped_by" in self.info:  # never started, or already stopped
             return
         if self.process.poll() is not None:
             logger.warning("the server had exited by itself with code %s; see %s", self.process.returncode,
@@ -445,9 +445,11 @@ class Client:
                                         timeout=self.request_timeout_s)
         return self._local.client
 
-    def ask(self, query: Query, route: str | None = None) -> Reply:
+    def ask(self, query: Query, route: str | None = None, max_tokens: int | None = None) -> Reply:
         """One chat completion; ``route`` set only for probes, never for the replayed traffic."""
-        extra = {"extra_body": {"s2agent": {"route": route}}} if route else {}
+        extra: dict[str, Any] = {"extra_body": {"s2agent": {"route": route}}} if route else {}
+        if max_tokens is not None:
+            extra["max_tokens"] = max_tokens
         started = time.perf_counter()
         try:
             response = self._openai().chat.completions.create(

@@ -80,7 +80,7 @@ def _rate(store_url: str, rows: int, threads: int) -> list[dict[str, Any]]:
 
 
 @contextmanager
-def _postgres_database(server: str) -> Iterator[str]:
+def postgres_database(server: str) -> Iterator[str]:
     name = f"s2agent_bench_{uuid.uuid4().hex[:10]}"
     admin = create_engine(resolve_url(server), isolation_level="AUTOCOMMIT", poolclass=NullPool)
     with admin.connect() as conn:
@@ -98,7 +98,7 @@ def run(rows: int, threads: int, postgres: str | None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="s2agent-bench-store-") as folder:
         out["databases"]["sqlite (WAL)"] = _rate(os.path.join(folder, "agent.db"), rows, threads)
     if postgres:
-        with _postgres_database(postgres) as url:
+        with postgres_database(postgres) as url:
             out["databases"]["postgresql"] = _rate(url, rows, threads)
     return out
 
