@@ -265,6 +265,25 @@ class ServerConfig:
     """Larger request bodies are refused with a 413."""
     max_tokens_limit: int = within("[1, inf)", 1024)
     """Largest ``max_tokens`` a request may ask for."""
+    max_prompts: int = within("[1, inf)", 32)
+    """Most prompts one ``/v1/completions`` request may carry; more are refused with a 400 naming ``prompt``.
+    Each prompt is a generation of its own: without a bound a 30 KB body of 1,500 prompts held the engine
+    for 30 s."""
+    max_sequences: int = within("[1, inf)", 64)
+    """Most sequences one request may ask for (prompts × ``n``); more are refused with a 400 naming ``n``.
+    64 is four batches of the default ``max_batch``."""
+    max_queued: int = within("[1, inf)", 64)
+    """Most generation requests held at once, running or waiting for the engine; one more is answered 503
+    with ``Retry-After`` at once, instead of joining a queue that grows while every request in it waits."""
+    read_timeout_s: float = within("(0, 3600]", 30.0)
+    """A client has this long to send a request's head, and as long again for its body: a slower one gets
+    a 408 or its connection closed, so that slow or silent connections cannot pile up."""
+    keep_alive_s: float = within("(0, 3600]", 5.0)
+    """An idle keep-alive connection is closed after this many seconds without a new request."""
+    max_connections: int = within("[1, inf)", 512)
+    """Most open connections and requests in flight (uvicorn's ``limit_concurrency``); past it a request is
+    answered 503 before it is read, the last line of defence when clients open connections faster than
+    the timeouts close them."""
 
     def __post_init__(self) -> None:
         _check_fields(self)
