@@ -165,6 +165,8 @@ def serve(agent: Agent, host: str | None = None, port: int | None = None, *, con
     On a signal uvicorn stops accepting connections and lets requests in flight finish (for up to
     ``timeout_graceful_shutdown`` seconds); then ``agent.close()`` stops the scheduler and flushes the store.
     The serving adapter and the buffer live in the store, so a restart resumes where this one stopped.
+    Connections are bounded by :func:`~agent.server.connections.uvicorn_options` (head and keep-alive
+    timeouts, a connection limit), requests by :mod:`agent.server.limits`.
     """
     config = config or agent.config.server
     if not logging.getLogger().handlers:
