@@ -31,6 +31,9 @@ from tests.agent.test_server import ServerThread, ask, assert_error, tiny_agent_
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 READ_TIMEOUT_S = 1.5
 MAX_BATCH = 16
+BIG_TOKENS = 256
+"""Tokens per sequence of the big requests: long enough that a batch of them is still running when the
+test acts (the tiny model decodes a batch of 16 at a few hundred tokens a second)."""
 
 
 def wait_for(condition: Callable[[], bool], what: str, timeout: float = 120.0) -> None:
@@ -41,7 +44,7 @@ def wait_for(condition: Callable[[], bool], what: str, timeout: float = 120.0) -
 
 
 def server_config(**changes) -> ServerConfig:
-    fields = {"admin_token": "secret", "max_tokens_limit": 64, "read_timeout_s": READ_TIMEOUT_S,
+    fields = {"admin_token": "secret", "max_tokens_limit": BIG_TOKENS, "read_timeout_s": READ_TIMEOUT_S,
               "keep_alive_s": 1.0, **changes}
     return ServerConfig(**fields)
 
@@ -105,11 +108,11 @@ def test_too_many_prompts_or_sequences_are_refused_before_anything_runs(http, ag
 
 
 def test_an_abandoned_request_stops_and_a_small_one_is_served_meanwhile(server, http, agent, caplog):
-    """The issue's measurement, within the limits: a big request (32 prompts × n=2 × 64 tokens, four batches)
+    """The issue's measurement, within the limits: a big request (32 prompts × n=2, four batches)
     whose client hangs up stops within a chunk, and a 1-token request sent meanwhile does not wait for it."""
     batcher, admission = agent.backend, server.app.state.admission
     big = json.dumps({"model": "default", "prompt": [f"Count to {i}:" for i in range(32)], "n": 2,
-                      "max_tokens": 64}).encode()
+                      "max_tokens": BIG_TOKENS}).encode()
     everything = 32 * 2
     before = batcher.batched_rows
     with caplog.at_level(logging.INFO, logger="agent.server"):
@@ -131,10 +134,10 @@ def test_an_abandoned_request_stops_and_a_small_one_is_served_meanwhile(server, 
 
 
 def test_a_full_server_answers_503_with_retry_after(agent):
-    with start(agent, server_config(max_queued=1)) as full, httpx.Client(base_url=full.url, timeout=120) as http:
+    with start(agent, server_config(max_queued=1)) as full, httpx.Client(base_url=full.url, timeout=300) as http:
         admission = full.app.state.admission
         results: list[httpx.Response] = []
-        big = {"model": "default", "prompt": [f"Count to {i}:" for i in range(32)], "n": 2, "max_tokens": 64}
+        big = {"model": "default", "prompt": [f"Count to {i}:" for i in range(32)], "n": 2, "max_tokens": BIG_TOKENS}
         holder = threading.Thread(target=lambda: results.append(http.post(COMPLETIONS, json=big)))
         holder.start()
         wait_for(lambda: admission.held == 1, "the first request to be admitted")
