@@ -200,11 +200,43 @@ def check_json(data: Any) -> None:
     Nesting deeper than :data:`MAX_JSON_DEPTH`; a string with a lone surrogate (``"\\ud800"`` is valid JSON
     but no text: the tokenizer, the database and the response encoder all fail on it); an integer outside
     64 bits (a seed of 2**70 overflows the engine's generator, a version of 10**30 the database's column).
-    The walk is iterative, so depth costs it nothing."""
+    It runs on the event loop, so the common case is one quick pass (about a tenth of the parse's time on
+    a 1 MB body); only a body that fails is walked again, slowly, to name the field."""
+    if not _acceptable(data):
+        _name_the_problem(data)
+
+
+def _acceptable(data: Any) -> bool:
+    """The quick pass: iterative (depth costs nothing), no paths, ASCII strings skipped in O(1)."""
+    stack: list[tuple[Any, int]] = [(data, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if depth >= MAX_JSON_DEPTH:
+            return False
+        if type(value) is dict:
+            if any(not key.isascii() and _LONE_SURROGATE.search(key) for key in value):
+                return False
+            value = value.values()
+        for item in value:
+            kind = type(item)
+            if kind is str:
+                if not item.isascii() and _LONE_SURROGATE.search(item):
+                    return False
+            elif kind is int:
+                if not INT64_MIN <= item <= INT64_MAX:
+                    return False
+            elif (kind is dict or kind is list) and item:
+                stack.append((item, depth + 1))
+    return True
+
+
+def _name_the_problem(data: Any) -> None:
+    """The slow pass, for a body the quick one refused: the first problem as a 400 naming its field. It
+    refuses exactly what the quick pass refuses (a non-empty container at depth ``MAX_JSON_DEPTH``)."""
     stack: list[tuple[Any, str, int]] = [(data, "", 0)]
     while stack:
         value, path, depth = stack.pop()
-        if depth > MAX_JSON_DEPTH:
+        if isinstance(value, (dict, list)) and value and depth >= MAX_JSON_DEPTH:
             raise APIError(400, f"request body is nested deeper than {MAX_JSON_DEPTH} levels", code="invalid_body")
         if isinstance(value, dict):
             for key, item in value.items():
@@ -217,6 +249,7 @@ def check_json(data: Any) -> None:
         elif isinstance(value, int) and not isinstance(value, bool) and not INT64_MIN <= value <= INT64_MAX:
             raise APIError(400, f"{path}: integers must fit in 64 bits ({INT64_MIN} to {INT64_MAX})", param=path,
                            code="invalid_value")
+    raise APIError(400, "request body holds a value this server cannot take", code="invalid_body")
 
 
 def _check_text(value: str, param: str | None) -> None:
