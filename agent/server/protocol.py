@@ -23,8 +23,8 @@ from store.schema import MAX_TAG_LENGTH
 M = TypeVar("M", bound=BaseModel)
 
 MAX_JSON_DEPTH = 32
-"""Deepest nesting a request body may have (OpenAI's deepest, a message's content part, is 4 levels).
-Deeper bodies are refused before anything recursive walks them."""
+"""Deepest nesting a request body may have, in arrays and objects (OpenAI's deepest, a chat message's content
+part, is 5). Deeper bodies are refused before pydantic, or anything else that recurses, walks them."""
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 """The integers a body may hold anywhere: what the engines' seeds and the database's columns can take."""
 MAX_VERSION = 2**31 - 1
