@@ -27,16 +27,21 @@ import logging
 import shutil
 import sys
 from datetime import datetime, timedelta, timezone
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 from agent.config import AgentConfig
-from agent.errors import EXPECTED, ConfigError
+from agent.errors import EXPECTED, ConfigError, describe
 
 logger = logging.getLogger("agent.cli")
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 DEFAULT_LOG_LEVEL = {"serve": "INFO", "worker": "INFO"}
 """Commands whose default log level is not WARNING: the server's one line per request, the worker's runs."""
+MAX_ROW_ID = 2**31 - 1
+"""Largest id or version the store can hold (its INTEGER columns are 32-bit on PostgreSQL)."""
+MAX_HOURS, MAX_DAYS = 100 * 365 * 24, 100 * 365
+"""A century: ages past it reach before year 1, where date arithmetic overflows."""
 
 
 # --- output helpers --------------------------------------------------------------------------
@@ -78,6 +83,34 @@ def _fraction(text: str) -> float:
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"{text} is not between 0 and 1")
     return value
+
+
+def _bounded(kind: type[float], low: float, high: float) -> Callable[[str], Any]:
+    """An argparse type: an ``int`` or a ``float`` (``kind``) in ``[low, high]``. Out of range, a number would overflow
+    date arithmetic or the database's integer columns later, as a traceback; here it is one usage error."""
+
+    def parse(text: str) -> Any:
+        shown = _cut(text, 24)
+        try:
+            value = kind(text)
+        except ValueError:  # an int of over 4,300 digits is a ValueError too
+            raise argparse.ArgumentTypeError(f"{shown!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not low <= value <= high:  # False for NaN
+            raise argparse.ArgumentTypeError(f"{shown} is not between {low:g} and {high:g}" if kind is float
+                                             else f"{shown} is not between {low} and {high}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its own messages
+    return parse
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether ``path``, links resolved, lies inside ``folder`` (and is not ``folder`` itself)."""
+    try:
+        resolved, root = path.resolve(), folder.resolve()
+    except (OSError, RuntimeError):  # a link loop
+        return False
+    return resolved != root and resolved.is_relative_to(root)
 
 
 # --- building blocks -------------------------------------------------------------------------
@@ -146,7 +179,7 @@ def cmd_serve(args, config) -> int:
     version = agent.serving_version()
     sys.stderr.write(
         f"s2agent: model {agent.model_name}, adapter {'v' + str(version) if version else 'none (base model)'}, "
-        f"database {config.db_url()}, consolidation scheduler {scheduler}\n"
+        f"database {config.db_display()}, consolidation scheduler {scheduler}\n"
         f"s2agent: program sandbox: {sandbox_report()}\n"
         f"s2agent: serving the OpenAI API at http://{config.server.host}:{config.server.port}/v1\n"
     )
@@ -166,7 +199,7 @@ def cmd_worker(args, config) -> int:
     agent = _agent(config)
     agent.start_scheduler()
     sys.stderr.write(
-        f"s2agent worker: model {agent.model_name}, database {config.db_url()}, adapters {config.adapters_path()}\n"
+        f"s2agent worker: model {agent.model_name}, database {config.db_display()}, adapters {config.adapters_path()}\n"
         f"s2agent worker: consolidating at {sched.min_pending or '-'} pending per scope / every "
         f"{sched.interval_minutes or '-'} min, in a {'child process' if sched.process == 'child' else 'thread'}\n"
         f"s2agent worker: health and metrics at http://{config.server.host}:{config.server.port}/metrics\n"
@@ -286,10 +319,24 @@ def cmd_adapters(args, config) -> int:
             _out(f"now serving {'v' + str(row.version) if row else 'the base model'}"
                  " (a running server follows within seconds)")
         elif args.adapters_cmd == "prune":
-            for row in store.prune_adapters(args.keep):
-                shutil.rmtree(row.path, ignore_errors=True)
-                _out(f"pruned v{row.version} ({row.path})")
+            return _prune_adapters(store, args.keep, config.adapters_path())
     return 0
+
+
+def _prune_adapters(store: Any, keep: int, root: Path) -> int:
+    """Delete the folders of the adapters the store prunes, but only inside ``root``: a registry row holds a
+    path, and a row that names ``/home`` (by mistake or by an attacker with the database) must not make
+    ``prune`` delete it. Such folders are left alone and reported; the exit status is then 1."""
+    refused = 0
+    for row in store.prune_adapters(keep):
+        path = Path(row.path)
+        if not _inside(path, root):
+            refused += 1
+            _out(f"not deleting v{row.version}'s folder {row.path}: it is not inside the adapters folder {root}")
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        _out(f"pruned v{row.version} ({row.path})")
+    return 1 if refused else 0
 
 
 def _fmt(value: Any) -> str:
@@ -382,6 +429,14 @@ def cmd_bench(args, config) -> int:
 
 
 # --- parser ----------------------------------------------------------------------------------
+def _add_schedule_options(p: argparse.ArgumentParser) -> None:
+    """The consolidation triggers, for ``serve`` and ``worker``."""
+    p.add_argument("--interval-minutes", dest="interval_minutes", type=float,
+                   help="consolidate every scope with enough examples every N minutes (default 60; 0: off)")
+    p.add_argument("--min-pending", dest="min_pending", type=int,
+                   help="consolidate a scope when N of its examples are pending (default 32; 0: off)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="agent", description="s2agent: System 2 distilled into System 1, live.")
     parser.add_argument("--config", help="TOML config file")
@@ -396,22 +451,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host")
     p.add_argument("--port", type=int)
     p.add_argument("--admin-token", dest="admin_token")
-    p.add_argument("--interval-minutes", dest="interval_minutes", type=float,
-                   help="consolidate every scope with enough examples every N minutes (default 60; 0: off)")
-    p.add_argument("--min-pending", dest="min_pending", type=int,
-                   help="consolidate a scope when N of its examples are pending (default 32; 0: off)")
+    _add_schedule_options(p)
     p.add_argument("--no-train", dest="no_train", action="store_true",
                    help="serve only: no consolidation here; follow the promotions made by another process")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("worker", help="consolidate only: train, gate and promote for the replicas sharing the "
-                                      "database; serves health and metrics, no model")
+                                      "database; serves health and metrics, answers no one")
     p.add_argument("--host")
     p.add_argument("--port", type=int, default=8001, help="health and metrics port (default 8001)")
-    p.add_argument("--interval-minutes", dest="interval_minutes", type=float,
-                   help="consolidate every scope with enough examples every N minutes (default 60; 0: off)")
-    p.add_argument("--min-pending", dest="min_pending", type=int,
-                   help="consolidate a scope when N of its examples are pending (default 32; 0: off)")
+    _add_schedule_options(p)
     p.add_argument("--process", choices=("thread", "child"), default="thread",
                    help="train in this process (default: a worker has its cores to itself) or in a child process")
     p.set_defaults(func=cmd_worker)
@@ -431,11 +480,11 @@ def build_parser() -> argparse.ArgumentParser:
     q = ss.add_parser("ls", help="list examples")
     q.add_argument("--status", choices=["pending", "used", "rejected", "holdout"])
     q.add_argument("--method")
-    q.add_argument("--limit", type=int, default=50)
-    q.add_argument("--since", type=float, help="only the last N hours")
+    q.add_argument("--limit", type=_bounded(int, 1, MAX_ROW_ID), default=50)
+    q.add_argument("--since", type=_bounded(float, 0.0, float(MAX_HOURS)), help="only the last N hours")
     q.add_argument("--json", action="store_true")
     q = ss.add_parser("show", help="one example, all fields")
-    q.add_argument("id", type=int)
+    q.add_argument("id", type=_bounded(int, 0, MAX_ROW_ID))
     q = ss.add_parser("export", help="examples as JSONL")
     q.add_argument("--format", default="jsonl", choices=["jsonl"])
     q.add_argument("--status")
@@ -446,13 +495,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true")
     q = ss.add_parser("prune", help="delete examples of a status")
     q.add_argument("--status", required=True, choices=["rejected", "used", "pending", "holdout"])
-    q.add_argument("--older-than-days", type=float)
+    q.add_argument("--older-than-days", type=_bounded(float, 0.0, float(MAX_DAYS)))
     p.set_defaults(func=cmd_store)
 
     p = sub.add_parser("consolidate", help="distil the buffer into a new LoRA adapter now")
     p.add_argument("--dry-run", action="store_true", help="show what would be trained on")
-    p.add_argument("--min-examples", type=int, help="refuse to run on fewer pending examples")
-    p.add_argument("--epochs", type=int)
+    p.add_argument("--min-examples", type=_bounded(int, 1, MAX_ROW_ID), help="refuse to run on fewer pending examples")
+    p.add_argument("--epochs", type=_bounded(int, 1, 1000))
     p.add_argument("--tag", "--scope", dest="tag", help="train the adapter of this scope (task tag)")
     p.add_argument("--json", action="store_true", help="print the run's summary as JSON")
     p.set_defaults(func=cmd_consolidate)
@@ -462,12 +511,12 @@ def build_parser() -> argparse.ArgumentParser:
     q = sa.add_parser("ls")
     q.add_argument("--json", action="store_true")
     q = sa.add_parser("show")
-    q.add_argument("version", type=int)
+    q.add_argument("version", type=_bounded(int, 0, MAX_ROW_ID))
     q = sa.add_parser("rollback", help="serve an earlier version (default: the previous one; 0 = base model)")
-    q.add_argument("version", type=int, nargs="?")
+    q.add_argument("version", type=_bounded(int, 0, MAX_ROW_ID), nargs="?")
     q.add_argument("--tag", help="scope of the adapter")
     q = sa.add_parser("prune", help="delete old adapter folders, keeping the newest N")
-    q.add_argument("--keep", type=int, required=True)
+    q.add_argument("--keep", type=_bounded(int, 0, MAX_ROW_ID), required=True)
     p.set_defaults(func=cmd_adapters)
 
     p = sub.add_parser("scopes", help="the task scopes traffic was grouped into: list, rename, merge")
@@ -515,7 +564,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = _config(args)
         return args.func(args, config)
     except EXPECTED as exc:
-        sys.stderr.write(f"agent: error: {exc}\n")
+        sys.stderr.write(f"agent: error: {describe(exc)}\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("agent: interrupted\n")

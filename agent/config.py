@@ -21,6 +21,7 @@ import functools
 import json
 import math
 import os
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -39,6 +40,19 @@ def default_data_dir() -> Path:
         return Path(env)
     xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(xdg) / "s2agent"
+
+
+def mask_url(url: str) -> str:
+    """``url`` with its password replaced by ``***``; a plain path is returned as it is."""
+    if "://" not in url:
+        return url
+    # Imported here, where a URL is shown: loading a configuration needs no database library.
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not a URL SQLAlchemy parses: mask what looks like user:password@
+        return re.sub(r"(://[^/@:]*:)[^@]*@", r"\1***@", url)
 
 
 # --- how a field states its range --------------------------------------------------------------------
@@ -325,10 +339,11 @@ class SchedulerConfig:
     """Whether ``agent serve`` consolidates in the background (``--no-train`` sets it false: a replica that
     only serves, following the promotions another process makes in the shared store). An embedded
     ``Agent`` never starts the scheduler by itself, whatever this says: call ``Agent.start_scheduler()``."""
-    interval_minutes: float | None = within("[0, inf)", 60.0)
+    interval_minutes: float | None = within("[0, 525600]", 60.0)
     """Every this many minutes, consolidate each scope (each task tag with ``consolidation.per_tag``, else
     the general adapter) that has at least ``consolidation.min_examples`` examples to train on; 0 or unset:
-    off. A quiet scope still learns within the hour, and the cost is bounded to one run per scope per hour."""
+    off. A quiet scope still learns within the hour, and the cost is bounded to one run per scope per hour.
+    At most a year (525,600): the scheduler's clock cannot hold much more."""
     min_pending: int | None = within("[0, inf)", 32)
     """Consolidate a scope as soon as this many of its examples are pending (with ``consolidation.per_tag``
     each tag is counted on its own); 0 or unset: off. 32 pending examples give about 26 to train on and 6
@@ -368,6 +383,25 @@ class ServerConfig:
     """Larger request bodies are refused with a 413."""
     max_tokens_limit: int = within("[1, inf)", 1024)
     """Largest ``max_tokens`` a request may ask for."""
+    max_prompts: int = within("[1, inf)", 32)
+    """Most prompts one ``/v1/completions`` request may carry; more are refused with a 400 naming ``prompt``.
+    Each prompt is a generation of its own: without a bound a 30 KB body of 1,500 prompts held the engine
+    for 30 s."""
+    max_sequences: int = within("[1, inf)", 64)
+    """Most sequences one request may ask for (prompts × ``n``); more are refused with a 400 naming ``n``.
+    64 is four batches of the default ``max_batch``."""
+    max_queued: int = within("[1, inf)", 64)
+    """Most generation requests held at once, running or waiting for the engine; one more is answered 503
+    with ``Retry-After`` at once, instead of joining a queue that grows while every request in it waits."""
+    read_timeout_s: float = within("(0, 3600]", 30.0)
+    """A client has this long to send a request's head, and as long again for its body: a slower one gets
+    a 408 or its connection closed, so that slow or silent connections cannot pile up."""
+    keep_alive_s: float = within("(0, 3600]", 5.0)
+    """An idle keep-alive connection is closed after this many seconds without a new request."""
+    max_connections: int = within("[1, inf)", 512)
+    """Most open connections and requests in flight (uvicorn's ``limit_concurrency``); past it a request is
+    answered 503 before it is read, the last line of defence when clients open connections faster than
+    the timeouts close them."""
 
     def __post_init__(self) -> None:
         _check_fields(self)
@@ -433,6 +467,11 @@ class AgentConfig:
 
     def db_url(self) -> str:
         return self.db or str(default_data_dir() / "agent.db")
+
+    def db_display(self) -> str:
+        """:meth:`db_url` as a banner or a log line may show it: a URL's password replaced by ``***``, so that
+        a PostgreSQL password never reaches a terminal or a log collector."""
+        return mask_url(self.db_url())
 
     def adapters_path(self) -> Path:
         if self.adapters_dir:

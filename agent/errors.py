@@ -3,10 +3,13 @@
 Each class also keeps the built-in base it always had (``ValueError`` for bad input, ``RuntimeError`` for a
 failed operation), so code that caught those still works. The store is a package of its own that imports
 nothing from the runtime; its errors have their own root, :class:`store.StoreError`, and :data:`EXPECTED`
-names the two together: what the CLI reports in one line and the server answers with a 4xx.
+names the two together, with the database's own refusals (:class:`OperationalError`): what the CLI
+reports in one line (:func:`describe`) and the server answers with a 4xx or a 503.
 """
 
 from __future__ import annotations
+
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from store import StoreError
 
@@ -55,9 +58,29 @@ class ConsolidationInterrupted(S2AgentError, RuntimeError):
     """Shutdown asked the run to stop; it stopped between two training steps and changed nothing."""
 
 
-EXPECTED: tuple[type[Exception], ...] = (S2AgentError, StoreError)
+class Overloaded(S2AgentError, RuntimeError):
+    """The server already holds as many requests as it may (``server.max_queued``): retry in a moment.
+
+    Refusing at once keeps the wait of the requests already admitted bounded; a queue that grows makes
+    every request in it late."""
+
+
+EXPECTED: tuple[type[Exception], ...] = (S2AgentError, StoreError, OperationalError)
 """Errors that mean "the input or the environment is wrong", not "the program is wrong": reported in one
-line by the CLI, as a 4xx by the server; anything else is a bug and keeps its traceback."""
+line by the CLI, as a 4xx (or a 503 when the environment is at fault) by the server; anything else is a bug
+and keeps its traceback. ``OperationalError`` is the database refusing what was asked of it (locked past
+its busy timeout, a disk error, a lost connection): the environment, not the program."""
+
+
+def describe(exc: BaseException) -> str:
+    """``exc`` as one line for a user: its message, or for a database's refusal the driver's reason alone.
+
+    SQLAlchemy's own message adds the SQL statement and its parameters, which carry users' text; they
+    belong in the server log (with the traceback), not in a client's error or a terminal's one line."""
+    if isinstance(exc, DBAPIError) and exc.orig is not None:
+        reason = " ".join(str(exc.orig).split()) or type(exc.orig).__name__
+        return f"the database refused the operation: {reason}"
+    return str(exc)
 
 __all__ = [
     "EXPECTED",
@@ -66,6 +89,7 @@ __all__ = [
     "ConsolidationInterrupted",
     "InvalidQueryError",
     "ModelNotFoundError",
+    "Overloaded",
     "PromptTooLongError",
     "S2AgentError",
     "StoreError",
@@ -73,4 +97,5 @@ __all__ = [
     "TeacherError",
     "TeacherUnavailable",
     "TrainingDiverged",
+    "describe",
 ]

@@ -26,7 +26,9 @@ from agent.errors import EXPECTED
 from agent.loop import Agent
 from agent.metrics import Metrics
 from agent.server import routes
+from agent.server.connections import uvicorn_options
 from agent.server.errors import api_error
+from agent.server.limits import Admission
 from agent.server.protocol import APIError, error_body
 from agent.server.serving import StatsCache
 
@@ -128,6 +130,7 @@ def create_app(agent: Agent, config: ServerConfig | None = None, *, worker: bool
                   version=__version__)
     app.state.agent, app.state.metrics, app.state.config = agent, metrics, config
     app.state.stats = StatsCache(agent)
+    app.state.admission = Admission(config.max_queued)
     app.add_middleware(_AccessLog, metrics=metrics)
     app.add_exception_handler(APIError, _on_api_error)
     for root in EXPECTED:
@@ -165,6 +168,8 @@ def serve(agent: Agent, host: str | None = None, port: int | None = None, *, con
     On a signal uvicorn stops accepting connections and lets requests in flight finish (for up to
     ``timeout_graceful_shutdown`` seconds); then ``agent.close()`` stops the scheduler and flushes the store.
     The serving adapter and the buffer live in the store, so a restart resumes where this one stopped.
+    Connections are bounded by :func:`~agent.server.connections.uvicorn_options` (head and keep-alive
+    timeouts, a connection limit), requests by :mod:`agent.server.limits`.
     """
     config = config or agent.config.server
     if not logging.getLogger().handlers:
@@ -173,7 +178,7 @@ def serve(agent: Agent, host: str | None = None, port: int | None = None, *, con
     server = _Server(uvicorn.Config(
         create_app(agent, config, worker=worker), host=host or config.host, port=port or config.port, log_level=log_level,
         access_log=False,  # our own line per request (with the agent route) replaces uvicorn's
-        timeout_graceful_shutdown=timeout_graceful_shutdown, lifespan="off",
+        timeout_graceful_shutdown=timeout_graceful_shutdown, lifespan="off", **uvicorn_options(config),
     ))
     try:
         server.run()

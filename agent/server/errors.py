@@ -1,11 +1,12 @@
 """What the runtime raises, as the HTTP error a client gets: one table, :data:`ERRORS`, read by :func:`api_error`.
 
-The runtime's own errors have two roots, :class:`~agent.errors.S2AgentError` and :class:`store.StoreError`
-(:data:`agent.errors.EXPECTED`). A row maps a class, optionally only within one operation, to a status,
-an OpenAI error ``code`` and ``type``, and the request field to blame (``param``). An exception takes the
-row of its nearest class, so a subclass without a row of its own gets its root's: a new error is answered
-sensibly before anyone adds a row for it. Anything outside the two roots is a bug: a 500 with a traceback
-in the log (see :mod:`agent.server.app`).
+The runtime's own errors have two roots, :class:`~agent.errors.S2AgentError` and :class:`store.StoreError`;
+with the database's own refusals (SQLAlchemy's ``OperationalError``) they are :data:`agent.errors.EXPECTED`.
+A row maps a class, optionally only within one operation, to a status, an OpenAI error ``code`` and
+``type``, and the request field to blame (``param``). An exception takes the row of its nearest class, so a
+subclass without a row of its own gets its root's: a new error is answered sensibly before anyone adds a
+row for it. Anything outside :data:`~agent.errors.EXPECTED` is a bug: a 500 with a traceback in the log
+(see :mod:`agent.server.app`).
 
 What the statuses mean here:
 
@@ -15,6 +16,8 @@ What the statuses mean here:
   nothing to roll back to); another version, or a later moment, would be accepted;
 - 503: nothing in the request is wrong, the service cannot do it now (the store refuses what the runtime
   asked of it, an adapter does not load); retry later, or ask the operator: the server log has the reason.
+  Where waiting is the cure (the server is full, the database is locked) the answer says how long to wait
+  in ``Retry-After``, which OpenAI's clients honour when they retry.
 """
 
 from __future__ import annotations
@@ -22,12 +25,16 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from sqlalchemy.exc import OperationalError
+
 from agent.errors import (
     AdapterError,
     ConfigError,
     InvalidQueryError,
+    Overloaded,
     PromptTooLongError,
     S2AgentError,
+    describe,
 )
 from agent.server.protocol import APIError
 from store import StoreError
@@ -47,6 +54,8 @@ class ErrorRule:
     code: str
     param: str | None = None
     type: str = "invalid_request_error"
+    retry_after: int | None = None
+    """Seconds for ``Retry-After``: set where the same request is likely to succeed that much later."""
 
 
 ERRORS: dict[tuple[type[Exception], str | None], ErrorRule] = {
@@ -57,6 +66,8 @@ ERRORS: dict[tuple[type[Exception], str | None], ErrorRule] = {
     (StoreError, "rollback"): ErrorRule(409, "rollback_refused", INPUT),
     (AdapterError, None): ErrorRule(503, "adapter_unavailable", type=UNAVAILABLE),
     (StoreError, None): ErrorRule(503, "store_error", type=UNAVAILABLE),
+    (Overloaded, None): ErrorRule(503, "server_overloaded", type=UNAVAILABLE, retry_after=1),
+    (OperationalError, None): ErrorRule(503, "database_unavailable", type=UNAVAILABLE, retry_after=1),  # locked
     (S2AgentError, None): ErrorRule(503, "agent_unavailable", type=UNAVAILABLE),  # a ConfigError outside a chat too
 }
 
@@ -75,7 +86,8 @@ def api_error(exc: BaseException, operation: str | None = None) -> APIError:
     rule = rule_for(exc, operation)
     if rule is None:
         raise TypeError(f"{type(exc).__name__} is not one of the runtime's errors") from exc
-    if rule.status >= 500:
+    if rule.status >= 500 and not isinstance(exc, Overloaded):  # refusals under load: the access log has each
         logger.warning("%s failed: %s: %s", operation or "request", type(exc).__name__, exc)
     param = INPUT_PARAMS.get(operation or "") if rule.param == INPUT else rule.param
-    return APIError(rule.status, str(exc), type=rule.type, param=param, code=rule.code)
+    headers = {"Retry-After": str(rule.retry_after)} if rule.retry_after is not None else None
+    return APIError(rule.status, describe(exc), type=rule.type, param=param, code=rule.code, headers=headers)

@@ -20,12 +20,14 @@ from starlette.concurrency import run_in_threadpool
 from agent.config import ServerConfig
 from agent.loop import Agent
 from agent.metrics import Metrics
+from agent.server.limits import Admission, check_size, chunks
 from agent.server.protocol import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
     RollbackRequest,
     SamplingRequest,
+    client_gone,
     error_body,
     parse,
     read_json,
@@ -59,6 +61,21 @@ def _config(request: Request) -> ServerConfig:
 
 def _metrics(request: Request) -> Metrics:
     return request.app.state.metrics
+
+
+def _admission(request: Request) -> Admission:
+    return request.app.state.admission
+
+
+async def _body(request: Request) -> dict[str, Any]:
+    config = _config(request)
+    return await read_json(request, config.max_body_bytes, config.read_timeout_s)
+
+
+async def _still_there(request: Request, what: str) -> None:
+    """Stop here if the client hung up: what it asked for would be generated for nobody."""
+    if await request.is_disconnected():
+        raise client_gone(what)
 
 
 # --- checks --------------------------------------------------------------------------------------------------
@@ -95,9 +112,10 @@ openai = APIRouter()
 @openai.post("/v1/chat/completions")
 async def chat_completions(request: Request) -> Any:
     agent, config, metrics = _agent(request), _config(request), _metrics(request)
-    data = await read_json(request, config.max_body_bytes)
+    data = await _body(request)
     refuse_unsupported(data, ("tools", "functions", "logprobs", "response_format"))
     body = parse(ChatCompletionRequest, data)
+    check_size(config, 1, body.n)
     if None not in (body.max_tokens, body.max_completion_tokens) and body.max_tokens != body.max_completion_tokens:
         raise APIError(400, "max_tokens and max_completion_tokens disagree; give one of them",
                        param="max_completion_tokens")
@@ -107,49 +125,58 @@ async def chat_completions(request: Request) -> Any:
     await _check_model(agent, body.model)
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in body.messages]
     query = agent.learnable_query(messages, body.n)
-    if query is not None:
-        answer = await call("chat", agent.answer, query, **answer_options(body, max_tokens))
-        metrics.observe_answer(answer.route, answer.latency_ms / 1000, answer.tokens_system1,
-                               answer.tokens_system2, answer.accepted if answer.route == "system2" else None)
-        result = Result.of_answer(answer)
-    else:
-        if body.s2agent.route == "system2":
-            raise APIError(400, "s2agent.route 'system2' needs a single-turn request (one user message) with n=1",
-                           param="s2agent.route")
-        params = sampling_params(body, max_tokens, agent.config.max_new_tokens)
-        completions, version = await call("chat", agent.complete, messages, params, body.s2agent.tag)
-        metrics.observe_completion(sum(c.num_tokens for c in completions))
-        result = Result.of_completions(completions, version, body.s2agent.tag)
+    if query is None and body.s2agent.route == "system2":
+        raise APIError(400, "s2agent.route 'system2' needs a single-turn request (one user message) with n=1",
+                       param="s2agent.route")
+    with _admission(request).slot():
+        await _still_there(request, "before its answer was generated")
+        if query is not None:
+            answer = await call("chat", agent.answer, query, **answer_options(body, max_tokens))
+            metrics.observe_answer(answer.route, answer.latency_ms / 1000, answer.tokens_system1,
+                                   answer.tokens_system2, answer.accepted if answer.route == "system2" else None)
+            result = Result.of_answer(answer)
+        else:
+            params = sampling_params(body, max_tokens, agent.config.max_new_tokens)
+            completions, version = await call("chat", agent.complete, messages, params, body.s2agent.tag)
+            metrics.observe_completion(sum(c.num_tokens for c in completions))
+            result = Result.of_completions(completions, version, body.s2agent.tag)
     return _respond(request, body, result, chat=True)
 
 
 @openai.post("/v1/completions")
 async def completions(request: Request) -> Any:
     agent, config, metrics = _agent(request), _config(request), _metrics(request)
-    data = await read_json(request, config.max_body_bytes)
+    data = await _body(request)
     refuse_unsupported(data, ("echo", "logprobs", "suffix", "best_of"))
     body = parse(CompletionRequest, data)
     _check_max_tokens(config, body.max_tokens, "max_tokens")
-    await _check_model(agent, body.model)
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    check_size(config, len(prompts), body.n)
+    await _check_model(agent, body.model)
     if not prompts or any(not p for p in prompts):
         raise APIError(400, "prompt is empty", param="prompt", code="invalid_value")
     if body.s2agent.route == "system2":
         raise APIError(400, "s2agent.route 'system2' is only for chat completions", param="s2agent.route")
     params = sampling_params(body, body.max_tokens, agent.config.max_new_tokens)
-    # Agent.complete takes any backend prompt; a plain string goes to the model untemplated. Several
-    # prompts run concurrently so they share the batcher's forward passes.
+    # Agent.complete takes any backend prompt; a plain string goes to the model untemplated. The prompts of
+    # one chunk run concurrently so they share the batcher's forward passes; chunks run one after the other,
+    # so a client that hangs up stops its request within one batch, and other requests get every other batch.
     outs: list[Any] = [None] * len(prompts)
 
     async def one(i: int, prompt: str) -> None:
         outs[i] = await call("completion", agent.complete, prompt, params, body.s2agent.tag)
 
-    try:
-        async with anyio.create_task_group() as group:
-            for i, prompt in enumerate(prompts):
-                group.start_soon(one, i, prompt)
-    except* APIError as failed:  # the task group wraps what its tasks raise; the client gets the first error
-        raise failed.exceptions[0] from None
+    with _admission(request).slot():
+        done = 0
+        for chunk in chunks(prompts, body.n, agent.config.max_batch):
+            await _still_there(request, f"after {done} of its {len(prompts)} prompts were generated")
+            try:
+                async with anyio.create_task_group() as group:
+                    for i, prompt in enumerate(chunk, start=done):
+                        group.start_soon(one, i, prompt)
+            except* APIError as failed:  # the task group wraps what its tasks raise; the client gets the first error
+                raise failed.exceptions[0] from None
+            done += len(chunk)
     completions_ = [c for out in outs for c in out[0]]
     metrics.observe_completion(sum(c.num_tokens for c in completions_))
     result = Result.of_completions(completions_, outs[0][1], body.s2agent.tag)
@@ -230,7 +257,7 @@ async def adapters(request: Request) -> Any:
 @admin.post("/rollback")
 async def rollback(request: Request) -> Any:
     agent = _agent(request)
-    body = parse(RollbackRequest, await read_json(request, _config(request).max_body_bytes))
+    body = parse(RollbackRequest, await _body(request))
     row = await call("rollback", agent.rollback, body.version, body.scope)
     return {"serving": jsonable(row), "adapter_version": agent.serving_version(body.scope)}
 

@@ -229,6 +229,64 @@ def test_adapters_rollback_with_nothing_to_roll_back(capsys: pytest.CaptureFixtu
     assert "no such version" in err
 
 
+@pytest.mark.parametrize("argv", [
+    ["store", "ls", "--since", "1e300"],
+    ["store", "ls", "--since", "nan"],
+    ["store", "ls", "--limit", "-1"],
+    ["store", "show", "9" * 5000],
+    ["store", "prune", "--status", "rejected", "--older-than-days", "1e308"],
+    ["adapters", "show", "99999999999999999999999"],
+    ["adapters", "rollback", "99999999999999999999999"],
+    ["adapters", "prune", "--keep", "-1"],
+    ["consolidate", "--epochs", "0"],
+], ids=lambda argv: " ".join(a[:12] for a in argv))
+def test_numbers_out_of_range_are_usage_errors(capsys: pytest.CaptureFixture, db: Path, argv: list[str]) -> None:
+    """Each of these overflowed date arithmetic or the database's integer columns, as a traceback."""
+    with pytest.raises(SystemExit) as info:
+        main(["--db", str(db), *argv])
+    assert info.value.code == 2
+    out, err = capsys.readouterr()
+    error = err.splitlines()[-1]
+    assert out == "" and error.startswith("agent ") and ": error: argument " in error and len(error) < 200, err
+    assert "Traceback" not in err
+
+
+def test_config_numbers_out_of_range_exit_2_in_one_line(capsys: pytest.CaptureFixture, db: Path) -> None:
+    code, _, err = run(capsys, "--db", str(db), "serve", "--interval-minutes", "1e308")
+    assert code == 2 and err.count("\n") == 1 and "scheduler.interval_minutes" in err
+
+
+def test_adapters_prune_deletes_only_inside_the_adapters_folder(capsys: pytest.CaptureFixture, db: Path,
+                                                                 tmp_path: Path) -> None:
+    """A registry row holds a path; prune must not delete a folder outside ``adapters/`` because a row names it
+    (directly, or through a link inside ``adapters/`` that points out)."""
+    adapters, precious, elsewhere = tmp_path / "adapters", tmp_path / "precious", tmp_path / "elsewhere"
+    for folder in (adapters / "v2", precious, elsewhere):
+        folder.mkdir(parents=True)
+        (folder / "keep.txt").write_text("data")
+    (adapters / "v3").symlink_to(elsewhere, target_is_directory=True)
+    with Store(str(db)) as store:
+        for version, path in ((1, precious), (2, adapters / "v2"), (3, adapters / "v3"), (4, adapters)):
+            store.register_adapter(version, str(path), parent=None, status="rejected")
+    code, out, _ = run(capsys, "--db", str(db), "adapters", "prune", "--keep", "0")
+    assert code == 1
+    assert "pruned v2" in out and not (adapters / "v2").exists()
+    for version in (1, 3, 4):
+        assert f"not deleting v{version}'s folder" in out
+    assert (precious / "keep.txt").exists() and (elsewhere / "keep.txt").exists() and adapters.is_dir()
+
+
+def test_database_urls_are_shown_without_their_password(capsys: pytest.CaptureFixture) -> None:
+    from agent.config import AgentConfig, mask_url
+
+    url = "postgresql+psycopg://alice:s3cret-pw@127.0.0.1:9/agent"
+    assert AgentConfig(db=url).db_display() == "postgresql+psycopg://alice:***@127.0.0.1:9/agent"
+    assert mask_url("/data/agent.db") == "/data/agent.db" and mask_url("sqlite:///a.db") == "sqlite:///a.db"
+    assert "s3cret" not in mask_url("postgresql://alice:s3cret@[bad/agent")  # not parsable: masked all the same
+    code, out, err = run(capsys, "--db", url, "store", "stats")  # nothing listens on port 9
+    assert code == 2 and "s3cret" not in out + err and err.startswith("agent: error: ")
+
+
 def test_schedule_status(capsys: pytest.CaptureFixture, db: Path) -> None:
     code, out, _ = run(capsys, "--db", str(db), "schedule", "status")
     assert code == 0
@@ -315,15 +373,16 @@ def test_log_level_takes_the_standard_names_in_any_case(capsys: pytest.CaptureFi
         assert "--log-level: invalid choice" in capsys.readouterr().err
 
 
-def test_serve_logs_one_line_per_request_by_default(tiny_model_dir: Path, tmp_path: Path) -> None:
+def serve_once(tiny_model_dir: Path, tmp_path: Path, db: str) -> tuple[int, str]:
+    """``agent serve`` in a child process until it answers ``GET /v1/models``, then SIGTERM: its exit status
+    and what it wrote to stderr."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith("S2AGENT_")}
     env.update(S2AGENT_HOME=str(tmp_path / "home"), S2AGENT_THREADS="1", HF_HUB_OFFLINE="1")
     server = subprocess.Popen(
-        [sys.executable, "-m", "agent.cli", "--db", str(tmp_path / "serve.db"), "--model", str(tiny_model_dir),
-         "serve", "--port", str(port)],
+        [sys.executable, "-m", "agent.cli", "--db", db, "--model", str(tiny_model_dir), "serve", "--port", str(port)],
         cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
@@ -339,8 +398,26 @@ def test_serve_logs_one_line_per_request_by_default(tiny_model_dir: Path, tmp_pa
         _, err = server.communicate(timeout=60)
     finally:
         server.kill()
-    assert server.returncode == 0, err
+    return server.returncode, err
+
+
+def test_serve_logs_one_line_per_request_by_default(tiny_model_dir: Path, tmp_path: Path) -> None:
+    code, err = serve_once(tiny_model_dir, tmp_path, str(tmp_path / "serve.db"))
+    assert code == 0, err
     assert "INFO agent.server.app: GET /v1/models 200" in err
+
+
+def test_serve_does_not_show_the_database_password(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """On PostgreSQL (the test server trusts local connections, so any password is accepted)."""
+    from sqlalchemy import make_url
+
+    from tests.conftest import fresh_postgres_database
+
+    with fresh_postgres_database() as url:
+        secret = make_url(url).set(password="s3cret-pw").render_as_string(hide_password=False)
+        code, err = serve_once(tiny_model_dir, tmp_path, secret)
+    assert code == 0, err
+    assert "s3cret-pw" not in err and ":***@" in err
 
 
 # --- commands that load the tiny model -----------------------------------------------------------

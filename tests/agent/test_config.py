@@ -257,7 +257,10 @@ OUT_OF_RANGE = [
     ("consolidation.epochs", 0, "[1, inf)"),
     ("consolidation.dropout", 1, "[0, 1)"),
     ("scoping.min_similarity", 1.2, "[0, 1]"),
-    ("scheduler.interval_minutes", -1, "[0, inf)"),
+    ("scheduler.interval_minutes", -1, "[0, 525600]"),
+    ("scheduler.interval_minutes", 1e308, "[0, 525600]"),  # past a year the scheduler's clock overflows
+    ("server.max_prompts", 0, "[1, inf)"),
+    ("server.read_timeout_s", 0, "(0, 3600]"),
     ("scheduler.check_seconds", -1, "(0, inf)"),
     ("server.port", 0, "[1, 65535]"),
     ("server.port", 65536, "[1, 65535]"),

@@ -43,15 +43,17 @@ ERROR_KEYS = {"message", "type", "param", "code"}
 
 
 class ServerThread:
-    """A real uvicorn server in a background thread, on a free port of 127.0.0.1."""
+    """A real uvicorn server in a background thread, on a free port of 127.0.0.1 (``options``: more of
+    ``uvicorn.Config``'s settings, such as :func:`agent.server.connections.uvicorn_options`)."""
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, **options) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+        self.app = app
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", **options))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self) -> "ServerThread":
