@@ -139,6 +139,11 @@ def cmd_serve(args, config) -> int:
         scheduler = (f"at {sched.min_pending or '-'} pending per scope / every {sched.interval_minutes or '-'} min,"
                      f" in a {'child process' if sched.process == 'child' else 'thread'}")
     version = agent.serving_version()
+    for failure in agent.adapter_failures():  # never silent: the registry names an adapter that does not load
+        instead = f"v{failure['serving_version']}" if failure["serving_version"] else "the base model"
+        sys.stderr.write(f"s2agent: WARNING: adapter v{failure['version']} ({failure['scope'] or 'general'} scope) "
+                         f"does not load ({failure['error']}); serving {instead} for that scope until its files "
+                         "are restored or it is rolled back (agent adapters rollback)\n")
     sys.stderr.write(
         f"s2agent: model {agent.model_name}, adapter {'v' + str(version) if version else 'none (base model)'}, "
         f"database {config.db_url()}, consolidation scheduler {scheduler}\n"
@@ -224,21 +229,54 @@ def cmd_consolidate(args, config) -> int:
     return 0 if report.status != "failed" else 1
 
 
+def _load_error(row: Any) -> str | None:
+    """Why a server could not load ``row``'s files, or None: the files-only half of loading (no model here)."""
+    from agent.backends.base import validate_adapter_dir
+
+    if row.files_deleted:
+        return f"its files were pruned ({row.path})"
+    try:
+        validate_adapter_dir(row.path)
+    except EXPECTED as exc:
+        return str(exc)
+    return None
+
+
+def _first_loadable(rows: list[Any], action: str) -> Any:
+    """Check-then-commit for the CLI: the first of ``rows`` whose files load; AdapterError if none does."""
+    from agent.errors import AdapterError
+
+    failures = []
+    for row in rows:
+        why = _load_error(row)
+        if why is None:
+            return row
+        failures.append(f"v{row.version}: {why}")
+    name = f"v{rows[0].version}" if len(rows) == 1 else "any ancestor"
+    raise AdapterError(f"cannot {action} {name}: its weights do not load ({'; '.join(failures)}); nothing changed")
+
+
 def cmd_adapters(args, config) -> int:
     with _store(config) as store:
         if args.adapters_cmd == "ls":
             rows = store.list_adapters()
+            # What serves is what loads: a registry row marked serving whose files do not load is flagged,
+            # since every server keeps its previous adapter (or the base model) for that scope instead.
+            broken = {r.version: why for r in rows if r.serving and (why := _load_error(r)) is not None}
             if args.json:
-                _json([_row_dict(r) for r in rows])
+                _json([{**_row_dict(r), "load_error": broken.get(r.version)} for r in rows])
                 return 0
             _table([(f"v{r.version}", f"v{r.parent}" if r.parent else "base", r.scope or "general", r.status,
-                     "*" if r.serving else "", _when(r.created_at), r.n_train,
+                     ("!" if r.version in broken else "*") if r.serving else "", _when(r.created_at), r.n_train,
                      _fmt(r.metrics.get("holdout_accuracy_candidate")), _fmt(r.metrics.get("retention")))
                     for r in rows],
                    ["version", "parent", "scope", "status", "serving", "created", "trained", "holdout", "retention"],
                    [8, 8, 12, 10, 7, 16, 7, 7, 9])
             if not any(r.serving for r in rows):
                 _out("(no adapter serves: the base model answers)")
+            for version, why in broken.items():
+                _out(f"! v{version} is marked serving but does not load ({why}): servers keep the adapter they had,"
+                     " or the base model, for its scope; restore its files or roll back (agent adapters rollback)")
         elif args.adapters_cmd == "show":
             row = store.get_adapter(args.version)
             if row is None:
@@ -246,7 +284,11 @@ def cmd_adapters(args, config) -> int:
                 return 1
             _json(_row_dict(row))
         elif args.adapters_cmd == "rollback":
-            row = store.rollback(args.version, scope=args.tag)
+            if args.version == 0:
+                row = store.rollback(0, scope=args.tag)
+            else:  # check the files first: a rollback to weights that do not load is refused, nothing changes
+                target = _first_loadable(store.rollback_targets(args.version, scope=args.tag), "roll back to")
+                row = store.rollback(target.version, scope=args.tag)
             _out(f"now serving {'v' + str(row.version) if row else 'the base model'}"
                  " (a running server follows within seconds)")
         elif args.adapters_cmd == "prune":

@@ -96,9 +96,12 @@ class Metrics:
             self.tokens["system1"] += tokens
 
     # ----------------------------------------------------------------------------------------
-    def render(self, snapshot: dict[str, Any] | None, background: dict[str, int] | None = None) -> str:
+    def render(self, snapshot: dict[str, Any] | None, background: dict[str, int] | None = None,
+               adapter_failures: int | None = None) -> str:
         """The exposition text: this process's numbers, its background System 2 counters (``background``, from
-        :meth:`agent.Agent.background_stats`), then the store's (``snapshot``; None if unreachable)."""
+        :meth:`agent.Agent.background_stats`), how many registry-serving adapters it could not load
+        (``adapter_failures``, from :meth:`agent.Agent.adapter_failures`), then the store's (``snapshot``; None if
+        unreachable)."""
         out: list[str] = []
 
         def family(name: str, kind: str, help_text: str, samples: Iterable[tuple[str, dict[str, str], float]]) -> None:
@@ -147,6 +150,11 @@ class Metrics:
                    "Queries waiting for a background System 2 label.",
                    [("s2agent_system2_background_waiting", {}, background.get("waiting", 0))])
 
+        if adapter_failures is not None:
+            family("s2agent_adapter_load_failures", "gauge",
+                   "Adapters the registry says serve but this process could not load (it serves the previous "
+                   "adapter or the base model for their scopes instead).",
+                   [("s2agent_adapter_load_failures", {}, adapter_failures)])
         family("s2agent_store_up", "gauge", "Whether the store answered the last query (1) or not (0).",
                [("s2agent_store_up", {}, 0 if snapshot is None else 1)])
         if snapshot is not None:

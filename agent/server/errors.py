@@ -11,8 +11,9 @@ What the statuses mean here:
 
 - 400: the request is wrong and the client can fix it (a prompt past the context window, an empty query,
   a System 2 method that does not exist);
-- 409: the adapter registry refuses the change in its present state (no such version, its files pruned,
-  nothing to roll back to); another version, or a later moment, would be accepted;
+- 409: the adapter registry refuses the change in its present state (no such version, its files pruned or
+  damaged so that its weights do not load, nothing to roll back to); another version, or a later moment,
+  would be accepted;
 - 503: nothing in the request is wrong, the service cannot do it now (the store refuses what the runtime
   asked of it, an adapter does not load); retry later, or ask the operator: the server log has the reason.
 """
@@ -55,6 +56,7 @@ ERRORS: dict[tuple[type[Exception], str | None], ErrorRule] = {
     (InvalidQueryError, None): ErrorRule(400, "invalid_value", INPUT),
     (ConfigError, "chat"): ErrorRule(400, "invalid_value", "s2agent"),  # s2agent.method names no System 2 method
     (StoreError, "rollback"): ErrorRule(409, "rollback_refused", INPUT),
+    (AdapterError, "rollback"): ErrorRule(409, "rollback_refused", INPUT),  # the target's weights do not load
     (AdapterError, None): ErrorRule(503, "adapter_unavailable", type=UNAVAILABLE),
     (StoreError, None): ErrorRule(503, "store_error", type=UNAVAILABLE),
     (S2AgentError, None): ErrorRule(503, "agent_unavailable", type=UNAVAILABLE),  # a ConfigError outside a chat too

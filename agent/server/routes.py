@@ -34,6 +34,7 @@ from agent.server.protocol import (
 from agent.server.serving import (
     Result,
     StatsCache,
+    adapter_rows,
     answer_options,
     call,
     jsonable,
@@ -183,16 +184,20 @@ async def readyz(request: Request) -> Any:
     except Exception as exc:  # noqa: BLE001 - any store failure means "not ready"
         return JSONResponse(error_body(f"the store is unreachable: {exc}", "service_unavailable",
                                        code="store_unreachable"), status_code=503)
-    return {"status": "ready", "model": agent.model_name, "adapter_version": agent.serving_version(None),
-            "pending_examples": pending}
+    failures = agent.adapter_failures()  # still serving (the previous adapter or the base model): 200, but said
+    return {"status": "degraded" if failures else "ready", "model": agent.model_name,
+            "adapter_version": agent.serving_version(None), "pending_examples": pending, "adapter_failures": failures}
 
 
 @ops.get("/metrics", response_class=PlainTextResponse)
 async def prometheus(request: Request) -> PlainTextResponse:
     stats: StatsCache = request.app.state.stats
     snapshot = await run_in_threadpool(stats.get)
-    background = _agent(request).background_stats()  # background System 2 counters: live, not cached
-    return PlainTextResponse(_metrics(request).render(snapshot, background), media_type="text/plain; version=0.0.4")
+    agent = _agent(request)
+    background = agent.background_stats()  # background System 2 counters: live, not cached
+    failures = len(agent.adapter_failures())  # live too: what this process serves, whatever the store says
+    return PlainTextResponse(_metrics(request).render(snapshot, background, failures),
+                             media_type="text/plain; version=0.0.4")
 
 
 # --- admin ---------------------------------------------------------------------------------------------------
@@ -222,7 +227,7 @@ async def consolidate(request: Request) -> Any:
 
 @admin.get("/adapters")
 async def adapters(request: Request) -> Any:
-    return {"object": "list", "data": jsonable(await call(None, _agent(request).adapters))}
+    return await call(None, adapter_rows, _agent(request))
 
 
 @admin.post("/rollback")
