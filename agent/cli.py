@@ -2,7 +2,7 @@
 
     agent serve                       # OpenAI-compatible server that learns while it serves
     agent ask "What is 47 + 38?"      # one answer, with its route and confidence
-    agent store ls | show | export | import | stats | prune
+    agent store ls | show | export | import | stats | prune | check
     agent consolidate [--dry-run]     # distil the buffer into a new adapter now
     agent adapters ls | show | rollback | prune
     agent scopes ls | rename OLD NEW | merge OLD NEW
@@ -155,6 +155,8 @@ def cmd_serve(args, config) -> int:
 
 
 def cmd_store(args, config) -> int:
+    if args.store_cmd == "check":
+        return _store_check(args, config)
     with _store(config) as store:
         if args.store_cmd == "ls":
             since = datetime.now(timezone.utc) - timedelta(hours=args.since) if args.since else None
@@ -190,6 +192,32 @@ def cmd_store(args, config) -> int:
             before = datetime.now(timezone.utc) - timedelta(days=args.older_than_days) if args.older_than_days else None
             _out(f"pruned {store.prune_examples(args.status, before)} {args.status} examples")
     return 0
+
+
+def _store_check(args, config) -> int:
+    """``agent store check``: 0 when the database is whole, 1 with its first problems listed when not.
+
+    Opens nothing for writing (a damaged file must stay as it is); see :func:`store.check_database`."""
+    from store import check_database
+
+    report = check_database(config.db_url(), full=not args.quick)
+    if args.json:
+        _json({**dataclasses.asdict(report), "ok": report.ok})
+        return 0 if report.ok else 1
+    size = f", {report.size_bytes / 1e6:.1f} MB" if report.size_bytes is not None else ""
+    version = f"schema version {report.schema_version}" if report.schema_version is not None else "no s2agent schema yet"
+    how = ("PRAGMA " + ("quick_check" if args.quick else "integrity_check")) if report.backend == "sqlite" else "connected"
+    if report.ok:
+        _out(f"ok: {report.where} ({report.backend}{size}, {version}, this s2agent: {report.supported}; "
+             f"{how} in {report.seconds:.2f} s)")
+        return 0
+    label = "damaged" if report.advice else "not usable"  # advice: SQLite found damaged pages; else e.g. a newer schema
+    _out(f"{label}: {report.where} ({report.backend}{size}; {how} in {report.seconds:.2f} s); first problems:")
+    for problem in report.problems:
+        _out(f"  {problem}")
+    if report.advice:
+        _out(report.advice)
+    return 1
 
 
 def _print_stats(stats: dict[str, Any]) -> None:
@@ -440,6 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
     q = ss.add_parser("prune", help="delete examples of a status")
     q.add_argument("--status", required=True, choices=["rejected", "used", "pending", "holdout"])
     q.add_argument("--older-than-days", type=float)
+    q = ss.add_parser("check", help="is the database whole? (SQLite: integrity_check, read-only; exit 1 if not)")
+    q.add_argument("--quick", action="store_true", help="PRAGMA quick_check: faster, skips the index comparison")
+    q.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_store)
 
     p = sub.add_parser("consolidate", help="distil the buffer into a new LoRA adapter now")

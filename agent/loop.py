@@ -114,7 +114,8 @@ class Agent:
         for name in {self.config.system2.method, *self.config.system2.methods_by_tag.values(),
                      *([self.config.system2.fallback] if self.config.system2.fallback else [])}:
             self._method(name, None)  # a method that cannot be built is a start-up error, not a runtime surprise
-        self.store = store or Store(self.config.db_url())
+        # The agent writes for as long as it runs (a server, a consolidation): check the file's pages first.
+        self.store = store or Store(self.config.db_url(), verify=True)
         self.model_path = resolve_model(self.config.model, self.config.cache_dir)
         """The base model's folder: consolidation trains on it."""
         if backend is None:

@@ -16,6 +16,8 @@ What the statuses mean here:
   would be accepted;
 - 503: nothing in the request is wrong, the service cannot do it now (the store refuses what the runtime
   asked of it, an adapter does not load); retry later, or ask the operator: the server log has the reason.
+  The store's own trouble has a code each (``store_busy``, ``store_full``, ``store_read_only``,
+  ``store_damaged``): a full disk must not be mistaken for a damaged database.
 """
 
 from __future__ import annotations
@@ -31,7 +33,14 @@ from agent.errors import (
     S2AgentError,
 )
 from agent.server.protocol import APIError
-from store import StoreError
+from store import (
+    StoreBusy,
+    StoreCorrupt,
+    StoreError,
+    StoreFull,
+    StoreReadOnly,
+    StoreUnavailable,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +67,11 @@ ERRORS: dict[tuple[type[Exception], str | None], ErrorRule] = {
     (StoreError, "rollback"): ErrorRule(409, "rollback_refused", INPUT),
     (AdapterError, "rollback"): ErrorRule(409, "rollback_refused", INPUT),  # the target's weights do not load
     (AdapterError, None): ErrorRule(503, "adapter_unavailable", type=UNAVAILABLE),
+    (StoreBusy, None): ErrorRule(503, "store_busy", type=UNAVAILABLE),
+    (StoreFull, None): ErrorRule(503, "store_full", type=UNAVAILABLE),
+    (StoreReadOnly, None): ErrorRule(503, "store_read_only", type=UNAVAILABLE),
+    (StoreCorrupt, None): ErrorRule(503, "store_damaged", type=UNAVAILABLE),
+    (StoreUnavailable, None): ErrorRule(503, "store_unavailable", type=UNAVAILABLE),  # never a refused rollback
     (StoreError, None): ErrorRule(503, "store_error", type=UNAVAILABLE),
     (S2AgentError, None): ErrorRule(503, "agent_unavailable", type=UNAVAILABLE),  # a ConfigError outside a chat too
 }

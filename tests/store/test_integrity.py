@@ -42,14 +42,19 @@ def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def damaged_database(path: Path, rows: int = 300) -> Path:
-    """A store with ``rows`` examples whose middle pages are then overwritten: a valid header, broken b-trees."""
+def database_with_rows(path: Path, rows: int = 300) -> Path:
+    """A store with ``rows`` examples, everything checkpointed into the main file."""
     with Store(path) as store:
         for i in range(rows):
             store.add_example(f"question {i} " + "x" * 200, f"answer {i}", method="cot", agreement=1.0)
     with sqlite3.connect(path) as conn:  # everything into the main file, so the damage is all there is
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     conn.close()
+    return path
+
+
+def overwrite_middle_pages(path: Path) -> Path:
+    """Overwrite most of the pages between 45 % and 60 % of the file: a valid header, broken b-trees."""
     pages = path.stat().st_size // 4096
     with open(path, "r+b") as f:
         for page in range(int(pages * 0.45), int(pages * 0.6)):
@@ -59,6 +64,11 @@ def damaged_database(path: Path, rows: int = 300) -> Path:
         assert sqlite_problems(conn), "the overwritten pages should fail quick_check"
     conn.close()
     return path
+
+
+def damaged_database(path: Path, rows: int = 300) -> Path:
+    """A store with rows whose middle pages were then overwritten, as a disk or a stray write leaves one."""
+    return overwrite_middle_pages(database_with_rows(path, rows))
 
 
 @pytest.fixture
