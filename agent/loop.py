@@ -347,14 +347,15 @@ class Agent:
     def serving_adapters(self) -> dict[str | None, int]:
         """What this process serves now, per scope (None: general): the versions actually loaded, which
         differ from the registry's ``serving`` rows while one of those fails to load (:meth:`adapter_failures`)."""
-        return {scope: version for scope, (version, _) in self._serving.items()}
+        return {scope: version for scope, (version, _) in dict(self._serving).items()}  # a copy: no lock needed
 
     def adapter_failures(self) -> list[dict[str, Any]]:
         """Adapters the registry says serve but this process could not load: ``scope``, ``version``, ``error``
         and ``serving_version`` (what answers that scope instead; None: the base model)."""
+        serving, errors = dict(self._serving), dict(self._load_errors)  # copies: refresh may change them meanwhile
         return [{"scope": scope, "version": version, "error": error,
-                 "serving_version": self._serving[scope][0] if scope in self._serving else None}
-                for scope, (version, error, _) in sorted(self._load_errors.items(), key=lambda i: i[0] or "")]
+                 "serving_version": serving[scope][0] if scope in serving else None}
+                for scope, (version, error, _) in sorted(errors.items(), key=lambda i: i[0] or "")]
 
     def stats(self) -> dict[str, Any]:
         """The store's counts: examples by status and method, interactions by route, tokens spent."""

@@ -233,6 +233,11 @@ class StoreBase:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({make_url(self.url).render_as_string(hide_password=True)!r})"
 
+    @property
+    def damaged(self) -> str | None:
+        """Why this store refuses every write (a check or a query found the file damaged), or None."""
+        return self._damaged
+
     def verify(self, max_age_s: float | None = None) -> None:
         """Check a SQLite file's pages (``PRAGMA quick_check``) now; raise :class:`~store.errors.StoreCorrupt`
         and refuse every later write when it is damaged.

@@ -20,6 +20,7 @@ from starlette.concurrency import run_in_threadpool
 from agent.config import ServerConfig
 from agent.loop import Agent
 from agent.metrics import Metrics
+from agent.server.errors import rule_for
 from agent.server.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -45,6 +46,7 @@ from agent.server.serving import (
     served_model,
     stream_events,
 )
+from store import StoreUnavailable
 
 READY_TIMEOUT_SECONDS = 2.0
 """A store that takes longer than this to count the buffer makes ``/readyz`` answer 503."""
@@ -175,6 +177,9 @@ async def healthz() -> dict[str, str]:
 @ops.get("/readyz")
 async def readyz(request: Request) -> Any:
     agent = _agent(request)
+    if agent.store.damaged:  # it refuses every write, so no answer could be logged: not ready, and why
+        return JSONResponse(error_body(agent.store.damaged, "service_unavailable", code="store_damaged"),
+                            status_code=503)
     try:
         with anyio.fail_after(READY_TIMEOUT_SECONDS):
             pending = await anyio.to_thread.run_sync(agent.pending_examples, abandon_on_cancel=True)
@@ -182,8 +187,11 @@ async def readyz(request: Request) -> Any:
         return JSONResponse(error_body(f"the store did not answer within {READY_TIMEOUT_SECONDS:g} s",
                                        "service_unavailable", code="store_unreachable"), status_code=503)
     except Exception as exc:  # noqa: BLE001 - any store failure means "not ready"
-        return JSONResponse(error_body(f"the store is unreachable: {exc}", "service_unavailable",
-                                       code="store_unreachable"), status_code=503)
+        # A damaged, full or read-only store says so (store_damaged...): "unreachable" would send the operator
+        # looking at the network.
+        rule = rule_for(exc) if isinstance(exc, StoreUnavailable) else None
+        return JSONResponse(error_body(f"the store cannot answer: {exc}", "service_unavailable",
+                                       code=rule.code if rule else "store_unreachable"), status_code=503)
     failures = agent.adapter_failures()  # still serving (the previous adapter or the base model): 200, but said
     return {"status": "degraded" if failures else "ready", "model": agent.model_name,
             "adapter_version": agent.serving_version(None), "pending_examples": pending, "adapter_failures": failures}

@@ -8,13 +8,30 @@ import json
 import os
 from pathlib import Path
 
+import httpx
 import pytest
 
 import agent.consolidation
 from agent import Agent, AgentConfig
 from agent.cli import main
-from store import SCHEMA_VERSION, Store, StoreCorrupt
-from tests.store.test_integrity import damaged_database, database_with_rows, overwrite_middle_pages
+from agent.server import create_app
+from agent.server.errors import api_error
+from store import (
+    SCHEMA_VERSION,
+    Store,
+    StoreBusy,
+    StoreCorrupt,
+    StoreError,
+    StoreFull,
+    StoreReadOnly,
+    StoreUnavailable,
+)
+from tests.agent.test_server import ServerThread
+from tests.store.test_integrity import (
+    damaged_database,
+    database_with_rows,
+    overwrite_middle_pages,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -103,6 +120,37 @@ def test_a_consolidation_checks_the_store_before_it_writes(tmp_path, tiny_model_
         with pytest.raises(StoreCorrupt, match="is damaged"):
             running.consolidate()
         assert digest(db) == before  # no run row, no lock row: nothing written
-    with Store(db) as store:
-        with pytest.raises(StoreCorrupt):
-            store.verify()
+    with Store(db) as store, pytest.raises(StoreCorrupt):
+        store.verify()
+
+
+def test_a_store_damaged_under_a_running_server_answers_503_store_damaged(tmp_path, tiny_model_dir):
+    db = database_with_rows(tmp_path / "agent.db")
+    config = AgentConfig(model=str(tiny_model_dir), db=str(db), threads=1, max_new_tokens=8, seed=0)
+    config.server.admin_token = "secret"
+    with Agent(config) as running, ServerThread(create_app(running)) as server, \
+            httpx.Client(base_url=server.url, timeout=60) as http:
+        assert http.get("/readyz").json()["status"] == "ready"
+        overwrite_middle_pages(db)
+        running.store.engine.dispose()
+        stats = http.get("/admin/stats", headers={"Authorization": "Bearer secret"})
+        assert stats.status_code == 503, stats.text
+        error = stats.json()["error"]
+        assert error["code"] == "store_damaged" and "is damaged" in error["message"]
+        ready = http.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["error"]["code"] == "store_damaged"
+        before = digest(db)
+        chat = http.post("/v1/chat/completions", json={"model": "default",
+                                                       "messages": [{"role": "user", "content": "1 + 1?"}]})
+        assert chat.status_code == 503 and chat.json()["error"]["code"] == "store_damaged"
+        assert digest(db) == before  # the answer was not logged into the damaged file
+
+
+@pytest.mark.parametrize(("error", "code"), [(StoreBusy("locked"), "store_busy"), (StoreFull("full"), "store_full"),
+                                             (StoreReadOnly("ro"), "store_read_only"),
+                                             (StoreCorrupt("bad page"), "store_damaged"),
+                                             (StoreUnavailable("I/O error"), "store_unavailable")])
+def test_store_trouble_is_a_503_of_its_own_even_in_a_rollback(error, code):
+    for operation in (None, "chat", "rollback"):  # not "rollback refused": nothing is wrong with the request
+        assert (api_error(error, operation).status, api_error(error, operation).code) == (503, code)
+    assert api_error(StoreError("no such version"), "rollback").status == 409

@@ -15,8 +15,8 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 from sqlalchemy import event, make_url, text
@@ -91,6 +91,7 @@ def test_once_damage_is_seen_no_write_reaches_the_file(damaged: Path) -> None:
     store = Store(damaged)  # without the check it opens, as it did before
     with pytest.raises(StoreCorrupt, match="is damaged"):
         store.stats()  # reads a damaged page: one clear error, not the driver's
+    assert store.damaged is not None and "is damaged" in store.damaged
     before = digest(damaged)
     with pytest.raises(StoreCorrupt, match="will not write to it"):
         store.add_example("a new row", "into a damaged file", method="cot")
@@ -154,7 +155,7 @@ def read_only_folder(tmp_path: Path) -> Iterator[Path]:
         folder.chmod(0o555)
         undo = ["chmod", "755", str(folder)]
     else:  # root ignores permissions; the immutable flag stops it (ext4, xfs, btrfs...)
-        if not shutil.which("chattr") or subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode:
+        if not shutil.which("chattr") or subprocess.run(["chattr", "+i", str(folder)], capture_output=True, check=False).returncode:
             pytest.skip("running as root and cannot set the immutable flag here: no way to make a folder read-only")
         undo = ["chattr", "-i", str(folder)]
     try:
@@ -215,12 +216,12 @@ def test_a_really_full_disk_is_reported_as_full(tmp_path: Path) -> None:
     if not shutil.which("unshare"):
         pytest.skip("no unshare(1) here")
     probe = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", f'mount -t tmpfs tmpfs "{mount}"'],
-                           capture_output=True)
+                           capture_output=True, check=False)
     if probe.returncode:
         pytest.skip(f"cannot mount a tmpfs in a private mount namespace here: {probe.stderr.decode().strip()}")
     env = dict(os.environ, PYTHONPATH=str(REPO))
     done = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", shell, FILL_A_TMPFS],
-                          capture_output=True, text=True, env=env, timeout=120)
+                          capture_output=True, text=True, env=env, timeout=120, check=False)
     kind, _, message = done.stdout.partition("\n")
     assert kind == "StoreFull", done.stdout + done.stderr
     assert "full" in message and not any(word in message for word in MISTAKEN_FOR_DAMAGE), message
