@@ -4,7 +4,7 @@
     agent serve --no-train            # a replica: serves, follows the promotions made elsewhere
     agent worker                      # consolidation only, for replicas sharing its database
     agent ask "What is 47 + 38?"      # one answer, with its route and confidence
-    agent store ls | show | export | import | stats | prune
+    agent store ls | show | export | import | stats | prune | check
     agent consolidate [--dry-run]     # distil the buffer into a new adapter now
     agent adapters ls | show | rollback | prune
     agent scopes ls | rename OLD NEW | merge OLD NEW
@@ -177,6 +177,11 @@ def cmd_serve(args, config) -> int:
     if config.server.write_behind:
         agent.start_write_behind()
     version = agent.serving_version()
+    for failure in agent.adapter_failures():  # never silent: the registry names an adapter that does not load
+        instead = f"v{failure['serving_version']}" if failure["serving_version"] else "the base model"
+        sys.stderr.write(f"s2agent: WARNING: adapter v{failure['version']} ({failure['scope'] or 'general'} scope) "
+                         f"does not load ({failure['error']}); serving {instead} for that scope until its files "
+                         "are restored or it is rolled back (agent adapters rollback)\n")
     sys.stderr.write(
         f"s2agent: model {agent.model_name}, adapter {'v' + str(version) if version else 'none (base model)'}, "
         f"database {config.db_display()}, consolidation scheduler {scheduler}\n"
@@ -209,6 +214,8 @@ def cmd_worker(args, config) -> int:
 
 
 def cmd_store(args, config) -> int:
+    if args.store_cmd == "check":
+        return _store_check(args, config)
     with _store(config) as store:
         if args.store_cmd == "ls":
             since = datetime.now(timezone.utc) - timedelta(hours=args.since) if args.since else None
@@ -247,6 +254,32 @@ def cmd_store(args, config) -> int:
             before = datetime.now(timezone.utc) - timedelta(days=args.older_than_days) if args.older_than_days else None
             _out(f"pruned {store.prune_examples(args.status, before)} {args.status} examples")
     return 0
+
+
+def _store_check(args, config) -> int:
+    """``agent store check``: 0 when the database is whole, 1 with its first problems listed when not.
+
+    Opens nothing for writing (a damaged file must stay as it is); see :func:`store.check_database`."""
+    from store import check_database
+
+    report = check_database(config.db_url(), full=not args.quick)
+    if args.json:
+        _json({**dataclasses.asdict(report), "ok": report.ok})
+        return 0 if report.ok else 1
+    size = f", {report.size_bytes / 1e6:.1f} MB" if report.size_bytes is not None else ""
+    version = f"schema version {report.schema_version}" if report.schema_version is not None else "no s2agent schema yet"
+    how = ("PRAGMA " + ("quick_check" if args.quick else "integrity_check")) if report.backend == "sqlite" else "connected"
+    if report.ok:
+        _out(f"ok: {report.where} ({report.backend}{size}, {version}, this s2agent: {report.supported}; "
+             f"{how} in {report.seconds:.2f} s)")
+        return 0
+    label = "damaged" if report.advice else "not usable"  # advice: SQLite found damaged pages; else e.g. a newer schema
+    _out(f"{label}: {report.where} ({report.backend}{size}; {how} in {report.seconds:.2f} s); first problems:")
+    for problem in report.problems:
+        _out(f"  {problem}")
+    if report.advice:
+        _out(report.advice)
+    return 1
 
 
 def _print_stats(stats: dict[str, Any]) -> None:
@@ -293,21 +326,58 @@ def cmd_consolidate(args, config) -> int:
     return 0 if report.status != "failed" else 1
 
 
+def _load_error(store: Any, row: Any) -> str | None:
+    """Why a server could not load ``row``'s files, or None: the files-only half of loading (no model here).
+    With a copy in the store (what servers load from), that copy is checked against its sha256."""
+    from agent.backends.base import validate_adapter_dir
+
+    if row.files_deleted:
+        return f"its files were pruned ({row.path})"
+    try:
+        if store.adapter_manifest(row.version):
+            store.read_adapter_files(row.version)
+        else:
+            validate_adapter_dir(row.path)
+    except EXPECTED as exc:
+        return str(exc)
+    return None
+
+
+def _first_loadable(store: Any, rows: list[Any], action: str) -> Any:
+    """Check-then-commit for the CLI: the first of ``rows`` whose files load; AdapterError if none does."""
+    from agent.errors import AdapterError
+
+    failures = []
+    for row in rows:
+        why = _load_error(store, row)
+        if why is None:
+            return row
+        failures.append(f"v{row.version}: {why}")
+    name = f"v{rows[0].version}" if len(rows) == 1 else "any ancestor"
+    raise AdapterError(f"cannot {action} {name}: its weights do not load ({'; '.join(failures)}); nothing changed")
+
+
 def cmd_adapters(args, config) -> int:
     with _store(config) as store:
         if args.adapters_cmd == "ls":
             rows = store.list_adapters()
+            # What serves is what loads: a registry row marked serving whose files do not load is flagged,
+            # since every server keeps its previous adapter (or the base model) for that scope instead.
+            broken = {r.version: why for r in rows if r.serving and (why := _load_error(store, r)) is not None}
             if args.json:
-                _json([_row_dict(r) for r in rows])
+                _json([{**_row_dict(r), "load_error": broken.get(r.version)} for r in rows])
                 return 0
             _table([(f"v{r.version}", f"v{r.parent}" if r.parent else "base", r.scope or "general", r.status,
-                     "*" if r.serving else "", _when(r.created_at), r.n_train,
+                     ("!" if r.version in broken else "*") if r.serving else "", _when(r.created_at), r.n_train,
                      _fmt(r.metrics.get("holdout_accuracy_candidate")), _fmt(r.metrics.get("retention")))
                     for r in rows],
                    ["version", "parent", "scope", "status", "serving", "created", "trained", "holdout", "retention"],
                    [8, 8, 12, 10, 7, 16, 7, 7, 9])
             if not any(r.serving for r in rows):
                 _out("(no adapter serves: the base model answers)")
+            for version, why in broken.items():
+                _out(f"! v{version} is marked serving but does not load ({why}): servers keep the adapter they had,"
+                     " or the base model, for its scope; restore its files or roll back (agent adapters rollback)")
         elif args.adapters_cmd == "show":
             row = store.get_adapter(args.version)
             if row is None:
@@ -315,7 +385,11 @@ def cmd_adapters(args, config) -> int:
                 return 1
             _json(_row_dict(row))
         elif args.adapters_cmd == "rollback":
-            row = store.rollback(args.version, scope=args.tag)
+            if args.version == 0:
+                row = store.rollback(0, scope=args.tag)
+            else:  # check the files first: a rollback to weights that do not load is refused, nothing changes
+                target = _first_loadable(store, store.rollback_targets(args.version, scope=args.tag), "roll back to")
+                row = store.rollback(target.version, scope=args.tag)
             _out(f"now serving {'v' + str(row.version) if row else 'the base model'}"
                  " (a running server follows within seconds)")
         elif args.adapters_cmd == "prune":
@@ -496,6 +570,9 @@ def build_parser() -> argparse.ArgumentParser:
     q = ss.add_parser("prune", help="delete examples of a status")
     q.add_argument("--status", required=True, choices=["rejected", "used", "pending", "holdout"])
     q.add_argument("--older-than-days", type=_bounded(float, 0.0, float(MAX_DAYS)))
+    q = ss.add_parser("check", help="is the database whole? (SQLite: integrity_check, read-only; exit 1 if not)")
+    q.add_argument("--quick", action="store_true", help="PRAGMA quick_check: faster, skips the index comparison")
+    q.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_store)
 
     p = sub.add_parser("consolidate", help="distil the buffer into a new LoRA adapter now")

@@ -49,6 +49,9 @@ logger = logging.getLogger(__name__)
 LOCK_NAME = "consolidation"
 TMP_PREFIX = ".tmp-"
 RETENTION_SIMILARITY = 0.8
+STORE_CHECK_MAX_AGE_S = 300.0
+"""A consolidation checks the store's pages (``PRAGMA quick_check``) before it writes, unless a check passed
+this recently (its process opened the store with one moments ago); see :mod:`store.integrity`."""
 """Long answers count as retained when their token-level F1 with the old answer reaches this."""
 
 
@@ -123,6 +126,7 @@ def consolidate(
     Setting ``stop`` makes a running training stop at the next step, leaving serving untouched.
     """
     store, config = agent.store, agent.config.consolidation
+    store.verify(max_age_s=STORE_CHECK_MAX_AGE_S)  # a damaged file is refused before the run writes to it
     owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     if not store.acquire_lock(LOCK_NAME, owner, ttl_s=900):
         holder = store.lock_holder(LOCK_NAME)

@@ -37,7 +37,7 @@ from agent.config import TEACHER_PREFIX, AgentConfig, split_method
 from agent.consolidation import LOCK_NAME as CONSOLIDATION_LOCK
 from agent.consolidation import ConsolidationReport, consolidate
 from agent.data import general_prompts
-from agent.errors import ConfigError, InvalidQueryError, System2Timeout
+from agent.errors import AdapterError, ConfigError, InvalidQueryError, System2Timeout
 from agent.models import display_name, resolve_model
 from agent.prompting import Message, system1_messages
 from agent.scheduler import ConsolidationScheduler
@@ -51,7 +51,7 @@ from policies.routing import (
 from policies.scoping import ScopeClassifier, ScopeDecision, ScopeIndex
 from policies.system2 import Auto, UnknownMethodError, make_method
 from policies.system2.base import Call, System2Method, System2Result
-from store import Adapter, ConsolidationRun, Interaction, Store
+from store import Adapter, ConsolidationRun, Interaction, Store, StoreError
 from store.writer import InteractionWriter
 from store.schema import MAX_TAG_LENGTH
 
@@ -63,6 +63,9 @@ logger = logging.getLogger(__name__)
 ROUTES = ("auto", "system1", "system2")
 ADAPTER_POLL_SECONDS = 2.0
 """How often a running agent checks the store for a newly promoted or rolled-back adapter."""
+ADAPTER_RETRY_SECONDS = 60.0
+"""How often an adapter the registry says serves, but that failed to load here, is tried (and logged) again:
+its files may be restored; retrying at every poll would log an error every two seconds."""
 
 
 @dataclass
@@ -129,7 +132,8 @@ class Agent:
         for name in {self.config.system2.method, *self.config.system2.methods_by_tag.values(),
                      *([self.config.system2.fallback] if self.config.system2.fallback else [])}:
             self._method(name, None)  # a method that cannot be built is a start-up error, not a runtime surprise
-        self.store = store or Store(self.config.db_url())
+        # The agent writes for as long as it runs (a server, a consolidation): check the file's pages first.
+        self.store = store or Store(self.config.db_url(), verify=True)
         self.model_path = resolve_model(self.config.model, self.config.cache_dir)
         """The base model's folder: consolidation trains on it."""
         if backend is None:
@@ -140,6 +144,9 @@ class Agent:
             )
         self.backend = backend
         self._serving: dict[str | None, tuple[int, str]] = {}
+        """What this process serves per scope: (version, backend name); the registry may say otherwise."""
+        self._load_errors: dict[str | None, tuple[int, str, float]] = {}
+        """Scopes whose registry-serving adapter did not load here: (version, why, when last tried)."""
         self._retiring: list[tuple[float, str]] = []
         self._adapter_lock = threading.Lock()
         self._last_poll = 0.0
@@ -303,14 +310,72 @@ class Agent:
     def rollback(self, version: int | None = None, scope: str | None = None) -> Adapter | None:
         """Serve an earlier adapter of ``scope`` again (None: the serving one's parent; 0: the base model)
         and switch to it now; other processes on the same store follow within seconds. Returns the row
-        now serving, or None for the base model."""
-        row = self.store.rollback(version, scope=scope)
+        now serving, or None for the base model.
+
+        Load-then-commit: the target's weights are loaded into the backend before the registry changes, so
+        a version whose files are damaged is refused (:class:`AdapterError`) and nothing changes; with no
+        version, an ancestor that fails to load is skipped for the next one."""
+        if version == 0:
+            row = self.store.rollback(0, scope=scope)
+        else:
+            target = self._load_first(self.store.rollback_targets(version, scope=scope), "roll back to", scope)
+            row = self._commit_loaded(target, lambda: self.store.rollback(target.version, scope=scope))
         self.refresh_adapters(force=True)
         return row
+
+    def promote(self, version: int) -> Adapter:
+        """Serve adapter ``version`` in its scope now (load-then-commit, as :meth:`rollback`): a version whose
+        weights do not load is refused with :class:`AdapterError` and the registry is left as it was."""
+        row = self.store.get_adapter(version)
+        if row is None:
+            raise StoreError(f"cannot promote adapter v{version}: no such version")
+        target = self._load_first([row], "promote", row.scope)
+        self._commit_loaded(target, lambda: self.store.promote_adapter(version))
+        self.refresh_adapters(force=True)
+        return self.store.get_adapter(version) or row
+
+    def _load_first(self, rows: list[Adapter], action: str, scope: str | None) -> Adapter:
+        """The first of ``rows`` whose weights load into the backend; AdapterError naming each failure if none."""
+        failures = []
+        for row in rows:
+            try:
+                self.backend.load_adapter(f"v{row.version}", local_folder(self.store, row, self.config.adapters_path()))
+                return row
+            except Exception as exc:  # noqa: BLE001 - any failure to load means "cannot serve"
+                logger.warning("cannot %s adapter v%s: its weights do not load: %s", action, row.version, exc)
+                failures.append(f"v{row.version}: {exc}")
+        serving = self.serving_version(scope)
+        keeps = f"v{serving}" if serving else "the base model"
+        raise AdapterError(f"cannot {action} adapter {'v' + str(rows[0].version) if len(rows) == 1 else 'any ancestor'}"
+                           f": its weights do not load ({'; '.join(failures)}); nothing changed, {keeps} keeps serving")
+
+    def _commit_loaded(self, row: Adapter, commit: Callable[[], Any]) -> Any:
+        """Run the registry change ``commit`` for a loaded ``row``; if it fails, let the loaded copy retire."""
+        try:
+            return commit()
+        except BaseException:
+            with self._adapter_lock:
+                name = f"v{row.version}"
+                if name not in {n for _, n in self._serving.values()}:
+                    self._retiring.append((time.monotonic(), name))
+            raise
 
     def adapters(self) -> list[Adapter]:
         """Every adapter version in the registry, oldest first."""
         return self.store.list_adapters()
+
+    def serving_adapters(self) -> dict[str | None, int]:
+        """What this process serves now, per scope (None: general): the versions actually loaded, which
+        differ from the registry's ``serving`` rows while one of those fails to load (:meth:`adapter_failures`)."""
+        return {scope: version for scope, (version, _) in dict(self._serving).items()}  # a copy: no lock needed
+
+    def adapter_failures(self) -> list[dict[str, Any]]:
+        """Adapters the registry says serve but this process could not load: ``scope``, ``version``, ``error``
+        and ``serving_version`` (what answers that scope instead; None: the base model)."""
+        serving, errors = dict(self._serving), dict(self._load_errors)  # copies: refresh may change them meanwhile
+        return [{"scope": scope, "version": version, "error": error,
+                 "serving_version": serving[scope][0] if scope in serving else None}
+                for scope, (version, error, _) in sorted(errors.items(), key=lambda i: i[0] or "")]
 
     def stats(self) -> dict[str, Any]:
         """The store's counts: examples by status and method, interactions by route, tokens spent."""
@@ -399,7 +464,10 @@ class Agent:
         """Serve whatever the store says is serving now (promotion, rollback, from any process).
 
         A new adapter is loaded next to the old one and the pointer is swapped: requests in flight
-        keep the adapter they started with; the old one is unloaded a minute later.
+        keep the adapter they started with; the old one is unloaded a minute later. One that does not
+        load is never silent: an ERROR line, :meth:`adapter_failures` (``/readyz``, ``/v1/models``,
+        ``/metrics``), the previous adapter (or the base model) serving meanwhile, and a new try every
+        ``ADAPTER_RETRY_SECONDS`` or on ``force``.
         """
         now = time.monotonic()
         if not force and now - self._last_poll < ADAPTER_POLL_SECONDS:
@@ -408,6 +476,9 @@ class Agent:
             self._last_poll = now
             before = dict(self._serving)
             wanted = {a.scope: a for a in self.store.list_adapters() if a.serving}
+            for scope in list(self._load_errors):
+                if scope not in wanted:
+                    del self._load_errors[scope]
             for scope in list(self._serving):
                 if scope not in wanted:
                     self._retiring.append((now, self._serving.pop(scope)[1]))
@@ -415,14 +486,24 @@ class Agent:
             for scope, row in wanted.items():
                 current = self._serving.get(scope)
                 if current and current[0] == row.version:
+                    self._load_errors.pop(scope, None)
+                    continue
+                failed = self._load_errors.get(scope)
+                if failed and failed[0] == row.version and not force and now - failed[2] < ADAPTER_RETRY_SECONDS:
                     continue
                 name = f"v{row.version}"
                 try:
                     self.backend.load_adapter(name, local_folder(self.store, row, self.config.adapters_path()))
                 except Exception as exc:  # noqa: BLE001 - a bad adapter must never stop serving
-                    logger.error("cannot serve adapter v%s (%s); keeping %s", row.version, exc,
-                                 f"v{current[0]}" if current else "the base model")
+                    instead = f"v{current[0]}" if current else (
+                        f"the general adapter v{self._serving[None][0]}" if scope and None in self._serving
+                        else "the base model")
+                    logger.error("the registry says adapter v%s serves the %s scope, but it does not load here (%s); "
+                                 "serving %s instead: restore its files or roll back (agent adapters rollback)",
+                                 row.version, scope or "general", exc, instead)
+                    self._load_errors[scope] = (row.version, str(exc), now)
                     continue
+                self._load_errors.pop(scope, None)
                 self._serving[scope] = (row.version, name)
                 if current:
                     self._retiring.append((now, current[1]))

@@ -98,9 +98,11 @@ class Metrics:
 
     # ----------------------------------------------------------------------------------------
     def render(self, snapshot: dict[str, Any] | None, background: dict[str, int] | None = None,
-               teacher: dict[str, Any] | None = None) -> str:
+               teacher: dict[str, Any] | None = None, adapter_failures: int | None = None) -> str:
         """The exposition text: this process's numbers, its background System 2 counters (``background``, from
-        :meth:`agent.Agent.background_stats`), then the store's (``snapshot``; None if unreachable)."""
+        :meth:`agent.Agent.background_stats`), how many registry-serving adapters it could not load
+        (``adapter_failures``, from :meth:`agent.Agent.adapter_failures`), then the store's (``snapshot``; None if
+        unreachable)."""
         out: list[str] = []
 
         def family(name: str, kind: str, help_text: str, samples: Iterable[tuple[str, dict[str, str], float]]) -> None:
@@ -170,6 +172,11 @@ class Metrics:
                        "What the teacher's tokens cost at system2.teacher.price_*_per_1m.",
                        [("s2agent_teacher_cost_total", {}, teacher["cost"])])
 
+        if adapter_failures is not None:
+            family("s2agent_adapter_load_failures", "gauge",
+                   "Adapters the registry says serve but this process could not load (it serves the previous "
+                   "adapter or the base model for their scopes instead).",
+                   [("s2agent_adapter_load_failures", {}, adapter_failures)])
         family("s2agent_store_up", "gauge", "Whether the store answered the last query (1) or not (0).",
                [("s2agent_store_up", {}, 0 if snapshot is None else 1)])
         if snapshot is not None:

@@ -7,8 +7,18 @@ SQLAlchemy 2.0 over SQLite (default, WAL) or PostgreSQL by URL; no model or serv
     example, created = store.add_example("2+2?", "4", method="cot", agreement=1.0)
 """
 
+from .check import CheckReport, check_database
 from .core import Store
-from .errors import ImportValidationError, SchemaVersionError, StoreError
+from .errors import (
+    ImportValidationError,
+    SchemaVersionError,
+    StoreBusy,
+    StoreCorrupt,
+    StoreError,
+    StoreFull,
+    StoreReadOnly,
+    StoreUnavailable,
+)
 from .schema import (
     SCHEMA_VERSION,
     Adapter,
@@ -28,6 +38,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "Adapter",
     "AdapterStatus",
+    "CheckReport",
     "ConsolidationRun",
     "Example",
     "ExampleKind",
@@ -40,5 +51,11 @@ __all__ = [
     "RunStatus",
     "SchemaVersionError",
     "Store",
+    "StoreBusy",
+    "StoreCorrupt",
     "StoreError",
+    "StoreFull",
+    "StoreReadOnly",
+    "StoreUnavailable",
+    "check_database",
 ]

@@ -195,12 +195,32 @@ class AdaptersMixin(StoreBase):
         with self._read() as session:
             return list(session.scalars(query))
 
+    def rollback_targets(self, version: int | None = None, scope: str | None = None) -> list[Adapter]:
+        """What :meth:`rollback` with these arguments may serve, best first, changing nothing.
+
+        ``[]`` for ``version=0`` (the base model); ``[vN]`` for a version that can serve; with no version, every
+        servable ancestor of the serving adapter, nearest first. Raises :class:`StoreError` as :meth:`rollback`
+        would. A runtime loads a target's weights before it commits (load-then-commit), trying the next
+        ancestor when one fails to load, then calls :meth:`rollback` with the version that loaded.
+        """
+        if version == 0:
+            return []
+        with self._read() as session:
+            if version is not None:
+                return [_explicit_target(session, version)]
+            current, targets, skipped = _ancestors(session, scope)
+        if not targets:
+            raise _no_ancestor(current, skipped)
+        return targets
+
     def rollback(self, version: Optional[int] = None, scope: Optional[str] = None) -> Optional[Adapter]:
         """Serve an earlier adapter again; returns it (None after a rollback to the base model).
 
         ``version=N``: serve v N (its own scope), if it was promoted once and its folder still exists.
         ``version=0``: serve no adapter in ``scope``: the base model answers.
         No version: walk the serving adapter's parent chain to the nearest servable ancestor.
+        The store checks the registry and that the folder exists, not that the weights load: a caller that
+        serves adapters loads them first (see :meth:`rollback_targets`).
         """
         with self._write() as session:
             if version == 0:
@@ -208,33 +228,12 @@ class AdaptersMixin(StoreBase):
                 logger.info("rolled back %s scope to the base model", _scope_name(scope))
                 return None
             if version is not None:
-                row = session.get(Adapter, version)
-                if row is None:
-                    raise StoreError(f"cannot roll back to adapter v{version}: no such version")
-                why = _servable(session, row)
-                if why:
-                    raise StoreError(f"cannot roll back to adapter v{version}: {why}")
+                row = _explicit_target(session, version)
             else:
-                current = session.scalar(select(Adapter).where(_scope_is(scope), Adapter.serving.is_(True)))
-                if current is None:
-                    raise StoreError(f"no adapter serves the {_scope_name(scope)} scope; nothing to roll back")
-                row, skipped, parent = None, [], current.parent
-                while parent:
-                    candidate = session.get(Adapter, parent)
-                    if candidate is None:
-                        break
-                    why = _servable(session, candidate)
-                    if why is None:
-                        row = candidate
-                        break
-                    skipped.append(why)
-                    parent = candidate.parent
-                if row is None:
-                    detail = f" ({'; '.join(skipped)})" if skipped else ""
-                    raise StoreError(
-                        f"adapter v{current.version} has no earlier servable adapter in its parent chain{detail}; "
-                        "use rollback(version=0) to serve the base model"
-                    )
+                current, targets, skipped = _ancestors(session, scope, first_only=True)
+                if not targets:
+                    raise _no_ancestor(current, skipped)
+                row = targets[0]
             _serve(session, row)
         logger.info("rolled back %s scope to adapter v%d", _scope_name(row.scope), row.version)
         return row
@@ -275,6 +274,50 @@ class AdaptersMixin(StoreBase):
         for row in pruned:
             logger.info("pruned adapter v%d (%s): delete %s", row.version, row.status, row.path)
         return pruned
+
+
+def _explicit_target(session: Session, version: int) -> Adapter:
+    """Adapter ``version`` if it may serve again, else the :class:`StoreError` saying why not."""
+    row = session.get(Adapter, version)
+    if row is None:
+        raise StoreError(f"cannot roll back to adapter v{version}: no such version")
+    why = _servable(session, row)
+    if why:
+        raise StoreError(f"cannot roll back to adapter v{version}: {why}")
+    return row
+
+
+def _ancestors(session: Session, scope: str | None, first_only: bool = False
+               ) -> tuple[Adapter, list[Adapter], list[str]]:
+    """The adapter serving ``scope``, its servable ancestors nearest first, and why the others cannot serve."""
+    current = session.scalar(select(Adapter).where(_scope_is(scope), Adapter.serving.is_(True)))
+    if current is None:
+        raise StoreError(f"no adapter serves the {_scope_name(scope)} scope; nothing to roll back")
+    targets: list[Adapter] = []
+    skipped: list[str] = []
+    parent, seen = current.parent, {current.version}
+    while parent and parent not in seen:
+        seen.add(parent)
+        candidate = session.get(Adapter, parent)
+        if candidate is None:
+            break
+        why = _servable(session, candidate)
+        if why is None:
+            targets.append(candidate)
+            if first_only:
+                break
+        else:
+            skipped.append(why)
+        parent = candidate.parent
+    return current, targets, skipped
+
+
+def _no_ancestor(current: Adapter, skipped: list[str]) -> StoreError:
+    detail = f" ({'; '.join(skipped)})" if skipped else ""
+    return StoreError(
+        f"adapter v{current.version} has no earlier servable adapter in its parent chain{detail}; "
+        "use rollback(version=0) to serve the base model"
+    )
 
 
 def _adapter_status(value: Any) -> str:

@@ -9,6 +9,12 @@ Each SQLite connection gets ``journal_mode=WAL`` (readers never block the writer
 (writers wait for each other instead of failing), ``foreign_keys=ON`` and ``synchronous=NORMAL``. Write
 transactions start with ``BEGIN IMMEDIATE``: they take the write lock up front, so two processes that read
 then write never deadlock into "database is locked"; read transactions stay deferred and never wait.
+
+What the database engine reports is classified (:func:`store.errors.classify`): a busy, full, read-only or
+damaged database raises the matching :class:`~store.errors.StoreUnavailable`, never a raw driver error. Once
+a damaged page has been seen, the store refuses every later write (reads go on, to help salvage data).
+``Store(..., verify=True)`` (what the agent's server and consolidation use) runs ``PRAGMA quick_check``
+through the read-only connection before anything is written; :meth:`StoreBase.verify` runs it again later.
 """
 
 from __future__ import annotations
@@ -16,16 +22,18 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 from urllib.parse import quote
 
 from sqlalchemy import Engine, create_engine, event, inspect, make_url
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from .errors import StoreError
+from .errors import StoreCorrupt, StoreError, StoreReadOnly, classify
+from .integrity import damaged, sqlite_problems
 from .migrations import check_not_newer, ensure_schema
 
 logger = logging.getLogger(__name__)
@@ -60,19 +68,23 @@ def _sqlite_file(url: str) -> Optional[Path]:
     return Path(database).expanduser().resolve()
 
 
-def _preflight_sqlite(path: Path) -> None:
-    """Refuse, without writing a byte, a path that cannot hold or is not a usable s2agent SQLite database."""
+def _preflight_sqlite(path: Path, verify: bool = False) -> None:
+    """Refuse, without writing a byte, a path that cannot hold or is not a usable s2agent SQLite database.
+
+    With ``verify``, an existing file's pages are checked too (``PRAGMA quick_check``, see :mod:`store.integrity`).
+    """
     if path.is_dir():
         raise StoreError(f"{path} is a directory, not a SQLite database file")
     if path.exists():
         if not os.access(path, os.R_OK | os.W_OK):
-            raise StoreError(f"{path}: the database file is not readable and writable by this user")
+            raise StoreReadOnly(f"{path}: the database file is not readable and writable by this user (permissions, "
+                                "an immutable flag or a read-only mount); the database is not damaged: do not delete it")
         if path.stat().st_size == 0:
             return  # SQLite treats an empty file as an empty database
         # The header is read by SQLite itself, never by a plain open(): closing any descriptor of a file
         # drops every POSIX lock this process holds on it, and another Store of this process may hold them
         # (SQLite keeps its own descriptors open for exactly that reason).
-        _check_version_read_only(path)
+        _check_read_only(path, verify)
         return
     parent = path.parent
     try:
@@ -80,33 +92,38 @@ def _preflight_sqlite(path: Path) -> None:
     except OSError as exc:
         raise StoreError(f"cannot create the folder {parent} for the database {path}: {exc.strerror or exc}") from None
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise StoreError(f"cannot create the database {path}: the folder {parent} is not writable")
+        raise StoreReadOnly(f"cannot create the database {path}: the folder {parent} is not writable")
 
 
-def _check_version_read_only(path: Path) -> None:
-    """Read the schema version through a read-only connection so a newer database is refused untouched."""
+def _sqlite_error(exc: sqlite3.Error, path: Path) -> StoreError:
+    """A driver error met while reading ``path``, as what it is (damaged, read-only, busy...), never a guess."""
+    return classify(exc, str(path), str(path)) or StoreError(f"cannot read {path}: {exc}")
+
+
+def _check_read_only(path: Path, verify: bool) -> None:
+    """Read the schema version (and with ``verify`` check the pages) through a read-only connection, so that
+    a newer or damaged database is refused untouched."""
     uri = f"file:{quote(str(path))}?mode=ro"
     try:
         conn = sqlite3.connect(uri, uri=True)
     except sqlite3.Error as exc:
-        raise StoreError(f"cannot open {path} read-only: {exc}") from None
+        raise _sqlite_error(exc, path) from None
     try:
-        if conn.execute("PRAGMA schema_version").fetchone() is None:
-            raise sqlite3.DatabaseError("no schema")
-    except sqlite3.DatabaseError:
-        conn.close()
-        raise StoreError(f"{path} is not a SQLite database (SQLite cannot read its header); refusing to open it") from None
-    try:
+        conn.execute("PRAGMA schema_version").fetchone()  # reads the header: "file is not a database" here
         has_meta = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone()
-        if not has_meta:
-            return
-        row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-    except sqlite3.DatabaseError as exc:
-        raise StoreError(f"{path} is not a SQLite database, or it is corrupt ({exc}); refusing to open it") from None
+        row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() if has_meta else None
+        if row is not None and str(row[0]).isdigit():
+            check_not_newer(int(row[0]), str(path))
+        if verify:
+            started = time.perf_counter()
+            problems = sqlite_problems(conn)
+            if problems:
+                raise damaged(str(path), problems)
+            logger.info("%s: PRAGMA quick_check ok in %.2f s", path, time.perf_counter() - started)
+    except sqlite3.Error as exc:
+        raise _sqlite_error(exc, path) from None
     finally:
         conn.close()
-    if row is not None and str(row[0]).isdigit():
-        check_not_newer(int(row[0]), str(path))
 
 
 def configure_sqlite(engine: Engine) -> None:
@@ -157,13 +174,19 @@ class StoreBase:
     class; :class:`store.Store` puts them together.
     """
 
-    def __init__(self, target: Union[str, os.PathLike[str]], *, echo: bool = False) -> None:
+    def __init__(self, target: Union[str, os.PathLike[str]], *, echo: bool = False, verify: bool = False) -> None:
+        """Open ``target``; ``verify=True`` first checks an existing SQLite file's pages (``PRAGMA quick_check``)
+        and refuses a damaged one untouched: for processes that will write for a long time."""
         self.url: str = resolve_url(target)
         path = _sqlite_file(self.url)
         self.path: Optional[Path] = path
         where = str(path) if path is not None else make_url(self.url).render_as_string(hide_password=True)
+        self._where = where
+        self._damaged: str | None = None
+        """Why writes are refused: set once a check or a query found the file damaged."""
         if path is not None:
-            _preflight_sqlite(path)
+            _preflight_sqlite(path, verify)
+        self._verified_at: float | None = time.monotonic() if verify and path is not None else None
         try:
             self._engine = create_engine(self.url, echo=echo)
         except (SQLAlchemyError, ImportError) as exc:
@@ -186,10 +209,10 @@ class StoreBase:
             raise
         except SQLAlchemyError as exc:
             self._engine.dispose()
-            reason = getattr(exc, "orig", None) or exc
-            if path is not None and "not a database" in str(reason):
-                raise StoreError(f"{path} is not a SQLite database ({reason}); refusing to open it") from None
-            raise StoreError(f"cannot open the database {where}: {reason}") from None
+            known = classify(exc, where, str(path) if path is not None else None)
+            if known is not None:
+                raise known from None
+            raise StoreError(f"cannot open the database {where}: {getattr(exc, 'orig', None) or exc}") from None
         logger.debug("opened store %s", where)
 
     @property
@@ -210,17 +233,76 @@ class StoreBase:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({make_url(self.url).render_as_string(hide_password=True)!r})"
 
+    @property
+    def damaged(self) -> str | None:
+        """Why this store refuses every write (a check or a query found the file damaged), or None."""
+        return self._damaged
+
+    def verify(self, max_age_s: float | None = None) -> None:
+        """Check a SQLite file's pages (``PRAGMA quick_check``) now; raise :class:`~store.errors.StoreCorrupt`
+        and refuse every later write when it is damaged.
+
+        ``max_age_s``: skip the check when one passed less than that many seconds ago (a consolidation
+        checks at its start, but not right after its process opened the store with ``verify=True``).
+        PostgreSQL checks its own pages; opening the store already proved it reachable and its schema known.
+        """
+        if self.path is None:
+            return
+        now = time.monotonic()
+        if max_age_s is not None and self._verified_at is not None and now - self._verified_at < max_age_s:
+            return
+        started = time.perf_counter()
+        try:
+            with self._engine.connect() as conn:
+                problems = sqlite_problems(conn.connection.driver_connection)
+        except DBAPIError as exc:
+            raise self._translated(exc) or exc from None
+        except sqlite3.Error as exc:
+            raise self._translated(exc) or StoreError(f"cannot check {self.path}: {exc}") from None
+        if problems:
+            error = damaged(str(self.path), problems)
+            self._damaged = str(error)
+            raise error
+        self._verified_at = now
+        logger.info("%s: PRAGMA quick_check ok in %.2f s", self.path, time.perf_counter() - started)
+
+    def _translated(self, exc: BaseException) -> StoreError | None:
+        """What the engine reported, as the :class:`~store.errors.StoreUnavailable` it is (None: not one).
+
+        A damaged file also stops every later write of this store."""
+        known = classify(exc, self._where, str(self.path) if self.path is not None else None)
+        if isinstance(known, StoreCorrupt) and self._damaged is None:
+            self._damaged = str(known)
+            logger.error("%s; refusing further writes", known)
+        return known
+
     @contextmanager
     def _read(self) -> Iterator[Session]:
         """A session for reads; rows it returns stay readable after it closes."""
-        with self._read_sessions() as session:
-            yield session
+        try:
+            with self._read_sessions() as session:
+                yield session
+        except DBAPIError as exc:
+            known = self._translated(exc)
+            if known is None:
+                raise
+            raise known from exc
 
     @contextmanager
     def _write(self) -> Iterator[Session]:
-        """A session in one write transaction (``BEGIN IMMEDIATE`` on SQLite), committed on exit."""
-        with self._write_sessions.begin() as session:
-            yield session
+        """A session in one write transaction (``BEGIN IMMEDIATE`` on SQLite), committed on exit.
+
+        Refused at once on a store found damaged: a write into a damaged file can spread the damage."""
+        if self._damaged is not None:
+            raise StoreCorrupt(self._damaged)
+        try:
+            with self._write_sessions.begin() as session:
+                yield session
+        except DBAPIError as exc:
+            known = self._translated(exc)
+            if known is None:
+                raise
+            raise known from exc
 
 
 def chunks(items: list[Any], size: int = 500) -> Iterator[list[Any]]:

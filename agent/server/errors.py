@@ -12,12 +12,15 @@ What the statuses mean here:
 
 - 400: the request is wrong and the client can fix it (a prompt past the context window, an empty query,
   a System 2 method that does not exist);
-- 409: the adapter registry refuses the change in its present state (no such version, its files pruned,
-  nothing to roll back to); another version, or a later moment, would be accepted;
+- 409: the adapter registry refuses the change in its present state (no such version, its files pruned or
+  damaged so that its weights do not load, nothing to roll back to); another version, or a later moment,
+  would be accepted;
 - 503: nothing in the request is wrong, the service cannot do it now (the store refuses what the runtime
   asked of it, an adapter does not load); retry later, or ask the operator: the server log has the reason.
   Where waiting is the cure (the server is full, the database is locked) the answer says how long to wait
   in ``Retry-After``, which OpenAI's clients honour when they retry.
+  The store's own trouble has a code each (``store_busy``, ``store_full``, ``store_read_only``,
+  ``store_damaged``): a full disk must not be mistaken for a damaged database.
 """
 
 from __future__ import annotations
@@ -37,7 +40,14 @@ from agent.errors import (
     describe,
 )
 from agent.server.protocol import APIError
-from store import StoreError
+from store import (
+    StoreBusy,
+    StoreCorrupt,
+    StoreError,
+    StoreFull,
+    StoreReadOnly,
+    StoreUnavailable,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +74,13 @@ ERRORS: dict[tuple[type[Exception], str | None], ErrorRule] = {
     (InvalidQueryError, None): ErrorRule(400, "invalid_value", INPUT),
     (ConfigError, "chat"): ErrorRule(400, "invalid_value", "s2agent"),  # s2agent.method names no System 2 method
     (StoreError, "rollback"): ErrorRule(409, "rollback_refused", INPUT),
+    (AdapterError, "rollback"): ErrorRule(409, "rollback_refused", INPUT),  # the target's weights do not load
     (AdapterError, None): ErrorRule(503, "adapter_unavailable", type=UNAVAILABLE),
+    (StoreBusy, None): ErrorRule(503, "store_busy", type=UNAVAILABLE),
+    (StoreFull, None): ErrorRule(503, "store_full", type=UNAVAILABLE),
+    (StoreReadOnly, None): ErrorRule(503, "store_read_only", type=UNAVAILABLE),
+    (StoreCorrupt, None): ErrorRule(503, "store_damaged", type=UNAVAILABLE),
+    (StoreUnavailable, None): ErrorRule(503, "store_unavailable", type=UNAVAILABLE),  # never a refused rollback
     (StoreError, None): ErrorRule(503, "store_error", type=UNAVAILABLE),
     (Overloaded, None): ErrorRule(503, "server_overloaded", type=UNAVAILABLE, retry_after=1),
     (OperationalError, None): ErrorRule(503, "database_unavailable", type=UNAVAILABLE, retry_after=1),  # locked

@@ -21,6 +21,7 @@ from agent.config import ServerConfig
 from agent.loop import Agent
 from agent.metrics import Metrics
 from agent.server.limits import Admission, check_size, chunks
+from agent.server.errors import rule_for
 from agent.server.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -36,6 +37,7 @@ from agent.server.protocol import (
 from agent.server.serving import (
     Result,
     StatsCache,
+    adapter_rows,
     answer_options,
     call,
     jsonable,
@@ -46,6 +48,7 @@ from agent.server.serving import (
     served_model,
     stream_events,
 )
+from store import StoreUnavailable
 
 READY_TIMEOUT_SECONDS = 2.0
 """A store that takes longer than this to count the buffer makes ``/readyz`` answer 503."""
@@ -201,6 +204,9 @@ async def healthz() -> dict[str, str]:
 @ops.get("/readyz")
 async def readyz(request: Request) -> Any:
     agent = _agent(request)
+    if agent.store.damaged:  # it refuses every write, so no answer could be logged: not ready, and why
+        return JSONResponse(error_body(agent.store.damaged, "service_unavailable", code="store_damaged"),
+                            status_code=503)
     try:
         with anyio.fail_after(READY_TIMEOUT_SECONDS):
             pending = await anyio.to_thread.run_sync(agent.pending_examples, abandon_on_cancel=True)
@@ -208,19 +214,24 @@ async def readyz(request: Request) -> Any:
         return JSONResponse(error_body(f"the store did not answer within {READY_TIMEOUT_SECONDS:g} s",
                                        "service_unavailable", code="store_unreachable"), status_code=503)
     except Exception as exc:  # noqa: BLE001 - any store failure means "not ready"
-        return JSONResponse(error_body(f"the store is unreachable: {exc}", "service_unavailable",
-                                       code="store_unreachable"), status_code=503)
-    return {"status": "ready", "model": agent.model_name, "adapter_version": agent.serving_version(None),
-            "pending_examples": pending}
+        # A damaged, full or read-only store says so (store_damaged...): "unreachable" would send the operator
+        # looking at the network.
+        rule = rule_for(exc) if isinstance(exc, StoreUnavailable) else None
+        return JSONResponse(error_body(f"the store cannot answer: {exc}", "service_unavailable",
+                                       code=rule.code if rule else "store_unreachable"), status_code=503)
+    failures = agent.adapter_failures()  # still serving (the previous adapter or the base model): 200, but said
+    return {"status": "degraded" if failures else "ready", "model": agent.model_name,
+            "adapter_version": agent.serving_version(None), "pending_examples": pending, "adapter_failures": failures}
 
 
 @ops.get("/metrics", response_class=PlainTextResponse)
 async def prometheus(request: Request) -> PlainTextResponse:
     stats: StatsCache = request.app.state.stats
     snapshot = await run_in_threadpool(stats.get)
-    background = _agent(request).background_stats()  # background System 2 counters: live, not cached
-    teacher = _agent(request).teacher_stats()
-    return PlainTextResponse(_metrics(request).render(snapshot, background, teacher),
+    agent = _agent(request)
+    background = agent.background_stats()  # background System 2 counters: live, not cached
+    failures = len(agent.adapter_failures())  # live too: what this process serves, whatever the store says
+    return PlainTextResponse(_metrics(request).render(snapshot, background, agent.teacher_stats(), failures),
                              media_type="text/plain; version=0.0.4")
 
 
@@ -251,7 +262,7 @@ async def consolidate(request: Request) -> Any:
 
 @admin.get("/adapters")
 async def adapters(request: Request) -> Any:
-    return {"object": "list", "data": jsonable(await call(None, _agent(request).adapters))}
+    return await call(None, adapter_rows, _agent(request))
 
 
 @admin.post("/rollback")

@@ -58,18 +58,28 @@ def served_model(agent: Agent, version: int | None) -> str:
 
 
 def known_models(agent: Agent) -> set[str]:
-    """Every name a request may ask for (blocking: reads the registry)."""
+    """Every name a request may ask for: the base model and the adapters this process serves now (blocking:
+    reads the registry). A version the registry names but that failed to load here is not one of them."""
+    served = agent.serving_adapters()
     names = {agent.model_name, "default"}
-    names.update(adapter_model_id(agent.model_name, a.version) for a in agent.adapters() if a.serving)
+    names.update(adapter_model_id(agent.model_name, a.version) for a in agent.adapters() if served.get(a.scope) == a.version)
     return names
 
 
 def model_cards(agent: Agent) -> list[dict[str, Any]]:
-    """``GET /v1/models``: the base model, then every serving adapter (blocking: reads the registry)."""
-    cards = [{"id": agent.model_name, "object": "model", "created": STARTED, "owned_by": "s2agent",
-              "s2agent": {"kind": "base", "serving_adapter": agent.serving_version(None)}}]
+    """``GET /v1/models``: the base model, then every adapter this process serves (blocking: reads the registry).
+
+    What serves, not what the registry says: an adapter that failed to load is not listed as a model; the
+    base card's ``s2agent.adapter_failures`` names it and says what serves its scope instead."""
+    agent.refresh_adapters()  # follow a promotion or rollback of another process before saying what serves
+    served = agent.serving_adapters()
+    base: dict[str, Any] = {"kind": "base", "serving_adapter": agent.serving_version(None)}
+    failures = agent.adapter_failures()
+    if failures:
+        base["adapter_failures"] = failures
+    cards = [{"id": agent.model_name, "object": "model", "created": STARTED, "owned_by": "s2agent", "s2agent": base}]
     for row in agent.adapters():
-        if not row.serving:
+        if served.get(row.scope) != row.version:
             continue
         when = row.promoted_at or row.created_at
         cards.append({"id": adapter_model_id(agent.model_name, row.version), "object": "model",
@@ -77,9 +87,23 @@ def model_cards(agent: Agent) -> list[dict[str, Any]]:
                       "parent": agent.model_name, "root": agent.model_name,
                       "s2agent": {"kind": "adapter", "version": row.version, "scope": row.scope,
                                   "parent": row.parent, "status": row.status, "n_train": row.n_train,
-                                  "metrics": jsonable(row.metrics),
-                                  "loaded": agent.serving_version(row.scope) == row.version}})
+                                  "metrics": jsonable(row.metrics), "loaded": True,
+                                  "registry_serving": row.serving}})
     return cards
+
+
+def adapter_rows(agent: Agent) -> dict[str, Any]:
+    """``GET /admin/adapters``: every registry row, each with whether this process serves it (``loaded``) and
+    why not when the registry says it serves (``load_error``); then what serves per scope (blocking)."""
+    agent.refresh_adapters()
+    served = agent.serving_adapters()
+    failures = agent.adapter_failures()
+    errors = {(f["scope"], f["version"]): f["error"] for f in failures}
+    data = [{**jsonable(row), "loaded": served.get(row.scope) == row.version,
+             "load_error": errors.get((row.scope, row.version))} for row in agent.adapters()]
+    return {"object": "list", "data": data,
+            "serving": {scope or "general": version for scope, version in served.items()},
+            "adapter_failures": failures}
 
 
 # --- requests ------------------------------------------------------------------------------------------------

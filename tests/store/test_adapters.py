@@ -77,6 +77,27 @@ def test_rollback_along_the_parent_chain(store: Store, tmp_path: Path) -> None:
         store.rollback()
 
 
+def test_rollback_targets_list_what_a_rollback_may_serve_and_change_nothing(store: Store, tmp_path: Path) -> None:
+    """A runtime loads a target's weights before it commits: the store names the candidates, nearest first."""
+    for version, parent in ((1, None), (2, 1), (3, 2), (4, 3)):
+        _register(store, tmp_path, version, parent)
+        store.promote_adapter(version)
+    shutil.rmtree(tmp_path / "adapters" / "v2")  # its folder is gone: not a target
+    assert [a.version for a in store.rollback_targets()] == [3, 1]
+    assert [a.version for a in store.rollback_targets(version=1)] == [1]
+    assert store.rollback_targets(version=0) == []
+    with pytest.raises(StoreError, match="files are gone"):
+        store.rollback_targets(version=2)
+    with pytest.raises(StoreError, match="no such version"):
+        store.rollback_targets(version=9)
+    with pytest.raises(StoreError, match="no adapter serves"):
+        store.rollback_targets(scope="math")
+    assert store.serving_adapter().version == 4  # type: ignore[union-attr]
+    assert store.rollback(version=1).version == 1  # type: ignore[union-attr]  # the commit, with the one that loaded
+    with pytest.raises(StoreError, match="no earlier servable adapter"):
+        store.rollback_targets()
+
+
 def test_rollback_to_base_is_per_scope(store: Store, tmp_path: Path) -> None:
     _register(store, tmp_path, 1, None)
     _register(store, tmp_path, 2, None, scope="math")
