@@ -23,6 +23,7 @@ from .schema import (
     Route,
     RunStatus,
 )
+from .sources import PurgeReport
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -36,6 +37,7 @@ __all__ = [
     "Interaction",
     "Lock",
     "Meta",
+    "PurgeReport",
     "Route",
     "RunStatus",
     "SchemaVersionError",

@@ -44,8 +44,16 @@ def _v1_to_v2(conn: Connection) -> None:
     conn.execute(text("ALTER TABLE adapters ADD COLUMN files_deleted BOOLEAN DEFAULT FALSE NOT NULL"))
 
 
+def _v2_to_v3(conn: Connection) -> None:
+    conn.execute(text("ALTER TABLE interactions ADD COLUMN source VARCHAR(64)"))
+    conn.execute(text("ALTER TABLE examples ADD COLUMN source VARCHAR(64)"))
+    conn.execute(text("CREATE INDEX ix_examples_source ON examples (source)"))
+    conn.execute(text("ALTER TABLE adapters ADD COLUMN needs_retrain BOOLEAN DEFAULT FALSE NOT NULL"))
+
+
 MIGRATIONS: list[Migration] = [
     Migration(1, "interactions.error, examples.kind, adapters.files_deleted", _v1_to_v2),
+    Migration(2, "interactions.source, examples.source, adapters.needs_retrain", _v2_to_v3),
 ]
 """Every upgrade step, in order. Add one (and raise ``schema.SCHEMA_VERSION``) for each schema change."""
 

@@ -21,17 +21,22 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """The schema version these models describe. History (the upgrade steps live in ``store.migrations``):
 
 1. interactions, examples, adapters, consolidation_runs, locks, meta.
 2. ``interactions.error`` (why System 2 fell back), ``examples.kind`` (where a training example came from),
    ``adapters.files_deleted`` (pruned adapters keep their row but lose their files).
+3. ``interactions.source`` and ``examples.source`` (who sent it: an API key's name, never its secret),
+   ``adapters.needs_retrain`` (it learned from examples that were purged since).
 """
 
 
 MAX_TAG_LENGTH = 128
 """The longest task tag (and adapter scope) the store keeps."""
+
+MAX_SOURCE_LENGTH = 64
+"""The longest source name (who sent an interaction or taught an example) the store keeps."""
 
 
 def utcnow() -> datetime:
@@ -181,6 +186,7 @@ class Interaction(Base):
     votes: Mapped[Optional[dict[str, Any]]] = mapped_column()  # System 2 answer -> count
     accepted: Mapped[Optional[bool]] = mapped_column(Boolean)  # System 2 answer passed the consistency check
     error: Mapped[Optional[str]] = mapped_column(Text, default=None)  # v2: e.g. System 2 failed, fell back
+    source: Mapped[Optional[str]] = mapped_column(String(MAX_SOURCE_LENGTH), default=None)  # v3: who asked; None: before v3
 
 
 class Example(Base):
@@ -208,6 +214,9 @@ class Example(Base):
     adapter_version: Mapped[Optional[int]] = mapped_column(Integer)  # the adapter that trained on it
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    source: Mapped[Optional[str]] = mapped_column(  # v3: who taught it (a key's name); None: before v3
+        String(MAX_SOURCE_LENGTH), default=None, index=True
+    )
 
 
 class Adapter(Base):
@@ -228,6 +237,9 @@ class Adapter(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     promoted_at: Mapped[Optional[datetime]] = mapped_column()
     files_deleted: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())  # v2
+    needs_retrain: Mapped[bool] = mapped_column(  # v3: it learned from examples purged since (store purge)
+        Boolean, default=False, server_default=false()
+    )
 
 
 class ConsolidationRun(Base):

@@ -85,6 +85,7 @@ def test_v1_database_is_upgraded_with_data_kept(tmp_path: Path) -> None:
     assert (example.target, example.status, example.kind, example.votes) == ("4", "used", "system2", {"4": 4, "5": 1})
     adapter = store.serving_adapter()
     assert adapter is not None and adapter.version == 1 and adapter.files_deleted is False
+    assert adapter.needs_retrain is False and example.source is None and interaction.source is None  # v3
     # The upgraded database works like a new one, and has the same columns.
     store.add_example("What is 3+3?", "6", method="cot", kind="retention")
     store.close()
@@ -119,9 +120,10 @@ def test_missing_step_is_a_clear_error(tmp_path: Path) -> None:
     _write_v1(path)
     engine = create_engine(f"sqlite:///{path}")
     configure_sqlite(engine)
-    with pytest.raises(StoreError, match="no upgrade step from schema version 2 to 3"):
+    last = SCHEMA_VERSION
+    with pytest.raises(StoreError, match=f"no upgrade step from schema version {last} to {last + 1}"):
         with engine.begin() as conn:
-            ensure_schema(conn, str(path), target=3)
+            ensure_schema(conn, str(path), target=last + 1)
     with engine.connect() as conn:
-        assert read_version(conn) == 1  # the 1 -> 2 step that did run was rolled back too
+        assert read_version(conn) == 1  # the steps that did run were rolled back too
     engine.dispose()
