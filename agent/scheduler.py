@@ -42,7 +42,8 @@ from typing import Any, Protocol
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
-from agent.consolidation import ConsolidationReport, Learner, cleanup_after_crash, holdout_bucket
+from agent.auth import OPERATOR_SOURCES
+from agent.consolidation import ConsolidationReport, Learner, cleanup_after_crash, holdout_bucket, uncapped_sources
 
 logger = logging.getLogger(__name__)
 
@@ -149,6 +150,10 @@ class ConsolidationScheduler:
             config_file, report_file = os.path.join(folder, "config.json"), os.path.join(folder, "report.json")
             data = self.agent.config.to_dict()
             data["server"]["admin_token"] = None  # the child serves nothing
+            # No key secrets in the child's file either: it gets the names its per-source caps must spare.
+            data["consolidation"]["uncapped_sources"] = sorted(
+                name for name in uncapped_sources(self.agent.config) if name and name not in OPERATOR_SOURCES)
+            data["server"].update(api_key=None, api_keys={}, api_keys_file=None)
             data["db"], data["adapters_dir"] = self.agent.config.db_url(), str(self.agent.config.adapters_path())
             with open(config_file, "w") as f:
                 json.dump(data, f)
