@@ -2,7 +2,7 @@
 
     agent serve                       # OpenAI-compatible server that learns while it serves
     agent ask "What is 47 + 38?"      # one answer, with its route and confidence
-    agent store ls | show | export | import | stats | prune
+    agent store ls | show | export | import | stats | prune | purge --source NAME
     agent consolidate [--dry-run]     # distil the buffer into a new adapter now
     agent adapters ls | show | rollback | prune
     agent scopes ls | rename OLD NEW | merge OLD NEW
@@ -83,9 +83,11 @@ def _config(args: argparse.Namespace) -> AgentConfig:
     overrides = {"db": args.db, "model": args.model, "cache_dir": args.cache_dir,
                  "routing.threshold": getattr(args, "threshold", None),
                  "system2.method": getattr(args, "method", None)}
-    for key in ("host", "port", "admin_token"):
+    for key in ("host", "port", "admin_token", "api_key"):
         if getattr(args, key, None) is not None:
             overrides[f"server.{key}"] = getattr(args, key)
+    if getattr(args, "allow_unauthenticated", False):
+        overrides["server.allow_unauthenticated"] = True
     for key in ("interval_minutes", "min_pending"):
         if getattr(args, key, None) is not None:
             overrides[f"scheduler.{key}"] = getattr(args, key)
@@ -123,11 +125,14 @@ def cmd_ask(args, config) -> int:
 
 
 def cmd_serve(args, config) -> int:
+    from agent.auth import KeyRing, check_exposure
     from agent.sandbox import sandbox_report  # model-written programs run here: say at start what holds them
     from agent.server import serve
 
     if args.no_train:
         config.scheduler.enabled = False
+    keys = KeyRing.load(config.server)  # a bad keys file, or an exposed server without keys: one line, no model load
+    check_exposure(config.server.host, keys, config.server.allow_unauthenticated)
     agent = _agent(config)
     sched = config.scheduler
     if not sched.enabled:
@@ -139,10 +144,13 @@ def cmd_serve(args, config) -> int:
         scheduler = (f"at {sched.min_pending or '-'} pending per scope / every {sched.interval_minutes or '-'} min,"
                      f" in a {'child process' if sched.process == 'child' else 'thread'}")
     version = agent.serving_version()
+    access = (f"{len(keys.keys)} API key(s): {', '.join(keys.names())}" if keys.configured
+              else "no API keys: every client may be answered, teach and steer")
     sys.stderr.write(
         f"s2agent: model {agent.model_name}, adapter {'v' + str(version) if version else 'none (base model)'}, "
         f"database {config.db_url()}, consolidation scheduler {scheduler}\n"
         f"s2agent: program sandbox: {sandbox_report()}\n"
+        f"s2agent: access: {access}\n"
         f"s2agent: serving the OpenAI API at http://{config.server.host}:{config.server.port}/v1\n"
     )
     serve(agent, config.server.host, config.server.port)
@@ -154,14 +162,14 @@ def cmd_store(args, config) -> int:
         if args.store_cmd == "ls":
             since = datetime.now(timezone.utc) - timedelta(hours=args.since) if args.since else None
             rows = store.list_examples(status=args.status, method=args.method, limit=args.limit, since=since,
-                                       order="desc")
+                                       order="desc", source=args.source)
             if args.json:
                 _json([_row_dict(r) for r in rows])
             else:
                 _table([(r.id, r.status, r.method, f"{r.agreement:.2f}" if r.agreement is not None else "",
-                         r.tag or "", _when(r.created_at), r.input, r.target) for r in rows],
-                       ["id", "status", "method", "agree", "scope", "created", "input", "target"],
-                       [6, 8, 6, 5, 20, 16, 44, 20])
+                         r.tag or "", r.source or "-", _when(r.created_at), r.input, r.target) for r in rows],
+                       ["id", "status", "method", "agree", "scope", "source", "created", "input", "target"],
+                       [6, 8, 6, 5, 20, 16, 16, 44, 20])
         elif args.store_cmd == "show":
             row = store.get_example(args.id)
             if row is None:
@@ -173,7 +181,7 @@ def cmd_store(args, config) -> int:
             if args.output:
                 _out(f"exported {n} examples to {args.output}")
         elif args.store_cmd == "import":
-            n = store.import_examples(args.file)
+            n = store.import_examples(args.file, source=args.source)
             _out(f"imported {n} examples from {args.file}")
         elif args.store_cmd == "stats":
             stats = store.stats()
@@ -184,7 +192,38 @@ def cmd_store(args, config) -> int:
         elif args.store_cmd == "prune":
             before = datetime.now(timezone.utc) - timedelta(days=args.older_than_days) if args.older_than_days else None
             _out(f"pruned {store.prune_examples(args.status, before)} {args.status} examples")
+        elif args.store_cmd == "purge":
+            return _purge(store, args.source, args.yes)
     return 0
+
+
+def _purge(store, source: str, yes: bool) -> int:
+    """``agent store purge --source NAME``: what it would do, a confirmation (or ``--yes``), one line of outcome."""
+    plan = store.purge_source(source, dry_run=True)
+    if not plan.examples:
+        _out(f"source {source!r} has no examples; nothing purged")
+        return 0
+    flagged = ", ".join(f"v{v}" for v in plan.adapters) or "none"
+    if not yes:
+        if not sys.stdin.isatty():
+            sys.stderr.write(f"agent: error: purging {plan.examples} examples of source {source!r} needs confirmation:"
+                             " run it in a terminal, or add --yes\n")
+            return 2
+        reply = input(f"delete {plan.examples} examples of source {source!r} ({_counts(plan.by_status)}) and flag "
+                      f"adapters {flagged} for retraining? [y/N] ")
+        if reply.strip().lower() not in ("y", "yes"):
+            _out("nothing purged")
+            return 1
+    report = store.purge_source(source)
+    serving = f" (serving now: {', '.join(f'v{v}' for v in report.serving)}: roll back or consolidate)" \
+        if report.serving else ""
+    _out(f"purged source {source!r}: {report.examples} examples ({_counts(report.by_status)}); adapters flagged for "
+         f"retraining: {', '.join(f'v{v}' for v in report.adapters) or 'none'}{serving}")
+    return 0
+
+
+def _counts(by_status: dict[str, int]) -> str:
+    return ", ".join(f"{n} {status}" for status, n in sorted(by_status.items()))
 
 
 def _print_stats(stats: dict[str, Any]) -> None:
@@ -233,12 +272,17 @@ def cmd_adapters(args, config) -> int:
                 return 0
             _table([(f"v{r.version}", f"v{r.parent}" if r.parent else "base", r.scope or "general", r.status,
                      "*" if r.serving else "", _when(r.created_at), r.n_train,
-                     _fmt(r.metrics.get("holdout_accuracy_candidate")), _fmt(r.metrics.get("retention")))
+                     _fmt(r.metrics.get("holdout_accuracy_candidate")), _fmt(r.metrics.get("retention")),
+                     "retrain" if r.needs_retrain else "")
                     for r in rows],
-                   ["version", "parent", "scope", "status", "serving", "created", "trained", "holdout", "retention"],
-                   [8, 8, 12, 10, 7, 16, 7, 7, 9])
+                   ["version", "parent", "scope", "status", "serving", "created", "trained", "holdout", "retention",
+                    "flag"],
+                   [8, 8, 12, 10, 7, 16, 7, 7, 9, 7])
             if not any(r.serving for r in rows):
                 _out("(no adapter serves: the base model answers)")
+            if any(r.needs_retrain and r.serving for r in rows):
+                _out("(retrain: it learned from examples `agent store purge` took back; roll back to an unflagged "
+                     "version, or consolidate again)")
         elif args.adapters_cmd == "show":
             row = store.get_adapter(args.version)
             if row is None:
@@ -360,6 +404,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host")
     p.add_argument("--port", type=int)
     p.add_argument("--admin-token", dest="admin_token")
+    p.add_argument("--api-key", dest="api_key",
+                   help="require 'Authorization: Bearer KEY' on /v1 (one key with every right; named keys and "
+                        "rights: server.api_keys, server.api_keys_file, S2AGENT_API_KEYS)")
+    p.add_argument("--allow-unauthenticated", dest="allow_unauthenticated", action="store_true",
+                   help="serve a non-loopback --host without API keys (anyone who reaches it may teach the model)")
     p.add_argument("--interval-minutes", dest="interval_minutes", type=float,
                    help="consolidate every scope with enough examples every N minutes (default 60; 0: off)")
     p.add_argument("--min-pending", dest="min_pending", type=int,
@@ -384,6 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--method")
     q.add_argument("--limit", type=int, default=50)
     q.add_argument("--since", type=float, help="only the last N hours")
+    q.add_argument("--source", help="only the examples this source (an API key's name, local, anonymous) taught")
     q.add_argument("--json", action="store_true")
     q = ss.add_parser("show", help="one example, all fields")
     q.add_argument("id", type=int)
@@ -393,11 +443,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("-o", "--output", help="file (default: stdout)")
     q = ss.add_parser("import", help="import JSONL (the export format, or {\"input\", \"target\"} lines)")
     q.add_argument("file")
+    q.add_argument("--source", default="local", help="source of lines that name none (default: local)")
     q = ss.add_parser("stats", help="counts, route and acceptance rates, tokens spent")
     q.add_argument("--json", action="store_true")
     q = ss.add_parser("prune", help="delete examples of a status")
     q.add_argument("--status", required=True, choices=["rejected", "used", "pending", "holdout"])
     q.add_argument("--older-than-days", type=float)
+    q = ss.add_parser("purge", help="delete every example one source taught; flag the adapters that learned them")
+    q.add_argument("--source", required=True, help="the source (an API key's name) to take back")
+    q.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     p.set_defaults(func=cmd_store)
 
     p = sub.add_parser("consolidate", help="distil the buffer into a new LoRA adapter now")
