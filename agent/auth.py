@@ -32,9 +32,10 @@ import os
 import re
 import stat
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Protocol
+from typing import Any, Protocol
 
 from agent.errors import ConfigError
 
@@ -170,7 +171,7 @@ class KeyRing:
         self._admin_token = digest(admin_token) if admin_token else None
 
     @classmethod
-    def load(cls, settings: KeySettings) -> "KeyRing":
+    def load(cls, settings: KeySettings) -> KeyRing:
         """The keys of ``server.api_key``, ``server.api_keys`` and ``server.api_keys_file``, plus the admin token."""
         keys: list[APIKey] = []
         if settings.api_key:

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from agent.auth import LOCAL
 from agent.backends import (
     Backend,
     Completion,
@@ -31,7 +32,6 @@ from agent.backends import (
     SamplingParams,
     make_backend,
 )
-from agent.auth import LOCAL
 from agent.background import Deferred, Label, System2Queue
 from agent.config import AgentConfig
 from agent.consolidation import LOCK_NAME as CONSOLIDATION_LOCK

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Callable, Collection, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Collection, Generic, Hashable, Sequence, TypeVar
+from typing import Generic, TypeVar
 
 T = TypeVar("T")
 

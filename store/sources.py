@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
@@ -40,12 +40,12 @@ class PurgeReport:
     """Those of ``adapters`` that serve now."""
 
 
-def _run_config(session: Session, run_id: Optional[int]) -> dict[str, Any]:
+def _run_config(session: Session, run_id: int | None) -> dict[str, Any]:
     run = session.get(ConsolidationRun, run_id) if run_id is not None else None
     return (run.config or {}) if run is not None else {}
 
 
-def tainted_adapters(session: Session, used: list[tuple[Optional[str], int]]) -> set[int]:
+def tainted_adapters(session: Session, used: list[tuple[str | None, int]]) -> set[int]:
     """The adapter versions that learned from examples ``used`` as ``(tag, trained by version)`` pairs.
 
     - the versions that trained on them (``examples.adapter_version``);
@@ -58,7 +58,7 @@ def tainted_adapters(session: Session, used: list[tuple[Optional[str], int]]) ->
     direct = {version for _, version in used}
     if not direct:
         return set()
-    first_by_tag: dict[Optional[str], int] = {}
+    first_by_tag: dict[str | None, int] = {}
     for tag, version in used:
         first_by_tag[tag] = min(version, first_by_tag.get(tag, version))
     first_any = min(first_by_tag.values())
@@ -70,9 +70,8 @@ def tainted_adapters(session: Session, used: list[tuple[Optional[str], int]]) ->
         config = _run_config(session, row.run_id)
         replays = config.get("replay_ratio", 1) != 0
         first = first_any if row.scope is None else first_by_tag.get(row.scope)
-        if replays and first is not None and row.version > first:
-            flagged.add(row.version)
-        elif config.get("resume", True) and row.parent in flagged:
+        replayed = replays and first is not None and row.version > first
+        if replayed or (config.get("resume", True) and row.parent in flagged):
             flagged.add(row.version)
     return flagged
 
@@ -80,9 +79,9 @@ def tainted_adapters(session: Session, used: list[tuple[Optional[str], int]]) ->
 class SourcesMixin(StoreBase):
     """Counting examples by source, and purging one source."""
 
-    def example_sources(self) -> dict[Optional[str], dict[str, int]]:
+    def example_sources(self) -> dict[str | None, dict[str, int]]:
         """Examples per source (None: recorded before sources were), by status."""
-        out: dict[Optional[str], dict[str, int]] = defaultdict(dict)
+        out: dict[str | None, dict[str, int]] = defaultdict(dict)
         with self._read() as session:
             for source, status, n in session.execute(
                 select(Example.source, Example.status, func.count()).group_by(Example.source, Example.status)

@@ -3,12 +3,18 @@ teach, per-source caps in a real consolidation, and purging a source after it tr
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
 
 import pytest
 
 from agent import Agent
+from agent.auth import unnamed_source
+from agent.config import AgentConfig
+from agent.consolidation import uncapped_sources
+from agent.scheduler import child_config_data
+from agent.worker import child_config
 from tests.fakes import QUESTIONS
 
 
@@ -99,3 +105,16 @@ def test_purging_a_source_takes_its_examples_back_and_flags_the_adapter(learning
         assert agent.store.get_adapter(1).needs_retrain
         assert {e.source for e in agent.store.list_examples()} == {"alice"}
         assert agent.serving_version() == 1  # serving does not change by itself: roll back or retrain
+
+
+def test_a_consolidation_child_gets_the_uncapped_names_but_no_secret(tmp_path):
+    config = AgentConfig(db=str(tmp_path / "agent.db"))
+    config.server.admin_token, config.server.api_key = "admin-secret", "ops-secret"
+    config.server.api_keys = {"alice": {"key": "alice-secret", "rights": ["answer", "teach"]},
+                              "root": {"key": "root-secret", "rights": ["admin"]}}
+    config.consolidation.uncapped_sources = ["carol"]
+    data = child_config_data(config)
+    assert "secret" not in json.dumps(data)
+    child = child_config(json.loads(json.dumps(data)))
+    assert uncapped_sources(child) == uncapped_sources(config) == {
+        None, "local", "anonymous", "carol", "root", unnamed_source("ops-secret")}
