@@ -265,7 +265,8 @@ class ServerConfig:
     """The OpenAI-compatible HTTP server (``agent serve``)."""
 
     host: str = "127.0.0.1"
-    """Address to bind; ``0.0.0.0`` serves every interface (set ``admin_token`` before you do)."""
+    """Address to bind; ``0.0.0.0`` serves every interface, and needs API keys (``api_key``, ``api_keys``,
+    ``api_keys_file``) or ``allow_unauthenticated``: anything but loopback is refused without them."""
     port: int = within("[1, 65535]", 8000)
     """TCP port to listen on."""
     admin_token: str | None = None
