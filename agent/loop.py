@@ -221,7 +221,8 @@ class Agent:
                     answer.route_reason["system2"] = "not queued: the source may not teach"
             else:
                 self._run_system2(answer, query, method, tag)
-                if tag is None and answer.accepted and self.config.scoping.auto:
+                # a source that may not teach does not shape the scopes either: its input joins no index
+                if tag is None and answer.accepted and self.config.scoping.auto and teach:
                     tag = answer.tag = self._assign_scope(answer, query)
         answer.latency_ms = (time.perf_counter() - started) * 1000
         try:

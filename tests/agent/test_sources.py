@@ -45,6 +45,15 @@ def test_sources_are_recorded_and_a_source_without_teach_stores_no_example(learn
         assert local.interaction_id and agent.store.list_examples(source="local")[0].interaction_id == local.interaction_id
 
 
+def test_a_source_without_teach_does_not_shape_the_scopes(learning_config):
+    learning_config.scoping.auto = True
+    with Agent(learning_config) as agent:
+        told = agent.answer(QUESTIONS[0], source="bob", teach=False)
+        assert told.accepted and told.tag is None and "scope" not in told.route_reason
+        taught = agent.answer(QUESTIONS[1], source="alice")
+        assert taught.tag is not None and taught.route_reason["scope"]["assigned"] == "auto"
+
+
 def test_background_labels_keep_the_source_and_skip_sources_that_may_not_teach(learning_config):
     learning_config.system2.mode = "background"
     with Agent(learning_config) as agent:
