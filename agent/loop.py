@@ -163,8 +163,8 @@ class Agent:
         ``source`` names who asked (an API key's name; ``local`` for in-process calls, never a secret): it is
         recorded with the interaction and the example, for per-source caps and ``agent store purge``.
         ``teach=False`` (a key without the ``teach`` right): the query is answered as usual, System 2
-        included when the router sends it there, but no example is stored from it, and in background mode it
-        is not queued for a label (that label would only ever be training data)."""
+        included when the router sends it there, but no example is stored from it, it joins no automatic
+        scope, and in background mode it is not queued for a label (that label would only be training data)."""
         started = time.perf_counter()
         if not isinstance(query, str) or not query.strip():
             raise InvalidQueryError("query is empty")
