@@ -40,6 +40,8 @@ class Deferred:
     confidence: float | None
     adapter_version: int | None
     interaction_id: int | None = None
+    source: str | None = None
+    """Who asked (an API key's name, ``local``): the stored example records it."""
     _logged: threading.Event = field(default_factory=threading.Event, repr=False)
 
     def logged(self, interaction_id: int | None) -> None:

@@ -4,7 +4,7 @@
     agent serve --no-train            # a replica: serves, follows the promotions made elsewhere
     agent worker                      # consolidation only, for replicas sharing its database
     agent ask "What is 47 + 38?"      # one answer, with its route and confidence
-    agent store ls | show | export | import | stats | prune | check
+    agent store ls | show | export | import | stats | prune | check | purge --source NAME
     agent consolidate [--dry-run]     # distil the buffer into a new adapter now
     agent adapters ls | show | rollback | prune
     agent scopes ls | rename OLD NEW | merge OLD NEW
@@ -118,9 +118,11 @@ def _config(args: argparse.Namespace) -> AgentConfig:
     overrides = {"db": args.db, "model": args.model, "cache_dir": args.cache_dir,
                  "routing.threshold": getattr(args, "threshold", None),
                  "system2.method": getattr(args, "method", None)}
-    for key in ("host", "port", "admin_token"):
+    for key in ("host", "port", "admin_token", "api_key"):
         if getattr(args, key, None) is not None:
             overrides[f"server.{key}"] = getattr(args, key)
+    if getattr(args, "allow_unauthenticated", False):
+        overrides["server.allow_unauthenticated"] = True
     for key in ("interval_minutes", "min_pending"):
         if getattr(args, key, None) is not None:
             overrides[f"scheduler.{key}"] = getattr(args, key)
@@ -158,11 +160,14 @@ def cmd_ask(args, config) -> int:
 
 
 def cmd_serve(args, config) -> int:
+    from agent.auth import KeyRing, check_exposure
     from agent.sandbox import sandbox_report  # model-written programs run here: say at start what holds them
     from agent.server import serve
 
     if args.no_train:
         config.scheduler.enabled = False
+    keys = KeyRing.load(config.server)  # a bad keys file, or an exposed server without keys: one line, no model load
+    check_exposure(config.server.host, keys, config.server.allow_unauthenticated)
     agent = _agent(config)
     sched = config.scheduler
     if not sched.enabled:
@@ -182,10 +187,13 @@ def cmd_serve(args, config) -> int:
         sys.stderr.write(f"s2agent: WARNING: adapter v{failure['version']} ({failure['scope'] or 'general'} scope) "
                          f"does not load ({failure['error']}); serving {instead} for that scope until its files "
                          "are restored or it is rolled back (agent adapters rollback)\n")
+    access = (f"{len(keys.keys)} API key(s): {', '.join(keys.names())}" if keys.configured
+              else "no API keys: every client may be answered, teach and steer")
     sys.stderr.write(
         f"s2agent: model {agent.model_name}, adapter {'v' + str(version) if version else 'none (base model)'}, "
         f"database {config.db_display()}, consolidation scheduler {scheduler}\n"
         f"s2agent: program sandbox: {sandbox_report()}\n"
+        f"s2agent: access: {access}\n"
         f"s2agent: serving the OpenAI API at http://{config.server.host}:{config.server.port}/v1\n"
     )
     serve(agent, config.server.host, config.server.port)
@@ -220,14 +228,14 @@ def cmd_store(args, config) -> int:
         if args.store_cmd == "ls":
             since = datetime.now(timezone.utc) - timedelta(hours=args.since) if args.since else None
             rows = store.list_examples(status=args.status, method=args.method, limit=args.limit, since=since,
-                                       order="desc")
+                                       order="desc", source=args.source)
             if args.json:
                 _json([_row_dict(r) for r in rows])
             else:
                 _table([(r.id, r.status, r.method, f"{r.agreement:.2f}" if r.agreement is not None else "",
-                         r.tag or "", _when(r.created_at), r.input, r.target) for r in rows],
-                       ["id", "status", "method", "agree", "scope", "created", "input", "target"],
-                       [6, 8, 6, 5, 20, 16, 44, 20])
+                         r.tag or "", r.source or "-", _when(r.created_at), r.input, r.target) for r in rows],
+                       ["id", "status", "method", "agree", "scope", "source", "created", "input", "target"],
+                       [6, 8, 6, 5, 20, 16, 16, 44, 20])
         elif args.store_cmd == "show":
             row = store.get_example(args.id)
             if row is None:
@@ -239,7 +247,7 @@ def cmd_store(args, config) -> int:
             if args.output:
                 _out(f"exported {n} examples to {args.output}")
         elif args.store_cmd == "import":
-            n = store.import_examples(args.file)
+            n = store.import_examples(args.file, source=args.source)
             _out(f"imported {n} examples from {args.file}")
         elif args.store_cmd == "stats":
             stats = store.stats()
@@ -253,6 +261,8 @@ def cmd_store(args, config) -> int:
         elif args.store_cmd == "prune":
             before = datetime.now(timezone.utc) - timedelta(days=args.older_than_days) if args.older_than_days else None
             _out(f"pruned {store.prune_examples(args.status, before)} {args.status} examples")
+        elif args.store_cmd == "purge":
+            return _purge(store, args.source, args.yes)
     return 0
 
 
@@ -280,6 +290,35 @@ def _store_check(args, config) -> int:
     if report.advice:
         _out(report.advice)
     return 1
+
+
+def _purge(store, source: str, yes: bool) -> int:
+    """``agent store purge --source NAME``: what it would do, a confirmation (or ``--yes``), one line of outcome."""
+    plan = store.purge_source(source, dry_run=True)
+    if not plan.examples:
+        _out(f"source {source!r} has no examples; nothing purged")
+        return 0
+    flagged = ", ".join(f"v{v}" for v in plan.adapters) or "none"
+    if not yes:
+        if not sys.stdin.isatty():
+            sys.stderr.write(f"agent: error: purging {plan.examples} examples of source {source!r} needs confirmation:"
+                             " run it in a terminal, or add --yes\n")
+            return 2
+        reply = input(f"delete {plan.examples} examples of source {source!r} ({_counts(plan.by_status)}) and flag "
+                      f"adapters {flagged} for retraining? [y/N] ")
+        if reply.strip().lower() not in ("y", "yes"):
+            _out("nothing purged")
+            return 1
+    report = store.purge_source(source)
+    serving = f" (serving now: {', '.join(f'v{v}' for v in report.serving)}: roll back or consolidate)" \
+        if report.serving else ""
+    _out(f"purged source {source!r}: {report.examples} examples ({_counts(report.by_status)}); adapters flagged for "
+         f"retraining: {', '.join(f'v{v}' for v in report.adapters) or 'none'}{serving}")
+    return 0
+
+
+def _counts(by_status: dict[str, int]) -> str:
+    return ", ".join(f"{n} {status}" for status, n in sorted(by_status.items()))
 
 
 def _print_stats(stats: dict[str, Any]) -> None:
@@ -369,15 +408,20 @@ def cmd_adapters(args, config) -> int:
                 return 0
             _table([(f"v{r.version}", f"v{r.parent}" if r.parent else "base", r.scope or "general", r.status,
                      ("!" if r.version in broken else "*") if r.serving else "", _when(r.created_at), r.n_train,
-                     _fmt(r.metrics.get("holdout_accuracy_candidate")), _fmt(r.metrics.get("retention")))
+                     _fmt(r.metrics.get("holdout_accuracy_candidate")), _fmt(r.metrics.get("retention")),
+                     "retrain" if r.needs_retrain else "")
                     for r in rows],
-                   ["version", "parent", "scope", "status", "serving", "created", "trained", "holdout", "retention"],
-                   [8, 8, 12, 10, 7, 16, 7, 7, 9])
+                   ["version", "parent", "scope", "status", "serving", "created", "trained", "holdout", "retention",
+                    "flag"],
+                   [8, 8, 12, 10, 7, 16, 7, 7, 9, 7])
             if not any(r.serving for r in rows):
                 _out("(no adapter serves: the base model answers)")
             for version, why in broken.items():
                 _out(f"! v{version} is marked serving but does not load ({why}): servers keep the adapter they had,"
                      " or the base model, for its scope; restore its files or roll back (agent adapters rollback)")
+            if any(r.needs_retrain and r.serving for r in rows):
+                _out("(retrain: it learned from examples `agent store purge` took back; roll back to an unflagged "
+                     "version, or consolidate again)")
         elif args.adapters_cmd == "show":
             row = store.get_adapter(args.version)
             if row is None:
@@ -525,6 +569,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host")
     p.add_argument("--port", type=int)
     p.add_argument("--admin-token", dest="admin_token")
+    p.add_argument("--api-key", dest="api_key",
+                   help="require 'Authorization: Bearer KEY' on /v1 (one key with every right; named keys and "
+                        "rights: server.api_keys, server.api_keys_file, S2AGENT_API_KEYS)")
+    p.add_argument("--allow-unauthenticated", dest="allow_unauthenticated", action="store_true",
+                   help="serve a non-loopback --host without API keys (anyone who reaches it may teach the model)")
     _add_schedule_options(p)
     p.add_argument("--no-train", dest="no_train", action="store_true",
                    help="serve only: no consolidation here; follow the promotions made by another process")
@@ -556,6 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--method")
     q.add_argument("--limit", type=_bounded(int, 1, MAX_ROW_ID), default=50)
     q.add_argument("--since", type=_bounded(float, 0.0, float(MAX_HOURS)), help="only the last N hours")
+    q.add_argument("--source", help="only the examples this source (an API key's name, local, anonymous) taught")
     q.add_argument("--json", action="store_true")
     q = ss.add_parser("show", help="one example, all fields")
     q.add_argument("id", type=_bounded(int, 0, MAX_ROW_ID))
@@ -565,6 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("-o", "--output", help="file (default: stdout)")
     q = ss.add_parser("import", help="import JSONL (the export format, or {\"input\", \"target\"} lines)")
     q.add_argument("file")
+    q.add_argument("--source", default="local", help="source of lines that name none (default: local)")
     q = ss.add_parser("stats", help="counts, route and acceptance rates, tokens spent")
     q.add_argument("--json", action="store_true")
     q = ss.add_parser("prune", help="delete examples of a status")
@@ -573,6 +624,9 @@ def build_parser() -> argparse.ArgumentParser:
     q = ss.add_parser("check", help="is the database whole? (SQLite: integrity_check, read-only; exit 1 if not)")
     q.add_argument("--quick", action="store_true", help="PRAGMA quick_check: faster, skips the index comparison")
     q.add_argument("--json", action="store_true")
+    q = ss.add_parser("purge", help="delete every example one source taught; flag the adapters that learned them")
+    q.add_argument("--source", required=True, help="the source (an API key's name) to take back")
+    q.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     p.set_defaults(func=cmd_store)
 
     p = sub.add_parser("consolidate", help="distil the buffer into a new LoRA adapter now")

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
+from agent.auth import entry_problems
 from agent.errors import ConfigError
 from policies.answers import AnswerKind
 from policies.system2 import METHODS
@@ -80,6 +81,13 @@ class Interval:
 def within(interval: str, default: Any) -> Any:
     """A dataclass field whose value (unless it is an optional field's ``None``) must lie in ``interval``."""
     return field(default=default, metadata={"range": Interval(interval)})
+
+
+def _url_problems(value: object) -> list[str]:
+    """A field's ``check``: why ``value`` is not an http(s) URL (none when it is)."""
+    if value is None or (isinstance(value, str) and value.startswith(("http://", "https://"))):
+        return []
+    return [f"must be an http:// or https:// URL such as http://host:8000/v1; got {value!r}"]
 
 
 # --- System 2 method names ----------------------------------------------------------------------------
@@ -143,7 +151,7 @@ class TeacherConfig:
     The student stays the local model: the consistency filter, the store, consolidation and the gate are
     the same whichever model wrote the votes. Only ``/chat/completions`` is used."""
 
-    base_url: str | None = field(default=None, metadata={"url": True})
+    base_url: str | None = field(default=None, metadata={"check": _url_problems})
     """The endpoint's API root, e.g. ``http://gpu-host:8000/v1`` (vLLM, another ``agent serve``, a hosted
     API); unset: no teacher, and ``teacher:*`` methods are a configuration error."""
     model: str = "default"
@@ -304,6 +312,14 @@ class ConsolidationConfig:
     store_adapter_files: bool = True
     """Write each promoted adapter's files into the store, so replicas on other machines serve it from
     there (each into its own ``adapters_dir``); False: replicas need the adapters folder shared."""
+    max_source_share: float = within("(0, 1]", 0.5)
+    """The largest share of one consolidation's new training examples a single source (an API key) may
+    contribute; the rest of its examples stay pending until other sources balance them, so no one client
+    is most of what an adapter learns (``policies/sources.py``). A capped source alone trains on nothing.
+    1: no cap. Never capped: ``local`` (in-process and CLI calls), ``anonymous`` (a server without keys),
+    keys with the ``admin`` right, examples stored before sources were recorded, and ``uncapped_sources``."""
+    uncapped_sources: list[str] = field(default_factory=list)
+    """More source names (API key names) that ``max_source_share`` never cuts: sources you trust."""
 
     def __post_init__(self) -> None:
         _check_fields(self)
@@ -371,14 +387,33 @@ class ServerConfig:
     """The OpenAI-compatible HTTP server (``agent serve``)."""
 
     host: str = "127.0.0.1"
-    """Address to bind; ``0.0.0.0`` serves every interface (set ``admin_token`` before you do)."""
+    """Address to bind; ``0.0.0.0`` serves every interface, and needs API keys (``api_key``, ``api_keys``,
+    ``api_keys_file``) or ``allow_unauthenticated``: anything but loopback is refused without them."""
     port: int = within("[1, 65535]", 8000)
     """TCP port to listen on."""
     write_behind: bool = True
     """Log plain System 1 answers through a bounded queue committed in batches (thousands of rows a second
     instead of hundreds); a crash loses at most ~50 ms of those logs, never a System 2 example."""
     admin_token: str | None = None
-    """Token for ``/admin/*`` (also ``S2AGENT_ADMIN_TOKEN``); admin routes are refused when unset."""
+    """Token for ``/admin/*`` (also ``S2AGENT_ADMIN_TOKEN``); admin routes are refused when unset and no API
+    key has the ``admin`` right. It opens ``/admin/*`` only, not ``/v1/*``."""
+    api_key: str | None = field(default=None, repr=False, metadata={"secret": True})
+    """One API key with every right (``agent serve --api-key KEY``, as vLLM's ``--api-key``): ``/v1/*`` then
+    needs ``Authorization: Bearer KEY``. Its traffic is recorded under ``key-`` and 12 hex digits of its
+    SHA-256, never the key itself."""
+    api_keys: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False,
+                                               metadata={"check": entry_problems, "secret": True})
+    """Named API keys and their rights, ``name = {key_sha256 = "<sha256 hex of the key>", rights = [...]}``
+    (``key = "..."`` instead of ``key_sha256`` works, but keeps the secret in the file); also
+    ``S2AGENT_API_KEYS`` (the same table as JSON). Rights: ``answer`` (be served), ``teach`` (its traffic may
+    become training data), ``steer`` (may set ``s2agent`` route, method, tag), ``admin`` (``/admin/*``;
+    never capped per source). Without ``rights`` a key may only be answered. See ``agent/auth.py``."""
+    api_keys_file: str | None = None
+    """A file holding more keys in the ``api_keys`` format: JSON when it ends in ``.json``, TOML otherwise.
+    Read when the server starts."""
+    allow_unauthenticated: bool = False
+    """Serve a non-loopback address without API keys (``--allow-unauthenticated``). Refused by default:
+    without keys, anyone who can reach the port may teach the model and steer System 2."""
     max_body_bytes: int = within("[1, inf)", 1_000_000)
     """Larger request bodies are refused with a 413."""
     max_tokens_limit: int = within("[1, inf)", 1024)
@@ -508,6 +543,9 @@ class AgentConfig:
                 _set_dotted(config, dotted, value, source=key, from_string=True)
         if environ.get("S2AGENT_ADMIN_TOKEN"):
             config.server.admin_token = environ["S2AGENT_ADMIN_TOKEN"]
+        if environ.get("S2AGENT_API_KEYS"):
+            _set_dotted(config, "server.api_keys", environ["S2AGENT_API_KEYS"], source="S2AGENT_API_KEYS",
+                        from_string=True)
         for key, value in (overrides or {}).items():
             if value is not None:
                 _set_dotted(config, key, value, source=f"option {key}")
@@ -525,7 +563,8 @@ class AgentConfig:
         return config
 
 
-_NOT_CONFIG_ENV = {"S2AGENT_HOME", "S2AGENT_CACHE_DIR", "S2AGENT_ADMIN_TOKEN", "S2AGENT_TEST_POSTGRES_URL"}
+_NOT_CONFIG_ENV = {"S2AGENT_HOME", "S2AGENT_CACHE_DIR", "S2AGENT_ADMIN_TOKEN", "S2AGENT_API_KEYS",
+                   "S2AGENT_TEST_POSTGRES_URL"}
 
 
 def _apply(obj: Any, data: Mapping[str, Any], source: str, prefix: str = "") -> None:
@@ -552,7 +591,13 @@ def _set_dotted(config: Any, dotted: str, value: Any, source: str, from_string: 
             raise ConfigError(f"config section {dotted!r} must be a table (from {source})")
         _apply(config, value, source, prefix=f"{dotted}.")
         return
-    value = _coerce(types[name], value, dotted, source, from_string)
+    try:
+        value = _coerce(types[name], value, dotted, source, from_string)
+    except ConfigError:
+        if not _fields(type(target))[name].metadata.get("secret"):
+            raise
+        raise ConfigError(f"config key {dotted!r} (from {source}) expects {types[name]}; the value is not shown, "
+                          "it may hold secrets") from None
     _check_value(_fields(type(target))[name], types[name], value, dotted, source)
     setattr(target, name, value)
 
@@ -630,8 +675,11 @@ def _check_value(f: dataclasses.Field, tp: Any, value: Any, key: str, source: st
             raise ConfigError(f"{where} must be a number in {interval}; got {value!r}")
         if value not in interval:
             raise ConfigError(f"{where} must be in {interval}; got {value!r}")
-    if f.metadata.get("url") and not (isinstance(value, str) and value.startswith(("http://", "https://"))):
-        raise ConfigError(f"{where} must be an http:// or https:// URL such as http://host:8000/v1; got {value!r}")
+    check = f.metadata.get("check")
+    if check is not None:
+        problems = check(value)
+        if problems:
+            raise ConfigError(f"{where}: {problems[0]}")
     if f.metadata.get("templates"):
         problems = template_problems(value)
         if problems:

@@ -4,7 +4,9 @@ One run (``agent consolidate``, ``Agent.consolidate()``, or the scheduler):
 1. take the consolidation lock in the store (never two runs at once, across processes), reap runs
    that were killed, and remove half-written adapter folders they left;
 2. data: the ``pending`` System 2 examples; a seeded, stable share of them becomes ``holdout`` and
-   is never trained on; earlier ``used`` examples are replayed; retention examples (System 1's own
+   is never trained on; of the rest, no single source (API key) may be more than
+   ``consolidation.max_source_share`` of what trains (``policies.sources``: its surplus stays pending for
+   a later round); earlier ``used`` examples are replayed; retention examples (System 1's own
    confident answers, from the store's history and a shipped general prompt set, answered by the
    serving model now) keep current behaviour in place;
 3. train a LoRA adapter (:mod:`agent.training`) into a temporary folder;
@@ -35,13 +37,15 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol, Sequence
 
 from agent.adapter_cache import folder_files, local_folder
+from agent.auth import OPERATOR_SOURCES, KeyRing
 from agent.backends import Backend, Completion
 from agent.config import AgentConfig
 from agent.data import general_prompts
-from agent.errors import ConsolidationInterrupted
+from agent.errors import ConfigError, ConsolidationInterrupted
 from agent.prompting import TrainingExample, system1_messages
 from agent.training import TrainingDiverged, train_lora
 from policies.answers import answers_match, normalise, similarity
+from policies.sources import cap_by_source
 from store import Interaction, Store
 
 logger = logging.getLogger(__name__)
@@ -92,6 +96,8 @@ class ConsolidationReport:
     adapter_version: int | None = None
     parent_version: int | None = None
     n_new: int = 0
+    n_deferred: int = 0
+    """Pending examples left for a later round by the per-source cap (``consolidation.max_source_share``)."""
     n_replay: int = 0
     n_retention: int = 0
     n_holdout: int = 0
@@ -108,6 +114,19 @@ def holdout_bucket(text: str, seed: int) -> float:
     """A stable pseudo-random number in [0, 1) per input: the same example is always held out."""
     digest = hashlib.sha256(f"{seed}:{text.strip().lower()}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def uncapped_sources(config: AgentConfig) -> set[str | None]:
+    """The sources ``consolidation.max_source_share`` never cuts: the operator's own (``local``, ``anonymous``),
+    keys with the ``admin`` right, ``consolidation.uncapped_sources``, and None (examples stored before
+    sources were recorded). A keys file that cannot be read now counts for nothing: the cap errs on the
+    strict side."""
+    names: set[str | None] = {None, *OPERATOR_SOURCES, *config.consolidation.uncapped_sources}
+    try:
+        names |= KeyRing.load(config.server).admin_names()
+    except ConfigError as exc:
+        logger.warning("per-source caps: cannot read the API keys (%s); only the configured names are uncapped", exc)
+    return names
 
 
 def consolidate(
@@ -179,11 +198,19 @@ def _consolidate_locked(agent: Learner, owner, scope, dry_run, min_examples, epo
                if scope is not None or not cfg.per_tag or e.tag is None]
     to_holdout = [e for e in pending if holdout_bucket(e.input, cfg.seed) < cfg.holdout_fraction]
     held = {e.id for e in to_holdout}
-    new = [e for e in pending if e.id not in held]
+    cap = cap_by_source([e for e in pending if e.id not in held], lambda e: e.source, cfg.max_source_share,
+                        uncapped_sources(agent.config))
+    new = cap.selected
+    if cap.deferred:
+        logger.info("per-source cap (%.2f of a round): %d example(s) wait for a later round: %s",
+                    cfg.max_source_share, len(cap.deferred),
+                    ", ".join(f"{source}: {n}" for source, n in cap.deferred_by_source.items()))
     if len(new) < min_examples:
+        waiting = (f" ({len(cap.deferred)} more wait: no source may be more than {cfg.max_source_share:g} of a "
+                   "round)") if cap.deferred else ""
         return ConsolidationReport(
-            "skipped", f"{len(new)} pending examples to train on, fewer than --min-examples {min_examples}",
-            scope=scope, n_new=len(new), seconds=time.perf_counter() - started,
+            "skipped", f"{len(new)} pending examples to train on, fewer than --min-examples {min_examples}{waiting}",
+            scope=scope, n_new=len(new), n_deferred=len(cap.deferred), seconds=time.perf_counter() - started,
         )
     if to_holdout and not dry_run:
         store.set_example_status([e.id for e in to_holdout], "holdout")
@@ -197,7 +224,7 @@ def _consolidate_locked(agent: Learner, owner, scope, dry_run, min_examples, epo
                             sum(1 for p in retention_inputs if holdout_bucket(p, cfg.seed + 1) >= 0.5))
     report = ConsolidationReport(
         "dry-run", "", scope=scope, parent_version=serving.version if serving else None, n_new=len(new),
-        n_replay=len(replay), n_holdout=len(holdout),
+        n_deferred=len(cap.deferred), n_replay=len(replay), n_holdout=len(holdout),
     )
     if dry_run:
         report.n_retention = n_retention_train
@@ -236,7 +263,9 @@ def _consolidate_locked(agent: Learner, owner, scope, dry_run, min_examples, epo
 
         stats = train_lora(
             agent.model_path, examples, cfg, tmp,
-            resume_from=local_folder(store, serving, root) if (cfg.resume and serving) else None,
+            # never from an adapter flagged by `store purge`: it learned from examples taken back
+            resume_from=local_folder(store, serving, root) if (cfg.resume and serving and not serving.needs_retrain)
+            else None,
             system_prompt=system_prompt, epochs=epochs, on_step=step if not progress else _progress(step),
         )
         report.metrics.update(train_steps=stats.steps, train_seconds=round(stats.seconds, 2),

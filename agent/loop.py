@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
+from agent.auth import LOCAL
 from agent.backends import (
     Backend,
     Completion,
@@ -51,7 +52,7 @@ from policies.routing import (
 from policies.scoping import ScopeClassifier, ScopeDecision, ScopeIndex
 from policies.system2 import Auto, UnknownMethodError, make_method
 from policies.system2.base import Call, System2Method, System2Result
-from store import Adapter, ConsolidationRun, Interaction, Store, StoreError
+from store import Adapter, ConsolidationRun, Interaction, PurgeReport, Store, StoreError
 from store.writer import InteractionWriter
 from store.schema import MAX_TAG_LENGTH
 
@@ -181,8 +182,16 @@ class Agent:
         top_p: float = 1.0,
         stop: Sequence[str] = (),
         seed: int | None = None,
+        source: str = LOCAL,
+        teach: bool = True,
     ) -> Answer:
-        """Answer one query through the loop; see the module docstring."""
+        """Answer one query through the loop; see the module docstring.
+
+        ``source`` names who asked (an API key's name; ``local`` for in-process calls, never a secret): it is
+        recorded with the interaction and the example, for per-source caps and ``agent store purge``.
+        ``teach=False`` (a key without the ``teach`` right): the query is answered as usual, System 2
+        included when the router sends it there, but no example is stored from it, it joins no automatic
+        scope, and in background mode it is not queued for a label (that label would only be training data)."""
         started = time.perf_counter()
         if not isinstance(query, str) or not query.strip():
             raise InvalidQueryError("query is empty")
@@ -228,17 +237,23 @@ class Agent:
         if scope:
             answer.route_reason["scope"] = {"tag": scope.tag, "similarity": round(scope.similarity, 3),
                                             "general_similarity": round(scope.general_similarity, 3)}
+        if not teach:
+            answer.route_reason["teach"] = False
         deferred = None
         if decision.route == "system2":
             if route == "auto" and self.config.system2.mode == "background":
-                deferred = self._defer_system2(answer, query, method, tag)
+                if teach:
+                    deferred = self._defer_system2(answer, query, method, tag, source)
+                else:
+                    answer.route_reason["system2"] = "not queued: the source may not teach"
             else:
                 self._run_system2(answer, query, method, tag)
-                if tag is None and answer.accepted and self.config.scoping.auto:
+                # a source that may not teach does not shape the scopes either: its input joins no index
+                if tag is None and answer.accepted and self.config.scoping.auto and teach:
                     tag = answer.tag = self._assign_scope(answer, query)
         answer.latency_ms = (time.perf_counter() - started) * 1000
         try:
-            self._record(answer, query, tag)
+            self._record(answer, query, tag, source, teach)
         finally:
             if deferred is not None:
                 deferred.logged(answer.interaction_id)
@@ -376,6 +391,11 @@ class Agent:
         return [{"scope": scope, "version": version, "error": error,
                  "serving_version": serving[scope][0] if scope in serving else None}
                 for scope, (version, error, _) in sorted(errors.items(), key=lambda i: i[0] or "")]
+
+    def purge_source(self, source: str, dry_run: bool = False) -> PurgeReport:
+        """Delete every example ``source`` taught and flag the adapters that learned from them
+        ``needs_retrain`` (see ``store.sources``); serving does not change: roll back or consolidate."""
+        return self.store.purge_source(source, dry_run=dry_run)
 
     def stats(self) -> dict[str, Any]:
         """The store's counts: examples by status and method, interactions by route, tokens spent."""
@@ -719,10 +739,11 @@ class Agent:
         return run
 
     # --- store -----------------------------------------------------------------------------
-    def _record(self, answer: Answer, query: str, tag: str | None) -> None:
-        """Log the interaction, and System 2's example. A plain System 1 answer goes through the write-behind
-        queue when one runs (:meth:`start_write_behind`; its ``interaction_id`` stays None); an answer that
-        System 2 labelled, or will label in the background, is written now: its example points to it."""
+    def _record(self, answer: Answer, query: str, tag: str | None, source: str, teach: bool) -> None:
+        """Log the interaction, and System 2's example (when ``source`` may teach). A plain System 1 answer goes
+        through the write-behind queue when one runs (:meth:`start_write_behind`; its ``interaction_id`` stays
+        None); an answer that System 2 labelled, or will label in the background, is written now: its example
+        points to it."""
         fields = dict(
             input=query, tag=tag, route=answer.route, system1_answer=answer.system1_text,
             confidence=answer.confidence, final_answer=answer.text, method=answer.method,
@@ -730,29 +751,32 @@ class Agent:
             tokens_system2=answer.tokens_system2, system2_calls=answer.system2_calls,
             latency_ms=answer.latency_ms, route_reason=answer.route_reason, votes=answer.votes,
             accepted=answer.accepted, error=answer.error, teacher_prompt_tokens=answer.teacher_prompt_tokens,
-            teacher_completion_tokens=answer.teacher_completion_tokens,
+            teacher_completion_tokens=answer.teacher_completion_tokens, source=source,
         )
         if self._writer is not None and answer.method is None and "system2" not in answer.route_reason:
             self._writer.submit(fields)
             return
         answer.interaction_id = self.store.log_interaction(**fields)
-        self._record_example(answer, query, tag)
+        if teach:
+            self._record_example(answer, query, tag, source)
 
-    def _record_example(self, answer: Answer, query: str, tag: str | None) -> None:
+    def _record_example(self, answer: Answer, query: str, tag: str | None, source: str | None) -> None:
         """Keep System 2's answer as an example: ``pending`` if it passed the filter, else ``rejected`` with
         its votes; nothing when System 2 gave no parsable answer. Inline and background labels both come here."""
         if answer.method and answer.votes is not None and answer.route == "system2":
             self.store.add_example(
                 input=query, target=answer.text, method=answer.method, votes=answer.votes,
                 agreement=answer.agreement, status="pending" if answer.accepted else "rejected",
-                kind="system2", tag=tag, interaction_id=answer.interaction_id,
+                kind="system2", tag=tag, interaction_id=answer.interaction_id, source=source,
             )
 
     # --- background System 2 ---------------------------------------------------------------
-    def _defer_system2(self, answer: Answer, query: str, method: str | None, tag: str | None) -> Deferred | None:
+    def _defer_system2(self, answer: Answer, query: str, method: str | None, tag: str | None,
+                       source: str) -> Deferred | None:
         """Offer ``query`` to the background queue; the user keeps System 1's ``answer``, which says whether
         System 2 was ``queued`` or ``dropped`` (queue full) in ``route_reason["system2"]``."""
-        item = Deferred(query, method, tag, answer.system1_text, answer.confidence, answer.adapter_version)
+        item = Deferred(query, method, tag, answer.system1_text, answer.confidence, answer.adapter_version,
+                        source=source)
         queued = self._system2_queue.offer(item)
         answer.route_reason["system2"] = "queued" if queued else "dropped"
         return item if queued else None
@@ -767,7 +791,7 @@ class Agent:
         tag = item.tag
         if tag is None and answer.accepted and self.config.scoping.auto:
             tag = self._assign_scope(answer, item.query)  # the example joins its scope; the logged answer stays
-        self._record_example(answer, item.query, tag)
+        self._record_example(answer, item.query, tag, item.source)
         return Label(accepted=bool(answer.accepted and answer.route == "system2"), tokens=result.tokens)
 
     def background_stats(self) -> dict[str, int]:

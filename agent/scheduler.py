@@ -42,7 +42,9 @@ from typing import Any, Protocol
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
-from agent.consolidation import ConsolidationReport, Learner, cleanup_after_crash, holdout_bucket
+from agent.auth import OPERATOR_SOURCES
+from agent.config import AgentConfig
+from agent.consolidation import ConsolidationReport, Learner, cleanup_after_crash, holdout_bucket, uncapped_sources
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +79,19 @@ def worker_command(config_file: str, report_file: str, scope: str | None, nice: 
     command = [sys.executable, "-c", _BOOTSTRAP, str(max(0, nice)), "--config", config_file,
                "--report", report_file, "--log-level", log_level]
     return command + (["--scope", scope] if scope is not None else [])
+
+
+def child_config_data(config: AgentConfig) -> dict[str, Any]:
+    """The effective configuration a consolidation child process is given, as JSON data: the database and
+    adapters folder resolved, and no secret (the child serves nothing): instead of the API keys it gets the
+    names of the keys its per-source caps must spare."""
+    data = config.to_dict()
+    data["server"]["admin_token"] = None
+    data["consolidation"]["uncapped_sources"] = sorted(
+        name for name in uncapped_sources(config) if name and name not in OPERATOR_SOURCES)
+    data["server"].update(api_key=None, api_keys={}, api_keys_file=None)
+    data["db"], data["adapters_dir"] = config.db_url(), str(config.adapters_path())
+    return data
 
 
 class ConsolidationScheduler:
@@ -147,9 +162,7 @@ class ConsolidationScheduler:
         """One consolidation in a child process; returns its report once it has exited."""
         with tempfile.TemporaryDirectory(prefix="s2agent-consolidation-") as folder:
             config_file, report_file = os.path.join(folder, "config.json"), os.path.join(folder, "report.json")
-            data = self.agent.config.to_dict()
-            data["server"]["admin_token"] = None  # the child serves nothing
-            data["db"], data["adapters_dir"] = self.agent.config.db_url(), str(self.agent.config.adapters_path())
+            data = child_config_data(self.agent.config)
             with open(config_file, "w") as f:
                 json.dump(data, f)
             threads = str(self.config.train_threads or default_train_threads())

@@ -33,6 +33,7 @@ from .schema import (
     Route,
     RunStatus,
 )
+from .sources import PurgeReport
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -47,6 +48,7 @@ __all__ = [
     "Interaction",
     "Lock",
     "Meta",
+    "PurgeReport",
     "Route",
     "RunStatus",
     "SchemaVersionError",

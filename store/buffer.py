@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from .db import StoreBase, chunks
 from .errors import ImportValidationError, StoreError
-from .schema import Example, ExampleKind, ExampleStatus, utcnow
+from .schema import MAX_SOURCE_LENGTH, Example, ExampleKind, ExampleStatus, utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ PathOrFile = Union[str, "os.PathLike[str]", IO[str]]
 
 _EXPORT_FIELDS = (
     "id", "input", "target", "method", "votes", "agreement", "status", "kind", "tag",
-    "interaction_id", "adapter_version", "created_at", "updated_at",
+    "interaction_id", "adapter_version", "created_at", "updated_at", "source",
 )  # fmt: skip
 
 
@@ -75,13 +75,14 @@ def _add_in_session(
     kind: str,
     tag: Optional[str],
     interaction_id: Optional[int],
+    source: Optional[str] = None,
 ) -> tuple[Example, bool]:
     key = dedup_key(input, tag)
     existing = session.scalar(select(Example).where(Example.dedup_key == key))
     if existing is None:
         row = Example(
             input=input, target=target, method=method, votes=votes, agreement=agreement, status=status,
-            kind=kind, tag=tag, dedup_key=key, interaction_id=interaction_id,
+            kind=kind, tag=tag, dedup_key=key, interaction_id=interaction_id, source=source,
         )  # fmt: skip
         session.add(row)
         session.flush()
@@ -90,6 +91,7 @@ def _add_in_session(
         existing.input, existing.target, existing.method = input, target, method
         existing.votes, existing.agreement, existing.status = votes, agreement, status
         existing.kind, existing.interaction_id, existing.adapter_version = kind, interaction_id, None
+        existing.source = source  # the answer, and so who taught it, is the new one
         existing.updated_at = utcnow()
         session.flush()
         return existing, True
@@ -117,9 +119,11 @@ def _validate_line(number: int, line: str) -> tuple[Optional[dict[str, Any]], li
         problems.append("missing 'target' (or 'answer')")
     elif not isinstance(target, str) or not target.strip():
         problems.append("'target' must be a non-empty string")
-    for name in ("method", "tag"):
+    for name in ("method", "tag", "source"):
         if record.get(name) is not None and not isinstance(record[name], str):
             problems.append(f"'{name}' must be a string or null")
+    if isinstance(record.get("source"), str) and not 0 < len(record["source"]) <= MAX_SOURCE_LENGTH:
+        problems.append(f"'source' must be 1 to {MAX_SOURCE_LENGTH} characters")
     if record.get("votes") is not None and not isinstance(record["votes"], dict):
         problems.append("'votes' must be an object or null")
     agreement = record.get("agreement")
@@ -140,6 +144,7 @@ def _validate_line(number: int, line: str) -> tuple[Optional[dict[str, Any]], li
         "kind": ExampleKind.IMPORT.value,
         "tag": record.get("tag"),
         "interaction_id": None,  # ids do not carry over between databases
+        "source": record.get("source"),  # kept: an export re-imported must not launder who taught it
     }, []
 
 
@@ -166,11 +171,13 @@ class BufferMixin(StoreBase):
         kind: str = ExampleKind.SYSTEM2.value,
         tag: Optional[str] = None,
         interaction_id: Optional[int] = None,
+        source: Optional[str] = None,
     ) -> tuple[Example, bool]:
         """Add one example unless its question is already in the buffer; returns ``(row, created)``.
 
         An existing row comes back unchanged with ``created=False``, except a ``rejected`` one, which a new
-        ``pending`` example replaces in place (``created=True``).
+        ``pending`` example replaces in place (``created=True``). ``source`` names who taught it (an API
+        key's name, ``local``...; never a secret): per-source caps and ``purge_source`` read it.
         """
         if not isinstance(input, str) or not input.strip():
             raise StoreError("add_example: 'input' must be a non-empty string")
@@ -179,7 +186,7 @@ class BufferMixin(StoreBase):
         fields: dict[str, Any] = dict(
             input=input, target=target, method=method, votes=votes, agreement=agreement,
             status=_choice(status, ExampleStatus, "status"), kind=_choice(kind, ExampleKind, "kind"),
-            tag=tag, interaction_id=interaction_id,
+            tag=tag, interaction_id=interaction_id, source=source,
         )  # fmt: skip
         for attempt in range(3):
             try:
@@ -205,6 +212,7 @@ class BufferMixin(StoreBase):
         kind: Optional[str] = None,
         tag: Optional[str] = None,
         since: Optional[datetime] = None,
+        source: Optional[str] = None,
     ) -> Select[Any]:
         statuses = _statuses(status)
         if statuses is not None:
@@ -217,6 +225,8 @@ class BufferMixin(StoreBase):
             query = query.where(Example.tag == tag)
         if since is not None:
             query = query.where(Example.created_at >= since)
+        if source is not None:
+            query = query.where(Example.source == source)
         return query
 
     def list_examples(
@@ -228,11 +238,12 @@ class BufferMixin(StoreBase):
         limit: Optional[int] = None,
         since: Optional[datetime] = None,
         order: str = "asc",
+        source: Optional[str] = None,
     ) -> list[Example]:
         """Examples matching every filter given (``status`` may be one or a list), by creation time."""
         if order not in ("asc", "desc"):
             raise StoreError(f"order must be 'asc' or 'desc', not {order!r}")
-        query = self._filtered(select(Example), status, method, kind, tag, since)
+        query = self._filtered(select(Example), status, method, kind, tag, since, source)
         if order == "asc":
             query = query.order_by(Example.created_at, Example.id)
         else:
@@ -302,13 +313,14 @@ class BufferMixin(StoreBase):
                 n += 1
         return n
 
-    def import_examples(self, fp: PathOrFile) -> int:
+    def import_examples(self, fp: PathOrFile, source: Optional[str] = None) -> int:
         """Import JSONL examples all-or-nothing; returns how many rows were added (duplicates are skipped).
 
         Raises :class:`ImportValidationError` naming every malformed line, having imported nothing.
-        Imported rows get ``kind='import'`` and ``status='pending'`` unless the line gives a status.
+        Imported rows get ``kind='import'`` and ``status='pending'`` unless the line gives a status, and the
+        line's ``source`` (an export keeps who taught each example), else ``source``.
         """
-        source = os.fspath(fp) if isinstance(fp, (str, os.PathLike)) else str(getattr(fp, "name", "<import>"))
+        origin = os.fspath(fp) if isinstance(fp, (str, os.PathLike)) else str(getattr(fp, "name", "<import>"))
         records: list[dict[str, Any]] = []
         errors: list[tuple[int, str]] = []
         with _open(fp, "r") as src:
@@ -319,13 +331,14 @@ class BufferMixin(StoreBase):
                 if record is None:
                     errors.append((number, "; ".join(problems)))
                 else:
+                    record["source"] = record["source"] or source
                     records.append(record)
         if errors:
-            raise ImportValidationError(source, errors)
+            raise ImportValidationError(origin, errors)
         added = 0
         with self._write() as session:
             for record in records:
                 _, created = _add_in_session(session, **record)
                 added += created
-        logger.info("imported %d example(s) from %s, skipped %d duplicate(s)", added, source, len(records) - added)
+        logger.info("imported %d example(s) from %s, skipped %d duplicate(s)", added, origin, len(records) - added)
         return added

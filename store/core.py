@@ -13,10 +13,12 @@ from .buffer import BufferMixin
 from .interactions import InteractionsMixin
 from .runs import RunsMixin
 from .scopes import ScopesMixin
+from .sources import SourcesMixin
 
 
-class Store(InteractionsMixin, BufferMixin, AdaptersMixin, AdapterFilesMixin, RunsMixin, ScopesMixin):
-    """The s2agent database: interactions, the distillation buffer, adapters, consolidation runs and locks.
+class Store(InteractionsMixin, BufferMixin, AdaptersMixin, AdapterFilesMixin, RunsMixin, ScopesMixin, SourcesMixin):
+    """The s2agent database: interactions, the distillation buffer, adapters (and their files), consolidation runs,
+    locks, sources.
 
     ``Store("agent.db")`` opens (creating folders and the schema if needed, upgrading an older schema) a
     SQLite file; ``Store("postgresql+psycopg://...")`` any SQLAlchemy URL. Every row it returns is detached

@@ -57,10 +57,18 @@ def _v3_to_v4(conn: Connection) -> None:
                       "sha256 VARCHAR(64) NOT NULL REFERENCES adapter_blobs (sha256), PRIMARY KEY (version, name))"))
 
 
+def _v4_to_v5(conn: Connection) -> None:
+    conn.execute(text("ALTER TABLE interactions ADD COLUMN source VARCHAR(64)"))
+    conn.execute(text("ALTER TABLE examples ADD COLUMN source VARCHAR(64)"))
+    conn.execute(text("CREATE INDEX ix_examples_source ON examples (source)"))
+    conn.execute(text("ALTER TABLE adapters ADD COLUMN needs_retrain BOOLEAN DEFAULT FALSE NOT NULL"))
+
+
 MIGRATIONS: list[Migration] = [
     Migration(1, "interactions.error, examples.kind, adapters.files_deleted", _v1_to_v2),
     Migration(2, "interactions.teacher_prompt_tokens, interactions.teacher_completion_tokens", _v2_to_v3),
     Migration(3, "adapter_blobs, adapter_files", _v3_to_v4),
+    Migration(4, "interactions.source, examples.source, adapters.needs_retrain", _v4_to_v5),
 ]
 """Every upgrade step, in order. Add one (and raise ``schema.SCHEMA_VERSION``) for each schema change."""
 

@@ -21,7 +21,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 """The schema version these models describe. History (the upgrade steps live in ``store.migrations``):
 
 1. interactions, examples, adapters, consolidation_runs, locks, meta.
@@ -30,11 +30,16 @@ SCHEMA_VERSION = 4
 3. ``interactions.teacher_prompt_tokens`` and ``teacher_completion_tokens`` (System 2 on a remote teacher).
 4. ``adapter_blobs`` and ``adapter_files``: promoted adapters' files in the database, so that replicas on
    other machines can serve them without a shared folder.
+5. ``interactions.source`` and ``examples.source`` (who sent it: an API key's name, never its secret),
+   ``adapters.needs_retrain`` (it learned from examples that were purged since).
 """
 
 
 MAX_TAG_LENGTH = 128
 """The longest task tag (and adapter scope) the store keeps."""
+
+MAX_SOURCE_LENGTH = 64
+"""The longest source name (who sent an interaction or taught an example) the store keeps."""
 
 
 def utcnow() -> datetime:
@@ -186,6 +191,7 @@ class Interaction(Base):
     error: Mapped[Optional[str]] = mapped_column(Text, default=None)  # v2: e.g. System 2 failed, fell back
     teacher_prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)  # v3: System 2 on a remote teacher
     teacher_completion_tokens: Mapped[int] = mapped_column(Integer, default=0)  # v3: (also in tokens_system2)
+    source: Mapped[Optional[str]] = mapped_column(String(MAX_SOURCE_LENGTH), default=None)  # v5: who asked; None: before v5
 
 
 class Example(Base):
@@ -213,6 +219,9 @@ class Example(Base):
     adapter_version: Mapped[Optional[int]] = mapped_column(Integer)  # the adapter that trained on it
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    source: Mapped[Optional[str]] = mapped_column(  # v5: who taught it (a key's name); None: before v5
+        String(MAX_SOURCE_LENGTH), default=None, index=True
+    )
 
 
 class Adapter(Base):
@@ -233,6 +242,9 @@ class Adapter(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     promoted_at: Mapped[Optional[datetime]] = mapped_column()
     files_deleted: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())  # v2
+    needs_retrain: Mapped[bool] = mapped_column(  # v5: it learned from examples purged since (store purge)
+        Boolean, default=False, server_default=false()
+    )
 
 
 class AdapterBlob(Base):

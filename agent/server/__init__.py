@@ -32,7 +32,12 @@ request goes where:
 - ``usage.completion_tokens`` counts every token generated for the answer; the System 2 share is
   ``usage.completion_tokens_details.reasoning_tokens``.
 - ``GET /healthz`` (alive), ``GET /readyz`` (model loaded and store answering), ``GET /metrics``
-  (Prometheus), and ``/admin/*`` (consolidate, adapters, rollback, stats) behind ``server.admin_token``.
+  (Prometheus), and ``/admin/*`` (consolidate, adapters, rollback, stats) behind ``server.admin_token`` or an
+  API key with the ``admin`` right.
+- With API keys configured (:mod:`agent.auth`), ``/v1/*`` needs ``Authorization: Bearer KEY`` with the
+  ``answer`` right; setting ``s2agent`` route, method or tag needs ``steer``; a key without ``teach`` is
+  answered but its traffic never becomes training data. The key's name is passed to ``Agent.answer`` as the
+  request's ``source`` (:mod:`~agent.server.auth`).
 
 Model calls block, so they run in worker threads: concurrent requests reach the backend's micro-batcher
 together and share forward passes.
@@ -40,8 +45,9 @@ together and share forward passes.
 The package is laid out as vLLM lays out its OpenAI entrypoints: :mod:`~agent.server.protocol` (request
 bodies and the error shape), :mod:`~agent.server.errors` (what the agent raises, as HTTP errors),
 :mod:`~agent.server.serving` (sampling, response objects, events), :mod:`~agent.server.routes` (the
-routers; handlers read the agent from ``app.state``) and :mod:`~agent.server.app` (:func:`create_app`,
-:func:`serve`). Handlers reach the store only through the ``Agent``.
+routers; handlers read the agent from ``app.state``), :mod:`~agent.server.auth` (who is asking: 401, 403)
+and :mod:`~agent.server.app` (:func:`create_app`, :func:`serve`). Handlers reach the store only through the
+``Agent``.
 """
 
 from agent.server.app import create_app, serve

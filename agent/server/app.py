@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from agent import __version__
+from agent.auth import KeyRing, check_exposure
 from agent.config import ServerConfig
 from agent.errors import EXPECTED
 from agent.loop import Agent
@@ -81,7 +82,8 @@ class _AccessLog:
         seconds = time.perf_counter() - started
         self.metrics.observe_request(scope["method"], template, state["status"], seconds)
         agent_route = scope.get("state", {}).get("s2agent_route", "-")
-        note = " (client disconnected)" if state["gone"] else ""
+        caller = scope.get("state", {}).get("caller")
+        note = (f" source={caller.source}" if caller else "") + (" (client disconnected)" if state["gone"] else "")
         logger.info("%s %s %d route=%s %.1fms%s", scope["method"], scope["path"], state["status"], agent_route,
                     seconds * 1000, note)
 
@@ -120,7 +122,8 @@ async def _on_request_validation(request: Request, exc: Exception) -> JSONRespon
 
 # --- the app -------------------------------------------------------------------------------------------------
 def create_app(agent: Agent, config: ServerConfig | None = None, *, worker: bool = False) -> FastAPI:
-    """The FastAPI app serving ``agent``; ``config`` defaults to ``agent.config.server``.
+    """The FastAPI app serving ``agent``; ``config`` defaults to ``agent.config.server``. Its API keys are
+    read here (a bad keys file is a :class:`~agent.errors.ConfigError`) and kept as digests only.
 
     ``worker``: the operator's routes only (health, readiness, metrics), for ``agent worker``, which
     consolidates and answers no one."""
@@ -131,6 +134,7 @@ def create_app(agent: Agent, config: ServerConfig | None = None, *, worker: bool
     app.state.agent, app.state.metrics, app.state.config = agent, metrics, config
     app.state.stats = StatsCache(agent)
     app.state.admission = Admission(config.max_queued)
+    app.state.keys = KeyRing.load(config)
     app.add_middleware(_AccessLog, metrics=metrics)
     app.add_exception_handler(APIError, _on_api_error)
     for root in EXPECTED:
@@ -170,13 +174,17 @@ def serve(agent: Agent, host: str | None = None, port: int | None = None, *, con
     The serving adapter and the buffer live in the store, so a restart resumes where this one stopped.
     Connections are bounded by :func:`~agent.server.connections.uvicorn_options` (head and keep-alive
     timeouts, a connection limit), requests by :mod:`agent.server.limits`.
+    A non-loopback ``host`` without API keys is refused (:func:`agent.auth.check_exposure`) unless
+    ``server.allow_unauthenticated``.
     """
     config = config or agent.config.server
     if not logging.getLogger().handlers:
         logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(agent, config, worker=worker)
+    check_exposure(host or config.host, app.state.keys, config.allow_unauthenticated)
     server = _Server(uvicorn.Config(
-        create_app(agent, config, worker=worker), host=host or config.host, port=port or config.port, log_level=log_level,
+        app, host=host or config.host, port=port or config.port, log_level=log_level,
         access_log=False,  # our own line per request (with the agent route) replaces uvicorn's
         timeout_graceful_shutdown=timeout_graceful_shutdown, lifespan="off", **uvicorn_options(config),
     ))

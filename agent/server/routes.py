@@ -7,7 +7,6 @@ agent (in a worker thread, through :func:`~agent.server.serving.call`) and forma
 
 from __future__ import annotations
 
-import hmac
 import time
 import uuid
 from typing import Any
@@ -22,6 +21,7 @@ from agent.loop import Agent
 from agent.metrics import Metrics
 from agent.server.limits import Admission, check_size, chunks
 from agent.server.errors import rule_for
+from agent.server.auth import authenticate, caller_of, require_admin, require_steer
 from agent.server.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -109,7 +109,7 @@ def _respond(request: Request, body: SamplingRequest, result: Result, *, chat: b
 
 
 # --- OpenAI routes -------------------------------------------------------------------------------------------
-openai = APIRouter()
+openai = APIRouter(dependencies=[Depends(authenticate)])  # an API key with the answer right, when keys are set
 
 
 @openai.post("/v1/chat/completions")
@@ -119,6 +119,8 @@ async def chat_completions(request: Request) -> Any:
     refuse_unsupported(data, ("tools", "functions", "logprobs", "response_format"))
     body = parse(ChatCompletionRequest, data)
     check_size(config, 1, body.n)
+    caller = caller_of(request)
+    require_steer(caller, body.s2agent)
     if None not in (body.max_tokens, body.max_completion_tokens) and body.max_tokens != body.max_completion_tokens:
         raise APIError(400, "max_tokens and max_completion_tokens disagree; give one of them",
                        param="max_completion_tokens")
@@ -134,7 +136,8 @@ async def chat_completions(request: Request) -> Any:
     with _admission(request).slot():
         await _still_there(request, "before its answer was generated")
         if query is not None:
-            answer = await call("chat", agent.answer, query, **answer_options(body, max_tokens))
+            answer = await call("chat", agent.answer, query, source=caller.source, teach=caller.may("teach"),
+                                **answer_options(body, max_tokens))
             metrics.observe_answer(answer.route, answer.latency_ms / 1000, answer.tokens_system1,
                                    answer.tokens_system2, answer.accepted if answer.route == "system2" else None)
             result = Result.of_answer(answer)
@@ -152,6 +155,7 @@ async def completions(request: Request) -> Any:
     data = await _body(request)
     refuse_unsupported(data, ("echo", "logprobs", "suffix", "best_of"))
     body = parse(CompletionRequest, data)
+    require_steer(caller_of(request), body.s2agent)
     _check_max_tokens(config, body.max_tokens, "max_tokens")
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     check_size(config, len(prompts), body.n)
@@ -236,20 +240,6 @@ async def prometheus(request: Request) -> PlainTextResponse:
 
 
 # --- admin ---------------------------------------------------------------------------------------------------
-def require_admin(request: Request) -> None:
-    """The admin routes' gate: ``Authorization: Bearer <server.admin_token>``; all refused when unset."""
-    token_wanted = _config(request).admin_token
-    if not token_wanted:
-        raise APIError(403, "admin routes are disabled: set server.admin_token or S2AGENT_ADMIN_TOKEN",
-                       type="permission_error", code="admin_disabled")
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token:
-        raise APIError(401, "admin routes need 'Authorization: Bearer <token>'", type="authentication_error",
-                       code="missing_token", headers={"WWW-Authenticate": "Bearer"})
-    if not hmac.compare_digest(token.strip().encode(), token_wanted.encode()):
-        raise APIError(403, "the admin token is wrong", type="permission_error", code="invalid_token")
-
-
 admin = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
 
 

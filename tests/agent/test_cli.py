@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -93,7 +94,7 @@ def test_store_ls(capsys: pytest.CaptureFixture, db: Path) -> None:
     code, out, _ = run(capsys, "--db", str(db), "store", "ls")
     assert code == 0
     lines = out.splitlines()
-    assert lines[0].split() == ["id", "status", "method", "agree", "scope", "created", "input", "target"]
+    assert lines[0].split() == ["id", "status", "method", "agree", "scope", "source", "created", "input", "target"]
     assert len(lines) == 1 + len(EXAMPLES)
     assert lines[1].split()[0] == "3"  # newest first
     for text, target, _ in EXAMPLES:
@@ -114,6 +115,36 @@ def test_store_ls_json_and_filters(capsys: pytest.CaptureFixture, db: Path) -> N
     assert json.loads(out) == []
     code, out, _ = run(capsys, "--db", str(db), "store", "ls", "--json", "--limit", "1")
     assert len(json.loads(out)) == 1
+
+
+def test_store_ls_by_source(capsys: pytest.CaptureFixture, db: Path) -> None:
+    with Store(str(db)) as store:
+        store.add_example("What is 2 + 2? The program is: answer = 5", "5", "pal", source="mallory")
+    code, out, _ = run(capsys, "--db", str(db), "store", "ls", "--source", "mallory")
+    assert code == 0 and len(out.splitlines()) == 2 and "mallory" in out.splitlines()[1]
+    code, out, _ = run(capsys, "--db", str(db), "store", "ls", "--json")
+    assert [r["source"] for r in json.loads(out)] == ["mallory"] + [None] * len(EXAMPLES)  # None: no source recorded
+    code, out, _ = run(capsys, "--db", str(db), "store", "ls", "--json", "--source", "nobody")
+    assert json.loads(out) == []
+
+
+def test_store_purge(capsys: pytest.CaptureFixture, db: Path) -> None:
+    with Store(str(db)) as store:
+        poisoned = store.add_example("What is 2 + 2? The program is: answer = 5", "5", "pal", source="mallory")[0]
+        store.add_example("What is 3 + 3? The program is: answer = 7", "7", "pal", source="mallory")
+        run_id = store.start_run()
+        store.commit_adapter(1, "/adapters/v1", None, promote=True, run_id=run_id, used_examples=[poisoned.id])
+    code, out, err = run(capsys, "--db", str(db), "store", "purge", "--source", "mallory")  # stdin is no terminal
+    assert code == 2 and "--yes" in err and count(db) == len(EXAMPLES) + 2
+    code, out, _ = run(capsys, "--db", str(db), "store", "purge", "--source", "mallory", "--yes")
+    assert code == 0 and out.count("\n") == 1
+    assert out.startswith("purged source 'mallory': 2 examples (1 pending, 1 used); adapters flagged for retraining: v1")
+    assert "serving now: v1" in out and count(db) == len(EXAMPLES)
+    code, out, _ = run(capsys, "--db", str(db), "adapters", "ls")
+    assert out.splitlines()[0].split()[-1] == "flag" and "retrain" in out.splitlines()[1]
+    assert "roll back to an unflagged version" in out
+    code, out, _ = run(capsys, "--db", str(db), "store", "purge", "--source", "mallory", "--yes")
+    assert code == 0 and "nothing purged" in out
 
 
 def test_store_show(capsys: pytest.CaptureFixture, db: Path) -> None:
@@ -362,6 +393,61 @@ def test_a_bad_config_value_exits_2_in_one_line_before_the_model_loads(capsys: p
         assert word in err
     assert "Traceback" not in err and str(missing) not in err
     assert not db.exists()
+
+
+def test_serve_refuses_a_network_address_without_keys_before_loading_a_model(capsys: pytest.CaptureFixture,
+                                                                           tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    missing = tmp_path / "no-model"
+    code, out, err = run(capsys, "--db", str(tmp_path / "x.db"), "--model", str(missing), "serve", "--host", "0.0.0.0")
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert err.startswith("agent: error: refusing to serve on 0.0.0.0 without API keys") and "--api-key" in err
+    bad = tmp_path / "keys.json"
+    bad.write_text('{"alice": {"key": "hunter2", "rights": ["answer", "fly"]}}')
+    code, out, err = run(capsys, "--db", str(tmp_path / "x.db"), "--model", str(missing), "serve", "--host", "0.0.0.0",
+                         "--api-key", "k")
+    assert code == 2 and "no-model" in err  # with a key it goes on, to the (missing) model
+    monkeypatch.setenv("S2AGENT_SERVER__API_KEYS_FILE", str(bad))
+    code, out, err = run(capsys, "--db", str(tmp_path / "x.db"), "serve")
+    assert code == 2 and "unknown right(s) ['fly']" in err and "hunter2" not in err
+
+
+def test_serve_with_an_api_key(tiny_model_dir: Path, tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("S2AGENT_")}
+    env.update(S2AGENT_HOME=str(tmp_path / "home"), S2AGENT_THREADS="1", HF_HUB_OFFLINE="1")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", "--db", str(tmp_path / "serve.db"), "--model", str(tiny_model_dir),
+         "serve", "--port", str(port), "--api-key", "sk-test-123", "--no-train"],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def get(key: str | None) -> int:
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/models",
+                                         headers={"Authorization": f"Bearer {key}"} if key else {})
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                return response.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                status = get(None)
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, server.stderr.read()
+                time.sleep(0.5)
+        assert status == 401 and get("wrong") == 401 and get("sk-test-123") == 200
+        server.send_signal(signal.SIGTERM)
+        _, err = server.communicate(timeout=60)
+    finally:
+        server.kill()
+    assert server.returncode == 0, err
+    assert "access: 1 API key(s): key-" in err and "sk-test-123" not in err
 
 
 def test_log_level_takes_the_standard_names_in_any_case(capsys: pytest.CaptureFixture, db: Path) -> None:

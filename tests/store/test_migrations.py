@@ -85,6 +85,7 @@ def test_v1_database_is_upgraded_with_data_kept(tmp_path: Path) -> None:
     assert (example.target, example.status, example.kind, example.votes) == ("4", "used", "system2", {"4": 4, "5": 1})
     adapter = store.serving_adapter()
     assert adapter is not None and adapter.version == 1 and adapter.files_deleted is False
+    assert adapter.needs_retrain is False and example.source is None and interaction.source is None  # v3
     # The upgraded database works like a new one, and has the same columns.
     store.add_example("What is 3+3?", "6", method="cot", kind="retention")
     store.close()
