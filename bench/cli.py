@@ -51,6 +51,10 @@ def build_parser(prog: str = "agent bench") -> argparse.ArgumentParser:
                    help="stop each consolidation after the timed requests instead of timing the whole run")
     p.add_argument("--json", action="store_true")
     _add_paper(sub)
+    p = sub.add_parser("abuse", help="attacks a client that reaches the port could try, against a real agent serve: "
+                                     "tried N, held M")
+    p.add_argument("--out", default="bench/out/abuse")
+    p.add_argument("--json", action="store_true")
     p = sub.add_parser("soak", help="N agent serve --no-train replicas on one PostgreSQL database under C clients "
                                     "for D seconds: served, errors, p50/p99, nothing lost on the way to the store")
     p.add_argument("--replicas", type=int, default=2)
@@ -265,6 +269,12 @@ def run(args: argparse.Namespace, config: AgentConfig) -> int:
                                  args.system2_queries, args.finish, progress=progress)
         sys.stdout.write((json.dumps(results, indent=2) if args.json else contention.report(results)) + "\n")
         return 0
+    if args.bench_cmd == "abuse":
+        from bench import abuse
+
+        result = abuse.run(config.model, Path(args.out), config.cache_dir)
+        sys.stdout.write((json.dumps(result, indent=2) if args.json else abuse.report(result)) + "\n")
+        return 0 if result["held"] == result["tried"] else 1
     if args.bench_cmd == "soak":
         from bench import soak
 
