@@ -7,7 +7,7 @@
     agent store ls | show | export | import | stats | prune | check | purge --source NAME
     agent consolidate [--dry-run]     # distil the buffer into a new adapter now
     agent adapters ls | show | rollback | prune
-    agent scopes ls | rename OLD NEW | merge OLD NEW
+    agent scopes ls | rename OLD NEW | merge OLD NEW | pin NAME | unpin NAME
     agent schedule status
     agent calibrate --target-system2-rate 0.3
     agent bench system1 | paper | loop
@@ -470,10 +470,19 @@ def cmd_scopes(args, config) -> int:
                 return 0
             _table([(s["scope"], sum(s["examples"].values()), s["examples"].get("pending", 0),
                      s["examples"].get("used", 0), s["interactions"],
-                     f"v{s['serving_version']}" if s["serving_version"] else "") for s in rows],
-                   ["scope", "examples", "pending", "used", "interactions", "serving"], [32, 8, 7, 5, 12, 7])
+                     f"v{s['serving_version']}" if s["serving_version"] else "", "pinned" if s["pinned"] else "")
+                    for s in rows],
+                   ["scope", "examples", "pending", "used", "interactions", "serving", "flag"], [32, 8, 7, 5, 12, 7, 6])
             if not rows:
                 _out("(no scopes yet: untagged System 2 examples form them as they are accepted)")
+        elif args.scopes_cmd == "pin":
+            store.pin_scope(args.scope, reason=args.reason or "")
+            serving = next((s["serving_version"] for s in store.scopes() if s["scope"] == args.scope.strip()), None)
+            _out(f"pinned scope {args.scope!r}: no consolidation trains it until `agent scopes unpin`; "
+                 f"{'v' + str(serving) if serving else 'the base model'} keeps serving it")
+        elif args.scopes_cmd == "unpin":
+            was = store.unpin_scope(args.scope)
+            _out(f"scope {args.scope!r} {'may learn again' if was else 'was not pinned'}")
         else:
             merge = args.scopes_cmd == "merge"
             moved = store.rename_scope(args.old, args.new, merge=merge)
@@ -650,7 +659,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--keep", type=_bounded(int, 0, MAX_ROW_ID), required=True)
     p.set_defaults(func=cmd_adapters)
 
-    p = sub.add_parser("scopes", help="the task scopes traffic was grouped into: list, rename, merge")
+    p = sub.add_parser("scopes", help="the task scopes traffic was grouped into: list, rename, merge, pin")
     sc = p.add_subparsers(dest="scopes_cmd", required=True)
     q = sc.add_parser("ls", help="scopes with their examples and serving adapter")
     q.add_argument("--json", action="store_true")
@@ -660,6 +669,11 @@ def build_parser() -> argparse.ArgumentParser:
     q = sc.add_parser("merge", help="merge scope OLD into NEW (OLD's adapters stop serving)")
     q.add_argument("old")
     q.add_argument("new")
+    q = sc.add_parser("pin", help="freeze a scope: no consolidation trains it; its serving adapter stays")
+    q.add_argument("scope")
+    q.add_argument("--reason", help="why, for whoever lists the scopes later")
+    q = sc.add_parser("unpin", help="let a pinned scope learn again")
+    q.add_argument("scope")
     p.set_defaults(func=cmd_scopes)
 
     p = sub.add_parser("schedule", help="background consolidation")

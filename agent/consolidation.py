@@ -146,6 +146,9 @@ def consolidate(
     """
     store, config = agent.store, agent.config.consolidation
     store.verify(max_age_s=STORE_CHECK_MAX_AGE_S)  # a damaged file is refused before the run writes to it
+    if scope is not None and scope in store.pinned_scopes():
+        return ConsolidationReport("skipped", f"scope {scope!r} is pinned (agent scopes unpin {scope} lets it "
+                                   "learn again)", scope=scope)
     owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     if not store.acquire_lock(LOCK_NAME, owner, ttl_s=900):
         holder = store.lock_holder(LOCK_NAME)

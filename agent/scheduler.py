@@ -212,7 +212,8 @@ class ConsolidationScheduler:
             if pending >= needed:
                 self.run_now(trigger=f"{pending} pending examples")
             return
-        by_tag = Counter(e.tag for e in self.agent.store.list_examples(status="pending"))
+        pinned = self.agent.store.pinned_scopes()  # an operator froze them: `agent scopes pin`
+        by_tag = Counter(e.tag for e in self.agent.store.list_examples(status="pending") if e.tag not in pinned)
         for tag, pending in sorted(by_tag.items(), key=lambda item: item[0] or ""):
             if pending >= needed and not self.stop_event.is_set():
                 self.run_now(trigger=f"{pending} pending examples tagged {tag or '(none)'}", scope=tag)
@@ -221,8 +222,9 @@ class ConsolidationScheduler:
         """Consolidate every scope that has enough examples to train on (a run would skip the others)."""
         cfg = self.agent.config.consolidation
         pending = self.agent.store.list_examples(status="pending")
+        pinned = self.agent.store.pinned_scopes() if cfg.per_tag else set()
         trainable = Counter(e.tag if cfg.per_tag else None for e in pending
-                            if holdout_bucket(e.input, cfg.seed) >= cfg.holdout_fraction)
+                            if holdout_bucket(e.input, cfg.seed) >= cfg.holdout_fraction and e.tag not in pinned)
         for scope, n in sorted(trainable.items(), key=lambda item: item[0] or ""):
             if n >= cfg.min_examples and not self.stop_event.is_set():
                 self.run_now(trigger=f"interval ({n} examples to train on)", scope=scope)

@@ -64,11 +64,18 @@ def _v4_to_v5(conn: Connection) -> None:
     conn.execute(text("ALTER TABLE adapters ADD COLUMN needs_retrain BOOLEAN DEFAULT FALSE NOT NULL"))
 
 
+def _v5_to_v6(conn: Connection) -> None:
+    timestamp = "TIMESTAMP WITH TIME ZONE" if conn.dialect.name == "postgresql" else "DATETIME"
+    conn.execute(text(f"CREATE TABLE scope_pins (scope VARCHAR(128) NOT NULL PRIMARY KEY, "
+                      f"pinned_at {timestamp} NOT NULL, reason TEXT NOT NULL)"))
+
+
 MIGRATIONS: list[Migration] = [
     Migration(1, "interactions.error, examples.kind, adapters.files_deleted", _v1_to_v2),
     Migration(2, "interactions.teacher_prompt_tokens, interactions.teacher_completion_tokens", _v2_to_v3),
     Migration(3, "adapter_blobs, adapter_files", _v3_to_v4),
     Migration(4, "interactions.source, examples.source, adapters.needs_retrain", _v4_to_v5),
+    Migration(5, "scope_pins", _v5_to_v6),
 ]
 """Every upgrade step, in order. Add one (and raise ``schema.SCHEMA_VERSION``) for each schema change."""
 

@@ -21,7 +21,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 """The schema version these models describe. History (the upgrade steps live in ``store.migrations``):
 
 1. interactions, examples, adapters, consolidation_runs, locks, meta.
@@ -32,6 +32,7 @@ SCHEMA_VERSION = 5
    other machines can serve them without a shared folder.
 5. ``interactions.source`` and ``examples.source`` (who sent it: an API key's name, never its secret),
    ``adapters.needs_retrain`` (it learned from examples that were purged since).
+6. ``scope_pins``: scopes an operator froze (no consolidation; their serving adapter stays).
 """
 
 
@@ -265,6 +266,16 @@ class AdapterFile(Base):
     version: Mapped[int] = mapped_column(Integer, primary_key=True)  # the adapter version
     name: Mapped[str] = mapped_column(String(255), primary_key=True)  # file name inside the folder
     sha256: Mapped[str] = mapped_column(ForeignKey("adapter_blobs.sha256"))
+
+
+class ScopePin(Base):
+    """A scope an operator pinned: consolidation leaves it alone, so its serving adapter stays (``agent scopes pin``)."""
+
+    __tablename__ = "scope_pins"  # v6
+
+    scope: Mapped[str] = mapped_column(String(MAX_TAG_LENGTH), primary_key=True)
+    pinned_at: Mapped[datetime] = mapped_column(default=utcnow)
+    reason: Mapped[str] = mapped_column(Text, default="")
 
 
 class ConsolidationRun(Base):

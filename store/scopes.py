@@ -1,9 +1,10 @@
-"""Scopes (task tags) as a whole: what each holds, and renaming or merging one.
+"""Scopes (task tags) as a whole: what each holds, and renaming, merging or pinning one.
 
 A scope is the tag shared by examples, interactions, adapters and consolidation runs; it names the task
 an adapter is scoped to. Scopes appear by themselves (the runtime groups untagged traffic, see
 ``policies.scoping.ScopeIndex``) or from callers' tags; an operator gives them better names or merges two
-that are one task (``agent scopes rename|merge``).
+that are one task (``agent scopes rename|merge``), or pins one whose adapter must not change
+(``agent scopes pin``: consolidation leaves a pinned scope alone; its examples keep accumulating).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from sqlalchemy import func, select, update
 from .buffer import dedup_key
 from .db import StoreBase
 from .errors import StoreError
-from .schema import Adapter, AdapterStatus, ConsolidationRun, Example, Interaction
+from .schema import Adapter, AdapterStatus, ConsolidationRun, Example, Interaction, ScopePin
 
 
 class ScopesMixin(StoreBase):
@@ -29,10 +30,12 @@ class ScopesMixin(StoreBase):
         return sorted(tags, key=lambda t: (t is not None, t or ""))
 
     def scopes(self) -> list[dict[str, Any]]:
-        """One summary per scope: examples by status, interactions, the serving adapter version."""
+        """One summary per scope: examples by status, interactions, the serving adapter version, pinned or not."""
         summary: dict[str, dict[str, Any]] = defaultdict(
-            lambda: {"examples": {}, "interactions": 0, "serving_version": None, "adapters": 0})
+            lambda: {"examples": {}, "interactions": 0, "serving_version": None, "adapters": 0, "pinned": False})
         with self._read() as session:
+            for pin in session.scalars(select(ScopePin)):
+                summary[pin.scope]["pinned"] = True
             for tag, status, n in session.execute(
                     select(Example.tag, Example.status, func.count()).where(Example.tag.is_not(None))
                     .group_by(Example.tag, Example.status)):
@@ -80,7 +83,37 @@ class ScopesMixin(StoreBase):
                 session.execute(adapters.where(Adapter.serving.is_(True))
                                 .values(serving=False, status=AdapterStatus.RETIRED.value))
             session.execute(adapters.values(scope=new))
+            pin = session.get(ScopePin, old)
+            if pin is not None:  # the pin follows the name; merged into a pinned scope, the result stays pinned
+                session.delete(pin)
+                if session.get(ScopePin, new) is None:
+                    session.flush()
+                    session.add(ScopePin(scope=new, pinned_at=pin.pinned_at, reason=pin.reason))
         return moved
+
+    def pin_scope(self, scope: str, reason: str = "") -> None:
+        """Pin ``scope``: no consolidation trains it (the scheduler skips it, a manual run is refused) until
+        :meth:`unpin_scope`; its serving adapter stays, and rollbacks still work."""
+        scope = scope.strip()
+        with self._write() as session:
+            if not self._scope_exists(session, scope):
+                raise StoreError(f"there is no scope {scope!r}; `agent scopes ls` lists them")
+            if session.get(ScopePin, scope) is None:
+                session.add(ScopePin(scope=scope, reason=reason))
+
+    def unpin_scope(self, scope: str) -> bool:
+        """Let consolidation train ``scope`` again; False when it was not pinned."""
+        with self._write() as session:
+            pin = session.get(ScopePin, scope.strip())
+            if pin is None:
+                return False
+            session.delete(pin)
+            return True
+
+    def pinned_scopes(self) -> set[str]:
+        """The scopes consolidation must leave alone."""
+        with self._read() as session:
+            return set(session.scalars(select(ScopePin.scope)))
 
     @staticmethod
     def _scope_exists(session: Any, name: str) -> bool:

@@ -156,3 +156,32 @@ def test_untagged_traffic_groups_itself_into_a_scope_that_learns_and_serves(conf
     assert sum(scope["examples"].values()) == 16
     with Agent(config) as agent:  # the renamed scope keeps serving, under its new name
         assert agent.answer("What is 71 + 5?", route="system1").tag == "sums"
+
+
+def test_a_pinned_scope_keeps_its_adapter_while_the_others_learn(config, capsys):
+    config.consolidation.per_tag = True
+    config.scheduler.min_pending = 6
+    config.scheduler.check_seconds = 0.2
+    with Agent(config) as agent:
+        for q in QUESTIONS[:10]:
+            agent.answer(q, tag="arith")
+        for q in QUESTIONS[10:20]:
+            agent.answer(q, tag="sums")
+        assert cli(["--db", config.db, "scopes", "pin", "sums", "--reason", "audited"]) == 0
+        assert "pinned scope 'sums'" in capsys.readouterr().out
+        report = agent.consolidate(scope="sums")  # a manual run is refused too
+        assert report.status == "skipped" and "pinned" in report.reason
+        scheduler = agent.start_scheduler()
+        deadline = time.monotonic() + 60
+        while not (agent.serving_version("arith") and not scheduler.running):
+            assert time.monotonic() < deadline, "the unpinned scope did not learn within 60 s"
+            time.sleep(0.1)
+        time.sleep(1.0)  # several more checks: the pinned scope, 10 pending, still does not run
+        scheduler.shutdown()
+        assert [r.scope for r in agent.store.list_runs()] == ["arith"]
+        assert agent.serving_version("sums") is None and agent.store.count_examples(status="pending", tag="sums") == 10
+        assert cli(["--db", config.db, "scopes", "ls", "--json"]) == 0
+        flags = {s["scope"]: s["pinned"] for s in json.loads(capsys.readouterr().out)}
+        assert flags == {"arith": False, "sums": True}
+        assert cli(["--db", config.db, "scopes", "unpin", "sums"]) == 0
+        assert agent.consolidate(scope="sums").status == "promoted"

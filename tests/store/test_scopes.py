@@ -1,4 +1,4 @@
-"""Scopes as a whole: their summary, renaming one, and merging two that are one task."""
+"""Scopes as a whole: their summary, renaming one, merging two that are one task, and pinning one."""
 
 from __future__ import annotations
 
@@ -67,3 +67,17 @@ def test_merge_joins_examples_once_and_retires_the_merged_adapter(filled: Store)
     merged = filled.get_adapter(2)
     assert merged is not None and (merged.scope, merged.serving, merged.status) == ("n-plus-n", False, "retired")
     assert filled.rollback(2, scope="n-plus-n").version == 2  # type: ignore[union-attr]
+
+
+def test_a_pin_is_listed_follows_renames_and_merges_and_comes_off(filled: Store) -> None:
+    filled.pin_scope("add-n", reason="audited")
+    assert filled.pinned_scopes() == {"add-n"}
+    assert {s["scope"]: s["pinned"] for s in filled.scopes()} == {"add-n": True, "n-plus-n": False}
+    filled.rename_scope("add-n", "addition")
+    assert filled.pinned_scopes() == {"addition"}
+    filled.rename_scope("n-plus-n", "addition", merge=True)  # merged into a pinned scope: still pinned
+    assert filled.pinned_scopes() == {"addition"}
+    assert filled.unpin_scope("addition") and not filled.unpin_scope("addition")
+    assert filled.pinned_scopes() == set()
+    with pytest.raises(StoreError, match="there is no scope 'nope'"):
+        filled.pin_scope("nope")
