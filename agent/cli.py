@@ -241,7 +241,11 @@ def cmd_store(args, config) -> int:
             if row is None:
                 _out(f"no example with id {args.id}")
                 return 1
-            _json(_row_dict(row))
+            shown = _row_dict(row)
+            interaction = store.get_interaction(row.interaction_id) if row.interaction_id else None
+            if interaction is not None:  # for audit: what System 2's samples wrote (programs, reasoning)
+                shown["samples"] = (interaction.route_reason or {}).get("samples")
+            _json(shown)
         elif args.store_cmd == "export":
             n = store.export_examples(args.output or sys.stdout, status=args.status)
             if args.output:

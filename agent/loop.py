@@ -63,6 +63,8 @@ logger = logging.getLogger(__name__)
 
 ROUTES = ("auto", "system1", "system2")
 ADAPTER_POLL_SECONDS = 2.0
+AUDIT_TRACE_CHARS = 2000
+"""How much of each System 2 sample's text the interaction log keeps for audit."""
 """How often a running agent checks the store for a newly promoted or rolled-back adapter."""
 ADAPTER_RETRY_SECONDS = 60.0
 """How often an adapter the registry says serves, but that failed to load here, is tried (and logged) again:
@@ -709,6 +711,10 @@ class Agent:
             answer.teacher_cost = teacher["cost"]
         answer.system2_calls = result.calls
         answer.tokens += result.tokens
+        # For audit: what each sample wrote (a PAL program, a chain of thought), logged with the interaction
+        # that the example points to (`agent store show ID`).
+        answer.route_reason["samples"] = [{"answer": s.answer, "trace": s.trace[:AUDIT_TRACE_CHARS]}
+                                          for s in result.samples]
         answer.votes = dict(decision.votes)
         answer.agreement = decision.agreement
         answer.accepted = bool(decision.accepted and decision.answer)

@@ -6,11 +6,13 @@ System 2 here is the scripted :class:`tests.fakes.Arithmetic` method, registered
 
 from __future__ import annotations
 
+import json
 import threading
 
 import pytest
 
 from agent import Agent, Answer
+from agent.cli import main as cli
 from agent.config import ConfigError
 from agent.loop import InvalidQueryError
 from policies.system2 import METHODS
@@ -141,3 +143,15 @@ def test_write_behind_queues_system1_logs_and_writes_system2_answers_at_once(tin
         assert (example.interaction_id, example.target, example.status) == (labelled.interaction_id, "42", "pending")
         assert agent.stats()["interactions"]["total"] == 21  # the façade's reads flush the queue first
         assert writer.queued == 0 and writer.stats.written == 20
+
+
+def test_what_system2_wrote_is_kept_for_audit_with_the_example(tiny_config, arith, capsys):
+    tiny_config.system2.method = "arith"
+    tiny_config.routing.threshold = 1.0
+    with Agent(tiny_config) as agent:
+        answer = agent.answer("What is 47 + 38?")
+        [example] = agent.store.list_examples()
+    assert cli(["--db", tiny_config.db, "store", "show", str(example.id)]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["interaction_id"] == answer.interaction_id
+    assert shown["samples"] == [{"answer": "85", "trace": "Answer: 85"}] * 4
