@@ -119,7 +119,12 @@ def _add_paper(sub) -> None:
                    help="comma-separated: last_letter_2, last_letter_3, coin_flip, addition, add_sub")
     p.add_argument("--data", help="eval JSONL of {input, answer} (instead of --task)")
     p.add_argument("--train-data", help="JSONL of {input}: unlabeled training inputs (labels come from System 2)")
-    p.add_argument("--method", default="pal,cot", help="comma-separated System 2 methods")
+    p.add_argument("--method", default="pal,cot", help="comma-separated System 2 methods (teacher:cot, "
+                                                        "teacher:direct... with --teacher)")
+    p.add_argument("--label-method", help="the method whose filtered answers are distilled (default: pal when "
+                                          "listed, else the first method)")
+    p.add_argument("--teacher", help="System 2 teacher: an OpenAI-compatible base URL, e.g. http://host:8000/v1")
+    p.add_argument("--teacher-model", help="the teacher's model name (with --teacher)")
     p.add_argument("--n-train", type=int, default=300)
     p.add_argument("--n-eval", type=int, default=100)
     p.add_argument("--n-eval-prompting", type=int, default=20, help="items for CoT/RaR rows")
@@ -203,7 +208,12 @@ def run(args: argparse.Namespace, config: AgentConfig) -> int:
     if args.bench_cmd == "paper":
         from bench import paper
 
+        if args.teacher:
+            config.system2.teacher.base_url = args.teacher
+            config.system2.teacher.model = args.teacher_model or config.system2.teacher.model
+            config.validate()
         settings = paper.PaperSettings(
+            label_method=args.label_method,
             tasks=args.task.split(","), methods=args.method.split(","), n_train=args.n_train, n_eval=args.n_eval,
             n_eval_prompting=args.n_eval_prompting, k=args.k, epochs=args.epochs, seed=args.seed,
             data=args.data, train_data=args.train_data,

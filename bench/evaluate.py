@@ -28,6 +28,14 @@ class Measure:
     seconds_per_query: float
     n: int
     outputs: list[str] = field(default_factory=list, repr=False)
+    teacher_tokens: int = 0
+    """Prompt and completion tokens the System 2 teacher spent on these queries (0 without a teacher)."""
+
+
+def teacher_tokens(results: Sequence[System2Result]) -> int:
+    """What the teacher read and wrote for ``results`` (``extra["teacher"]``, when a teacher ran)."""
+    spent = [r.extra.get("teacher") for r in results]
+    return sum(t.get("prompt_tokens", 0) + t.get("completion_tokens", 0) for t in spent if isinstance(t, dict))
 
 
 def correct(output: str | None, gold: str, kind: str) -> bool:
@@ -63,4 +71,4 @@ def system2(agent: Agent, method_name: str, items: Sequence[Item], k: int, thres
     n = max(1, len(items))
     accuracy = sum(correct(r.decision.answer, i.answer, kind) for r, i in zip(results, items)) / n
     return Measure(accuracy, sum(r.tokens for r in results) / n, seconds / n, len(items),
-                   [r.decision.answer or "" for r in results]), results
+                   [r.decision.answer or "" for r in results], teacher_tokens(results)), results

@@ -83,7 +83,8 @@ def run_task(task: Task, settings: PaperSettings, config: AgentConfig, backend, 
         items = task.eval if method == "pal" else task.eval[: settings.n_eval_prompting]
         m, _ = evaluate.system2(agent, method, items, settings.k, settings.threshold, task.kind, tag=tag,
                                 desc=f"{task.name}: System 2 {method}")
-        rows.append(_row(task, f"system2:{method}", m, k=settings.k))
+        teacher = {"teacher_tokens_per_query": round(m.teacher_tokens / m.n, 1)} if m.teacher_tokens else {}
+        rows.append(_row(task, f"system2:{method}", m, k=settings.k, **teacher))
     label = settings.label_method or ("pal" if "pal" in settings.methods else settings.methods[0])
     if not task.train:
         return rows
@@ -99,6 +100,8 @@ def run_task(task: Task, settings: PaperSettings, config: AgentConfig, backend, 
         "accepted_accuracy": round(accepted_correct / len(accepted), 4) if accepted else None,
         "label_seconds_per_query": round(labels.seconds_per_query, 4), "n_train_inputs": len(task.train),
     }
+    if labels.teacher_tokens:  # what one accepted example cost on the teacher
+        filter_stats["teacher_tokens_per_accepted"] = round(labels.teacher_tokens / max(1, len(accepted)), 1)
     if not accepted:
         rows.append({"task": task.name, "system": "distilled", "accuracy": None, "tokens_per_query": None,
                      "seconds_per_query": None, "n": 0, "gate": "no accepted examples", **filter_stats})
@@ -150,7 +153,7 @@ def run(settings: PaperSettings, config: AgentConfig, out: Path) -> dict:
 
 
 def table(rows: Sequence[dict]) -> str:
-    head = f"{'task':<15}{'system':<16}{'acc':>6}{'unseen':>8}{'tok/q':>8}{'s/q':>8}{'n':>5}  notes"
+    head = f"{'task':<15}{'system':<18}{'acc':>6}{'unseen':>8}{'tok/q':>8}{'s/q':>8}{'n':>5}  notes"
     lines = [head, "-" * len(head)]
     for r in rows:
         acc = "-" if r["accuracy"] is None else f"{r['accuracy']:.2f}"
@@ -161,11 +164,15 @@ def table(rows: Sequence[dict]) -> str:
         if "acceptance_rate" in r:
             notes.append(f"filter kept {r['acceptance_rate']:.0%} of {r['n_train_inputs']} ({r['label_method']}), "
                          f"{(r['accepted_accuracy'] or 0):.0%} correct")
+        if r.get("teacher_tokens_per_query"):
+            notes.append(f"teacher {r['teacher_tokens_per_query']:.0f} tok/q")
+        if r.get("teacher_tokens_per_accepted"):
+            notes.append(f"teacher {r['teacher_tokens_per_accepted']:.0f} tok per accepted example")
         if r.get("retention") is not None:
             notes.append(f"retention {r['retention']:.2f}")
         if r.get("gate"):
             notes.append(f"gate: {r['gate']}")
-        lines.append(f"{r['task']:<15}{r['system']:<16}{acc:>6}{unseen:>8}{tok:>8}{sec:>8}{r['n']:>5}  {'; '.join(notes)}")
+        lines.append(f"{r['task']:<15}{r['system']:<18}{acc:>6}{unseen:>8}{tok:>8}{sec:>8}{r['n']:>5}  {'; '.join(notes)}")
     return "\n".join(lines)
 
 

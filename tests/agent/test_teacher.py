@@ -403,3 +403,17 @@ def test_store_stats_show_teacher_spend(tmp_path: Path, capsys: pytest.CaptureFi
     assert "teacher: 2000 prompt + 1000 completion tokens, cost 0.0060; 1 accepted answers, 3000 tokens each" in out
     assert main(["--config", str(config), "--db", str(db), "store", "stats", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["interactions"]["teacher_cost"] == pytest.approx(0.006)
+
+
+def test_bench_paper_rows_count_the_teachers_tokens(tiny_model_dir: Path, tmp_path: Path,
+                                                    teacher: ServerThread) -> None:
+    from bench import paper
+
+    config = student_config(tiny_model_dir, tmp_path, f"{teacher.url}/v1")
+    settings = paper.PaperSettings(tasks=["addition"], methods=["teacher:direct"], label_method="teacher:direct",
+                                   n_train=3, n_eval=2, n_eval_prompting=2, k=2)
+    result = paper.run(settings, config, tmp_path / "paper")
+    rows = {r["system"]: r for r in result["rows"]}
+    assert rows["system2:teacher:direct"]["teacher_tokens_per_query"] > 0
+    assert rows["distilled"]["teacher_tokens_per_accepted"] > 0 and rows["distilled"]["label_method"] == "teacher:direct"
+    assert "teacher" in paper.table(result["rows"])
