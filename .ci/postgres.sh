@@ -6,6 +6,8 @@
 #   env=$(bash .ci/postgres.sh start) && eval "$env"   start one; it prints `export` lines for
 #                                     S2AGENT_TEST_POSTGRES_URL and TEST_POSTGRES_DIR (the temp folder)
 #   bash .ci/postgres.sh stop [DIR]   stop the server in DIR (default $TEST_POSTGRES_DIR) and delete DIR
+#   bash .ci/postgres.sh down [DIR] / up [DIR]   stop the server, keeping its data / start it again on the same
+#                                     port (for tests of what clients do while the database is away)
 #
 # The server trusts local connections (no password), keeps nothing (fsync off) and listens on a free port.
 # Its binaries come from PATH or /usr/lib/postgresql/*/bin; when there are none and this runs as root with
@@ -60,7 +62,7 @@ free_port() {
 }
 
 start() {
-    local bindir dir port db="s2agent_test" user="postgres"
+    local bindir dir port options db="s2agent_test" user="postgres"
     bindir=$(ensure_binaries)
     SERVER_USER=$(id -un)
     if [ "$(id -u)" -eq 0 ]; then
@@ -79,9 +81,9 @@ start() {
     local tries=0
     while :; do
         port=$(free_port)
-        if as_server_user "$bindir/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 -o \
-            "-k $dir -p $port -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200" \
-            start >/dev/null; then
+        options="-k $dir -p $port -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
+        if as_server_user "$bindir/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 -o "$options" start >/dev/null; then
+            echo "$options" >"$dir/options"  # for `up`
             break
         fi
         tries=$((tries + 1))
@@ -111,6 +113,20 @@ stop() {
     rm -rf "$dir"
 }
 
+down() {
+    local dir=${1:-${TEST_POSTGRES_DIR:-}}
+    [ -n "$dir" ] && [ -d "$dir/data" ] || { log "no server folder (pass DIR or set TEST_POSTGRES_DIR)"; return 1; }
+    SERVER_USER=$(stat -c %U "$dir/data")
+    as_server_user "$(pg_bindir)/pg_ctl" -D "$dir/data" -m fast -w stop >/dev/null
+}
+
+up() {
+    local dir=${1:-${TEST_POSTGRES_DIR:-}}
+    [ -n "$dir" ] && [ -f "$dir/options" ] || { log "no server folder (pass DIR or set TEST_POSTGRES_DIR)"; return 1; }
+    SERVER_USER=$(stat -c %U "$dir/data")
+    as_server_user "$(pg_bindir)/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 -o "$(cat "$dir/options")" start >/dev/null
+}
+
 run() {
     [ "$#" -gt 0 ] || { log "usage: postgres.sh run CMD..."; return 2; }
     local env
@@ -125,6 +141,8 @@ run() {
 case "${1:-}" in
     start) start ;;
     stop) shift; stop "$@" ;;
+    down) shift; down "$@" ;;
+    up) shift; up "$@" ;;
     run) shift; run "$@" ;;
-    *) log "usage: postgres.sh start | stop [DIR] | run CMD..."; exit 2 ;;
+    *) log "usage: postgres.sh start | stop [DIR] | down [DIR] | up [DIR] | run CMD..."; exit 2 ;;
 esac

@@ -188,7 +188,9 @@ class StoreBase:
             _preflight_sqlite(path, verify)
         self._verified_at: float | None = time.monotonic() if verify and path is not None else None
         try:
-            self._engine = create_engine(self.url, echo=echo)
+            # A server that restarted leaves dead connections in the pool: test each one as it is taken out
+            # (one round trip), so the first query after a restart reconnects instead of failing.
+            self._engine = create_engine(self.url, echo=echo, pool_pre_ping=path is None)
         except (SQLAlchemyError, ImportError) as exc:
             hint = ""
             if isinstance(exc, ImportError) and make_url(self.url).get_backend_name() == "postgresql":

@@ -199,3 +199,44 @@ def test_two_replicas_follow_what_one_worker_trains_sharing_only_postgresql(post
         for process in reversed(processes):
             process.stop()
         store.close()
+
+
+def test_a_replica_rides_out_a_postgresql_restart(postgres_url, tiny_model_dir, tmp_path):
+    """While the database is away requests fail cleanly (503 naming the store); when it is back the same
+    replica serves again, without a restart."""
+    pg_dir = os.environ.get("TEST_POSTGRES_DIR")
+    if not pg_dir:
+        pytest.skip("needs the server started by .ci/postgres.sh (TEST_POSTGRES_DIR) to stop and start it")
+    replica = Process("replica", ["serve", "--no-train"], postgres_url, tiny_model_dir, tmp_path)
+    try:
+        wait_for(replica.ready, 180, "the replica to be ready")
+        assert ask(replica.port, QUESTIONS[0])["s2agent"]["accepted"]
+        model = get(replica.port, "/readyz")["model"]
+        subprocess.run(["bash", str(REPO / ".ci" / "postgres.sh"), "down", pg_dir], check=True)
+        try:
+            body = json.dumps({"model": model, "messages": [{"role": "user", "content": QUESTIONS[1]}]}).encode()
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(urllib.request.Request(
+                    f"http://127.0.0.1:{replica.port}/v1/chat/completions", data=body,
+                    headers={"Content-Type": "application/json"}), timeout=60)
+            assert refused.value.code == 503
+            error = json.load(refused.value)["error"]
+            assert "database" in error["message"].lower() or "store" in error["message"].lower(), error
+        finally:
+            subprocess.run(["bash", str(REPO / ".ci" / "postgres.sh"), "up", pg_dir], check=True)
+        reply = wait_for(lambda: _try_ask(replica.port, QUESTIONS[2]), 60, "the replica to serve again")
+        assert reply["s2agent"]["accepted"] and replica.popen.poll() is None  # the same process
+        store = Store(postgres_url)
+        try:
+            assert {e.input for e in store.list_examples()} == {QUESTIONS[0], QUESTIONS[2]}
+        finally:
+            store.close()
+    finally:
+        replica.stop()
+
+
+def _try_ask(port: int, question: str) -> dict[str, Any] | None:
+    try:
+        return ask(port, question)
+    except urllib.error.HTTPError:
+        return None
