@@ -279,16 +279,21 @@ class StoreBase:
         return known
 
     @contextmanager
-    def _read(self) -> Iterator[Session]:
-        """A session for reads; rows it returns stay readable after it closes."""
+    def _errors_translated(self) -> Iterator[None]:
+        """The driver's errors this store knows (busy, full, read-only, damaged) as its own ``StoreError``s."""
         try:
-            with self._read_sessions() as session:
-                yield session
+            yield
         except DBAPIError as exc:
             known = self._translated(exc)
             if known is None:
                 raise
             raise known from exc
+
+    @contextmanager
+    def _read(self) -> Iterator[Session]:
+        """A session for reads; rows it returns stay readable after it closes."""
+        with self._errors_translated(), self._read_sessions() as session:
+            yield session
 
     @contextmanager
     def _write(self) -> Iterator[Session]:
@@ -297,14 +302,8 @@ class StoreBase:
         Refused at once on a store found damaged: a write into a damaged file can spread the damage."""
         if self._damaged is not None:
             raise StoreCorrupt(self._damaged)
-        try:
-            with self._write_sessions.begin() as session:
-                yield session
-        except DBAPIError as exc:
-            known = self._translated(exc)
-            if known is None:
-                raise
-            raise known from exc
+        with self._errors_translated(), self._write_sessions.begin() as session:
+            yield session
 
 
 def chunks(items: list[Any], size: int = 500) -> Iterator[list[Any]]:

@@ -194,21 +194,18 @@ def embedded_model_dir() -> str:
     return resolve_model("default")
 
 
-def teach_reply(model_dir: Path, folder: Path, prompts: list[str], reply: str, steps: int = 80) -> Path:
-    """A copy of the tiny model fully fine-tuned to answer each of ``prompts`` with ``reply``.
-
-    A random model's greedy answers flip at the slightest weight change, so it has no behaviour worth
-    retaining; this one has a firm habit that forgetting can destroy and retention data can keep.
-    """
+def teach_pairs(model_dir: Path, folder: Path, pairs: list[tuple[list, str]], steps: int = 80,
+                max_length: int = 128) -> Path:
+    """A copy of the tiny model fully fine-tuned to answer each chat of ``pairs`` with its reply."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from agent.prompting import TrainingExample, encode_example, system1_messages
+    from agent.prompting import TrainingExample, encode_example
     from agent.training import answer_loss
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    rows = [encode_example(tokenizer, TrainingExample(system1_messages(p), reply), 128) for p in prompts]
+    rows = [encode_example(tokenizer, TrainingExample(messages, reply), max_length) for messages, reply in pairs]
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     torch.manual_seed(0)
     model.train()
@@ -219,6 +216,17 @@ def teach_reply(model_dir: Path, folder: Path, prompts: list[str], reply: str, s
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def teach_reply(model_dir: Path, folder: Path, prompts: list[str], reply: str, steps: int = 80) -> Path:
+    """A copy of the tiny model fully fine-tuned to answer each of ``prompts`` with ``reply``.
+
+    A random model's greedy answers flip at the slightest weight change, so it has no behaviour worth
+    retaining; this one has a firm habit that forgetting can destroy and retention data can keep.
+    """
+    from agent.prompting import system1_messages
+
+    return teach_pairs(model_dir, folder, [(system1_messages(p), reply) for p in prompts], steps)
 
 
 @pytest.fixture(scope="session")

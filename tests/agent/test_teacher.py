@@ -29,34 +29,12 @@ from agent.server import create_app
 from policies.system2 import make_method
 from policies.system2.base import chat
 from tests.agent.test_server import ServerThread
+from tests.conftest import teach_pairs
 
 QUESTION = "What is 47 + 38?"
 
 
 # --- the teacher: a second s2agent server ---------------------------------------------------------------
-def teach(model_dir: Path, folder: Path, pairs: list[tuple[list[dict[str, str]], str]], steps: int = 120) -> Path:
-    """A copy of the tiny model fully fine-tuned to answer each chat of ``pairs`` with its reply."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from agent.prompting import TrainingExample, encode_example
-    from agent.training import answer_loss
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    rows = [encode_example(tokenizer, TrainingExample(messages, reply), 160) for messages, reply in pairs]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    torch.manual_seed(0)
-    model.train()
-    for _ in range(steps):
-        answer_loss(model, rows, tokenizer.pad_token_id).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def method_messages(name: str, query: str) -> list[dict[str, str]]:
     """The chat a System 2 method sends for ``query``: what the teacher must have learnt to answer."""
     method = make_method(name)
@@ -66,10 +44,10 @@ def method_messages(name: str, query: str) -> list[dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def teacher_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return teach(tiny_model_dir, tmp_path_factory.mktemp("teacher-llama"), [
+    return teach_pairs(tiny_model_dir, tmp_path_factory.mktemp("teacher-llama"), [
         (method_messages("direct", QUESTION), "Answer: 85"),
         (method_messages("cot", QUESTION), "47 + 38 = 85.\nAnswer: 85"),
-    ])
+    ], steps=120, max_length=160)
 
 
 @pytest.fixture(scope="module")
