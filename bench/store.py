@@ -80,16 +80,20 @@ def _rate(store_url: str, rows: int, threads: int) -> list[dict[str, Any]]:
 
 
 @contextmanager
-def postgres_database(server: str) -> Iterator[str]:
-    name = f"s2agent_bench_{uuid.uuid4().hex[:10]}"
+def postgres_database(server: str, prefix: str = "s2agent_bench") -> Iterator[str]:
+    """A new, empty database on the PostgreSQL ``server``, dropped afterwards with whatever is still connected;
+    yields its URL in the form the server's was given in."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     admin = create_engine(resolve_url(server), isolation_level="AUTOCOMMIT", poolclass=NullPool)
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
     try:
-        yield make_url(server).set(database=name).render_as_string(hide_password=False)
-    finally:
         with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            conn.execute(text(f'CREATE DATABASE "{name}" TEMPLATE template0'))
+        try:
+            yield make_url(server).set(database=name).render_as_string(hide_password=False)
+        finally:
+            with admin.connect() as conn:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
         admin.dispose()
 
 

@@ -13,7 +13,6 @@ fail: CI must run them.
 from __future__ import annotations
 
 import os
-import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -110,24 +109,10 @@ def fresh_postgres_database() -> Iterator[str]:
     Yields its URL in the form the server's was given in (a plain ``postgresql://`` URL stays plain, so the
     store's choice of driver is what the tests exercise).
     """
-    from sqlalchemy import create_engine, make_url, text
-    from sqlalchemy.pool import NullPool
+    from bench.store import postgres_database
 
-    from store.db import resolve_url
-
-    server = postgres_server_url()
-    name = f"s2agent_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(resolve_url(server), isolation_level="AUTOCOMMIT", poolclass=NullPool)
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}" TEMPLATE template0'))
-        try:
-            yield make_url(server).set(database=name).render_as_string(hide_password=False)
-        finally:
-            with admin.connect() as conn:
-                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    finally:
-        admin.dispose()
+    with postgres_database(postgres_server_url(), prefix="s2agent_test") as url:
+        yield url
 
 
 @pytest.fixture(params=DATABASES)
