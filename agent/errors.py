@@ -65,6 +65,11 @@ class Overloaded(S2AgentError, RuntimeError):
     every request in it late."""
 
 
+class GenerationCancelled(S2AgentError, RuntimeError):
+    """A generation was dropped before it finished: its caller cancelled it (a client that hung up) or its
+    deadline passed. The engine freed its rows at the next decode step; nothing was answered."""
+
+
 EXPECTED: tuple[type[Exception], ...] = (S2AgentError, StoreError, OperationalError)
 """Errors that mean "the input or the environment is wrong", not "the program is wrong": reported in one
 line by the CLI, as a 4xx (or a 503 when the environment is at fault) by the server; anything else is a bug
@@ -87,6 +92,7 @@ __all__ = [
     "AdapterError",
     "ConfigError",
     "ConsolidationInterrupted",
+    "GenerationCancelled",
     "InvalidQueryError",
     "ModelNotFoundError",
     "Overloaded",

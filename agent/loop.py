@@ -33,12 +33,14 @@ from agent.backends import (
     make_backend,
 )
 from agent.adapter_cache import local_folder
+from agent.backends import stream
+from agent.backends.stream import Delta
 from agent.background import Deferred, Label, System2Queue
 from agent.config import TEACHER_PREFIX, AgentConfig, split_method
 from agent.consolidation import LOCK_NAME as CONSOLIDATION_LOCK
 from agent.consolidation import ConsolidationReport, consolidate
 from agent.data import general_prompts
-from agent.errors import AdapterError, ConfigError, InvalidQueryError, System2Timeout
+from agent.errors import AdapterError, ConfigError, GenerationCancelled, InvalidQueryError, System2Timeout
 from agent.models import display_name, resolve_model
 from agent.prompting import Message, system1_messages
 from agent.scheduler import ConsolidationScheduler
@@ -109,6 +111,8 @@ class Answer:
     """Tokens the teacher wrote for this answer (also counted in ``tokens_system2``)."""
     teacher_cost: float | None = None
     """What the teacher's tokens cost at the configured prices; None when unpriced or not asked."""
+    system1: Completion | None = field(default=None, repr=False)
+    """System 1's completion itself (its tokens and log-probs), whichever text was answered."""
 
 
 class Agent:
@@ -184,8 +188,15 @@ class Agent:
         top_p: float = 1.0,
         stop: Sequence[str] = (),
         seed: int | None = None,
+        top_logprobs: int | None = None,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        logit_bias: Sequence[tuple[int, float]] = (),
         source: str = LOCAL,
         teach: bool = True,
+        adapter_version: int | None = None,
+        on_text: Callable[[str], None] | None = None,
+        cancel: threading.Event | None = None,
     ) -> Answer:
         """Answer one query through the loop; see the module docstring.
 
@@ -193,7 +204,19 @@ class Agent:
         recorded with the interaction and the example, for per-source caps and ``agent store purge``.
         ``teach=False`` (a key without the ``teach`` right): the query is answered as usual, System 2
         included when the router sends it there, but no example is stored from it, it joins no automatic
-        scope, and in background mode it is not queued for a label (that label would only be training data)."""
+        scope, and in background mode it is not queued for a label (that label would only be training data).
+
+        ``top_logprobs``, the penalties and ``logit_bias`` shape System 1's pass (see
+        :class:`~agent.backends.SamplingParams`); ``Answer.system1`` has its tokens and log-probs.
+        ``adapter_version``: run System 1 with that served adapter instead of the one serving the tag (a client
+        naming an adapter model); ``InvalidQueryError`` when this process does not serve it.
+
+        Streaming: ``on_text`` receives the answer's text in pieces whose concatenation is ``Answer.text``,
+        called from this thread before ``answer`` returns. The pieces arrive as tokens are decoded when the
+        answer is System 1's whatever the router says (:meth:`streams_live`); otherwise the answer may still be
+        replaced by System 2's vote, so the whole text comes in one piece once it is final. ``cancel``: set it
+        (a client hung up) and the generation is dropped at its next decode step, System 2's too;
+        :class:`~agent.errors.GenerationCancelled` is raised and nothing is recorded."""
         started = time.perf_counter()
         if not isinstance(query, str) or not query.strip():
             raise InvalidQueryError("query is empty")
@@ -204,10 +227,11 @@ class Agent:
         self.refresh_adapters()
         scope = self._classify(query) if tag is None else None
         tag = scope.tag if scope else tag
-        version, adapter = self.adapter_for(tag)
+        version, adapter = self._adapter(tag, adapter_version)
         s1_params = SamplingParams(
             n=1, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens or self.config.max_new_tokens,
-            stop=tuple(stop), seed=seed if seed is not None else self.config.seed,
+            stop=tuple(stop), seed=seed if seed is not None else self.config.seed, top_logprobs=top_logprobs,
+            presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, logit_bias=tuple(logit_bias),
         )
         messages = system1_messages(query)
         requests = [GenerationRequest(messages, s1_params, adapter)]
@@ -217,7 +241,12 @@ class Agent:
             sampled = SamplingParams(n=routing.agreement_samples, temperature=0.7, top_k=40,
                                      max_new_tokens=s1_params.max_new_tokens, seed=self.config.seed)
             requests.append(GenerationRequest(messages, sampled, adapter))
-        results = self.backend.generate(requests)
+        live = on_text is not None and self.streams_live(route)
+        if live:
+            assert on_text is not None
+            results = self._stream_first(requests, on_text, cancel)
+        else:
+            results = stream.generate(self.backend, requests, cancel=cancel)
         s1: Completion = results[0][0]
         tokens_s1 = s1.num_tokens + (sum(c.num_tokens for c in results[1]) if use_agreement else 0)
         kind = self.answer_kind(tag)
@@ -234,7 +263,7 @@ class Agent:
             tokens=tokens_s1, latency_ms=0.0, system1_text=s1.text, prompt_tokens=s1.prompt_tokens,
             tokens_system1=tokens_s1, route_reason={"estimator": decision.estimator, "score": decision.score,
                                                     "threshold": decision.threshold, "requested": route},
-            finish_reason=s1.finish_reason, tag=tag,
+            finish_reason=s1.finish_reason, tag=tag, system1=s1,
         )
         if scope:
             answer.route_reason["scope"] = {"tag": scope.tag, "similarity": round(scope.similarity, 3),
@@ -249,10 +278,12 @@ class Agent:
                 else:
                     answer.route_reason["system2"] = "not queued: the source may not teach"
             else:
-                self._run_system2(answer, query, method, tag)
+                self._run_system2(answer, query, method, tag, cancel)
                 # a source that may not teach does not shape the scopes either: its input joins no index
                 if tag is None and answer.accepted and self.config.scoping.auto and teach:
                     tag = answer.tag = self._assign_scope(answer, query)
+        if on_text is not None and not live and answer.text:
+            on_text(answer.text)  # final now: System 2's vote is in, or the router kept System 1's answer
         answer.latency_ms = (time.perf_counter() - started) * 1000
         try:
             self._record(answer, query, tag, source, teach)
@@ -261,12 +292,57 @@ class Agent:
                 deferred.logged(answer.interaction_id)
         return answer
 
-    def complete(self, prompt: Prompt, params: SamplingParams, tag: str | None = None
-                 ) -> tuple[list[Completion], int | None]:
-        """Plain System 1 completions (any chat or raw prompt, ``n`` samples): no routing, nothing learned."""
+    def complete(self, prompt: Prompt, params: SamplingParams, tag: str | None = None, *,
+                 adapter_version: int | None = None, on_delta: Callable[[Delta], None] | None = None,
+                 cancel: threading.Event | None = None) -> tuple[list[Completion], int | None]:
+        """Plain System 1 completions (any chat or raw prompt, ``n`` samples): no routing, nothing learned.
+
+        ``on_delta`` receives each sample's text as it is decoded (:class:`~agent.backends.stream.Delta`, the
+        last of a sample with its ``finish_reason``); ``cancel`` and ``adapter_version`` as for :meth:`answer`."""
         self.refresh_adapters()
-        version, adapter = self.adapter_for(tag)
-        return self.backend.generate([GenerationRequest(prompt, params, adapter)])[0], version
+        version, adapter = self._adapter(tag, adapter_version)
+        request = GenerationRequest(prompt, params, adapter)
+        if on_delta is None:
+            return stream.generate(self.backend, [request], cancel=cancel)[0], version
+        handle = stream.submit(self.backend, request, cancel=cancel)
+        try:
+            for delta in handle.deltas():
+                on_delta(delta)
+            return handle.result(), version
+        except BaseException:
+            handle.cancel()
+            raise
+
+    def streams_live(self, route: str) -> bool:
+        """Whether an answer on ``route`` is System 1's whatever the router decides, so that its tokens can
+        be sent as they are decoded: ``system1``, or ``auto`` when System 2 never replaces the answer inline
+        (``system2.mode = "background"``, or the ``never`` router)."""
+        if route == "system1":
+            return True
+        return route == "auto" and (self.config.system2.mode == "background" or self.config.routing.router == "never")
+
+    def _stream_first(self, requests: list[GenerationRequest], on_text: Callable[[str], None],
+                      cancel: threading.Event | None) -> list[list[Completion]]:
+        """Run ``requests``, passing the first one's text to ``on_text`` as it is decoded."""
+        handles = [stream.submit(self.backend, r, cancel=cancel) for r in requests]
+        try:
+            for delta in handles[0].deltas():
+                if delta.text:
+                    on_text(delta.text)
+            return [h.result() for h in handles]
+        except BaseException:
+            for h in handles:
+                h.cancel()
+            raise
+
+    def _adapter(self, tag: str | None, version: int | None) -> tuple[int | None, str | None]:
+        """The adapter serving ``tag``, or the served adapter ``version`` when one is named."""
+        if version is None:
+            return self.adapter_for(tag)
+        for slot in list(self._serving.values()):
+            if slot[0] == version:
+                return slot
+        raise InvalidQueryError(f"adapter version {version} is not served here; GET /v1/models lists what is")
 
     def system1_batch(self, inputs: Sequence[str], tag: str | None = None, *, adapter: str | None = None,
                       max_new_tokens: int | None = None, batch: int = 16) -> list[Completion]:
@@ -637,13 +713,14 @@ class Agent:
         """How answers for ``tag`` are compared (``kinds_by_tag``, else ``answer_kind``)."""
         return self.config.answer_kind_for(tag)
 
-    def _run_system2(self, answer: Answer, query: str, method_name: str | None, tag: str | None) -> None:
+    def _run_system2(self, answer: Answer, query: str, method_name: str | None, tag: str | None,
+                     cancel: threading.Event | None = None) -> None:
         cfg = self.config.system2
         name = method_name or cfg.methods_by_tag.get(tag or "") or cfg.method
         answer.method = name
         try:
-            result = self.system2(query, method=name, tag=tag)
-        except (ConfigError, InvalidQueryError):
+            result = self.system2(query, method=name, tag=tag, cancel=cancel)
+        except (ConfigError, InvalidQueryError, GenerationCancelled):
             raise
         except Exception as exc:  # noqa: BLE001 - System 2 failing must never fail the request
             logger.warning("System 2 (%s) failed, answering with System 1: %s", name, exc)
@@ -652,7 +729,7 @@ class Agent:
         self._apply_system2(answer, result)
 
     def system2(self, query: str, *, method: str | None = None, tag: str | None = None, k: int | None = None,
-                threshold: float | None = None) -> System2Result:
+                threshold: float | None = None, cancel: threading.Event | None = None) -> System2Result:
         """Run System 2 alone on ``query``: ``k`` samples and the consistency decision; nothing is logged.
 
         Useful to label data offline; ``answer`` uses it for the queries it routes to System 2.
@@ -662,7 +739,7 @@ class Agent:
         solver = self._method(name, tag)  # an unknown name, or a teacher method without a teacher: ConfigError
         on_teacher, base = split_method(name)
         deadline = time.monotonic() + cfg.timeout_s
-        lm = self._lm(deadline)
+        lm = self._lm(deadline, cancel)
         options = {"k": k or cfg.samples, "threshold": cfg.agreement_threshold if threshold is None else threshold}
         teacher_fallback = (base == "auto" and not on_teacher and self.teacher is not None
                             and (cfg.teacher.auto or (cfg.fallback or "").startswith(TEACHER_PREFIX)))
@@ -724,7 +801,9 @@ class Agent:
         else:
             answer.error = "System 2 gave no parsable answer"
 
-    def _lm(self, deadline: float):
+    def _lm(self, deadline: float, cancel: threading.Event | None = None):
+        """System 2's LM on the local backend: every call is dropped at the next decode step once ``deadline``
+        (``system2.timeout_s``) passes or ``cancel`` is set, instead of decoding on for nobody."""
         seed = self.config.seed
 
         def run(calls: Sequence[Call]) -> list[list[Completion]]:
@@ -740,7 +819,12 @@ class Agent:
                 )
                 for call in calls
             ]
-            return self.backend.generate(requests)
+            try:
+                return stream.generate(self.backend, requests, cancel=cancel, deadline=deadline)
+            except GenerationCancelled as exc:
+                if cancel is not None and cancel.is_set():
+                    raise
+                raise System2Timeout(f"System 2 exceeded {self.config.system2.timeout_s:.0f} s") from exc
 
         return run
 

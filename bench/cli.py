@@ -31,6 +31,9 @@ def build_parser(prog: str = "agent bench") -> argparse.ArgumentParser:
     p.add_argument("--clients", default="1,4,8,16", help="comma-separated concurrent client counts")
     p.add_argument("--requests-per-client", type=int, default=4)
     p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--engine-requests", type=int, default=0,
+                   help="> 0: also time to first token, 8 clients vs raw batch-8 generate, System 1 p90 under "
+                        "2 PAL clients, with this many requests per measurement")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("consolidation", help="training time, peak memory, adapter size, hot-swap latency")
@@ -259,7 +262,8 @@ def run(args: argparse.Namespace, config: AgentConfig) -> int:
     if args.bench_cmd == "serving":
         from bench import serving
 
-        results = serving.run(config, _positive_ints(args.clients, "--clients"), args.requests_per_client, args.max_tokens)
+        results = serving.run(config, _positive_ints(args.clients, "--clients"), args.requests_per_client, args.max_tokens,
+                              engine_requests=args.engine_requests)
         sys.stdout.write((json.dumps(results, indent=2) if args.json else serving.report(results)) + "\n")
         return 0
     if args.bench_cmd == "contention":

@@ -8,7 +8,9 @@ Starts the OpenAI-compatible server (``create_app`` under uvicorn, in a thread, 
 client) sends its requests one after the other to ``POST /v1/chat/completions``. Every request is
 forced to System 1 (``"s2agent": {"route": "system1"}``), so the numbers measure serving, not System 2.
 Prints, per (batching, clients): completion tokens/s over the whole run, requests/s, p50 and p99
-latency, and the mean rows per forward batch the server actually ran.
+latency, and the mean rows per decode step the server actually ran. With ``--engine-requests N`` it also
+measures, with batching on, time to first token, 8 clients against a raw batch-8 ``generate`` and System 1
+under System 2 load (:mod:`bench.serving_engine`).
 """
 
 from __future__ import annotations
@@ -66,8 +68,9 @@ class ServerThread:
         self.sock.close()
 
 
-def drive(url: str, clients: int, requests_per_client: int, max_tokens: int) -> dict:
-    """``clients`` threads, each sending ``requests_per_client`` requests in turn; returns the numbers."""
+def drive(url: str, clients: int, requests_per_client: int, max_tokens: int, extra: dict | None = None) -> dict:
+    """``clients`` threads, each sending ``requests_per_client`` requests in turn; returns the numbers.
+    ``extra``: more fields for every request body (a ``logit_bias``)."""
     import httpx  # the load generator's client; not needed by the runtime itself
 
     latencies: list[float] = []
@@ -83,7 +86,7 @@ def drive(url: str, clients: int, requests_per_client: int, max_tokens: int) -> 
                 body = {
                     "model": "default", "max_tokens": max_tokens, "temperature": 0,
                     "messages": [{"role": "user", "content": PROMPTS[(index + i) % len(PROMPTS)]}],
-                    "s2agent": {"route": "system1"},
+                    "s2agent": {"route": "system1"}, **(extra or {}),
                 }
                 t = time.perf_counter()
                 try:
@@ -120,8 +123,9 @@ def drive(url: str, clients: int, requests_per_client: int, max_tokens: int) -> 
 
 
 def run(config: AgentConfig | None = None, clients: Sequence[int] = (1, 4, 8, 16), requests_per_client: int = 4,
-        max_tokens: int = 32) -> dict:
-    """Serve ``config.model`` with batching on and off and measure each client count; see the module docstring."""
+        max_tokens: int = 32, engine_requests: int = 0) -> dict:
+    """Serve ``config.model`` with batching on and off and measure each client count; see the module docstring.
+    ``engine_requests`` > 0: with batching on, also :mod:`bench.serving_engine`'s measurements."""
     base = copy.deepcopy(config or AgentConfig())
     results: dict = {"model": base.model, "max_tokens": max_tokens, "requests_per_client": requests_per_client,
                      "modes": {name: dict(mode) for name, mode in MODES.items()}, "runs": []}
@@ -139,14 +143,18 @@ def run(config: AgentConfig | None = None, clients: Sequence[int] = (1, 4, 8, 16
                 drive(server.url, 1, 1, max_tokens)  # warm up: first forward pass, first SQLite write
                 for n in clients:
                     batcher = agent.backend
-                    before = (getattr(batcher, "batches", 0), getattr(batcher, "batched_rows", 0))
+                    before = (getattr(batcher, "steps", 0), getattr(batcher, "step_rows", 0))
                     row = drive(server.url, n, requests_per_client, max_tokens)
-                    batches = getattr(batcher, "batches", 0) - before[0]
-                    rows = getattr(batcher, "batched_rows", 0) - before[1]
+                    batches = getattr(batcher, "steps", 0) - before[0]
+                    rows = getattr(batcher, "step_rows", 0) - before[1]
                     row["mean_batch_rows"] = rows / batches if batches else None
                     row["batching"] = name
                     row["load_s"] = load_s
                     results["runs"].append(row)
+                if name == "on" and engine_requests:
+                    from bench import serving_engine
+
+                    results["engine"] = serving_engine.run(agent, server.url, drive, engine_requests, max_tokens)
     return results
 
 
@@ -163,6 +171,10 @@ def report(results: dict) -> str:
         rows = f"{r['mean_batch_rows']:.1f}" if r["mean_batch_rows"] is not None else "-"
         lines.append(f"{r['batching']:<9}{r['clients']:>8}{r['tokens_per_s']:>10.1f}{r['requests_per_s']:>8.2f}"
                      f"{p50:>8}{p99:>8}{rows:>11}{r['errors']:>8}")
+    if "engine" in results:
+        from bench import serving_engine
+
+        lines.append(serving_engine.report(results["engine"]))
     for r in results["runs"]:
         for example in r["error_examples"]:
             lines.append(f"error (batching {r['batching']}, {r['clients']} clients): {example}")

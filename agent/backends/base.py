@@ -27,6 +27,20 @@ class SamplingParams:
     max_new_tokens: int = 128
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    top_logprobs: int | None = None
+    """None: only each sampled token's log-prob (``Completion.logprobs``, always there); ``k >= 0``: also each
+    token's text and its ``k`` likeliest alternatives (``Completion.tokens``, ``Completion.top_logprobs``)."""
+    presence_penalty: float = 0.0
+    """Subtracted once from the logit of every token already generated (OpenAI's meaning)."""
+    frequency_penalty: float = 0.0
+    """Subtracted from a token's logit once per time it was already generated."""
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """(token id, bias) pairs added to the logits before sampling; a tuple so that params stay hashable."""
+
+    @property
+    def shapes_logits(self) -> bool:
+        """Whether penalties or biases change the logits before a token is picked."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
 
 
 @dataclass(frozen=True)
@@ -46,6 +60,10 @@ class Completion:
     finish_reason: str
     """``"stop"`` (end of sequence or a stop string) or ``"length"`` (ran into max_new_tokens)."""
     prompt_tokens: int = 0
+    tokens: list[str] | None = None
+    """Each generated token's text, when ``SamplingParams.top_logprobs`` asked for it."""
+    top_logprobs: list[list[tuple[str, float]]] | None = None
+    """Per generated token, its likeliest alternatives (text, log-prob), most likely first."""
 
     @property
     def num_tokens(self) -> int:
@@ -58,7 +76,12 @@ class Backend(Protocol):
     context_length: int
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Completion]]:
-        """Run a batch; returns, per request, ``params.n`` completions."""
+        """Run a batch; returns, per request, ``params.n`` completions.
+
+        A backend that schedules per decode step also has ``submit(request, *, cancel=None, deadline=None)``
+        returning a :class:`agent.backends.stream.Handle` (token deltas, ``cancel()``), and takes the same
+        ``cancel``/``deadline`` keywords here; :func:`agent.backends.stream.submit` and
+        :func:`agent.backends.stream.generate` call any backend that way."""
         ...
 
     def count_tokens(self, prompt: Prompt) -> int:

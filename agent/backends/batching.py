@@ -1,115 +1,304 @@
-"""Dynamic micro-batching: concurrent callers share forward passes.
+"""Iteration-level scheduling (Orca, vLLM's idea) on the HF engine's own decode loop.
 
-Any thread may call :meth:`BatchingBackend.generate`; its requests wait up to ``max_wait_ms`` for
-others, then one worker thread runs them all as a single batch on the wrapped backend. With 8
-concurrent clients this turns 8 sequential decodes into one batched decode (the engine's tokens/s
-grows ~5x from batch 1 to batch 8 on 2 CPU cores).
+One worker thread owns the running batch and, between two decode steps:
+
+1. drops the rows of requests whose caller went away (``Handle.cancel()``, a ``cancel`` event, a passed
+   ``deadline``): a client that hung up stops costing anything one step later;
+2. admits waiting requests: their prompts are prefilled in one pass (few-shot prefixes shared, each prompt
+   computed once for its ``n`` samples) and their rows join the running batch (:mod:`agent.backends.decode_batch`);
+3. runs one decode step for every row, whatever its adapter (PEFT mixes adapters per row), publishes each
+   streaming row's new text, and lets finished rows leave at once.
+
+So a System 1 request that arrives while System 2 samples decode waits one step and its own prefill, not
+the whole System 2 decode; and 8 clients share every forward pass even though they arrive at different times.
+
+Admission keeps at most ``max_batch`` rows decoding. Requests are admitted in arrival order; one that does not
+fit yet lets later, smaller ones pass for up to :data:`HEAD_OF_LINE_S` seconds, after which nothing passes it
+(so short requests are not held behind a large one, and the large one is not starved). A single request larger
+than ``max_batch`` runs alone. The server bounds how many requests may wait (``server.max_queued``).
+
+Adapters: a request names its adapter when it is admitted; :meth:`BatchingBackend.unload_adapter` refuses new
+requests for it at once but unloads it only when no running row uses it, so a hot-swap never fails a request
+in flight.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
-from concurrent.futures import Future
-from dataclasses import dataclass
-from typing import Sequence
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Sequence
 
-from agent.backends.base import Backend, Completion, GenerationRequest, Prompt
+import torch
+
+from agent.backends.base import Completion, GenerationRequest, Prompt
+from agent.backends.decode_batch import DecodeBatch, Row, merge
+from agent.backends.hf import completion
+from agent.backends.stream import Delta, Handle, text_delta
+from agent.errors import AdapterError
 
 logger = logging.getLogger(__name__)
 
+HEAD_OF_LINE_S = 1.0
+"""How long the oldest waiting request may be passed by later ones that fit the batch when it does not."""
 
-@dataclass
+
+class StepEngine(Protocol):
+    """What the scheduler needs from an engine: :class:`agent.backends.hf.HFBackend` implements it."""
+
+    model_name: str
+    context_length: int
+    lock: Any
+
+    def prepare(self, request: GenerationRequest) -> list[int]: ...
+    def prefill(self, items: Sequence[tuple[Any, GenerationRequest, list[int]]]) -> DecodeBatch: ...
+    def step(self, batch: DecodeBatch) -> tuple[DecodeBatch, list[Row]]: ...
+    def drop(self, batch: DecodeBatch, owners: set[Any]) -> DecodeBatch: ...
+    def text_so_far(self, row: Row) -> str: ...
+    def count_tokens(self, prompt: Prompt) -> int: ...
+    def load_adapter(self, name: str, path: str) -> None: ...
+    def unload_adapter(self, name: str) -> None: ...
+    def close(self) -> None: ...
+
+
+@dataclass(eq=False)
 class _Job:
-    requests: Sequence[GenerationRequest]
-    future: Future
+    """One request in the scheduler: its handle, and its samples as they finish."""
+
+    handle: Handle
+    submitted: float
+    completions: list[Completion | None] = field(default_factory=list)
+    left: int = 0
 
     @property
     def rows(self) -> int:
-        return sum(r.params.n for r in self.requests)
+        return self.handle.request.params.n
 
 
 class BatchingBackend:
-    """Wraps a backend; same protocol, thread-safe, batches across callers."""
+    """Wraps a :class:`StepEngine`; the ``Backend`` protocol plus :meth:`submit`, thread-safe."""
 
-    def __init__(self, inner: Backend, max_batch: int = 16, max_wait_ms: float = 5.0) -> None:
+    def __init__(self, inner: StepEngine, max_batch: int = 16, max_wait_ms: float = 5.0) -> None:
         self.inner = inner
         self.max_batch = max(1, max_batch)
         self.max_wait = max(0.0, max_wait_ms) / 1000
+        """When the engine is idle, how long the first request waits for others to share its prefill."""
         self.model_name = inner.model_name
         self.context_length = inner.context_length
-        self._queue: queue.Queue[_Job | None] = queue.Queue()
-        self._worker = threading.Thread(target=self._run, name="s2agent-batcher", daemon=True)
-        self._worker.start()
-        self.batches = 0
-        self.batched_rows = 0
+        self._waiting: deque[list[_Job]] = deque()
+        """Groups of jobs (one ``generate`` call's requests, or one ``submit``), admitted together."""
+        self._cond = threading.Condition()
+        self._unloading: set[str] = set()
         self._closed = False
+        self.steps = 0
+        """Decode steps run (one forward pass each)."""
+        self.step_rows = 0
+        """Rows summed over the decode steps: ``step_rows / steps`` is the mean batch a forward pass ran."""
+        self.peak_rows = 0
+        """The most rows one decode step ran: never above ``max_batch`` unless one request alone is larger."""
+        self.prefills = 0
+        self.admitted_rows = 0
+        self.dropped_rows = 0
+        """Rows dropped mid-decode because their caller went away or their deadline passed."""
+        self._worker = threading.Thread(target=self._run, name="s2agent-scheduler", daemon=True)
+        self._worker.start()
 
-    def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Completion]]:
+    # --- the Backend protocol ----------------------------------------------------------------------------
+    def generate(self, requests: Sequence[GenerationRequest], *, cancel: threading.Event | None = None,
+                 deadline: float | None = None) -> list[list[Completion]]:
+        """Run ``requests`` (admitted together, so they share a prefill); the first failure is raised and the
+        other requests of the call are dropped. ``cancel``/``deadline``: see :class:`~agent.backends.stream.Handle`."""
         if not requests:
             return []
-        if self._closed:
-            raise RuntimeError("the backend is closed")
-        job = _Job(list(requests), Future())
-        self._queue.put(job)
-        return job.future.result()
+        handles = [Handle(r, cancel=cancel, deadline=deadline, stream=False) for r in requests]
+        self._enqueue(handles)
+        try:
+            return [h.result() for h in handles]
+        except BaseException:
+            for h in handles:
+                if not h.done:
+                    h.cancel()
+            raise
+
+    def submit(self, request: GenerationRequest, *, cancel: threading.Event | None = None,
+               deadline: float | None = None) -> Handle:
+        """Start ``request`` and return at once: its handle streams text deltas, gives the result, cancels."""
+        handle = Handle(request, cancel=cancel, deadline=deadline, stream=True)
+        self._enqueue([handle])
+        return handle
 
     def count_tokens(self, prompt: Prompt) -> int:
         return self.inner.count_tokens(prompt)
 
     def load_adapter(self, name: str, path: str) -> None:
+        with self._cond:
+            self._unloading.discard(name)  # loaded again before its rows finished: keep it
         self.inner.load_adapter(name, path)
 
     def unload_adapter(self, name: str) -> None:
-        self.inner.unload_adapter(name)
+        """Refuse new requests for ``name`` now; unload it once no running row uses it."""
+        with self._cond:
+            self._unloading.add(name)
+            self._cond.notify()
 
     def close(self) -> None:
-        self._closed = True
-        self._queue.put(None)
+        """Finish what runs and waits, then stop the worker and the engine."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
         self._worker.join(timeout=30)
         self.inner.close()
 
-    # ----------------------------------------------------------------------------------------
-    def _run(self) -> None:
-        carry: _Job | None = None
-        while True:
-            job = carry or self._queue.get()
-            carry = None
-            if job is None:
-                return
-            jobs, rows = [job], job.rows
-            deadline = time.monotonic() + self.max_wait
-            while rows < self.max_batch:
-                try:
-                    nxt = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    self._queue.put(None)
-                    break
-                if rows + nxt.rows > self.max_batch:
-                    carry = nxt
-                    break
-                jobs.append(nxt)
-                rows += nxt.rows
-            self._execute(jobs)
+    @property
+    def waiting(self) -> int:
+        """Requests submitted but not admitted yet."""
+        with self._cond:
+            return sum(len(group) for group in self._waiting)
 
-    def _execute(self, jobs: list[_Job]) -> None:
-        flat = [r for job in jobs for r in job.requests]
-        try:
-            results = self.inner.generate(flat)
-        except Exception as exc:  # noqa: BLE001 - isolate the caller whose request failed
-            if len(jobs) == 1:
-                jobs[0].future.set_exception(exc)
+    # --- the worker ------------------------------------------------------------------------------------------
+    def _enqueue(self, handles: list[Handle]) -> None:
+        now = time.monotonic()
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the backend is closed")
+            self._waiting.append([_Job(h, now) for h in handles])
+            self._cond.notify()
+
+    def _run(self) -> None:
+        batch: DecodeBatch | None = None
+        while True:
+            groups = self._admit(len(batch.rows) if batch else 0)
+            if groups is None:
                 return
-            for job in jobs:
-                self._execute([job])
-            return
-        self.batches += 1
-        self.batched_rows += sum(job.rows for job in jobs)
-        start = 0
+            try:
+                with self.inner.lock, torch.inference_mode():
+                    batch = self._drop_expired(batch)
+                    if groups:
+                        batch = self._join(batch, [job for group in groups for job in group])
+                    if batch is not None and batch.rows:
+                        batch = self._step(batch)
+                    self._retire_adapters(batch)
+            except Exception as exc:  # noqa: BLE001 - a failed step fails its rows' callers, not the worker
+                logger.exception("decode step failed; failing the %d requests in it", len(batch.rows) if batch else 0)
+                for job in {row.owner for row in batch.rows} if batch else ():
+                    job.handle.fail(exc)
+                batch = None
+
+    def _admit(self, running: int) -> list[list[_Job]] | None:
+        """The groups to admit now; waits while nothing runs. None: closed and nothing left to do."""
+        with self._cond:
+            if running == 0:
+                while not self._waiting and not self._closed:
+                    self._cond.wait(timeout=0.5)
+                    self._retire_idle()
+                if not self._waiting:
+                    self._retire_idle()
+                    return None  # closed, nothing waits, nothing runs
+                if self.max_wait:  # gather requests that arrive together, so they share one prefill
+                    end = time.monotonic() + self.max_wait
+                    while self._rows_waiting() < self.max_batch and (left := end - time.monotonic()) > 0:
+                        self._cond.wait(timeout=left)
+            taken: list[list[_Job]] = []
+            rows, now = running, time.monotonic()
+            for group in list(self._waiting):
+                size = sum(job.rows for job in group)
+                if rows + size <= self.max_batch or rows == 0:
+                    self._waiting.remove(group)
+                    taken.append(group)
+                    rows += size
+                elif now - group[0].submitted > HEAD_OF_LINE_S:
+                    break  # it has waited long enough: nothing passes it any more
+            return taken
+
+    def _rows_waiting(self) -> int:
+        return sum(job.rows for group in self._waiting for job in group)
+
+    def _drop_expired(self, batch: DecodeBatch | None) -> DecodeBatch | None:
+        if batch is None or not batch.rows:
+            return batch
+        now = time.monotonic()
+        gone = {row.owner for row in batch.rows if row.owner.handle.expired(now)}
+        if not gone:
+            return batch
+        self.dropped_rows += sum(1 for row in batch.rows if row.owner in gone)
+        for job in gone:
+            job.handle.fail(job.handle.why_dropped())
+        logger.info("dropped %d request(s) whose caller went away", len(gone))
+        return self.inner.drop(batch, gone)
+
+    def _join(self, batch: DecodeBatch | None, jobs: list[_Job]) -> DecodeBatch | None:
+        """Prefill ``jobs`` (those still wanted, whose prompts are valid) and merge their rows into ``batch``."""
+        items = []
         for job in jobs:
-            job.future.set_result(results[start:start + len(job.requests)])
-            start += len(job.requests)
+            if job.handle.expired():
+                job.handle.fail(job.handle.why_dropped())
+                continue
+            try:
+                if job.handle.request.adapter in self._unloading:
+                    raise AdapterError(f"adapter {job.handle.request.adapter!r} is being unloaded")
+                items.append((job, job.handle.request, self.inner.prepare(job.handle.request)))
+            except Exception as exc:  # noqa: BLE001 - a bad request fails only its caller
+                job.handle.fail(exc)
+        if not items:
+            return batch
+        try:
+            fresh: DecodeBatch | None = self.inner.prefill(items)
+        except Exception:  # noqa: BLE001 - isolate the request that made the shared prefill fail
+            fresh = None
+            for item in items:
+                try:
+                    fresh = merge(fresh, self.inner.prefill([item]))
+                except Exception as exc:  # noqa: BLE001 - a bad request fails only its caller
+                    item[0].handle.fail(exc)
+                    items = [i for i in items if i is not item]
+            if fresh is None:
+                return batch
+        self.prefills += 1
+        for job, request, _ in items:
+            job.completions = [None] * request.params.n
+            job.left = request.params.n
+            self.admitted_rows += request.params.n
+        return merge(batch, fresh)
+
+    def _step(self, batch: DecodeBatch) -> DecodeBatch:
+        stepped = list(batch.rows)
+        self.steps += 1
+        self.step_rows += len(stepped)
+        self.peak_rows = max(self.peak_rows, len(stepped))
+        batch, finished = self.inner.step(batch)
+        done = set(map(id, finished))
+        for row in stepped:
+            job: _Job = row.owner
+            final = id(row) in done
+            if job.handle.stream:
+                text = self.inner.text_so_far(row)
+                piece, row.emitted = text_delta(text, row.emitted, row.params.stop, final)
+                if piece or final:
+                    job.handle.publish(Delta(row.sample, piece, len(row.token_ids),
+                                             row.finish_reason if final else None))
+            if final:
+                job.completions[row.sample] = completion(row)
+                job.left -= 1
+                if job.left == 0:
+                    job.handle.finish([c for c in job.completions if c is not None])
+        return batch
+
+    def _retire_adapters(self, batch: DecodeBatch | None) -> None:
+        """Unload adapters marked for it that no running row uses any more."""
+        with self._cond:
+            if not self._unloading:
+                return
+            used = {row.adapter for row in batch.rows} if batch else set()
+            ready = [name for name in self._unloading if name not in used]
+            for name in ready:
+                self._unloading.discard(name)
+        for name in ready:
+            self.inner.unload_adapter(name)
+
+    def _retire_idle(self) -> None:
+        """Called with the condition held while nothing runs: every adapter waiting to unload can go."""
+        for name in list(self._unloading):
+            self._unloading.discard(name)
+            self.inner.unload_adapter(name)

@@ -5,49 +5,31 @@ Decoding is a small explicit loop instead of ``model.generate`` for three reason
   rows are repeated (``generate(num_return_sequences=k)`` recomputes a long few-shot prompt k times);
 - each sequence stops at its own stop string and leaves the batch, instead of every sample being
   decoded to ``max_new_tokens``;
-- one batch may mix LoRA adapters (PEFT's per-row ``adapter_names``), so a hot-swap needs no pause.
+- one batch may mix LoRA adapters (PEFT's per-row ``adapter_names``), so a hot-swap needs no pause;
+- the loop is exposed as steps (:meth:`HFBackend.prefill`, :meth:`HFBackend.step`), so that the scheduler
+  (:mod:`agent.backends.batching`) can add rows to a running batch and remove rows from it between steps.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
-from agent.backends.base import (
-    Completion,
-    GenerationRequest,
-    SamplingParams,
-    validate_adapter_dir,
-)
+from agent.backends.base import Completion, GenerationRequest, validate_adapter_dir
+from agent.backends.decode_batch import DecodeBatch, Row, select
+from agent.backends.sampling import pick, shape_logits
 from agent.errors import AdapterError, PromptTooLongError
 from agent.prompting import Prompt, render_prompt
 
 logger = logging.getLogger(__name__)
 
 BASE = "__base__"
+"""PEFT's name for "no adapter" in a mixed-adapter batch."""
 MIN_SHARED_PREFIX = 32
 """Below this many shared prompt tokens, a separate prefix pass costs more than it saves."""
-"""PEFT's name for "no adapter" in a mixed-adapter batch."""
-
-
-@dataclass
-class _Row:
-    """One sequence being decoded."""
-
-    request: int
-    params: SamplingParams
-    generator: torch.Generator | None
-    adapter: str
-    token_ids: list[int]
-    logprobs: list[float]
-    prompt_tokens: int
-    text: str | None = None
-    """Set early when a stop string cut the text; otherwise decoded at the end."""
-    finish_reason: str | None = None
 
 
 class HFBackend:
@@ -124,23 +106,30 @@ class HFBackend:
 
     # --- generation ------------------------------------------------------------------------
     def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Completion]]:
-        prompts = [self.render(r.prompt) for r in requests]
-        for request, ids in zip(requests, prompts):
-            if len(ids) + request.params.max_new_tokens > self.context_length:
-                raise PromptTooLongError(
-                    f"prompt of {len(ids)} tokens + {request.params.max_new_tokens} new tokens exceeds the "
-                    f"context window of {self.context_length} tokens"
-                )
-            if request.adapter is not None and request.adapter not in self.adapters:
-                raise AdapterError(f"adapter {request.adapter!r} is not loaded")
+        """Run ``requests`` as one batch to the end (the scheduler in :mod:`agent.backends.batching` instead
+        calls :meth:`prepare`, :meth:`prefill` and :meth:`step` itself, admitting and dropping rows per step)."""
+        prompts = [self.prepare(r) for r in requests]
         with self._lock, torch.inference_mode():
-            rows = self._decode(requests, prompts)
+            batch: DecodeBatch | None = self.prefill([(i, r, p) for i, (r, p) in enumerate(zip(requests, prompts))])
+            rows = list(batch.rows)
+            while batch is not None and batch.rows:
+                batch, _ = self.step(batch)
         out: list[list[Completion]] = [[] for _ in requests]
         for row in rows:
-            out[row.request].append(
-                Completion(row.text, row.token_ids, row.logprobs, row.finish_reason or "length", row.prompt_tokens)
-            )
+            out[row.request].append(completion(row))
         return out
+
+    def prepare(self, request: GenerationRequest) -> list[int]:
+        """``request``'s prompt as token ids, after checking it fits the context and its adapter is loaded."""
+        ids = self.render(request.prompt)
+        if len(ids) + request.params.max_new_tokens > self.context_length:
+            raise PromptTooLongError(
+                f"prompt of {len(ids)} tokens + {request.params.max_new_tokens} new tokens exceeds the "
+                f"context window of {self.context_length} tokens"
+            )
+        if request.adapter is not None and request.adapter not in self.adapters:
+            raise AdapterError(f"adapter {request.adapter!r} is not loaded")
+        return ids
 
     def _forward(self, **kwargs):
         if self.model is not self.base_model:
@@ -148,14 +137,20 @@ class HFBackend:
         kwargs.pop("adapter_names", None)
         return self.model(**kwargs)
 
-    def _decode(self, requests: Sequence[GenerationRequest], prompts: list[list[int]]) -> list[_Row]:
+    def prefill(self, items: Sequence[tuple[Any, GenerationRequest, list[int]]]) -> DecodeBatch:
+        """One forward pass over the prompts of ``items`` (owner, request, prompt ids): a batch of their rows,
+        ``n`` per request, each with the logits of its first token. Call under :attr:`lock` and inference mode.
+
+        Prompts that all run with one adapter and share a long prefix (few-shot PAL or CoT prompts) have the
+        prefix computed once; each prompt's cache is computed once and repeated for its ``n`` samples."""
         from transformers import DynamicCache
 
+        requests = [r for _, r, _ in items]
+        prompts = [p for _, _, p in items]
         pad = self.tokenizer.pad_token_id
         adapters = [r.adapter or BASE for r in requests]
         cache = DynamicCache()
-        # Few-shot prompts (PAL, CoT) share a long prefix across queries: prefill it once, for the whole
-        # batch, when every row runs with the same adapter (LoRA changes the prefix's keys and values).
+        # LoRA changes the prefix's keys and values: share it only among rows of one adapter.
         shared = _common_prefix(prompts) if len(set(adapters)) == 1 and len(prompts) > 1 else 0
         if shared < MIN_SHARED_PREFIX:
             shared = 0
@@ -172,63 +167,83 @@ class HFBackend:
             input_ids=input_ids, attention_mask=mask, position_ids=positions,
             cache=cache, use_cache=True, adapter_names=adapters, logits_to_keep=1,
         )
-        # Share each prompt's prefill among its n samples.
         repeat = torch.tensor([i for i, r in enumerate(requests) for _ in range(r.params.n)], device=self.device)
-        rows: list[_Row] = []
-        for i, request in enumerate(requests):
+        rows: list[Row] = []
+        for i, (owner, request, _) in enumerate(items):
             p = request.params
             # One generator per request, drawn from in row order: a seed fixes all n samples, and
             # neighbouring seeds share none of them.
             generator = torch.Generator(device=self.device).manual_seed(p.seed) if p.seed is not None else None
-            for _ in range(p.n):
-                rows.append(_Row(i, p, generator, adapters[i], [], [], len(prompts[i])))
+            for k in range(p.n):
+                detail = p.top_logprobs is not None
+                rows.append(Row(owner, i, k, p, generator, adapters[i], len(prompts[i]),
+                                tokens=[] if detail else None, top_logprobs=[] if detail else None))
         cache.batch_select_indices(repeat)
-        logits = out.logits[:, -1, :].float()[repeat]
-        mask = mask[repeat]
-        next_pos = positions[repeat][:, -1:] + 1
-        active = list(range(len(rows)))
-        max_stop = max((len(s) for r in rows for s in r.params.stop), default=0)
-        while active:
-            logprobs = torch.log_softmax(logits, dim=-1)
-            tokens = [self._pick(logits[k], rows[i]) for k, i in enumerate(active)]
-            still: list[int] = []
-            for k, i in enumerate(active):
-                row, token = rows[i], tokens[k]
-                if token in self.eos_ids:
-                    row.finish_reason = "stop"
-                    continue
-                row.token_ids.append(token)
-                row.logprobs.append(float(logprobs[k, token]))
-                if row.params.stop and self._hit_stop(row, max_stop):
-                    continue
-                if len(row.token_ids) >= row.params.max_new_tokens:
-                    row.finish_reason = "length"
-                    continue
-                still.append(k)
-            if not still:
-                break
-            keep = torch.tensor(still, device=self.device)
-            if len(still) < len(active):
-                cache.batch_select_indices(keep)
-                mask, next_pos = mask[keep], next_pos[keep]
-            active = [active[k] for k in still]
-            step = torch.tensor([[rows[i].token_ids[-1]] for i in active], device=self.device)
-            mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype, device=self.device)], dim=1)
-            out = self._forward(
-                input_ids=step, attention_mask=mask, position_ids=next_pos,
-                cache=cache, use_cache=True, adapter_names=[rows[i].adapter for i in active], logits_to_keep=1,
-            )
-            next_pos = next_pos + 1
-            logits = out.logits[:, -1, :].float()
-        for row in rows:
+        return DecodeBatch(rows, cache, mask[repeat], positions[repeat][:, -1:] + 1,
+                           out.logits[:, -1, :].float()[repeat])
+
+    def step(self, batch: DecodeBatch) -> tuple[DecodeBatch, list[Row]]:
+        """Pick each row's next token from its pending logits, let finished rows leave, and run one forward pass
+        for the rest. Returns the smaller batch and the rows that finished now (their ``text`` set). Call under
+        :attr:`lock` and inference mode."""
+        logprobs = torch.log_softmax(batch.logits, dim=-1)
+        finished: list[Row] = []
+        keep: list[int] = []
+        for k, row in enumerate(batch.rows):
+            p = row.params
+            token = pick(shape_logits(batch.logits[k], p, row.token_ids), p, row.generator)
+            if token in self.eos_ids:
+                row.finish_reason = "stop"
+                finished.append(row)
+                continue
+            row.token_ids.append(token)
+            row.logprobs.append(float(logprobs[k, token]))
+            if row.tokens is not None and row.top_logprobs is not None:
+                row.tokens.append(self.tokenizer.decode([token]))
+                row.top_logprobs.append(self._top(logprobs[k], p.top_logprobs or 0))
+            if p.stop and self._hit_stop(row):
+                finished.append(row)
+                continue
+            if len(row.token_ids) >= p.max_new_tokens:
+                row.finish_reason = "length"
+                finished.append(row)
+                continue
+            keep.append(k)
+        for row in finished:
             if row.text is None:
                 row.text = self.tokenizer.decode(row.token_ids, skip_special_tokens=True)
-        return rows
+        batch = select(batch, keep)
+        if batch.rows:
+            step = torch.tensor([[row.token_ids[-1]] for row in batch.rows], device=self.device)
+            batch.mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch.rows), 1))], dim=1)
+            out = self._forward(
+                input_ids=step, attention_mask=batch.mask, position_ids=batch.next_pos, cache=batch.cache,
+                use_cache=True, adapter_names=[row.adapter for row in batch.rows], logits_to_keep=1,
+            )
+            batch.next_pos = batch.next_pos + 1
+            batch.logits = out.logits[:, -1, :].float()
+        return batch, finished
 
-    def _hit_stop(self, row: _Row, max_stop: int) -> bool:
+    def drop(self, batch: DecodeBatch, owners: set[Any]) -> DecodeBatch:
+        """``batch`` without the rows of ``owners`` (callers that went away)."""
+        return select(batch, [k for k, row in enumerate(batch.rows) if row.owner not in owners])
+
+    def text_so_far(self, row: Row) -> str:
+        """The row's text as decoded now (its final text once it finished)."""
+        if row.text is not None:
+            return row.text
+        return self.tokenizer.decode(row.token_ids, skip_special_tokens=True)
+
+    def _top(self, logprobs: torch.Tensor, k: int) -> list[tuple[str, float]]:
+        if k <= 0:
+            return []
+        values, ids = torch.topk(logprobs, min(k, logprobs.numel()))
+        return [(self.tokenizer.decode([int(i)]), float(v)) for v, i in zip(values, ids)]
+
+    def _hit_stop(self, row: Row) -> bool:
         """Check the decoded tail for a stop string; on a hit, cut the text there and finish the row."""
-        tail_tokens = row.token_ids[-(max_stop + 8):]
-        tail = self.tokenizer.decode(tail_tokens, skip_special_tokens=True)
+        longest = max(len(s) for s in row.params.stop)
+        tail = self.tokenizer.decode(row.token_ids[-(longest + 8):], skip_special_tokens=True)
         if not any(s in tail for s in row.params.stop):
             return False
         text = self.tokenizer.decode(row.token_ids, skip_special_tokens=True)
@@ -237,22 +252,16 @@ class HFBackend:
         row.finish_reason = "stop"
         return True
 
-    @staticmethod
-    def _pick(logits: torch.Tensor, row: _Row) -> int:
-        p = row.params
-        if p.temperature <= 0:
-            return int(torch.argmax(logits))
-        scores = logits / p.temperature
-        if p.top_k and p.top_k < scores.numel():
-            kth = torch.topk(scores, p.top_k).values[-1]
-            scores = scores.masked_fill(scores < kth, float("-inf"))
-        if p.top_p < 1.0:
-            ordered, index = torch.sort(scores, descending=True)
-            cumulative = torch.softmax(ordered, dim=-1).cumsum(-1)
-            drop = cumulative - torch.softmax(ordered, dim=-1) > p.top_p
-            scores = scores.scatter(0, index[drop], float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        return int(torch.multinomial(probs, 1, generator=row.generator))
+    @property
+    def lock(self) -> threading.RLock:
+        """Held around every forward pass and adapter change: PEFT's adapter set must not change mid-pass."""
+        return self._lock
+
+
+def completion(row: Row) -> Completion:
+    """A finished row as the protocol's :class:`Completion`."""
+    return Completion(row.text or "", row.token_ids, row.logprobs, row.finish_reason or "length", row.prompt_tokens,
+                      tokens=row.tokens, top_logprobs=row.top_logprobs)
 
 
 def _common_prefix(prompts: list[list[int]]) -> int:

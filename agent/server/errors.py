@@ -33,6 +33,7 @@ from sqlalchemy.exc import OperationalError
 from agent.errors import (
     AdapterError,
     ConfigError,
+    GenerationCancelled,
     InvalidQueryError,
     Overloaded,
     PromptTooLongError,
@@ -82,6 +83,7 @@ ERRORS: dict[tuple[type[Exception], str | None], ErrorRule] = {
     (StoreCorrupt, None): ErrorRule(503, "store_damaged", type=UNAVAILABLE),
     (StoreUnavailable, None): ErrorRule(503, "store_unavailable", type=UNAVAILABLE),  # never a refused rollback
     (StoreError, None): ErrorRule(503, "store_error", type=UNAVAILABLE),
+    (GenerationCancelled, None): ErrorRule(499, "client_disconnected"),  # nobody reads it; the log does
     (Overloaded, None): ErrorRule(503, "server_overloaded", type=UNAVAILABLE, retry_after=1),
     (OperationalError, None): ErrorRule(503, "database_unavailable", type=UNAVAILABLE, retry_after=1),  # locked
     (S2AgentError, None): ErrorRule(503, "agent_unavailable", type=UNAVAILABLE),  # a ConfigError outside a chat too

@@ -53,15 +53,23 @@ class Admission:
         self.held = 0
         self.refused = 0
 
-    @contextmanager
-    def slot(self) -> Iterator[None]:
-        """Hold one place while the request generates; refuse at once when none is free."""
+    def acquire(self) -> None:
+        """Take one place; refuse at once when none is free. A streamed request releases it when its
+        generation ends, which may be after its route returned."""
         if self.held >= self.limit:
             self.refused += 1
             raise Overloaded(f"the server holds {self.held} requests, its limit (server.max_queued); "
                              "retry in a moment")
         self.held += 1
+
+    def release(self) -> None:
+        self.held -= 1
+
+    @contextmanager
+    def slot(self) -> Iterator[None]:
+        """Hold one place while the request generates; refuse at once when none is free."""
+        self.acquire()
         try:
             yield
         finally:
-            self.held -= 1
+            self.release()

@@ -108,6 +108,10 @@ class SamplingRequest(_Body):
     seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+    """Token id (as a string, OpenAI's JSON) -> bias in [-100, 100], added to the logits before sampling."""
     s2agent: S2AgentOptions = Field(default_factory=S2AgentOptions)
 
     @property
@@ -115,14 +119,46 @@ class SamplingRequest(_Body):
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         return tuple(s for s in stop if s)
 
+    @property
+    def biases(self) -> tuple[tuple[int, float], ...]:
+        """``logit_bias`` as (token id, bias) pairs; a 400 naming the field for a key or a value out of range."""
+        pairs = []
+        for key, bias in (self.logit_bias or {}).items():
+            if not (key.isascii() and key.isdigit() and len(key) <= 9):
+                raise APIError(400, f"logit_bias: {key!r} is not a token id", param="logit_bias",
+                               code="invalid_value")
+            if not -100.0 <= bias <= 100.0:
+                raise APIError(400, f"logit_bias: the bias of token {key} must be between -100 and 100",
+                               param="logit_bias", code="invalid_value")
+            pairs.append((int(key), float(bias)))
+        return tuple(pairs)
+
+    @property
+    def top_logprobs_wanted(self) -> int | None:
+        """How many alternatives per token the response reports; None: no log-probs at all."""
+        raise NotImplementedError
+
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    @property
+    def top_logprobs_wanted(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(SamplingRequest):
     prompt: str | list[str]
+    logprobs: int | None = Field(None, ge=0, le=5)
+
+    @property
+    def top_logprobs_wanted(self) -> int | None:
+        return self.logprobs
 
 
 class RollbackRequest(_Body):

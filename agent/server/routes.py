@@ -34,8 +34,11 @@ from agent.server.protocol import (
     read_json,
     refuse_unsupported,
 )
+from agent.server.live import LiveCall, events
 from agent.server.serving import (
+    Chunks,
     Result,
+    adapter_version_of,
     StatsCache,
     adapter_rows,
     answer_options,
@@ -82,12 +85,15 @@ async def _still_there(request: Request, what: str) -> None:
 
 
 # --- checks --------------------------------------------------------------------------------------------------
-async def _check_model(agent: Agent, name: str) -> None:
+async def _check_model(agent: Agent, name: str) -> int | None:
+    """The adapter version ``name`` asks for (None: the base name or ``default``, whatever serves the tag);
+    404 for a name /v1/models does not list."""
     if name in (agent.model_name, "default"):
-        return
+        return None
     if name not in await call(None, known_models, agent):
         raise APIError(404, f"The model {name!r} does not exist; GET /v1/models lists the models served here",
                        param="model", code="model_not_found")
+    return adapter_version_of(agent, name)
 
 
 def _check_max_tokens(config: ServerConfig, value: int | None, param: str) -> None:
@@ -108,6 +114,36 @@ def _respond(request: Request, body: SamplingRequest, result: Result, *, chat: b
     return response_body(rid, created, model, result, chat)
 
 
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+async def _stream_live(request: Request, body: SamplingRequest, version: int | None, *, chat: bool, operation: str,
+                       fn: Any, args: tuple, kwargs: dict[str, Any], feed: str, choices: int,
+                       result_of: Any) -> StreamingResponse:
+    """Stream a generation as it decodes (:mod:`agent.server.live`); the admission slot is held until it ends."""
+    admission = _admission(request)
+    admission.acquire()
+    live = LiveCall(operation, fn, *args, feed=feed, on_done=admission.release, **kwargs)
+    try:
+        first = await live.first(request)
+    except BaseException:
+        live.abandon()
+        raise
+    agent = _agent(request)
+    rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+    # The model is named before the answer exists: the adapter asked for, else the one serving the tag now.
+    model = served_model(agent, version if version is not None else agent.serving_version(body.s2agent.tag))
+
+    def finished(value: Any) -> Result:
+        result = result_of(value)
+        request.state.s2agent_route = result.extra["route"]
+        return result
+
+    include_usage = body.stream_options is not None and body.stream_options.include_usage
+    return StreamingResponse(events(live, first, Chunks(rid, int(time.time()), model, chat), choices, include_usage,
+                                    finished), media_type="text/event-stream", headers=_SSE_HEADERS)
+
+
 # --- OpenAI routes -------------------------------------------------------------------------------------------
 openai = APIRouter(dependencies=[Depends(authenticate)])  # an API key with the answer right, when keys are set
 
@@ -116,7 +152,7 @@ openai = APIRouter(dependencies=[Depends(authenticate)])  # an API key with the 
 async def chat_completions(request: Request) -> Any:
     agent, config, metrics = _agent(request), _config(request), _metrics(request)
     data = await _body(request)
-    refuse_unsupported(data, ("tools", "functions", "logprobs", "response_format"))
+    refuse_unsupported(data, ("tools", "functions", "response_format"))
     body = parse(ChatCompletionRequest, data)
     check_size(config, 1, body.n)
     caller = caller_of(request)
@@ -127,23 +163,46 @@ async def chat_completions(request: Request) -> Any:
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     _check_max_tokens(config, max_tokens, "max_completion_tokens" if body.max_completion_tokens is not None
                       else "max_tokens")
-    await _check_model(agent, body.model)
+    version = await _check_model(agent, body.model)
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in body.messages]
     query = agent.learnable_query(messages, body.n)
     if query is None and body.s2agent.route == "system2":
         raise APIError(400, "s2agent.route 'system2' needs a single-turn request (one user message) with n=1",
                        param="s2agent.route")
+    if body.stream:
+        await _still_there(request, "before its answer was generated")
+        if query is not None:
+            def answered(answer: Any) -> Result:
+                metrics.observe_answer(answer.route, answer.latency_ms / 1000, answer.tokens_system1,
+                                       answer.tokens_system2, answer.accepted if answer.route == "system2" else None)
+                return Result.of_answer(answer)
+
+            return await _stream_live(
+                request, body, version, chat=True, operation="chat", fn=agent.answer, args=(query,),
+                kwargs=dict(source=caller.source, teach=caller.may("teach"), adapter_version=version,
+                            **answer_options(body, max_tokens)),
+                feed="on_text", choices=1, result_of=answered)
+        params = sampling_params(body, max_tokens, agent.config.max_new_tokens)
+
+        def completed(out: Any) -> Result:
+            metrics.observe_completion(sum(c.num_tokens for c in out[0]))
+            return Result.of_completions(out[0], out[1], body.s2agent.tag)
+
+        return await _stream_live(request, body, version, chat=True, operation="chat", fn=agent.complete,
+                                  args=(messages, params, body.s2agent.tag), kwargs=dict(adapter_version=version),
+                                  feed="on_delta", choices=body.n, result_of=completed)
     with _admission(request).slot():
         await _still_there(request, "before its answer was generated")
         if query is not None:
             answer = await call("chat", agent.answer, query, source=caller.source, teach=caller.may("teach"),
-                                **answer_options(body, max_tokens))
+                                adapter_version=version, **answer_options(body, max_tokens))
             metrics.observe_answer(answer.route, answer.latency_ms / 1000, answer.tokens_system1,
                                    answer.tokens_system2, answer.accepted if answer.route == "system2" else None)
             result = Result.of_answer(answer)
         else:
             params = sampling_params(body, max_tokens, agent.config.max_new_tokens)
-            completions, version = await call("chat", agent.complete, messages, params, body.s2agent.tag)
+            completions, version = await call("chat", agent.complete, messages, params, body.s2agent.tag,
+                                              adapter_version=version)
             metrics.observe_completion(sum(c.num_tokens for c in completions))
             result = Result.of_completions(completions, version, body.s2agent.tag)
     return _respond(request, body, result, chat=True)
@@ -153,25 +212,35 @@ async def chat_completions(request: Request) -> Any:
 async def completions(request: Request) -> Any:
     agent, config, metrics = _agent(request), _config(request), _metrics(request)
     data = await _body(request)
-    refuse_unsupported(data, ("echo", "logprobs", "suffix", "best_of"))
+    refuse_unsupported(data, ("echo", "suffix", "best_of"))
     body = parse(CompletionRequest, data)
     require_steer(caller_of(request), body.s2agent)
     _check_max_tokens(config, body.max_tokens, "max_tokens")
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     check_size(config, len(prompts), body.n)
-    await _check_model(agent, body.model)
+    version = await _check_model(agent, body.model)
     if not prompts or any(not p for p in prompts):
         raise APIError(400, "prompt is empty", param="prompt", code="invalid_value")
     if body.s2agent.route == "system2":
         raise APIError(400, "s2agent.route 'system2' is only for chat completions", param="s2agent.route")
     params = sampling_params(body, body.max_tokens, agent.config.max_new_tokens)
+    if body.stream and len(prompts) == 1:  # one prompt streams as it decodes; several are sent when all are done
+        await _still_there(request, "before its answer was generated")
+
+        def completed(out: Any) -> Result:
+            metrics.observe_completion(sum(c.num_tokens for c in out[0]))
+            return Result.of_completions(out[0], out[1], body.s2agent.tag)
+
+        return await _stream_live(request, body, version, chat=False, operation="completion", fn=agent.complete,
+                                  args=(prompts[0], params, body.s2agent.tag), kwargs=dict(adapter_version=version),
+                                  feed="on_delta", choices=body.n, result_of=completed)
     # Agent.complete takes any backend prompt; a plain string goes to the model untemplated. The prompts of
     # one chunk run concurrently so they share the batcher's forward passes; chunks run one after the other,
     # so a client that hangs up stops its request within one batch, and other requests get every other batch.
     outs: list[Any] = [None] * len(prompts)
 
     async def one(i: int, prompt: str) -> None:
-        outs[i] = await call("completion", agent.complete, prompt, params, body.s2agent.tag)
+        outs[i] = await call("completion", agent.complete, prompt, params, body.s2agent.tag, adapter_version=version)
 
     with _admission(request).slot():
         done = 0

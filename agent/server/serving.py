@@ -25,7 +25,7 @@ from agent.errors import EXPECTED
 from agent.loop import Agent, Answer
 from agent.metrics import store_snapshot
 from agent.server.errors import api_error
-from agent.server.protocol import SamplingRequest
+from agent.server.protocol import APIError, SamplingRequest, error_body
 
 logger = logging.getLogger(__name__)
 
@@ -107,12 +107,34 @@ def adapter_rows(agent: Agent) -> dict[str, Any]:
 
 
 # --- requests ------------------------------------------------------------------------------------------------
+SAMPLED_TEMPERATURE = 1.0
+"""The temperature of a request for ``n > 1`` samples that names none: OpenAI's default. With ``n = 1`` an
+absent temperature means greedy decoding, the System 1 pass the router's confidence is calibrated on."""
+
+
+def adapter_version_of(agent: Agent, model: str) -> int | None:
+    """The adapter version a request's ``model`` names (``<base>:adapter-v<N>``, as /v1/models lists it);
+    None for the base model's name or ``default``: the adapter serving the request's tag."""
+    prefix = adapter_model_id(agent.model_name, 0)[:-1]
+    tail = model[len(prefix):] if model.startswith(prefix) else ""
+    return int(tail) if tail.isascii() and tail.isdigit() and len(tail) <= 9 else None
+
+
+def shaping(body: SamplingRequest) -> dict[str, Any]:
+    """Log-probs, penalties and biases of a request, as ``SamplingParams`` fields (and ``Agent.answer`` options)."""
+    return {"top_logprobs": body.top_logprobs_wanted, "presence_penalty": body.presence_penalty or 0.0,
+            "frequency_penalty": body.frequency_penalty or 0.0, "logit_bias": body.biases}
+
+
 def sampling_params(body: SamplingRequest, max_tokens: int | None, default_max_tokens: int) -> SamplingParams:
-    """The sampling of a plain System 1 completion; unset fields keep the backend's defaults."""
+    """The sampling of a plain System 1 completion; unset fields keep the backend's defaults, except that
+    ``n > 1`` samples at :data:`SAMPLED_TEMPERATURE` when no temperature is given."""
     fields: dict[str, Any] = {"n": body.n, "stop": body.stops, "seed": body.seed,
-                              "max_new_tokens": max_tokens or default_max_tokens}
+                              "max_new_tokens": max_tokens or default_max_tokens, **shaping(body)}
     if body.temperature is not None:
         fields["temperature"] = body.temperature
+    elif body.n > 1:
+        fields["temperature"] = SAMPLED_TEMPERATURE
     if body.top_p is not None:
         fields["top_p"] = body.top_p
     return SamplingParams(**fields)
@@ -122,7 +144,7 @@ def answer_options(body: SamplingRequest, max_tokens: int | None) -> dict[str, A
     """The keyword arguments of ``Agent.answer`` for a request; unset fields keep its defaults."""
     opts = body.s2agent
     kwargs: dict[str, Any] = {"route": opts.route, "method": opts.method, "tag": opts.tag,
-                              "max_new_tokens": max_tokens, "stop": body.stops, "seed": body.seed}
+                              "max_new_tokens": max_tokens, "stop": body.stops, "seed": body.seed, **shaping(body)}
     if body.temperature is not None:
         kwargs["temperature"] = body.temperature
     if body.top_p is not None:
@@ -143,6 +165,8 @@ class Result:
     version: int | None
     extra: dict[str, Any]
     """The response's ``s2agent`` field."""
+    logprobs: list[Completion | None] | None = None
+    """Per choice, the completion whose tokens and log-probs the response reports; None: none asked for."""
 
     @classmethod
     def of_answer(cls, answer: Answer) -> Result:
@@ -151,17 +175,25 @@ class Result:
                  "interaction_id": answer.interaction_id, "tag": answer.tag}
         if "teacher" in answer.route_reason:  # System 2 ran on the teacher (its tokens), or was kept off it
             extra["teacher"] = answer.route_reason["teacher"]
+        # Log-probs describe System 1's tokens: reported when System 1's text is the answer, null for System 2's.
+        s1 = answer.system1
+        detail = [s1 if s1 is not None and s1.tokens is not None and answer.route == "system1" else None]
         return cls([answer.text], [answer.finish_reason], answer.prompt_tokens, answer.tokens,
-                   answer.tokens_system2, answer.adapter_version, extra)
+                   answer.tokens_system2, answer.adapter_version, extra, detail)
 
     @classmethod
     def of_completions(cls, completions: list[Completion], version: int | None, tag: str | None) -> Result:
         """Plain System 1 completions, served under the request's tag; nothing routed or learned."""
         extra = {"route": "system1", "confidence": None, "method": None, "adapter_version": version,
                  "accepted": None, "votes": None, "interaction_id": None, "tag": tag}
+        detail: list[Completion | None] = [c if c.tokens is not None else None for c in completions]
         return cls([c.text for c in completions], [c.finish_reason for c in completions],
                    completions[0].prompt_tokens if completions else 0, sum(c.num_tokens for c in completions), 0,
-                   version, extra)
+                   version, extra, detail)
+
+    def logprobs_of(self, i: int, chat: bool) -> dict[str, Any] | None:
+        c = self.logprobs[i] if self.logprobs and i < len(self.logprobs) else None
+        return logprobs_body(c, chat) if c is not None else None
 
     def usage(self) -> dict[str, Any]:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
@@ -173,12 +205,30 @@ def response_body(rid: str, created: int, model: str, result: Result, chat: bool
     """A ``chat.completion`` or ``text_completion`` object."""
     pairs = enumerate(zip(result.texts, result.finish_reasons))
     if chat:
-        choices = [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                    "finish_reason": reason} for i, (text, reason) in pairs]
+        choices = [{"index": i, "message": {"role": "assistant", "content": text},
+                    "logprobs": result.logprobs_of(i, chat), "finish_reason": reason} for i, (text, reason) in pairs]
     else:
-        choices = [{"index": i, "text": text, "logprobs": None, "finish_reason": reason} for i, (text, reason) in pairs]
+        choices = [{"index": i, "text": text, "logprobs": result.logprobs_of(i, chat), "finish_reason": reason}
+                   for i, (text, reason) in pairs]
     return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
             "model": model, "choices": choices, "usage": result.usage(), "s2agent": result.extra}
+
+
+def logprobs_body(c: Completion, chat: bool) -> dict[str, Any]:
+    """A choice's ``logprobs`` in OpenAI's shape: chat's ``content`` list, or completions' parallel lists."""
+    tokens, top = c.tokens or [], c.top_logprobs or [[] for _ in c.token_ids]
+    if chat:
+        def entry(token: str, logprob: float) -> dict[str, Any]:
+            return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+        return {"content": [{**entry(t, lp), "top_logprobs": [entry(a, alp) for a, alp in alts]}
+                            for t, lp, alts in zip(tokens, c.logprobs, top)], "refusal": None}
+    offsets, at = [], 0
+    for t in tokens:
+        offsets.append(at)
+        at += len(t)
+    return {"tokens": tokens, "token_logprobs": c.logprobs[:len(tokens)],
+            "top_logprobs": [dict(alts) for alts in top] if any(top) else None, "text_offset": offsets}
 
 
 def _pieces(text: str) -> list[str]:
@@ -188,34 +238,66 @@ def _pieces(text: str) -> list[str]:
 
 async def stream_events(rid: str, created: int, model: str, result: Result, chat: bool, include_usage: bool
                         ) -> AsyncIterator[str]:
-    """Server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``.
+    """Server-sent events of a finished ``result``, ending with ``data: [DONE]``: what a streamed request of
+    several prompts gets (its text is complete before the first event, sent in word-sized pieces).
+    Single answers stream token by token through :mod:`agent.server.live`."""
 
-    The engine does not stream tokens yet: the text is complete before the first event, and is sent in
-    word-sized pieces so that streaming clients work unchanged (they just see it arrive all at once).
-    """
-    kind = "chat.completion.chunk" if chat else "text_completion"
+    chunk = Chunks(rid, created, model, chat)
+    for i, (text, reason) in enumerate(zip(result.texts, result.finish_reasons)):
+        if chat:
+            yield chunk.start(i)
+        for piece in _pieces(text):
+            yield chunk.text(i, piece)
+        yield chunk.finish(i, reason, result)
+    yield from_end(chunk, result, include_usage)
 
-    def event(choices: list[dict[str, Any]], **extra: Any) -> str:
-        payload = {"id": rid, "object": kind, "created": created, "model": model, "choices": choices, **extra}
+
+def from_end(chunk: Chunks, result: Result, include_usage: bool) -> str:
+    """The usage event (when asked for) and ``[DONE]``."""
+    return (chunk.usage(result) if include_usage else "") + "data: [DONE]\n\n"
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunks:
+    """Server-sent events of one response in OpenAI's chunk format (``chat.completion.chunk`` or
+    ``text_completion``)."""
+
+    rid: str
+    created: int
+    model: str
+    chat: bool
+
+    def event(self, choices: list[dict[str, Any]], **extra: Any) -> str:
+        payload = {"id": self.rid, "object": "chat.completion.chunk" if self.chat else "text_completion",
+                   "created": self.created, "model": self.model, "choices": choices, **extra}
         return f"data: {json.dumps(payload)}\n\n"
 
-    def choice(i: int, content: str | None, finish: str | None, role: bool = False) -> dict[str, Any]:
-        if not chat:
-            return {"index": i, "text": content or "", "logprobs": None, "finish_reason": finish}
+    def _choice(self, i: int, content: str | None, finish: str | None, role: bool = False,
+                logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+        if not self.chat:
+            return {"index": i, "text": content or "", "logprobs": logprobs, "finish_reason": finish}
         delta: dict[str, Any] = {"role": "assistant"} if role else {}
         if content is not None:
             delta["content"] = content
-        return {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
 
-    for i, (text, reason) in enumerate(zip(result.texts, result.finish_reasons)):
-        if chat:
-            yield event([choice(i, "", None, role=True)])
-        for piece in _pieces(text):
-            yield event([choice(i, piece, None)])
-        yield event([choice(i, None, reason)], s2agent=result.extra)
-    if include_usage:
-        yield event([], usage=result.usage())
-    yield "data: [DONE]\n\n"
+    def start(self, i: int) -> str:
+        """Chat's first chunk of a choice: the assistant role, no text yet."""
+        return self.event([self._choice(i, "", None, role=True)])
+
+    def text(self, i: int, piece: str) -> str:
+        return self.event([self._choice(i, piece, None)])
+
+    def finish(self, i: int, reason: str, result: Result) -> str:
+        """A choice's last chunk: its finish reason, its log-probs when asked for, the ``s2agent`` field."""
+        return self.event([self._choice(i, None, reason, logprobs=result.logprobs_of(i, self.chat))],
+                          s2agent=result.extra)
+
+    def usage(self, result: Result) -> str:
+        return self.event([], usage=result.usage())
+
+    def error(self, exc: APIError) -> str:
+        return f"data: {json.dumps(error_body(exc.message, exc.type, exc.param, exc.code))}\n\n"
 
 
 # --- reports -------------------------------------------------------------------------------------------------

@@ -1,20 +1,24 @@
-"""BatchingBackend over the tiny HFBackend: concurrent callers share batches and keep their own results."""
+"""BatchingBackend over the tiny HFBackend: callers share decode steps, join and leave a running batch, stream and cancel."""
 
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from agent.backends import (
+    AdapterError,
     Backend,
     GenerationRequest,
     PromptTooLongError,
     SamplingParams,
 )
+from agent.backends import stream
 from agent.backends.batching import BatchingBackend
 from agent.backends.hf import HFBackend
+from agent.errors import GenerationCancelled
 
 PROMPTS = [
     "The capital of France is", "What is 47 + 38?", "apple house", "Alice flips the coin.",
@@ -79,8 +83,9 @@ def test_concurrent_callers_share_batches(batcher: BatchingBackend, engine: HFBa
         assert not isinstance(result, Exception), result
         [[completion]] = result
         assert completion.token_ids == tokens
-    assert 1 <= batcher.batches < len(PROMPTS)
-    assert batcher.batched_rows == len(PROMPTS)
+    assert 1 <= batcher.prefills < len(PROMPTS)
+    assert batcher.admitted_rows == len(PROMPTS)
+    assert batcher.step_rows / batcher.steps > 1  # forward passes were shared
 
 
 def test_batches_never_exceed_max_batch(engine: HFBackend) -> None:
@@ -89,8 +94,8 @@ def test_batches_never_exceed_max_batch(engine: HFBackend) -> None:
         expected = sequential(engine, PROMPTS)
         results = run_concurrently(batcher, PROMPTS)
         assert [r[0][0].token_ids for r in results] == expected
-        assert batcher.batches >= 3  # 8 rows, at most 3 per batch
-        assert batcher.batched_rows == len(PROMPTS)
+        assert batcher.peak_rows == 3  # 8 rows, at most 3 per decode step
+        assert batcher.admitted_rows == len(PROMPTS)
         # A single request larger than max_batch still runs (alone).
         [completions] = batcher.generate([GenerationRequest(PROMPTS[0], SamplingParams(n=5, temperature=1.0,
                                                                                        max_new_tokens=4, seed=0))])
@@ -116,7 +121,7 @@ def test_a_bad_request_fails_only_its_caller(batcher: BatchingBackend, engine: H
     for result, tokens in zip(good, expected):
         assert not isinstance(result, Exception), result
         assert result[0][0].token_ids == tokens
-    assert batcher.batched_rows == 7
+    assert batcher.admitted_rows == 7
     # The worker survived: later calls still work.
     assert batcher.generate([GenerationRequest(PROMPTS[0], PARAMS)])[0][0].token_ids == expected[0]
 
@@ -146,3 +151,107 @@ def test_generate_after_close_fails_fast(engine: HFBackend) -> None:
     assert outcome, "generate() after close() blocked instead of failing"
     assert isinstance(outcome[0], RuntimeError)
     assert "closed" in str(outcome[0])
+
+
+# --- iteration-level scheduling: join, leave, stream, cancel ----------------------------------------------------
+def endless(engine: HFBackend, tokens: int, **kwargs) -> SamplingParams:
+    """Greedy, ``tokens`` long: the end-of-sequence token is biased away so the row runs its full length."""
+    eos = engine.tokenizer.eos_token_id
+    return SamplingParams(max_new_tokens=tokens, logit_bias=((eos, -100.0),), **kwargs)
+
+
+def test_a_request_joins_a_running_decode_and_leaves_before_it(batcher: BatchingBackend, engine: HFBackend) -> None:
+    long_params, short_params = endless(engine, 400), endless(engine, 4)
+    [[long_alone]] = engine.generate([GenerationRequest(PROMPTS[0], long_params)])
+    [[short_alone]] = engine.generate([GenerationRequest(PROMPTS[1], short_params)])
+
+    long = batcher.submit(GenerationRequest(PROMPTS[0], long_params))
+    next(long.deltas())  # the long request is decoding
+    short = batcher.submit(GenerationRequest(PROMPTS[1], short_params))
+    [short_result] = short.result(timeout=60)
+
+    assert not long.done, "the short request waited for the long decode to end"
+    assert short_result.token_ids == short_alone.token_ids
+    [long_result] = long.result(timeout=60)
+    assert long_result.token_ids == long_alone.token_ids  # joining its batch changed nothing of its output
+    assert batcher.prefills == 2 and batcher.peak_rows == 2
+
+
+def test_rows_of_several_adapters_share_running_steps(engine: HFBackend, tiny_model_dir: Path,
+                                                      tmp_path: Path) -> None:
+    from tests.conftest import make_random_adapter
+
+    engine.load_adapter("a", str(make_random_adapter(tiny_model_dir, tmp_path / "a", seed=1)))
+    params = endless(engine, 200)
+    alone = {name: engine.generate([GenerationRequest(PROMPTS[2], params, name)])[0][0].token_ids
+             for name in (None, "a")}
+    assert alone[None] != alone["a"]
+    batcher = BatchingBackend(engine, max_wait_ms=0)
+    try:
+        base = batcher.submit(GenerationRequest(PROMPTS[2], params))
+        next(base.deltas())
+        tuned = batcher.submit(GenerationRequest(PROMPTS[2], params, "a"))
+        assert tuned.result(timeout=60)[0].token_ids == alone["a"]
+        assert base.result(timeout=60)[0].token_ids == alone[None]
+        # Unloading while a row runs with the adapter: new requests are refused at once, the row finishes.
+        running = batcher.submit(GenerationRequest(PROMPTS[2], params, "a"))
+        next(running.deltas())
+        batcher.unload_adapter("a")
+        with pytest.raises(AdapterError):
+            batcher.generate([GenerationRequest(PROMPTS[2], params, "a")])
+        assert running.result(timeout=60)[0].token_ids == alone["a"]
+        deadline = time.monotonic() + 10
+        while "a" in engine.adapters:
+            assert time.monotonic() < deadline, "the adapter was never unloaded"
+            time.sleep(0.01)
+    finally:
+        batcher.close()
+
+
+def test_streamed_deltas_add_up_to_the_text(batcher: BatchingBackend, engine: HFBackend) -> None:
+    for params in (endless(engine, 40), endless(engine, 60, stop=("e", "an"))):
+        handle = batcher.submit(GenerationRequest(PROMPTS[3], params))
+        deltas = list(handle.deltas(timeout=60))
+        [result] = handle.result()
+        assert len(deltas) > 1
+        assert "".join(d.text for d in deltas) == result.text
+        assert [d.finish_reason for d in deltas][-1] == result.finish_reason
+        assert all(d.finish_reason is None for d in deltas[:-1])
+        assert [d.tokens for d in deltas] == sorted(d.tokens for d in deltas)
+
+
+def test_a_cancelled_request_leaves_the_batch_at_the_next_step(batcher: BatchingBackend, engine: HFBackend) -> None:
+    handle = batcher.submit(GenerationRequest(PROMPTS[0], endless(engine, 450)))
+    next(handle.deltas())
+    steps = batcher.steps
+    handle.cancel()
+    with pytest.raises(GenerationCancelled, match="cancelled"):
+        handle.result(timeout=60)
+    assert batcher.dropped_rows == 1
+    assert batcher.steps - steps < 50  # not the 450 it asked for
+    # A cancel event shared by the caller, and a deadline, work the same way; the worker keeps serving.
+    event = threading.Event()
+    handle = batcher.submit(GenerationRequest(PROMPTS[0], endless(engine, 450)), cancel=event)
+    next(handle.deltas())
+    event.set()
+    with pytest.raises(GenerationCancelled):
+        handle.result(timeout=60)
+    with pytest.raises(GenerationCancelled, match="deadline"):
+        batcher.generate([GenerationRequest(PROMPTS[0], endless(engine, 450))], deadline=time.monotonic() + 0.05)
+    assert batcher.generate([GenerationRequest(PROMPTS[0], PARAMS)])[0][0].num_tokens > 0
+
+
+def test_stream_helpers_work_on_a_backend_without_steps(engine: HFBackend) -> None:
+    handle = stream.submit(engine, GenerationRequest(PROMPTS[0], PARAMS))
+    assert handle.done
+    [result] = handle.result()
+    assert "".join(d.text for d in handle.deltas()) == result.text
+    assert stream.generate(engine, [GenerationRequest(PROMPTS[0], PARAMS)])[0][0].token_ids == result.token_ids
+
+
+def test_text_delta_holds_back_what_may_still_change() -> None:
+    assert stream.text_delta("Hello wor", 0, (), False) == ("Hello wor", 9)
+    assert stream.text_delta("Hello \ufffd", 0, (), False) == ("Hello ", 6)  # half a character
+    assert stream.text_delta("Hello STO", 0, ("STOP",), False) == ("Hello ", 6)  # could become the stop string
+    assert stream.text_delta("Hello", 6, ("STOP",), True) == ("", 6)
+    assert stream.text_delta("Hello STO", 6, ("STOP",), True) == ("STO", 9)

@@ -24,10 +24,10 @@ def test_a_query_with_a_nul_character_is_answered_and_logged(tiny_agent):
 
 
 def test_a_tag_too_long_to_store_is_refused_before_any_generation(tiny_agent):
-    batches = tiny_agent.backend.batches
+    batches = tiny_agent.backend.prefills
     with pytest.raises(InvalidQueryError, match=f"the most is {MAX_TAG_LENGTH}"):
         tiny_agent.answer("What is 2 + 2?", tag="t" * (MAX_TAG_LENGTH + 1))
-    assert tiny_agent.backend.batches == batches and tiny_agent.store.list_interactions() == []
+    assert tiny_agent.backend.prefills == batches and tiny_agent.store.list_interactions() == []
     assert tiny_agent.answer("What is 2 + 2?", tag="t" * MAX_TAG_LENGTH, route="system1").interaction_id
 
 

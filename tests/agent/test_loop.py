@@ -126,7 +126,7 @@ def test_concurrent_answers_are_all_served_and_logged(tiny_agent):
     for q in questions:  # batched answers equal sequential ones (greedy)
         assert tiny_agent.answer(q, route="system1").text == answers[q].text
     assert len(tiny_agent.store.list_interactions(limit=100)) == 16
-    assert tiny_agent.backend.batches < 16
+    assert tiny_agent.backend.prefills < 16
 
 
 def test_write_behind_queues_system1_logs_and_writes_system2_answers_at_once(tiny_config, arith):

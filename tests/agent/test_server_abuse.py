@@ -95,14 +95,14 @@ def closed_by_server(sock: socket.socket, timeout: float) -> bool:
 
 # --- no stalls: what one request may ask for -----------------------------------------------------------------
 def test_too_many_prompts_or_sequences_are_refused_before_anything_runs(http, agent):
-    rows = agent.backend.batched_rows
+    rows = agent.backend.admitted_rows
     error = assert_error(http.post(COMPLETIONS, json={"model": "default", "prompt": ["Hi"] * 1500, "max_tokens": 1}),
                          400, "invalid_value")
     assert error["param"] == "prompt" and "32" in error["message"]
     error = assert_error(http.post(COMPLETIONS, json={"model": "default", "prompt": ["Hi"] * 32, "n": 3}), 400,
                          "invalid_value")
     assert error["param"] == "n" and "96" in error["message"]
-    assert agent.backend.batched_rows == rows  # nothing was generated for either
+    assert agent.backend.admitted_rows == rows  # nothing was generated for either
     allowed = http.post(COMPLETIONS, json={"model": "default", "prompt": ["Hi", "Yo"], "n": 2, "max_tokens": 1})
     assert allowed.status_code == 200 and len(allowed.json()["choices"]) == 4
 
@@ -114,16 +114,16 @@ def test_an_abandoned_request_stops_and_a_small_one_is_served_meanwhile(server, 
     big = json.dumps({"model": "default", "prompt": [f"Count to {i}:" for i in range(32)], "n": 2,
                       "max_tokens": BIG_TOKENS}).encode()
     everything = 32 * 2
-    before = batcher.batched_rows
+    before = batcher.admitted_rows
     with caplog.at_level(logging.INFO, logger="agent.server"):
         with socket.create_connection(("127.0.0.1", server.port)) as sock:
             sock.sendall(raw_request(COMPLETIONS, big))
-            wait_for(lambda: batcher.batched_rows > before, "the big request's first batch")
+            wait_for(lambda: batcher.admitted_rows > before, "the big request's first batch")
         small = http.post(COMPLETIONS, json={"model": "default", "prompt": "Hi", "max_tokens": 1})
-        served_after = batcher.batched_rows - before
+        served_after = batcher.admitted_rows - before
         assert small.status_code == 200, small.text
         wait_for(lambda: admission.held == 0, "the abandoned request to stop")
-    generated = batcher.batched_rows - before
+    generated = batcher.admitted_rows - before
     # At most three of the big request's four chunks ran (one running when the client left, one started
     # before the server saw it leave, at worst one more), plus the small request's row; the old server
     # generated all 64 rows, and served the small request after them.
