@@ -89,15 +89,18 @@ def _quietly(task: asyncio.Future) -> None:
 
 
 async def events(live: LiveCall, first: Piece | None, chunks: Chunks, choices: int, include_usage: bool,
-                 result_of: Callable[[Any], Result]) -> AsyncIterator[str]:
+                 result_of: Callable[[Any], Result], request: Request) -> AsyncIterator[str]:
     """The SSE of a live call: each choice's role chunk, its text as decoded, then (once the call returned)
-    each choice's finish chunk, the usage chunk when asked for, and ``[DONE]``."""
+    each choice's finish chunk, the usage chunk when asked for, and ``[DONE]``. A client that hung up is
+    noticed before each chunk: the generation is dropped and nothing more is written to its socket."""
     try:
         if chunks.chat:
             for i in range(choices):
                 yield chunks.start(i)
         piece = first
         while piece is not None:
+            if await request.is_disconnected():
+                return  # `finally` abandons the generation
             yield chunks.text(*piece)
             piece = await live.next_piece()
         try:

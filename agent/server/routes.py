@@ -141,7 +141,7 @@ async def _stream_live(request: Request, body: SamplingRequest, version: int | N
 
     include_usage = body.stream_options is not None and body.stream_options.include_usage
     return StreamingResponse(events(live, first, Chunks(rid, int(time.time()), model, chat), choices, include_usage,
-                                    finished), media_type="text/event-stream", headers=_SSE_HEADERS)
+                                    finished, request), media_type="text/event-stream", headers=_SSE_HEADERS)
 
 
 # --- OpenAI routes -------------------------------------------------------------------------------------------
