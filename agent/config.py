@@ -299,7 +299,8 @@ class ConsolidationConfig:
     batch_size: int = within("[1, inf)", 16)
     """Training sequences per optimizer step."""
     max_length: int = within("[1, inf)", 128)
-    """Training sequences are cut to this many tokens."""
+    """Training sequences are cut to this many tokens: a long answer loses its tail, never its prompt; an
+    example whose prompt alone does not fit is dropped (counted in the run's ``n_dropped_too_long``)."""
     resume: bool = False
     """Start from the serving adapter's weights instead of a fresh adapter."""
     bf16: Literal["auto", "on", "off"] = "auto"

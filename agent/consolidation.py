@@ -273,7 +273,8 @@ def _consolidate_locked(agent: Learner, owner, scope, dry_run, min_examples, epo
         )
         report.metrics.update(train_steps=stats.steps, train_seconds=round(stats.seconds, 2),
                               first_loss=stats.first_loss, last_loss=stats.last_loss, bf16=stats.bf16,
-                              n_train=len(examples))
+                              n_train=len(examples) - stats.n_dropped, n_dropped_too_long=stats.n_dropped,
+                              n_answers_cut=stats.n_truncated)
         agent.backend.load_adapter(candidate, str(tmp))
         loaded = True
         passed, reason = _gate(agent, report, holdout, retention_holdout, candidate, serving_name, scope)

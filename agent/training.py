@@ -36,6 +36,10 @@ class TrainingStats:
     last_loss: float
     seconds: float
     bf16: bool
+    n_dropped: int = 0
+    """Examples left out because not even their prompt fit ``max_length``."""
+    n_truncated: int = 0
+    """Examples whose answer lost its tail to ``max_length`` (the prompt is always whole)."""
 
 
 def cpu_supports_bf16() -> bool:
@@ -78,7 +82,7 @@ def train_lora(
         )
         model = get_peft_model(base, lora)
     model.train()
-    encoded = [encode_example(tokenizer, e, config.max_length, system_prompt) for e in examples]
+    encoded, n_dropped, n_truncated = encode_examples(tokenizer, examples, config.max_length, system_prompt)
     n_epochs = epochs or config.epochs
     batch = max(1, config.batch_size)
     steps_per_epoch = math.ceil(len(encoded) / batch)
@@ -115,7 +119,31 @@ def train_lora(
     model.save_pretrained(str(output_dir))
     seconds = time.perf_counter() - started
     logger.info("trained %d steps in %.1f s (loss %.3f -> %.3f, bf16=%s)", step, seconds, first, last, use_bf16)
-    return TrainingStats(step, n_epochs, first, last, seconds, use_bf16)
+    return TrainingStats(step, n_epochs, first, last, seconds, use_bf16, n_dropped, n_truncated)
+
+
+def encode_examples(tokenizer, examples: Sequence[TrainingExample], max_length: int,
+                    system_prompt: str | None = None) -> tuple[list[tuple[list[int], list[int]]], int, int]:
+    """(rows, dropped, truncated): every example that fits encoded (see :func:`encode_example`).
+
+    Dropped and truncated examples are counted and logged, so a ``max_length`` too small for the data
+    shows up in the run's log and metrics instead of silently training on fragments.
+    """
+    rows: list[tuple[list[int], list[int]]] = []
+    dropped = truncated = 0
+    for example in examples:
+        row = encode_example(tokenizer, example, max_length, system_prompt)
+        if row is None:
+            dropped += 1
+            continue
+        truncated += row[0][-1] != tokenizer.eos_token_id
+        rows.append(row)
+    if dropped or truncated:
+        logger.warning("max_length %d: %d example(s) dropped (prompt too long), %d answer(s) cut short",
+                       max_length, dropped, truncated)
+    if not rows:
+        raise ValueError(f"no training example fits max_length {max_length}")
+    return rows, dropped, int(truncated)
 
 
 def length_grouped_batches(encoded: list[tuple[list[int], list[int]]], batch: int,

@@ -51,15 +51,34 @@ def test_answer_loss_matches_the_full_forward_on_a_padded_batch(tiny_lm):
     assert batched == pytest.approx(reference, rel=1e-4)
 
 
-def test_answer_loss_when_truncation_leaves_only_the_answer(tiny_lm):
+def test_a_long_answer_loses_its_tail_never_its_prompt(tiny_lm):
+    """Retention answers are often longer than max_length: the model must still see what was asked."""
     model, tokenizer = tiny_lm
-    example = TrainingExample([{"role": "user", "content": "What is 47 + 38?"}], "The answer is 85 A B 0123456789")
-    ids, labels = encode_example(tokenizer, example, max_length=6)
-    assert len(ids) == 6 and -100 not in labels
+    example = TrainingExample([{"role": "user", "content": "What is 47 + 38?"}], "The answer is 85 A B 0123456789 " * 8)
+    full_ids, _ = encode_example(tokenizer, example, max_length=4096)
+    prompt = full_ids[: full_ids.index(tokenizer.encode("The", add_special_tokens=False)[0])]
+    ids, labels = encode_example(tokenizer, example, max_length=len(prompt) + 5)
+    assert len(ids) == len(prompt) + 5
+    assert ids[: len(prompt)] == prompt and labels[: len(prompt)] == [-100] * len(prompt)
+    assert labels[len(prompt):] == full_ids[len(prompt): len(prompt) + 5]  # the answer's head, not its tail
+    assert ids[-1] != tokenizer.eos_token_id  # cut short: the model must not learn to stop there
     with torch.no_grad():
         loss = float(answer_loss(model, [(ids, labels)], tokenizer.pad_token_id))
         total, count = _full_loss_sum(model, ids, labels)
-    assert loss == pytest.approx(total / count, rel=1e-4)
+    assert count == 5 and loss == pytest.approx(total / count, rel=1e-4)
+
+
+def test_an_example_whose_prompt_does_not_fit_is_dropped_and_counted(tiny_lm):
+    from agent.training import encode_examples
+
+    _, tokenizer = tiny_lm
+    short = TrainingExample([{"role": "user", "content": "Hi"}], "Red " * 40)
+    long = TrainingExample([{"role": "user", "content": "Take the last letters of the words " * 20}], "ee")
+    assert encode_example(tokenizer, long, max_length=24) is None
+    rows, dropped, cut = encode_examples(tokenizer, [short, long], max_length=24)
+    assert (len(rows), dropped, cut) == (1, 1, 1) and len(rows[0][0]) == 24
+    with pytest.raises(ValueError, match="max_length"):
+        encode_examples(tokenizer, [long], max_length=24)
 
 
 def test_length_grouped_batches_cover_every_example_once_and_group_lengths():
