@@ -162,13 +162,14 @@ def length_grouped_batches(encoded: list[tuple[list[int], list[int]]], batch: in
     return batches
 
 
-def answer_loss(model, rows: list[tuple[list[int], list[int]]], pad_id: int) -> torch.Tensor:
-    """Mean cross-entropy over the answer tokens of a batch, computing logits only where they count.
+def answer_logits(model, rows: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, targets) at the positions that predict a batch's answer tokens, nothing else computed.
 
     Rows are left-padded so every answer ends at the last position; the model is then asked for the
     logits of the last ``longest answer + 1`` positions only (``logits_to_keep``), instead of a
     49k-wide row of logits (and its gradient) for every prompt token that the loss never reads.
     Position ids restart at 0 on each row's first real token, exactly as the serving decode loop does.
+    ``targets`` is :data:`IGNORE_INDEX` wherever a position predicts no answer token.
     """
     width = max(len(ids) for ids, _ in rows)
     ids = torch.tensor([[pad_id] * (width - len(i)) + i for i, _ in rows])
@@ -177,7 +178,13 @@ def answer_loss(model, rows: list[tuple[list[int], list[int]]], pad_id: int) -> 
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     keep = min(width, int((labels != IGNORE_INDEX).sum(-1).max()) + 1)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
-    targets = labels[:, width - keep + 1:]
+    return logits[:, :-1].float(), labels[:, width - keep + 1:]
+
+
+def answer_loss(model, rows: list[tuple[list[int], list[int]]], pad_id: int) -> torch.Tensor:
+    """Mean cross-entropy over the answer tokens of a batch (logits only where they count, see
+    :func:`answer_logits`)."""
+    logits, targets = answer_logits(model, rows, pad_id)
     return torch.nn.functional.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX
+        logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX
     )
