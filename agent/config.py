@@ -294,6 +294,11 @@ class ConsolidationConfig:
     on ``text`` and could never be promoted), while likelihood separates the known cases: the serving
     model against itself 1.0, an adapter answering everything with digits ~0, one trained on the
     retention data alone >= 0.9 (``tests/agent/test_retention.py``)."""
+    retention_kl_weight: float = within("[0, inf)", 0.0)
+    """Weight of a KL term against the base model on the retention prompts and the serving model's answers
+    (``agent.training.retention_kl``; the base logits come from the same model with the adapter disabled):
+    retention by distribution instead of, or beside (``retention_ratio``), training on one sampled answer
+    per prompt. 0: off (the default until ``agent bench knobs`` measures it)."""
     retention_prompts: int = within("[0, inf)", 64)
     """How many retention prompts (store history first, then the 128 shipped general prompts) are used;
     about half train, the other half is the retention holdout that gates the candidate."""

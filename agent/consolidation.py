@@ -253,6 +253,7 @@ def _consolidate_locked(agent: Learner, owner, scope, dry_run, min_examples, epo
         # Retention: the serving model's own answers, now, are the targets to keep.
         retention_answers = _system1_answers(agent, retention_inputs, serving_name, stop=stop)
         retention_train, retention_holdout = split_retention(retention_inputs, retention_answers, cfg.seed)
+        retention_kl_pairs = retention_train  # the KL term (retention_kl_weight) sees every training prompt
         retention_train = retention_train[:n_retention_train]
         report.n_retention, report.n_retention_holdout = len(retention_train), len(retention_holdout)
         system_prompt = agent.config.system_prompt
@@ -273,11 +274,14 @@ def _consolidate_locked(agent: Learner, owner, scope, dry_run, min_examples, epo
             # never from an adapter flagged by `store purge`: it learned from examples taken back
             resume_from=serving_folder if (cfg.resume and serving and not serving.needs_retrain) else None,
             system_prompt=system_prompt, epochs=epochs, on_step=step if not progress else _progress(step),
+            kl_examples=[TrainingExample(system1_messages(p), a) for p, a in retention_kl_pairs],
         )
         report.metrics.update(train_steps=stats.steps, train_seconds=round(stats.seconds, 2),
                               first_loss=stats.first_loss, last_loss=stats.last_loss, bf16=stats.bf16,
                               n_train=len(examples) - stats.n_dropped, n_dropped_too_long=stats.n_dropped,
                               n_answers_cut=stats.n_truncated)
+        if stats.last_kl is not None:
+            report.metrics["train_retention_kl"] = stats.last_kl
         agent.backend.load_adapter(candidate, str(tmp))
         loaded = True
         passed, reason = _gate(agent, report, holdout, retention_holdout, candidate, serving_name, scope,

@@ -40,6 +40,8 @@ class TrainingStats:
     """Examples left out because not even their prompt fit ``max_length``."""
     n_truncated: int = 0
     """Examples whose answer lost its tail to ``max_length`` (the prompt is always whole)."""
+    last_kl: float | None = None
+    """The retention KL term (``consolidation.retention_kl_weight``) at the last step, unweighted; None: off."""
 
 
 def cpu_supports_bf16() -> bool:
@@ -61,8 +63,14 @@ def train_lora(
     system_prompt: str | None = None,
     epochs: int | None = None,
     on_step: Callable[[int, int, float], None] | None = None,
+    kl_examples: Sequence[TrainingExample] = (),
 ) -> TrainingStats:
-    """Train a LoRA adapter on ``examples`` and save it to ``output_dir``."""
+    """Train a LoRA adapter on ``examples`` and save it to ``output_dir``.
+
+    With ``consolidation.retention_kl_weight`` > 0 and ``kl_examples`` (retention prompts and the serving
+    model's answers), each step adds that weight times :func:`retention_kl` on a sample of them: the
+    adapter is pulled towards the base model's whole next-token distribution on general text, not only
+    towards one sampled answer per prompt."""
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -83,6 +91,8 @@ def train_lora(
         model = get_peft_model(base, lora)
     model.train()
     encoded, n_dropped, n_truncated = encode_examples(tokenizer, examples, config.max_length, system_prompt)
+    kl_rows = (encode_examples(tokenizer, kl_examples, config.max_length, system_prompt)[0]
+               if config.retention_kl_weight > 0 and kl_examples else [])
     n_epochs = epochs or config.epochs
     batch = max(1, config.batch_size)
     steps_per_epoch = math.ceil(len(encoded) / batch)
@@ -97,11 +107,16 @@ def train_lora(
     rng = random.Random(config.seed)
     started = time.perf_counter()
     first = last = float("nan")
+    last_kl: float | None = None
     step = 0
     for _ in range(n_epochs):
         for rows in length_grouped_batches(encoded, batch, rng):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
                 loss = answer_loss(model, rows, tokenizer.pad_token_id)
+                if kl_rows:
+                    kl = retention_kl(model, rng.sample(kl_rows, min(batch, len(kl_rows))), tokenizer.pad_token_id)
+                    last_kl = float(kl.detach())
+                    loss = loss + config.retention_kl_weight * kl
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise TrainingDiverged(f"loss became {value} at step {step + 1}")
@@ -119,7 +134,7 @@ def train_lora(
     model.save_pretrained(str(output_dir))
     seconds = time.perf_counter() - started
     logger.info("trained %d steps in %.1f s (loss %.3f -> %.3f, bf16=%s)", step, seconds, first, last, use_bf16)
-    return TrainingStats(step, n_epochs, first, last, seconds, use_bf16, n_dropped, n_truncated)
+    return TrainingStats(step, n_epochs, first, last, seconds, use_bf16, n_dropped, n_truncated, last_kl)
 
 
 def encode_examples(tokenizer, examples: Sequence[TrainingExample], max_length: int,
@@ -188,3 +203,21 @@ def answer_loss(model, rows: list[tuple[list[int], list[int]]], pad_id: int) -> 
     return torch.nn.functional.cross_entropy(
         logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX
     )
+
+
+def retention_kl(model, rows: list[tuple[list[int], list[int]]], pad_id: int) -> torch.Tensor:
+    """Mean per-token KL(base || model) of the next-token distributions along the answers of ``rows``.
+
+    The base model's logits come from the same PEFT model with its adapter disabled (no second copy in
+    memory, no gradient); the divergence is taken where the loss is, at the positions predicting answer
+    tokens. The reference is the *base* model: with ``resume`` or a general adapter serving, that is not
+    the serving model, and this term pulls towards what the base model does on general text.
+    """
+    with torch.no_grad(), model.disable_adapter():
+        reference, targets = answer_logits(model, rows, pad_id)
+    logits, _ = answer_logits(model, rows, pad_id)
+    ref = torch.log_softmax(reference, -1)
+    cur = torch.log_softmax(logits, -1)
+    mask = (targets != IGNORE_INDEX).float()
+    per_token = (ref.exp() * (ref - cur)).sum(-1)
+    return (per_token * mask).sum() / mask.sum().clamp(min=1)

@@ -214,3 +214,20 @@ def test_replay_all_trains_every_earlier_example_of_the_scope_up_to_the_cap(lear
         used = {e.input for e in agent.store.list_examples(status="used")}
         assert len(used) == 12 and dry.n_new == 6 and set(replayed) <= used
         assert len(replayed) == {"half": 3, "all": 12}.get(expected, expected)
+
+
+def test_retention_by_distribution_keeps_the_habit_without_sampled_retention_answers(learning_config,
+                                                                                     polite_model_dir):
+    """No retention examples trained on, only the KL term against the base model on the retention prompts:
+    held-out general prompts keep most of "Sure."'s probability where training on sums alone loses it (likelihood
+    retention < 0.5 in the test above; 0.86 here at weight 1)."""
+    learning_config.model = str(polite_model_dir)
+    c = learning_config.consolidation
+    c.retention_threshold, c.retention_ratio, c.epochs, c.retention_kl_weight = 0.8, 0.0, 4, 3.0
+    with Agent(learning_config) as agent:
+        for q in QUESTIONS:
+            agent.answer(q)
+        report = agent.consolidate()
+        assert report.n_retention == 0 and report.metrics["train_retention_kl"] >= 0
+        assert report.metrics["retention_likelihood"] >= 0.8, report.metrics
+        assert report.status == "promoted", report.reason

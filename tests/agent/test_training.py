@@ -97,3 +97,46 @@ def test_length_grouped_batches_cover_every_example_once_and_group_lengths():
     # ... but lengths within a bucket are mixed, not sorted (40 and 41 share batches).
     assert any({len(ids) for ids, _ in b} == {40, 41} for b in first + second)
     assert [len(b[0][0]) for b in first] != [len(b[0][0]) for b in second] or len(first) == 1
+
+
+def test_retention_kl_is_zero_for_a_fresh_adapter_and_finite_with_a_gradient_otherwise(tiny_model_dir, tmp_path):
+    """The KL term's base logits come from the same PEFT model with the adapter disabled."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from agent.prompting import system1_messages
+    from agent.training import retention_kl
+    from tests.conftest import make_random_adapter
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = [encode_example(tokenizer, TrainingExample(system1_messages(q), a), 128)
+            for q, a in [("Name a primary colour.", "Red, blue, yellow."), ("What is 47 + 38?", "85")]]
+    folder = make_random_adapter(tiny_model_dir, tmp_path / "random")
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(folder),
+                                      is_trainable=True)
+    kl = retention_kl(model, rows, tokenizer.pad_token_id)
+    assert torch.isfinite(kl) and float(kl.detach()) > 0
+    kl.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_" in n]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.zero_()  # B = 0: the adapter adds nothing, as a fresh one
+        assert float(retention_kl(model, rows, tokenizer.pad_token_id)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_train_lora_adds_the_kl_term_when_weighted(tiny_model_dir, tmp_path):
+    from agent.config import ConsolidationConfig
+    from agent.prompting import system1_messages
+    from agent.training import train_lora
+
+    config = ConsolidationConfig(epochs=2, learning_rate=1e-2, batch_size=4, rank=4, alpha=8, bf16="off",
+                                 retention_kl_weight=1.0)
+    task = [TrainingExample(system1_messages(f"What is {a} + 38?"), str(a + 38)) for a in range(11, 19)]
+    general = [TrainingExample(system1_messages("Name a primary colour."), "Red, blue, yellow.")]
+    stats = train_lora(str(tiny_model_dir), task, config, tmp_path / "kl", kl_examples=general)
+    assert stats.last_kl is not None and 0 < stats.last_kl < 100
+    off = train_lora(str(tiny_model_dir), task, ConsolidationConfig(epochs=1, bf16="off"), tmp_path / "off",
+                     kl_examples=general)
+    assert off.last_kl is None  # weight 0: the term is not computed

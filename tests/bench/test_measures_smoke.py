@@ -96,3 +96,12 @@ def test_loop_measures_batch_distillation_of_the_same_examples(tiny_model_dir: P
     assert all(0 <= r["batch_accuracy"] <= 1 for r in rounds[1:]), rounds
     assert rounds[2]["replay"] == "all"
     assert "batch" in loop.table(result)
+
+
+def test_knobs_general_runs_the_kl_settings_into_the_general_adapter(tiny_model_dir: Path, tmp_path: Path) -> None:
+    config = tiny(tiny_model_dir)
+    config.consolidation.batch_size = 8
+    result = knobs.run(config, "addition", n_train=8, n_eval=2, out=tmp_path, only=["KL 3 only"], general=True)
+    [row] = result["rows"]
+    assert row["setting"] == "KL 3 only" and row["retention_likelihood"] is not None and row["gate"]
+    assert "the general adapter" in knobs.report(result)
