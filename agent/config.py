@@ -270,11 +270,35 @@ class ConsolidationConfig:
     holdout_fraction: float = within("[0, 1)", 0.2)
     """Seeded share of pending examples kept out of training to gate the candidate."""
     replay_ratio: float = within("[0, inf)", 0.5)
-    """Earlier ``used`` examples mixed in, per new example (replay against forgetting)."""
+    """Earlier ``used`` examples mixed in, per new example (replay against forgetting), with ``replay = "ratio"``."""
+    replay: Literal["ratio", "all"] = "ratio"
+    """Which earlier ``used`` examples of the scope a run trains on again. ``ratio``: a seeded sample of
+    ``replay_ratio`` per new example (cheap rounds, but a round's fresh adapter sees little of the scope's
+    history, so the loop lags a batch consolidation of the same examples); ``all``: every one, up to
+    ``replay_cap``, so each round trains what one batch consolidation of everything accepted so far would
+    (``agent bench loop`` shows both columns)."""
+    replay_cap: int = within("[0, inf)", 2000)
+    """Most replayed examples in one run, either ``replay`` mode (a seeded sample when there are more):
+    bounds a round's training time as a scope's history grows."""
     retention_ratio: float = within("[0, inf)", 0.25)
     """Retention examples (System 1's own confident answers) mixed in, per task example."""
     retention_threshold: float = within("[0, 1]", 0.9)
-    """The candidate must keep this share of the serving model's answers on the retention holdout."""
+    """The candidate must keep this share of the serving model's answers on the retention holdout, as
+    ``retention_measure`` counts it (a general adapter only: a scoped one's retention is reported)."""
+    retention_measure: Literal["text", "likelihood"] = "likelihood"
+    """What the gate compares with ``retention_threshold``. ``likelihood``: the share of per-token
+    probability the candidate keeps on the serving model's retention answers, teacher-forced
+    (``agent/retention.py``); ``text``: the share of answers it regenerates exactly (or at token F1 >= 0.8
+    when long). Both are reported in every run. ``likelihood`` is the default because a 135M model rarely
+    regenerates a paragraph word for word even when it keeps its meaning (the general adapter read 0.14
+    on ``text`` and could never be promoted), while likelihood separates the known cases: the serving
+    model against itself 1.0, an adapter answering everything with digits ~0, one trained on the
+    retention data alone >= 0.9 (``tests/agent/test_retention.py``)."""
+    retention_kl_weight: float = within("[0, inf)", 0.0)
+    """Weight of a KL term against the base model on the retention prompts and the serving model's answers
+    (``agent.training.retention_kl``; the base logits come from the same model with the adapter disabled):
+    retention by distribution instead of, or beside (``retention_ratio``), training on one sampled answer
+    per prompt. 0: off (the default until ``agent bench knobs`` measures it)."""
     retention_prompts: int = within("[0, inf)", 64)
     """How many retention prompts (store history first, then the 128 shipped general prompts) are used;
     about half train, the other half is the retention holdout that gates the candidate."""
@@ -299,7 +323,8 @@ class ConsolidationConfig:
     batch_size: int = within("[1, inf)", 16)
     """Training sequences per optimizer step."""
     max_length: int = within("[1, inf)", 128)
-    """Training sequences are cut to this many tokens."""
+    """Training sequences are cut to this many tokens: a long answer loses its tail, never its prompt; an
+    example whose prompt alone does not fit is dropped (counted in the run's ``n_dropped_too_long``)."""
     resume: bool = False
     """Start from the serving adapter's weights instead of a fresh adapter."""
     bf16: Literal["auto", "on", "off"] = "auto"

@@ -7,7 +7,8 @@ and every backend (:mod:`agent.backends`) build their prompts here and nowhere e
 - :func:`system1_messages`: the chat messages of one query (an optional system turn, then the user turn);
 - :func:`render_prompt`: their token ids under the model's chat template, assistant turn opened;
 - :func:`encode_example`: a training sequence, that prompt followed by the target answer and the
-  end-of-sequence token, with the loss masked off the prompt.
+  end-of-sequence token, with the loss masked off the prompt (a long answer loses its tail, never the
+  prompt).
 """
 
 from __future__ import annotations
@@ -56,10 +57,19 @@ class TrainingExample:
 
 
 def encode_example(tokenizer, example: TrainingExample, max_length: int,
-                   system_prompt: str | None = None) -> tuple[list[int], list[int]]:
-    """Token ids and labels (:data:`IGNORE_INDEX` on the prompt) for one example."""
+                   system_prompt: str | None = None) -> tuple[list[int], list[int]] | None:
+    """Token ids and labels (:data:`IGNORE_INDEX` on the prompt) for one example, at most ``max_length``.
+
+    A sequence that is too long keeps its whole prompt and loses the tail of its answer (and then its
+    end-of-sequence token: the model must not learn to stop where the cut fell). Cutting from the left,
+    as this once did, dropped the *prompt* of long retention answers and trained the model to continue
+    text it never saw asked for. None when not even the prompt and one answer token fit: the caller
+    drops the example (and says how many it dropped).
+    """
     prompt = render_prompt(tokenizer, example.messages, system_prompt)
     answer = tokenizer.encode(example.target, add_special_tokens=False) + [tokenizer.eos_token_id]
-    ids = (prompt + answer)[-max_length:]
-    labels = ([IGNORE_INDEX] * len(prompt) + answer)[-max_length:]
-    return ids, labels
+    room = max_length - len(prompt)
+    if room < 1:
+        return None
+    answer = answer[:room]
+    return prompt + answer, [IGNORE_INDEX] * len(prompt) + answer

@@ -36,6 +36,12 @@ class TrainingStats:
     last_loss: float
     seconds: float
     bf16: bool
+    n_dropped: int = 0
+    """Examples left out because not even their prompt fit ``max_length``."""
+    n_truncated: int = 0
+    """Examples whose answer lost its tail to ``max_length`` (the prompt is always whole)."""
+    last_kl: float | None = None
+    """The retention KL term (``consolidation.retention_kl_weight``) at the last step, unweighted; None: off."""
 
 
 def cpu_supports_bf16() -> bool:
@@ -57,8 +63,14 @@ def train_lora(
     system_prompt: str | None = None,
     epochs: int | None = None,
     on_step: Callable[[int, int, float], None] | None = None,
+    kl_examples: Sequence[TrainingExample] = (),
 ) -> TrainingStats:
-    """Train a LoRA adapter on ``examples`` and save it to ``output_dir``."""
+    """Train a LoRA adapter on ``examples`` and save it to ``output_dir``.
+
+    With ``consolidation.retention_kl_weight`` > 0 and ``kl_examples`` (retention prompts and the serving
+    model's answers), each step adds that weight times :func:`retention_kl` on a sample of them: the
+    adapter is pulled towards the base model's whole next-token distribution on general text, not only
+    towards one sampled answer per prompt."""
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -78,7 +90,9 @@ def train_lora(
         )
         model = get_peft_model(base, lora)
     model.train()
-    encoded = [encode_example(tokenizer, e, config.max_length, system_prompt) for e in examples]
+    encoded, n_dropped, n_truncated = encode_examples(tokenizer, examples, config.max_length, system_prompt)
+    kl_rows = (encode_examples(tokenizer, kl_examples, config.max_length, system_prompt)[0]
+               if config.retention_kl_weight > 0 and kl_examples else [])
     n_epochs = epochs or config.epochs
     batch = max(1, config.batch_size)
     steps_per_epoch = math.ceil(len(encoded) / batch)
@@ -93,11 +107,16 @@ def train_lora(
     rng = random.Random(config.seed)
     started = time.perf_counter()
     first = last = float("nan")
+    last_kl: float | None = None
     step = 0
     for _ in range(n_epochs):
         for rows in length_grouped_batches(encoded, batch, rng):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
                 loss = answer_loss(model, rows, tokenizer.pad_token_id)
+                if kl_rows:
+                    kl = retention_kl(model, rng.sample(kl_rows, min(batch, len(kl_rows))), tokenizer.pad_token_id)
+                    last_kl = float(kl.detach())
+                    loss = loss + config.retention_kl_weight * kl
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise TrainingDiverged(f"loss became {value} at step {step + 1}")
@@ -115,7 +134,31 @@ def train_lora(
     model.save_pretrained(str(output_dir))
     seconds = time.perf_counter() - started
     logger.info("trained %d steps in %.1f s (loss %.3f -> %.3f, bf16=%s)", step, seconds, first, last, use_bf16)
-    return TrainingStats(step, n_epochs, first, last, seconds, use_bf16)
+    return TrainingStats(step, n_epochs, first, last, seconds, use_bf16, n_dropped, n_truncated, last_kl)
+
+
+def encode_examples(tokenizer, examples: Sequence[TrainingExample], max_length: int,
+                    system_prompt: str | None = None) -> tuple[list[tuple[list[int], list[int]]], int, int]:
+    """(rows, dropped, truncated): every example that fits encoded (see :func:`encode_example`).
+
+    Dropped and truncated examples are counted and logged, so a ``max_length`` too small for the data
+    shows up in the run's log and metrics instead of silently training on fragments.
+    """
+    rows: list[tuple[list[int], list[int]]] = []
+    dropped = truncated = 0
+    for example in examples:
+        row = encode_example(tokenizer, example, max_length, system_prompt)
+        if row is None:
+            dropped += 1
+            continue
+        truncated += row[0][-1] != tokenizer.eos_token_id
+        rows.append(row)
+    if dropped or truncated:
+        logger.warning("max_length %d: %d example(s) dropped (prompt too long), %d answer(s) cut short",
+                       max_length, dropped, truncated)
+    if not rows:
+        raise ValueError(f"no training example fits max_length {max_length}")
+    return rows, dropped, int(truncated)
 
 
 def length_grouped_batches(encoded: list[tuple[list[int], list[int]]], batch: int,
@@ -134,13 +177,14 @@ def length_grouped_batches(encoded: list[tuple[list[int], list[int]]], batch: in
     return batches
 
 
-def answer_loss(model, rows: list[tuple[list[int], list[int]]], pad_id: int) -> torch.Tensor:
-    """Mean cross-entropy over the answer tokens of a batch, computing logits only where they count.
+def answer_logits(model, rows: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, targets) at the positions that predict a batch's answer tokens, nothing else computed.
 
     Rows are left-padded so every answer ends at the last position; the model is then asked for the
     logits of the last ``longest answer + 1`` positions only (``logits_to_keep``), instead of a
     49k-wide row of logits (and its gradient) for every prompt token that the loss never reads.
     Position ids restart at 0 on each row's first real token, exactly as the serving decode loop does.
+    ``targets`` is :data:`IGNORE_INDEX` wherever a position predicts no answer token.
     """
     width = max(len(ids) for ids, _ in rows)
     ids = torch.tensor([[pad_id] * (width - len(i)) + i for i, _ in rows])
@@ -149,7 +193,31 @@ def answer_loss(model, rows: list[tuple[list[int], list[int]]], pad_id: int) -> 
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     keep = min(width, int((labels != IGNORE_INDEX).sum(-1).max()) + 1)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
-    targets = labels[:, width - keep + 1:]
+    return logits[:, :-1].float(), labels[:, width - keep + 1:]
+
+
+def answer_loss(model, rows: list[tuple[list[int], list[int]]], pad_id: int) -> torch.Tensor:
+    """Mean cross-entropy over the answer tokens of a batch (logits only where they count, see
+    :func:`answer_logits`)."""
+    logits, targets = answer_logits(model, rows, pad_id)
     return torch.nn.functional.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX
+        logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX
     )
+
+
+def retention_kl(model, rows: list[tuple[list[int], list[int]]], pad_id: int) -> torch.Tensor:
+    """Mean per-token KL(base || model) of the next-token distributions along the answers of ``rows``.
+
+    The base model's logits come from the same PEFT model with its adapter disabled (no second copy in
+    memory, no gradient); the divergence is taken where the loss is, at the positions predicting answer
+    tokens. The reference is the *base* model: with ``resume`` or a general adapter serving, that is not
+    the serving model, and this term pulls towards what the base model does on general text.
+    """
+    with torch.no_grad(), model.disable_adapter():
+        reference, targets = answer_logits(model, rows, pad_id)
+    logits, _ = answer_logits(model, rows, pad_id)
+    ref = torch.log_softmax(reference, -1)
+    cur = torch.log_softmax(logits, -1)
+    mask = (targets != IGNORE_INDEX).float()
+    per_token = (ref.exp() * (ref - cur)).sum(-1)
+    return (per_token * mask).sum() / mask.sum().clamp(min=1)

@@ -82,6 +82,8 @@ def build_parser(prog: str = "agent bench") -> argparse.ArgumentParser:
     p.add_argument("--n-train", type=int, default=200)
     p.add_argument("--n-eval", type=int, default=50)
     p.add_argument("--only", help="comma-separated setting labels to run (default: all), e.g. 'defaults,rank 4'")
+    p.add_argument("--general", action="store_true",
+                   help="train the general (unscoped) adapter, where retention gates: the forgetting study")
     p.add_argument("--out", default="bench/out/knobs")
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("system2", help="System 2 seconds, tokens and label quality for k = 1, 4, 8 samples")
@@ -99,6 +101,10 @@ def build_parser(prog: str = "agent bench") -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--epochs", type=int)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--replay", choices=("ratio", "all"),
+                   help="consolidation.replay for this run (default: the configured one, ratio)")
+    p.add_argument("--batch", choices=("each", "final", "none"), default="each",
+                   help="measure batch distillation of the same examples after each round, the last, or never")
     p.add_argument("--out", default="bench/out/loop")
     p.add_argument("--json", action="store_true")
     _add_live(sub)
@@ -229,7 +235,7 @@ def run(args: argparse.Namespace, config: AgentConfig) -> int:
         from bench import knobs
 
         only = [label.strip() for label in args.only.split(",")] if args.only else None
-        result = knobs.run(config, args.task, args.n_train, args.n_eval, Path(args.out), only)
+        result = knobs.run(config, args.task, args.n_train, args.n_eval, Path(args.out), only, args.general)
         sys.stdout.write((json.dumps(result, indent=2) if args.json else knobs.report(result)) + "\n")
         return 0
     if args.bench_cmd == "system2":
@@ -242,7 +248,7 @@ def run(args: argparse.Namespace, config: AgentConfig) -> int:
         from bench import loop
 
         result = loop.run(loop.LoopSettings(args.task, args.queries, args.round, args.method, args.n_eval, args.k,
-                                            args.seed, args.epochs), config, Path(args.out))
+                                            args.seed, args.epochs, args.batch, args.replay), config, Path(args.out))
         sys.stdout.write((json.dumps(result, indent=2) if args.json else loop.table(result)) + "\n")
         return 0
     if args.bench_cmd == "live":

@@ -1,12 +1,20 @@
 """The learning curve of the live runtime: System 2 spend falling while System 1 accuracy rises.
 
     agent bench loop [--task last_letter_2] [--queries 400] [--round 100] [--method pal] [--out bench/out/loop]
+                     [--replay ratio|all] [--batch each|final|none]
 
 A stream of a task's training inputs goes through ``Agent.answer`` with routing on (the configured
 threshold router); after each round of ``--round`` queries the runtime consolidates what System 2
 taught (the same ``Agent.consolidate`` the scheduler calls), then this measures held-out System 1
 accuracy (the serving adapter, greedy), the share of that round's queries routed to System 2, and
 generated tokens per query. Writes ``loop.json`` and ``learning_curve.png``.
+
+Next to each round (``--batch each``; only after the last with ``final``) it measures **batch distillation
+of the same examples**: one consolidation, from the base model, in a fresh store, on every example the loop
+accepted so far (pending, used and held out: the same seeded holdout split), with the same settings,
+evaluated on the same held-out set. A user's System 1 should end where that ends; the column shows the gap.
+``--replay all`` sets ``consolidation.replay`` (every earlier example of the scope replayed each round)
+to compare with the default ``ratio`` sample.
 """
 
 from __future__ import annotations
@@ -15,14 +23,17 @@ import json
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tqdm import tqdm
 
 from agent import Agent, AgentConfig
 from bench import evaluate
-from bench.tasks import TASKS
+from bench.tasks import TASKS, Task
+from store import Store
+
+BATCH_MODES = ("each", "final", "none")
 
 
 @dataclass
@@ -35,12 +46,20 @@ class LoopSettings:
     k: int = 4
     seed: int = 0
     epochs: int | None = None
+    batch: str = "each"
+    """When to measure batch distillation of the same examples: after each round, the final one, or never."""
+    replay: str | None = None
+    """Overrides ``consolidation.replay`` (``ratio`` or ``all``) for this run."""
 
 
 def run(settings: LoopSettings, config: AgentConfig, out: Path) -> dict:
     if settings.task not in TASKS:
         raise ValueError(f"unknown task {settings.task!r}; known: {', '.join(TASKS)}")
+    if settings.batch not in BATCH_MODES:
+        raise ValueError(f"--batch must be one of {', '.join(BATCH_MODES)}, not {settings.batch!r}")
     task = TASKS[settings.task](n_train=settings.queries, n_eval=settings.n_eval, seed=settings.seed)
+    if settings.replay is not None:
+        config.consolidation = replace(config.consolidation, replay=settings.replay)
     out.mkdir(parents=True, exist_ok=True)
     rounds: list[dict] = []
     started = time.perf_counter()
@@ -60,8 +79,10 @@ def run(settings: LoopSettings, config: AgentConfig, out: Path) -> dict:
 
             base = held_out()
             rounds.append({"queries_served": 0, "system1_accuracy": base.accuracy, "system1_accuracy_unseen": None,
-                           "system2_share": None, "tokens_per_query": None, "adapter_version": None})
-            for start in range(0, len(task.train), settings.round):
+                           "system2_share": None, "tokens_per_query": None, "adapter_version": None,
+                           "batch_accuracy": None})
+            starts = range(0, len(task.train), settings.round)
+            for start in starts:
                 batch = task.train[start:start + settings.round]
                 with ThreadPoolExecutor(evaluate.WORKERS) as pool:
                     answers = list(tqdm(pool.map(lambda item: agent.answer(item.input, tag=tag), batch),
@@ -76,7 +97,12 @@ def run(settings: LoopSettings, config: AgentConfig, out: Path) -> dict:
                     "accepted": sum(bool(a.accepted) for a in answers),
                     "consolidation": f"{report.status}: {report.reason}",
                     "adapter_version": agent.serving_version(tag),
+                    "replay": config.consolidation.replay,
+                    "n_replay": report.n_replay,
                 })
+                if settings.batch == "each" or (settings.batch == "final" and start == starts[-1]):
+                    rounds[-1].update(batch_distillation(agent, task, tag, Path(tmp) / f"batch-{len(rounds) - 1}",
+                                                         settings.epochs))
                 (out / "loop.json").write_text(json.dumps({"rounds": rounds}, indent=2))
     result = {"task": task.name, "settings": settings.__dict__, "model": config.model,
               "threshold": config.routing.threshold, "seconds": round(time.perf_counter() - started, 1),
@@ -86,12 +112,45 @@ def run(settings: LoopSettings, config: AgentConfig, out: Path) -> dict:
     return result
 
 
+def batch_distillation(agent: Agent, task: Task, tag: str, workdir: Path, epochs: int | None) -> dict:
+    """Train once, from the base model, on every example ``agent``'s loop accepted so far, with its settings,
+    and measure System 1 with that adapter on the task's held-out set: where the loop should end.
+
+    The examples go into a fresh store (pending: the seeded holdout split puts the same ones aside), so the
+    run starts from no adapter; retention prompts come from the shipped general set only (the fresh store
+    has no history). The adapter is evaluated whatever the gate said (``batch_gate``)."""
+    statuses = ["pending", "used", "holdout"]
+    examples = agent.store.list_examples(status=statuses, tag=tag)
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = replace(agent.config, db=str(workdir / "batch.db"), adapters_dir=str(workdir / "adapters"),
+                     consolidation=replace(agent.config.consolidation, min_examples=1))
+    batch = Agent(config, backend=agent.backend, store=Store(config.db))  # shares the loaded model
+    try:
+        for e in examples:
+            batch.store.add_example(e.input, e.target, e.method, votes=e.votes, agreement=e.agreement, tag=tag)
+        report = batch.consolidate(scope=tag, epochs=epochs)
+        if report.adapter_version is None:
+            return {"batch_accuracy": None, "batch_gate": f"{report.status}: {report.reason}",
+                    "batch_examples": len(examples)}
+        name = f"batch-{workdir.name}"
+        agent.backend.load_adapter(name, batch.store.get_adapter(report.adapter_version).path)
+        try:
+            measured = evaluate.system1(batch, task.eval, task.kind, adapter=name, desc="batch distillation")
+        finally:
+            agent.backend.unload_adapter(name)
+        return {"batch_accuracy": measured.accuracy, "batch_gate": f"{report.status}: {report.reason}",
+                "batch_examples": len(examples), "batch_n_train": report.metrics.get("n_train")}
+    finally:
+        batch.store.close()
+
+
 def table(result: dict) -> str:
-    lines = [f"{'served':>7}{'S1 acc':>8}{'S2 share':>10}{'tok/query':>11}{'adapter':>9}  consolidation"]
+    lines = [f"{'served':>7}{'S1 acc':>8}{'batch':>7}{'S2 share':>10}{'tok/query':>11}{'adapter':>9}  consolidation"]
     for r in result["rounds"]:
         share = "" if r["system2_share"] is None else f"{r['system2_share']:.2f}"
         tok = "" if r["tokens_per_query"] is None else f"{r['tokens_per_query']:.1f}"
-        lines.append(f"{r['queries_served']:>7}{r['system1_accuracy']:>8.2f}{share:>10}{tok:>11}"
+        batch = "" if r.get("batch_accuracy") is None else f"{r['batch_accuracy']:.2f}"
+        lines.append(f"{r['queries_served']:>7}{r['system1_accuracy']:>8.2f}{batch:>7}{share:>10}{tok:>11}"
                      f"{'v' + str(r['adapter_version']) if r['adapter_version'] else 'base':>9}  "
                      f"{r.get('consolidation', '')}")
     return "\n".join(lines)
@@ -108,6 +167,10 @@ def plot(rounds: list[dict], path: Path, title: str) -> None:
     served = [r["queries_served"] for r in rounds]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.plot(served, [r["system1_accuracy"] for r in rounds], "o-", label="held-out System 1 accuracy")
+    batch = [r for r in rounds if r.get("batch_accuracy") is not None]
+    if batch:
+        ax.plot([r["queries_served"] for r in batch], [r["batch_accuracy"] for r in batch], "*:", color="C3",
+                label="batch distillation of the same examples")
     later = [r for r in rounds if r["system2_share"] is not None]
     ax.plot([r["queries_served"] for r in later], [r["system2_share"] for r in later], "s--",
             label="share of queries sent to System 2 (that round)")

@@ -8,7 +8,7 @@ Per task: System 1 accuracy; each applicable System 2 method's accuracy (majorit
 the consistency filter's acceptance rate on unlabeled training inputs and the accuracy of what it
 accepted; then distillation through the runtime's own consolidation (System 2 labels -> filter ->
 LoRA, gated) and the distilled System 1's accuracy on held-out items of the training entities and on
-items of entities never seen in training, with its retention score. Writes ``results.json`` and
+items of entities never seen in training, with its retention scores (regenerated text and likelihood). Writes ``results.json`` and
 ``accuracy_vs_tokens.png`` to ``--out``.
 """
 
@@ -121,7 +121,8 @@ def run_task(task: Task, settings: PaperSettings, config: AgentConfig, backend, 
         backend.unload_adapter(name)
     rows.append(_row(
         task, "distilled", d, accuracy_unseen=d_unseen and round(d_unseen.accuracy, 4),
-        retention=report.metrics.get("retention"), gate=report.status, gate_reason=report.reason,
+        retention=report.metrics.get("retention"), retention_likelihood=report.metrics.get("retention_likelihood"),
+        gate=report.status, gate_reason=report.reason,
         n_trained=report.metrics.get("n_train"), train_seconds=report.metrics.get("train_seconds"),
         **filter_stats,
     ))
@@ -169,7 +170,7 @@ def table(rows: Sequence[dict]) -> str:
         if r.get("teacher_tokens_per_accepted"):
             notes.append(f"teacher {r['teacher_tokens_per_accepted']:.0f} tok per accepted example")
         if r.get("retention") is not None:
-            notes.append(f"retention {r['retention']:.2f}")
+            notes.append(f"retention {r['retention']:.2f} text, {(r.get('retention_likelihood') or 0):.2f} likelihood")
         if r.get("gate"):
             notes.append(f"gate: {r['gate']}")
         lines.append(f"{r['task']:<15}{r['system']:<18}{acc:>6}{unseen:>8}{tok:>8}{sec:>8}{r['n']:>5}  {'; '.join(notes)}")

@@ -122,7 +122,8 @@ def test_gate_rejects_an_adapter_that_breaks_retention(learning_config):
 @pytest.mark.parametrize("retention_ratio", [0.0, 1.0])
 def test_retention_data_keeps_what_system1_already_does(learning_config, polite_model_dir, retention_ratio):
     """The model answers general prompts "Sure."; training on sums alone erases that, and the gate
-    rejects the adapter; with its own answers mixed in, held-out general prompts keep "Sure."."""
+    rejects the adapter; with its own answers mixed in, held-out general prompts keep "Sure.". Both
+    retention measures (regenerated text, likelihood) agree here."""
     learning_config.model = str(polite_model_dir)
     c = learning_config.consolidation
     c.retention_threshold, c.retention_ratio, c.epochs = 0.9, retention_ratio, 4
@@ -134,10 +135,11 @@ def test_retention_data_keeps_what_system1_already_does(learning_config, polite_
         if retention_ratio == 0.0:
             assert report.n_retention == 0
             assert report.status == "rejected" and report.metrics["retention"] < 0.5, report.reason
-            assert "retention" in report.reason
+            assert report.metrics["retention_likelihood"] < 0.5 and "retention" in report.reason
         else:
             assert report.n_retention >= 16
             assert report.status == "promoted" and report.metrics["retention"] >= 0.9, report.reason
+            assert report.metrics["retention_likelihood"] >= 0.9  # what the gate used (the default measure)
             assert agent.answer("Name a fruit that is red.", route="system1").text == "Sure."
 
 
@@ -194,3 +196,38 @@ def test_retention_split_keeps_long_answers_and_is_stable():
     old = next(a for _, a in holdout if len(a) > 200)
     assert retained(old, old.replace("many", "several"))
     assert not retained(old, "42")
+
+
+@pytest.mark.parametrize("replay, cap, expected", [("ratio", 2000, "half"), ("all", 2000, "all"), ("all", 3, 3)])
+def test_replay_all_trains_every_earlier_example_of_the_scope_up_to_the_cap(learning_config, replay, cap, expected):
+    """``replay = "all"`` makes each round a batch consolidation of everything the scope learned so far."""
+    c = learning_config.consolidation
+    c.replay, c.replay_cap, c.holdout_fraction = replay, cap, 0.0
+    with Agent(learning_config) as agent:
+        for q in QUESTIONS[:12]:
+            agent.answer(q)
+        assert agent.consolidate().status == "promoted"
+        for q in QUESTIONS[12:18]:
+            agent.answer(q)
+        dry = agent.consolidate(dry_run=True)
+        replayed = [p["input"] for p in dry.train_preview if p["source"] == "replay"]
+        used = {e.input for e in agent.store.list_examples(status="used")}
+        assert len(used) == 12 and dry.n_new == 6 and set(replayed) <= used
+        assert len(replayed) == {"half": 3, "all": 12}.get(expected, expected)
+
+
+def test_retention_by_distribution_keeps_the_habit_without_sampled_retention_answers(learning_config,
+                                                                                     polite_model_dir):
+    """No retention examples trained on, only the KL term against the base model on the retention prompts:
+    held-out general prompts keep most of "Sure."'s probability where training on sums alone loses it (likelihood
+    retention < 0.5 in the test above; 0.86 here at weight 1)."""
+    learning_config.model = str(polite_model_dir)
+    c = learning_config.consolidation
+    c.retention_threshold, c.retention_ratio, c.epochs, c.retention_kl_weight = 0.8, 0.0, 4, 3.0
+    with Agent(learning_config) as agent:
+        for q in QUESTIONS:
+            agent.answer(q)
+        report = agent.consolidate()
+        assert report.n_retention == 0 and report.metrics["train_retention_kl"] >= 0
+        assert report.metrics["retention_likelihood"] >= 0.8, report.metrics
+        assert report.status == "promoted", report.reason

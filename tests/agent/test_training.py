@@ -51,15 +51,34 @@ def test_answer_loss_matches_the_full_forward_on_a_padded_batch(tiny_lm):
     assert batched == pytest.approx(reference, rel=1e-4)
 
 
-def test_answer_loss_when_truncation_leaves_only_the_answer(tiny_lm):
+def test_a_long_answer_loses_its_tail_never_its_prompt(tiny_lm):
+    """Retention answers are often longer than max_length: the model must still see what was asked."""
     model, tokenizer = tiny_lm
-    example = TrainingExample([{"role": "user", "content": "What is 47 + 38?"}], "The answer is 85 A B 0123456789")
-    ids, labels = encode_example(tokenizer, example, max_length=6)
-    assert len(ids) == 6 and -100 not in labels
+    example = TrainingExample([{"role": "user", "content": "What is 47 + 38?"}], "The answer is 85 A B 0123456789 " * 8)
+    full_ids, _ = encode_example(tokenizer, example, max_length=4096)
+    prompt = full_ids[: full_ids.index(tokenizer.encode("The", add_special_tokens=False)[0])]
+    ids, labels = encode_example(tokenizer, example, max_length=len(prompt) + 5)
+    assert len(ids) == len(prompt) + 5
+    assert ids[: len(prompt)] == prompt and labels[: len(prompt)] == [-100] * len(prompt)
+    assert labels[len(prompt):] == full_ids[len(prompt): len(prompt) + 5]  # the answer's head, not its tail
+    assert ids[-1] != tokenizer.eos_token_id  # cut short: the model must not learn to stop there
     with torch.no_grad():
         loss = float(answer_loss(model, [(ids, labels)], tokenizer.pad_token_id))
         total, count = _full_loss_sum(model, ids, labels)
-    assert loss == pytest.approx(total / count, rel=1e-4)
+    assert count == 5 and loss == pytest.approx(total / count, rel=1e-4)
+
+
+def test_an_example_whose_prompt_does_not_fit_is_dropped_and_counted(tiny_lm):
+    from agent.training import encode_examples
+
+    _, tokenizer = tiny_lm
+    short = TrainingExample([{"role": "user", "content": "Hi"}], "Red " * 40)
+    long = TrainingExample([{"role": "user", "content": "Take the last letters of the words " * 20}], "ee")
+    assert encode_example(tokenizer, long, max_length=24) is None
+    rows, dropped, cut = encode_examples(tokenizer, [short, long], max_length=24)
+    assert (len(rows), dropped, cut) == (1, 1, 1) and len(rows[0][0]) == 24
+    with pytest.raises(ValueError, match="max_length"):
+        encode_examples(tokenizer, [long], max_length=24)
 
 
 def test_length_grouped_batches_cover_every_example_once_and_group_lengths():
@@ -78,3 +97,46 @@ def test_length_grouped_batches_cover_every_example_once_and_group_lengths():
     # ... but lengths within a bucket are mixed, not sorted (40 and 41 share batches).
     assert any({len(ids) for ids, _ in b} == {40, 41} for b in first + second)
     assert [len(b[0][0]) for b in first] != [len(b[0][0]) for b in second] or len(first) == 1
+
+
+def test_retention_kl_is_zero_for_a_fresh_adapter_and_finite_with_a_gradient_otherwise(tiny_model_dir, tmp_path):
+    """The KL term's base logits come from the same PEFT model with the adapter disabled."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from agent.prompting import system1_messages
+    from agent.training import retention_kl
+    from tests.conftest import make_random_adapter
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = [encode_example(tokenizer, TrainingExample(system1_messages(q), a), 128)
+            for q, a in [("Name a primary colour.", "Red, blue, yellow."), ("What is 47 + 38?", "85")]]
+    folder = make_random_adapter(tiny_model_dir, tmp_path / "random")
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(folder),
+                                      is_trainable=True)
+    kl = retention_kl(model, rows, tokenizer.pad_token_id)
+    assert torch.isfinite(kl) and float(kl.detach()) > 0
+    kl.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_" in n]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.zero_()  # B = 0: the adapter adds nothing, as a fresh one
+        assert float(retention_kl(model, rows, tokenizer.pad_token_id)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_train_lora_adds_the_kl_term_when_weighted(tiny_model_dir, tmp_path):
+    from agent.config import ConsolidationConfig
+    from agent.prompting import system1_messages
+    from agent.training import train_lora
+
+    config = ConsolidationConfig(epochs=2, learning_rate=1e-2, batch_size=4, rank=4, alpha=8, bf16="off",
+                                 retention_kl_weight=1.0)
+    task = [TrainingExample(system1_messages(f"What is {a} + 38?"), str(a + 38)) for a in range(11, 19)]
+    general = [TrainingExample(system1_messages("Name a primary colour."), "Red, blue, yellow.")]
+    stats = train_lora(str(tiny_model_dir), task, config, tmp_path / "kl", kl_examples=general)
+    assert stats.last_kl is not None and 0 < stats.last_kl < 100
+    off = train_lora(str(tiny_model_dir), task, ConsolidationConfig(epochs=1, bf16="off"), tmp_path / "off",
+                     kl_examples=general)
+    assert off.last_kl is None  # weight 0: the term is not computed

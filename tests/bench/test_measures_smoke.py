@@ -81,3 +81,27 @@ def test_knobs_runs_only_the_named_settings(tiny_model_dir: Path, tmp_path: Path
     assert [r["setting"] for r in result["rows"]] == ["rank 4"]
     with pytest.raises(ValueError, match="unknown knob setting"):
         knobs.run(config, "addition", n_train=8, n_eval=2, out=tmp_path, only=["rank 5"])
+
+
+def test_loop_measures_batch_distillation_of_the_same_examples(tiny_model_dir: Path, tmp_path: Path, arith) -> None:
+    """With every query accepted (the scripted ``arith`` System 2), each round also trains one adapter from the
+    base on everything accepted so far, and the table shows it beside the loop's own System 1."""
+    config = tiny(tiny_model_dir)
+    config.routing.threshold = 1.0
+    config.consolidation.retention_threshold = 0.0  # a random model has no behaviour worth retaining
+    result = loop.run(loop.LoopSettings(task="addition", queries=6, round=3, method="arith", n_eval=2, k=2,
+                                        batch="each", replay="all"), config, tmp_path)
+    rounds = result["rounds"]
+    assert [r.get("batch_examples") for r in rounds] == [None, 3, 6]  # all accepted so far, any status
+    assert all(0 <= r["batch_accuracy"] <= 1 for r in rounds[1:]), rounds
+    assert rounds[2]["replay"] == "all"
+    assert "batch" in loop.table(result)
+
+
+def test_knobs_general_runs_the_kl_settings_into_the_general_adapter(tiny_model_dir: Path, tmp_path: Path) -> None:
+    config = tiny(tiny_model_dir)
+    config.consolidation.batch_size = 8
+    result = knobs.run(config, "addition", n_train=8, n_eval=2, out=tmp_path, only=["KL 3 only"], general=True)
+    [row] = result["rows"]
+    assert row["setting"] == "KL 3 only" and row["retention_likelihood"] is not None and row["gate"]
+    assert "the general adapter" in knobs.report(result)
