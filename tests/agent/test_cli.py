@@ -32,9 +32,9 @@ EXAMPLES = [
 
 @pytest.fixture(autouse=True)
 def isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No user data dir, no stray S2AGENT_* settings, no network."""
+    """No user data dir, no stray S2AGENT_* settings (the test server's URL is not a setting), no network."""
     for key in list(os.environ):
-        if key.startswith("S2AGENT_"):
+        if key.startswith("S2AGENT_") and key != "S2AGENT_TEST_POSTGRES_URL":
             monkeypatch.delenv(key)
     monkeypatch.setenv("S2AGENT_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("S2AGENT_CACHE_DIR", str(tmp_path / "cache"))
