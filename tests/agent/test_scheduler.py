@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -25,6 +26,7 @@ from agent import Agent
 from agent.cli import main as cli
 from agent.metrics import Metrics, store_snapshot
 from store import Store
+from tests.conftest import wait_for
 from tests.fakes import QUESTIONS, make_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -38,14 +40,21 @@ def config(tiny_model_dir, db_url, arith):
     return config
 
 
-def wait_for(condition, timeout: float = 30, what: str = "the condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+def not_inside_a_write(db: str) -> bool:
+    """Whether a write transaction could start now: a process frozen inside one (a heartbeat) would keep the
+    SQLite file locked, and every other process opening the store would wait for it. PostgreSQL readers
+    never wait for writers."""
+    if "://" in db:
+        return True
+    conn = sqlite3.connect(db, timeout=0.05)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.rollback()
+        return True
+    except sqlite3.OperationalError:
+        return False
+    finally:
+        conn.close()
 
 
 def assert_runs_never_overlap(agent: Agent) -> None:
@@ -207,7 +216,7 @@ def test_each_scope_consolidates_in_a_niced_child_and_its_adapter_serves_here_wi
         def frozen_holding_the_lock() -> bool:
             os.kill(child.pid, signal.SIGSTOP)
             holder = agent.store.lock_holder("consolidation")
-            if holder is not None and holder.pid == child.pid:
+            if holder is not None and holder.pid == child.pid and not_inside_a_write(config.db):
                 return True
             os.kill(child.pid, signal.SIGCONT)
             return False
