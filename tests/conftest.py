@@ -13,9 +13,10 @@ fail: CI must run them.
 from __future__ import annotations
 
 import os
+import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -100,6 +101,18 @@ def postgres_server_url() -> str:
                     "(.ci/run starts a server with .ci/postgres.sh)", pytrace=False)
     pytest.skip("set S2AGENT_TEST_POSTGRES_URL to run the PostgreSQL variants "
                 "(bash .ci/postgres.sh run .venv/bin/python -m pytest ...)")
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 30.0, what: str = "the condition",
+             poll: float = 0.05) -> Any:
+    """Poll ``condition`` until it returns something truthy, and return that; fail naming ``what`` after
+    ``timeout`` seconds. Tests wait on states, not on fixed sleeps."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 @contextmanager

@@ -8,7 +8,6 @@ workers. System 2 is a deterministic method that can be held at a gate, so the q
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 
@@ -18,6 +17,7 @@ from policies.lm import Call
 from policies.system2 import METHODS
 from policies.system2.base import Sample
 from tests.agent.test_loop import Arithmetic
+from tests.conftest import wait_for
 
 QUESTIONS = [f"What is {a} + {b}?" for a, b in zip(range(11, 23), range(40, 52))]
 
@@ -58,15 +58,6 @@ def config(tiny_config, monkeypatch):
     tiny_config.system2.method = "arith"
     tiny_config.system2.mode = "background"
     return tiny_config
-
-
-def wait_for(condition, timeout: float = 30, what: str = "the condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := condition():
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def test_background_answers_with_system1_and_stores_the_label_later(config):

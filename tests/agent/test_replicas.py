@@ -17,14 +17,13 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from store import Store
-from tests.conftest import fresh_postgres_database
+from tests.conftest import fresh_postgres_database, wait_for
 from tests.fakes import QUESTIONS
 
 REPO = Path(__file__).resolve().parents[2]
@@ -48,16 +47,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def get(port: int, path: str) -> Any:

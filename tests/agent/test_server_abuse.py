@@ -15,7 +15,6 @@ import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -27,6 +26,7 @@ from agent.config import ServerConfig
 from agent.server import create_app
 from agent.server.connections import uvicorn_options
 from tests.agent.test_server import ServerThread, ask, assert_error, tiny_agent_config
+from tests.conftest import wait_for
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 READ_TIMEOUT_S = 1.5
@@ -34,13 +34,6 @@ MAX_BATCH = 16
 BIG_TOKENS = 256
 """Tokens per sequence of the big requests: long enough that a batch of them is still running when the
 test acts (the tiny model decodes a batch of 16 at a few hundred tokens a second)."""
-
-
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 def server_config(**changes) -> ServerConfig:
@@ -118,11 +111,11 @@ def test_an_abandoned_request_stops_and_a_small_one_is_served_meanwhile(server, 
     with caplog.at_level(logging.INFO, logger="agent.server"):
         with socket.create_connection(("127.0.0.1", server.port)) as sock:
             sock.sendall(raw_request(COMPLETIONS, big))
-            wait_for(lambda: batcher.admitted_rows > before, "the big request's first batch")
+            wait_for(lambda: batcher.admitted_rows > before, 120, "the big request's first batch", poll=0.01)
         small = http.post(COMPLETIONS, json={"model": "default", "prompt": "Hi", "max_tokens": 1})
         served_after = batcher.admitted_rows - before
         assert small.status_code == 200, small.text
-        wait_for(lambda: admission.held == 0, "the abandoned request to stop")
+        wait_for(lambda: admission.held == 0, 120, "the abandoned request to stop", poll=0.01)
     generated = batcher.admitted_rows - before
     # At most three of the big request's four chunks ran (one running when the client left, one started
     # before the server saw it leave, at worst one more), plus the small request's row; the old server
@@ -140,7 +133,7 @@ def test_a_full_server_answers_503_with_retry_after(agent):
         big = {"model": "default", "prompt": [f"Count to {i}:" for i in range(32)], "n": 2, "max_tokens": BIG_TOKENS}
         holder = threading.Thread(target=lambda: results.append(http.post(COMPLETIONS, json=big)))
         holder.start()
-        wait_for(lambda: admission.held == 1, "the first request to be admitted")
+        wait_for(lambda: admission.held == 1, 120, "the first request to be admitted", poll=0.01)
         refused = http.post(CHAT, json={"model": "default", "messages": ask("hi"), "max_tokens": 1})
         error = assert_error(refused, 503, "server_overloaded")
         assert error["type"] == "service_unavailable" and refused.headers["retry-after"] == "1"
@@ -196,7 +189,7 @@ def test_connections_past_the_limit_are_refused(agent):
             holder.settimeout(30)
             assert holder.recv(65536).startswith(b"HTTP/1.1 200")
             assert httpx.get(f"{small.url}/healthz", timeout=30).status_code == 503
-        wait_for(lambda: len(small.server.server_state.connections) == 0, "the held connection to close", 30)
+        wait_for(lambda: len(small.server.server_state.connections) == 0, 30, "the held connection to close", poll=0.01)
         assert httpx.get(f"{small.url}/healthz", timeout=30).status_code == 200
 
 
