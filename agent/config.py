@@ -139,9 +139,31 @@ class RoutingConfig:
     """Quantile of token probabilities used by the ``logprob`` estimator (0 = the minimum)."""
     agreement_samples: int = within("[1, inf)", 4)
     """Samples drawn by the ``agreement`` estimator."""
+    memory: bool = True
+    """Skip System 2 for inputs like ones it already ran on in vain (``policies/system2_memory.py``): when at
+    least ``memory_min_evidence`` of the ``memory_neighbours`` most similar earlier inputs (cosine similarity
+    >= ``memory_min_similarity``) ran System 2 with the same method and fewer than ``memory_min_yield`` of them
+    got an accepted answer, System 1's answer stands. Only sources that may teach leave outcomes, so a client
+    cannot switch System 2 off for others; rebuilt from the store at start (inline System 2 runs)."""
+    memory_neighbours: int = within("[1, inf)", 8)
+    """Most similar earlier System 2 inputs the memory consults."""
+    memory_min_evidence: int = within("[1, inf)", 4)
+    """Similar earlier inputs needed before System 2 is skipped (at most ``memory_neighbours``)."""
+    memory_min_similarity: float = within("(0, 1]", 0.6)
+    """Cosine similarity (the scope classifier's features) for an earlier input to count as evidence."""
+    memory_min_yield: float = within("[0, 1]", 0.2)
+    """System 2 is skipped when the share of the similar inputs it paid off for is below this."""
+    memory_explore: float = within("[0, 1]", 0.05)
+    """Share of the inputs the memory would skip that still run System 2, so that a kind of input System 2
+    has learned to handle (a new method, a teacher, a better model) is noticed."""
+    memory_size: int = within("[1, inf)", 1000)
+    """Outcomes kept per System 2 method (the newest; 16 KiB each)."""
 
     def __post_init__(self) -> None:
         _check_fields(self)
+        if self.memory_min_evidence > self.memory_neighbours:
+            raise ConfigError(f"config key 'routing.memory_min_evidence' ({self.memory_min_evidence}) must be at most "
+                              f"'routing.memory_neighbours' ({self.memory_neighbours})")
 
 
 @dataclass

@@ -43,6 +43,7 @@ from agent.data import general_prompts
 from agent.errors import AdapterError, ConfigError, GenerationCancelled, InvalidQueryError, System2Timeout
 from agent.models import display_name, resolve_model
 from agent.prompting import Message, system1_messages
+from agent.routing_memory import RoutingMemory
 from agent.scheduler import ConsolidationScheduler
 from policies.answers import normalise
 from policies.routing import (
@@ -164,6 +165,8 @@ class Agent:
         self._closing = threading.Event()
         self._follower: threading.Thread | None = None
         self._writer: InteractionWriter | None = None
+        self.routing_memory = RoutingMemory(self.config.routing, self.store, self.config.seed)
+        """Where System 2 has paid off before (``routing.memory``): skips it for inputs like its failures."""
         self._system2_queue = System2Queue(self.config.system2.queue_size, self.config.system2.workers,
                                            self._label_deferred)  # its threads start on first use
         self.refresh_adapters(force=True)
@@ -271,14 +274,20 @@ class Agent:
         if not teach:
             answer.route_reason["teach"] = False
         deferred = None
-        if decision.route == "system2":
+        verdict = self.routing_memory.judge(query, self._method_name(method, tag)) if (
+            decision.route == "system2" and route == "auto") else None
+        if verdict is not None and (verdict.skip or verdict.explored):
+            answer.route_reason["memory"] = verdict.as_dict()
+        if verdict is not None and verdict.skip:
+            answer.route_reason["system2"] = "skipped"  # System 2 never paid off for inputs like this one
+        elif decision.route == "system2":
             if route == "auto" and self.config.system2.mode == "background":
                 if teach:
                     deferred = self._defer_system2(answer, query, method, tag, source)
                 else:
                     answer.route_reason["system2"] = "not queued: the source may not teach"
             else:
-                self._run_system2(answer, query, method, tag, cancel)
+                self._run_system2(answer, query, method, tag, cancel, teach=teach)
                 # a source that may not teach does not shape the scopes either: its input joins no index
                 if tag is None and answer.accepted and self.config.scoping.auto and teach:
                     tag = answer.tag = self._assign_scope(answer, query)
@@ -641,14 +650,16 @@ class Agent:
 
     def _assign_scope(self, answer: Answer, query: str) -> str:
         """The automatic scope of an accepted, untagged System 2 example (see ``policies.scoping.ScopeIndex``):
-        the scope of the most similar stored input, or a new one named after this input."""
+        the scope of the most similar stored input, or of an input whose solution had the same shape (another
+        phrasing of the same task), or a new one named after this input. Solutions are those of this process's
+        examples since the index was last rebuilt (after a promotion: the phrasings are in the scopes by then)."""
         with self._scope_lock:
             if self._scope_index is None:
                 limit = self.config.scoping.inputs_per_tag
                 scoped = {tag: [e.input for e in self.store.sample_examples(None, limit, tag=tag)]
                           for tag in self.store.example_tags() if tag is not None}
                 self._scope_index = ScopeIndex(scoped, self.config.scoping.auto_min_similarity)
-            tag, similarity = self._scope_index.assign(query)
+            tag, similarity = self._scope_index.assign(query, _solution(answer))
         answer.route_reason["scope"] = {"tag": tag, "similarity": round(similarity, 3), "assigned": "auto"}
         return tag
 
@@ -713,11 +724,16 @@ class Agent:
         """How answers for ``tag`` are compared (``kinds_by_tag``, else ``answer_kind``)."""
         return self.config.answer_kind_for(tag)
 
-    def _run_system2(self, answer: Answer, query: str, method_name: str | None, tag: str | None,
-                     cancel: threading.Event | None = None) -> None:
+    def _method_name(self, method: str | None, tag: str | None) -> str:
+        """The System 2 method a query runs: the request's, its tag's (``methods_by_tag``), else the default."""
         cfg = self.config.system2
-        name = method_name or cfg.methods_by_tag.get(tag or "") or cfg.method
-        answer.method = name
+        return method or cfg.methods_by_tag.get(tag or "") or cfg.method
+
+    def _run_system2(self, answer: Answer, query: str, method_name: str | None, tag: str | None,
+                     cancel: threading.Event | None = None, *, teach: bool = True) -> None:
+        """System 2 on ``query`` into ``answer``; its outcome is remembered (:attr:`routing_memory`) when the
+        source may teach."""
+        name = answer.method = answer.route_reason["asked"] = self._method_name(method_name, tag)
         try:
             result = self.system2(query, method=name, tag=tag, cancel=cancel)
         except (ConfigError, InvalidQueryError, GenerationCancelled):
@@ -725,8 +741,10 @@ class Agent:
         except Exception as exc:  # noqa: BLE001 - System 2 failing must never fail the request
             logger.warning("System 2 (%s) failed, answering with System 1: %s", name, exc)
             answer.error = f"{type(exc).__name__}: {exc}"
-            return
-        self._apply_system2(answer, result)
+        else:
+            self._apply_system2(answer, result)
+        if teach:
+            self.routing_memory.record(query, name, bool(answer.accepted))
 
     def system2(self, query: str, *, method: str | None = None, tag: str | None = None, k: int | None = None,
                 threshold: float | None = None, cancel: threading.Event | None = None) -> System2Result:
@@ -735,7 +753,7 @@ class Agent:
         Useful to label data offline; ``answer`` uses it for the queries it routes to System 2.
         """
         cfg = self.config.system2
-        name = method or cfg.methods_by_tag.get(tag or "") or cfg.method
+        name = self._method_name(method, tag)
         solver = self._method(name, tag)  # an unknown name, or a teacher method without a teacher: ConfigError
         on_teacher, base = split_method(name)
         deadline = time.monotonic() + cfg.timeout_s
@@ -878,6 +896,7 @@ class Agent:
                         adapter_version=item.adapter_version, tokens=0, latency_ms=0.0,
                         system1_text=item.system1_text, tag=item.tag, interaction_id=item.interaction_id)
         self._apply_system2(answer, result)
+        self.routing_memory.record(item.query, self._method_name(item.method, item.tag), bool(answer.accepted))
         tag = item.tag
         if tag is None and answer.accepted and self.config.scoping.auto:
             tag = self._assign_scope(answer, item.query)  # the example joins its scope; the logged answer stays
@@ -889,3 +908,11 @@ class Agent:
         ``queued``, ``dropped`` (queue full, or waiting at close), ``labelled``, ``accepted`` into the buffer,
         ``failed``, System 2 ``tokens`` spent, and ``waiting`` now."""
         return self._system2_queue.stats()
+
+
+def _solution(answer: Answer) -> str | None:
+    """The trace (a PAL program, a chain of thought) of the first System 2 sample that gave the accepted answer
+    (of the first sample with a trace when none reads exactly like it)."""
+    traced = [s for s in answer.route_reason.get("samples", ()) if s.get("trace")]
+    matching = [s for s in traced if s.get("answer") == answer.text]
+    return (matching or traced or [{"trace": None}])[0]["trace"]

@@ -98,9 +98,11 @@ class Metrics:
 
     # ----------------------------------------------------------------------------------------
     def render(self, snapshot: dict[str, Any] | None, background: dict[str, int] | None = None,
-               teacher: dict[str, Any] | None = None, adapter_failures: int | None = None) -> str:
+               teacher: dict[str, Any] | None = None, adapter_failures: int | None = None,
+               memory: dict[str, int] | None = None) -> str:
         """The exposition text: this process's numbers, its background System 2 counters (``background``, from
-        :meth:`agent.Agent.background_stats`), how many registry-serving adapters it could not load
+        :meth:`agent.Agent.background_stats`), its System 2 memory's (``memory``, from
+        :meth:`agent.routing_memory.RoutingMemory.stats`), how many registry-serving adapters it could not load
         (``adapter_failures``, from :meth:`agent.Agent.adapter_failures`), then the store's (``snapshot``; None if
         unreachable)."""
         out: list[str] = []
@@ -151,6 +153,12 @@ class Metrics:
                    "Queries waiting for a background System 2 label.",
                    [("s2agent_system2_background_waiting", {}, background.get("waiting", 0))])
 
+        if memory is not None:
+            family("s2agent_system2_memory_total", "counter",
+                   "System 2 memory (routing.memory): runs skipped because System 2 never paid off for similar "
+                   "inputs, would-be skips explored anyway, outcomes recorded.",
+                   [("s2agent_system2_memory_total", {"event": e}, memory.get(e, 0))
+                    for e in ("skipped", "explored", "recorded")])
         if teacher is not None:
             family("s2agent_teacher_tokens_total", "counter",
                    "Tokens of the System 2 teacher ([system2.teacher]): read (prompt) and written (completion).",

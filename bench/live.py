@@ -422,6 +422,9 @@ class Reply:
     method: str | None = None
     """The System 2 method the server ran for this query, if any (also when System 2 gave no usable answer)."""
     reasoning_tokens: int = 0
+    system2: str | None = None
+    """Why System 2 did not run although the router sent the query there: ``skipped`` (the server's System 2
+    memory: it never paid off for inputs like this), ``queued`` or ``dropped`` (background mode)."""
     error: str | None = None
 
     @property
@@ -460,7 +463,7 @@ class Client:
         s2agent = (response.model_extra or {}).get("s2agent") or {}
         details = response.usage.completion_tokens_details if response.usage else None
         return Reply(query, True, seconds, text=response.choices[0].message.content or "",
-                     route=s2agent.get("route"), method=s2agent.get("method"),
+                     route=s2agent.get("route"), method=s2agent.get("method"), system2=s2agent.get("system2"),
                      reasoning_tokens=(details.reasoning_tokens or 0) if details else 0)
 
     def ask_all(self, queries: Sequence[Query], clients: int, route: str | None = None, desc: str | None = None,
@@ -592,6 +595,7 @@ def window_record(index: int, served: int, replies: Sequence[Reply], probed: Seq
         "families": {f: sum(r.query.family == f for r in replies) for f in FAMILIES},
         "system2_share": _mean([float(r.route == "system2" or r.method is not None) for r in ok]),
         "system2_answered_share": _mean([float(r.route == "system2") for r in ok]),
+        "system2_skipped_share": _mean([float(r.system2 == "skipped") for r in ok]),
         "system2_tokens_per_query_metrics": None if tokens is None else tokens / n,
         "system2_tokens_per_query_responses": sum(r.reasoning_tokens for r in ok) / n,
         "served_accuracy": _mean([float(bool(c)) for c in scored]),
@@ -742,19 +746,19 @@ def checks(result: dict[str, Any]) -> list[dict[str, str]]:
 # --- printing and plotting (the CLI prints what these return) --------------------------------------------------
 def report(result: dict[str, Any]) -> str:
     """One row per window, then the checks."""
-    head = (f"{'served':>7} {'S2 share':>8} {'S2 tok/q':>9} {'(resp.)':>8} {'S1 probe':>8} {'served acc':>10} "
+    head = (f"{'served':>7} {'S2 share':>8} {'skipped':>7} {'S2 tok/q':>9} {'(resp.)':>8} {'S1 probe':>8} {'served acc':>10} "
             f"{'p50 s':>6} {'p95 s':>6} {'S1 p50':>6} {'errors':>6}  adapters")
     start = result["probe_start"]
     lines = [f"model {result['model']}; server: {' '.join(result['server']['command'][3:])}",
              head,
-             (f"{0:>7} {'':>8} {'':>9} {'':>8} {_fmt(start['accuracy']):>8} {'':>10} {'':>6} {'':>6} "
+             (f"{0:>7} {'':>8} {'':>7} {'':>9} {'':>8} {_fmt(start['accuracy']):>8} {'':>10} {'':>6} {'':>6} "
               f"{_fmt(start['latency_p50_s']):>6} {start['errors']:>6}  base")]
     for w in result["windows"]:
         adapters = ", ".join(f"{scope} v{v}" for scope, v in sorted(w["adapters"].items())) or "base"
         if w["promoted"]:
             adapters += f"  (new: {', '.join(w['promoted'])})"
         lines.append(
-            f"{w['queries_served']:>7} {_fmt(w['system2_share']):>8} "
+            f"{w['queries_served']:>7} {_fmt(w['system2_share']):>8} {_fmt(w.get('system2_skipped_share')):>7} "
             f"{_fmt(w['system2_tokens_per_query_metrics'], '.1f'):>9} "
             f"{_fmt(w['system2_tokens_per_query_responses'], '.1f'):>8} "
             f"{_fmt(w['probe']['accuracy']):>8} {_fmt(w['served_accuracy']):>10} {_fmt(w['latency_p50_s']):>6} "

@@ -93,27 +93,45 @@ def scope_name(text: str, words: int = 4) -> str:
     return "-".join(picked) or "scope"
 
 
+def solution_features(solution: str) -> np.ndarray:
+    """The features of a System 2 solution (a PAL program) with its particulars folded away: comments dropped,
+    string literals emptied, numbers folded to ``0``, spaces dropped. "answer = 47 + 38" and "answer = 5 + 9" are
+    then the same, whichever phrasing of the question they solved."""
+    shape = re.sub(r"#[^\n]*", "", solution)
+    shape = re.sub(r"(['\"]).*?\1", '""', shape)
+    shape = re.sub(r"[ \t]+", "", re.sub(r"\d+(\.\d+)?", "0", shape))  # 47 and 3.5 alike; spacing is style
+    return featurise([shape])[0]
+
+
 class ScopeIndex:
     """Groups untagged inputs into scopes as they arrive: each input joins the scope of its most similar
-    known input when that similarity reaches ``min_similarity``, else it starts a new scope, named by
-    :func:`scope_name`. The same features as :class:`ScopeClassifier`, so an input the index put in a
-    scope is one the classifier will send to that scope's adapter."""
+    known input when that similarity reaches ``min_similarity``; failing that, the scope of the known input
+    whose System 2 solution has the same shape (:func:`solution_features` similarity at least
+    ``min_solution_similarity``: "Add 47 and 38." joins "What is 12 + 30?" because both were solved by
+    ``answer = 0 + 0``); else it starts a new scope, named by :func:`scope_name`. Text features are the
+    :class:`ScopeClassifier`'s, so once one input of a phrasing is in a scope, the classifier sends that
+    phrasing to the scope's adapter."""
 
-    def __init__(self, scoped: Mapping[str, Sequence[str]], min_similarity: float = 0.5):
-        if not 0.0 < min_similarity <= 1.0:
-            raise ValueError(f"min_similarity must be in (0, 1], got {min_similarity}")
+    def __init__(self, scoped: Mapping[str, Sequence[str]], min_similarity: float = 0.5,
+                 min_solution_similarity: float = 0.9):
+        for name, value in (("min_similarity", min_similarity), ("min_solution_similarity", min_solution_similarity)):
+            if not 0.0 < value <= 1.0:
+                raise ValueError(f"{name} must be in (0, 1], got {value}")
         self.min_similarity = min_similarity
+        self.min_solution_similarity = min_solution_similarity
         self._tags: list[str] = [tag for tag, texts in scoped.items() for _ in texts]
         texts = [t for texts in scoped.values() for t in texts]
         self._features = featurise(texts) if texts else np.zeros((0, BUCKETS), dtype=np.float32)
+        self._solved: list[str] = []  # tags of the rows of _solutions
+        self._solutions = np.zeros((0, BUCKETS), dtype=np.float32)
 
     @property
     def scopes(self) -> set[str]:
         return set(self._tags)
 
-    def assign(self, text: str) -> tuple[str, float]:
-        """The scope ``text`` belongs to (a new one when none is similar enough) and the similarity to it;
-        the input is added to the index."""
+    def assign(self, text: str, solution: str | None = None) -> tuple[str, float]:
+        """The scope ``text`` belongs to (a new one when none is similar enough) and the similarity that decided
+        it (of the solutions when they did); the input, and its ``solution`` when given, join the index."""
         x = featurise([text])
         tag, similarity = None, 0.0
         if self._tags:
@@ -121,6 +139,12 @@ class ScopeIndex:
             best = int(np.argmax(sims))
             if sims[best] >= self.min_similarity:
                 tag, similarity = self._tags[best], float(sims[best])
+        shape = solution_features(solution) if solution else None
+        if tag is None and shape is not None and self._solved:
+            sims = self._solutions @ shape
+            best = int(np.argmax(sims))
+            if sims[best] >= self.min_solution_similarity:
+                tag, similarity = self._solved[best], float(sims[best])
         if tag is None:
             base = tag = scope_name(text)
             taken = self.scopes
@@ -129,4 +153,7 @@ class ScopeIndex:
                 tag, n = f"{base}-{n}", n + 1
         self._tags.append(tag)
         self._features = np.vstack([self._features, x])
+        if shape is not None:
+            self._solved.append(tag)
+            self._solutions = np.vstack([self._solutions, shape[None]])
         return tag, similarity

@@ -84,6 +84,25 @@ class InteractionsMixin(StoreBase):
         with self._read() as session:
             return session.get(Interaction, interaction_id)
 
+    def system2_outcomes(self, limit: int) -> list[tuple[str, str, bool]]:
+        """The newest ``limit`` System 2 runs that a teaching source asked for, oldest first: (input, the method
+        asked for, whether its answer was accepted). The routing memory is rebuilt from these at start; runs
+        logged before the method asked for was recorded (``route_reason["asked"]``) are left out."""
+        query = (
+            select(Interaction.input, Interaction.route_reason, Interaction.accepted)
+            .where(Interaction.method.is_not(None))
+            .order_by(Interaction.created_at.desc(), Interaction.id.desc())
+            .limit(limit)
+        )
+        with self._read() as session:
+            rows = list(session.execute(query))
+        outcomes = []
+        for text, reason, accepted in reversed(rows):
+            reason = reason or {}
+            if isinstance(reason.get("asked"), str) and reason.get("teach", True):
+                outcomes.append((text, reason["asked"], bool(accepted)))
+        return outcomes
+
     def sample_confident_interactions(self, min_confidence: float, limit: int, seed: int = 0) -> list[Interaction]:
         """Confident System 1 answers for retention replay, spread across the whole history.
 

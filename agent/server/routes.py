@@ -304,8 +304,9 @@ async def prometheus(request: Request) -> PlainTextResponse:
     agent = _agent(request)
     background = agent.background_stats()  # background System 2 counters: live, not cached
     failures = len(agent.adapter_failures())  # live too: what this process serves, whatever the store says
-    return PlainTextResponse(_metrics(request).render(snapshot, background, agent.teacher_stats(), failures),
-                             media_type="text/plain; version=0.0.4")
+    text = _metrics(request).render(snapshot, background, agent.teacher_stats(), failures,
+                                    memory=agent.routing_memory.stats())
+    return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
 
 # --- admin ---------------------------------------------------------------------------------------------------

@@ -175,6 +175,8 @@ class Result:
                  "interaction_id": answer.interaction_id, "tag": answer.tag}
         if "teacher" in answer.route_reason:  # System 2 ran on the teacher (its tokens), or was kept off it
             extra["teacher"] = answer.route_reason["teacher"]
+        if "system2" in answer.route_reason:  # routed to System 2 but "skipped" (memory), "queued" or "dropped"
+            extra["system2"] = answer.route_reason["system2"]
         # Log-probs describe System 1's tokens: reported when System 1's text is the answer, null for System 2's.
         s1 = answer.system1
         detail = [s1 if s1 is not None and s1.tokens is not None and answer.route == "system1" else None]

@@ -83,6 +83,47 @@ def test_confident_system1_stays_on_system1(tiny_config, arith):
         assert agent.store.count_examples() == 0
 
 
+def test_system2_is_skipped_for_inputs_like_its_failures_and_the_memory_survives_a_restart(tiny_config, arith):
+    tiny_config.system2.method = "arith"
+    tiny_config.routing.threshold = 1.0  # System 1 is never sure: without the memory, everything goes to System 2
+    tiny_config.routing.memory_explore = 0.0
+    capitals = [f"What is the capital of {c}?" for c in ("France", "Peru", "Japan", "Chile", "Kenya", "Nepal")]
+    with Agent(tiny_config) as agent:
+        for question in capitals[:3]:  # arith splits its votes on these: rejected
+            assert agent.answer(question).method == "arith"
+        # a source that may not teach runs System 2 as usual, but its outcome is no evidence for anyone
+        assert agent.answer("What is the capital of Spain?", source="anonymous", teach=False).method == "arith"
+        assert agent.answer(capitals[3]).method == "arith"  # the fourth failure
+        skipped = agent.answer(capitals[4])
+        assert skipped.route == "system1" and skipped.method is None and skipped.tokens_system2 == 0
+        assert skipped.route_reason["system2"] == "skipped"
+        assert skipped.route_reason["memory"] == {"skip": True, "evidence": 4, "paid_off": 0, "explored": False}
+        assert agent.answer("What is 47 + 38?").route == "system2"  # sums pay off: still System 2
+        assert agent.answer(capitals[4], route="system2").method == "arith"  # asked for: it runs
+        assert agent.routing_memory.stats() == {"skipped": 1, "explored": 0, "recorded": 6}
+        examples = agent.store.count_examples()
+    with Agent(tiny_config) as agent:  # rebuilt from the store: the first similar question costs nothing
+        assert agent.answer(capitals[5]).route_reason["system2"] == "skipped"
+        assert agent.store.count_examples() == examples
+    tiny_config.system2.method = "arith2"  # another method has no failures here: it is tried
+    METHODS["arith2"] = Arithmetic
+    try:
+        with Agent(tiny_config) as agent:
+            tried = agent.answer(capitals[5])
+            assert tried.route_reason["asked"] == "arith2" and tried.votes is not None
+    finally:
+        del METHODS["arith2"]
+
+
+def test_the_memory_can_be_turned_off(tiny_config, arith):
+    tiny_config.system2.method = "arith"
+    tiny_config.routing.threshold = 1.0
+    tiny_config.routing.memory = False
+    with Agent(tiny_config) as agent:
+        answers = [agent.answer(f"Name a colour like {c}") for c in ("red", "blue", "green", "pink", "grey", "teal")]
+        assert all(a.method == "arith" for a in answers)
+
+
 def test_failing_system2_falls_back_to_system1(tiny_config, monkeypatch):
     class Broken(Arithmetic):
         def sample(self, query, lm, k):

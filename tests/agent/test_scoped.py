@@ -158,6 +158,16 @@ def test_untagged_traffic_groups_itself_into_a_scope_that_learns_and_serves(conf
         assert agent.answer("What is 71 + 5?", route="system1").tag == "sums"
 
 
+def test_a_new_phrasing_joins_the_scope_whose_solutions_have_its_shape(config):
+    config.scoping.auto = True
+    with Agent(config) as agent:
+        first = agent.answer("What is 12 + 30?")
+        other = agent.answer("Kindly sum up 47 + 38 for me, my friend.")  # unlike in text; solved alike
+        assert first.tag == other.tag == "n-plus-n"
+        assert other.route_reason["scope"]["similarity"] >= 0.9
+        assert agent.store.count_examples(status="pending", tag="n-plus-n") == 2
+
+
 def test_a_pinned_scope_keeps_its_adapter_while_the_others_learn(config, capsys):
     config.consolidation.per_tag = True
     config.scheduler.min_pending = 6

@@ -76,6 +76,22 @@ def test_the_index_groups_phrasings_of_one_task_and_keeps_tasks_apart():
     assert tag == "n-plus-n" and similarity >= 0.5
 
 
+def test_phrasings_solved_by_programs_of_one_shape_share_a_scope():
+    index = ScopeIndex({}, min_similarity=0.5)
+    assert index.assign("What is 47 + 38?", "answer = 47 + 38")[0] == "n-plus-n"
+    # unlike in text, alike in solution: another phrasing of a sum joins the sums
+    tag, similarity = index.assign("Add 12 and 5.", "answer = 12 + 5  # add them")
+    assert tag == "n-plus-n" and similarity >= 0.9
+    assert index.assign("Add 3 and 4.")[0] == "n-plus-n"  # and that phrasing is known by its text from now on
+    # another program shape is another task, however the question reads
+    assert index.assign("Multiply 6 by 7.", "answer = 6 * 7")[0] == "multiply-n-by-n"
+    count = 'word = "garden"\nanswer = word.count("e")'
+    assert index.assign("How often does e occur in 'garden'?", count)[0] == "often-e-occur"
+    assert index.assign("Count the letter r in 'carrot'.", 'word = "carrot"\nanswer = word.count("r")')[0] == "often-e-occur"
+    with pytest.raises(ValueError):
+        ScopeIndex({}, min_solution_similarity=1.5)
+
+
 def test_the_index_starts_from_stored_scopes_and_never_reuses_a_name():
     index = ScopeIndex({"n-plus-n": ["Where is the station?"]}, min_similarity=0.9)
     tag, _ = index.assign("What is 1 + 2?")  # named like an existing, unrelated scope: gets a suffix

@@ -1,0 +1,108 @@
+"""Where has System 2 paid off? A nearest-neighbour memory of System 2's outcomes.
+
+The router sends a query to System 2 when System 1 is unsure. With a small model that is nearly every
+query, and for many kinds of input System 2 cannot help either: program-aided reasoning accepts only what a
+program can compute, so a general question or one nobody can answer costs a System 2 attempt (seconds of
+the user's wait, ~100 tokens) and yields nothing, every time it is asked. This memory remembers, per input,
+whether System 2's run produced an accepted answer, and before the next run looks at the most similar
+earlier inputs (the character n-gram features of :mod:`policies.scoping`): when enough of them are close
+and almost none of them paid off, System 2 is skipped and System 1's answer stands.
+
+It stays open to change: a share ``explore`` of the inputs it would skip still go to System 2 (so a kind of
+input that System 2 learns to handle, a new method or a teacher, is noticed), and outcomes are kept per
+System 2 method, so configuring another method starts from no evidence. Pure logic: the caller feeds it
+outcomes (from the store at start, then as they happen) and a random source.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+
+from policies.scoping import BUCKETS, featurise
+
+
+@dataclass(frozen=True)
+class MemoryVerdict:
+    """What the memory says about running System 2 on one input."""
+
+    skip: bool
+    """True: System 1's answer stands, System 2 is not run."""
+    evidence: int
+    """Earlier inputs of the same method at least ``min_similarity`` alike (at most ``neighbours``)."""
+    paid_off: int
+    """How many of those got an accepted System 2 answer."""
+    explored: bool = False
+    """The evidence said skip, but this input was drawn to run System 2 anyway (``explore``)."""
+
+    def as_dict(self) -> dict[str, object]:
+        return {"skip": self.skip, "evidence": self.evidence, "paid_off": self.paid_off, "explored": self.explored}
+
+
+class _Outcomes:
+    """The last ``capacity`` outcomes of one method: features and whether each paid off (a ring)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.features = np.zeros((capacity, BUCKETS), dtype=np.float32)
+        self.paid = np.zeros(capacity, dtype=bool)
+        self.size = 0
+        self.next = 0
+
+    def add(self, x: np.ndarray, paid_off: bool) -> None:
+        self.features[self.next] = x
+        self.paid[self.next] = paid_off
+        self.next = (self.next + 1) % len(self.paid)
+        self.size = min(self.size + 1, len(self.paid))
+
+
+class System2Memory:
+    """See the module docstring. ``judge`` before running System 2, ``add`` with each run's outcome.
+
+    ``neighbours``: how many of the most similar earlier inputs are consulted; ``min_similarity``: cosine
+    similarity for an earlier input to count; ``min_evidence``: how many must count before anything is
+    skipped; ``min_yield``: System 2 is skipped when the share of them that paid off is below this;
+    ``explore``: share of would-be skips that run System 2 anyway; ``capacity``: outcomes kept per method.
+    """
+
+    def __init__(self, *, neighbours: int = 8, min_similarity: float = 0.6, min_evidence: int = 4,
+                 min_yield: float = 0.2, explore: float = 0.05, capacity: int = 2000, seed: int = 0) -> None:
+        if not 0.0 < min_similarity <= 1.0:
+            raise ValueError(f"min_similarity must be in (0, 1], got {min_similarity}")
+        if not 1 <= min_evidence <= neighbours:
+            raise ValueError(f"min_evidence must be in [1, neighbours={neighbours}], got {min_evidence}")
+        if not 0.0 <= explore <= 1.0 or not 0.0 <= min_yield <= 1.0:
+            raise ValueError("explore and min_yield must be in [0, 1]")
+        if capacity < 1:
+            raise ValueError(f"capacity must be at least 1, got {capacity}")
+        self.neighbours, self.min_similarity, self.min_evidence = neighbours, min_similarity, min_evidence
+        self.min_yield, self.explore, self.capacity = min_yield, explore, capacity
+        self._rng = random.Random(seed)
+        self._methods: dict[str, _Outcomes] = {}
+
+    def __len__(self) -> int:
+        return sum(o.size for o in self._methods.values())
+
+    def add(self, text: str, method: str, paid_off: bool) -> None:
+        """Remember that System 2 (``method``) on ``text`` did (or did not) give an accepted answer."""
+        outcomes = self._methods.get(method)
+        if outcomes is None:
+            outcomes = self._methods[method] = _Outcomes(self.capacity)
+        outcomes.add(featurise([text])[0], paid_off)
+
+    def judge(self, text: str, method: str) -> MemoryVerdict:
+        """Whether to skip System 2 (``method``) on ``text``, and the evidence for it."""
+        outcomes = self._methods.get(method)
+        if outcomes is None or outcomes.size < self.min_evidence:
+            return MemoryVerdict(skip=False, evidence=0, paid_off=0)
+        sims = outcomes.features[:outcomes.size] @ featurise([text])[0]
+        close = np.flatnonzero(sims >= self.min_similarity)
+        if len(close) > self.neighbours:
+            close = close[np.argsort(sims[close])[-self.neighbours:]]
+        evidence, paid_off = len(close), int(outcomes.paid[close].sum())
+        if evidence < self.min_evidence or paid_off >= self.min_yield * evidence:
+            return MemoryVerdict(skip=False, evidence=evidence, paid_off=paid_off)
+        if self._rng.random() < self.explore:
+            return MemoryVerdict(skip=False, evidence=evidence, paid_off=paid_off, explored=True)
+        return MemoryVerdict(skip=True, evidence=evidence, paid_off=paid_off)
