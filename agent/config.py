@@ -430,6 +430,36 @@ class SchedulerConfig:
 
 
 @dataclass
+class VLLMConfig:
+    """The vLLM engine (``backend = "vllm"``, a GPU): the arguments ``vllm.LLM`` is started with. The defaults
+    start a model of up to ~8B parameters on one 80 GB GPU; on a smaller GPU lower ``max_model_len`` (the KV
+    cache it reserves) and ``gpu_memory_utilization``."""
+
+    max_model_len: int | None = within("[1, inf)", None)
+    """Context window the engine reserves KV cache for; default: the model's own."""
+    gpu_memory_utilization: float = within("(0, 1]", 0.85)
+    """Share of the GPU's memory vLLM takes (weights, KV cache); what is left serves consolidation, which
+    trains beside the engine."""
+    tensor_parallel_size: int = within("[1, inf)", 1)
+    """GPUs one model is split over."""
+    max_loras: int = within("[1, inf)", 4)
+    """Adapters in one batch (the serving adapters of several scopes, and one being swapped in)."""
+    max_lora_rank: int = within("[1, inf)", 64)
+    """Largest adapter rank the engine accepts (``consolidation.rank`` must not exceed it)."""
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """Weights and activations; ``auto``: the model's own (bf16 for most current models)."""
+    enforce_eager: bool = False
+    """No CUDA graphs: slower decoding, faster start and less memory (useful for tests)."""
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        """The keywords ``agent.backends.vllm.VLLMBackend`` passes on to ``vllm.LLM``."""
+        return dataclasses.asdict(self)
+
+
+@dataclass
 class ServerConfig:
     """The OpenAI-compatible HTTP server (``agent serve``)."""
 
@@ -531,6 +561,8 @@ class AgentConfig:
     """When consolidation runs in the background."""
     server: ServerConfig = field(default_factory=ServerConfig)
     """The HTTP server."""
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    """The vLLM engine (``backend = "vllm"``)."""
 
     def __post_init__(self) -> None:
         _check_fields(self)

@@ -30,7 +30,7 @@ from agent.backends import (
     GenerationRequest,
     Prompt,
     SamplingParams,
-    make_backend,
+    backend_for,
 )
 from agent.adapter_cache import local_folder
 from agent.backends import stream
@@ -41,7 +41,7 @@ from agent.consolidation import LOCK_NAME as CONSOLIDATION_LOCK
 from agent.consolidation import ConsolidationReport, consolidate
 from agent.data import general_prompts
 from agent.errors import AdapterError, ConfigError, GenerationCancelled, InvalidQueryError, System2Timeout
-from agent.models import display_name, resolve_model
+from agent.models import resolve_model
 from agent.prompting import Message, system1_messages
 from agent.routing_memory import RoutingMemory
 from agent.scheduler import ConsolidationScheduler
@@ -145,11 +145,7 @@ class Agent:
         self.model_path = resolve_model(self.config.model, self.config.cache_dir)
         """The base model's folder: consolidation trains on it."""
         if backend is None:
-            backend = make_backend(
-                self.config.backend, self.model_path, model_name=display_name(self.config.model),
-                system_prompt=self.config.system_prompt, threads=self.config.threads,
-                max_batch=self.config.max_batch, batch_wait_ms=self.config.batch_wait_ms,
-            )
+            backend = backend_for(self.config, self.model_path)
         self.backend = backend
         self._serving: dict[str | None, tuple[int, str]] = {}
         """What this process serves per scope: (version, backend name); the registry may say otherwise."""

@@ -130,16 +130,14 @@ def run_task(task: Task, settings: PaperSettings, config: AgentConfig, backend, 
 
 
 def run(settings: PaperSettings, config: AgentConfig, out: Path) -> dict:
-    from agent.backends import make_backend
+    from agent.backends import backend_for
     from agent.models import display_name, resolve_model
 
     out.mkdir(parents=True, exist_ok=True)
     config.max_batch = max(config.max_batch, 32)
     config.batch_wait_ms = max(config.batch_wait_ms, 20.0)
     config.seed = settings.seed if config.seed is None else config.seed
-    backend = make_backend(config.backend, resolve_model(config.model, config.cache_dir),
-                           model_name=display_name(config.model), system_prompt=config.system_prompt,
-                           threads=config.threads, max_batch=config.max_batch, batch_wait_ms=config.batch_wait_ms)
+    backend = backend_for(config, resolve_model(config.model, config.cache_dir))
     started = time.perf_counter()
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="s2agent-paper-") as tmp:

@@ -6,9 +6,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from agent.backends.base import Backend, Completion, GenerationRequest, SamplingParams
 from agent.errors import AdapterError, ConfigError, PromptTooLongError
 from agent.prompting import Message, Prompt
+
+if TYPE_CHECKING:
+    from agent.config import AgentConfig
 
 __all__ = [
     "AdapterError",
@@ -19,13 +24,16 @@ __all__ = [
     "Prompt",
     "PromptTooLongError",
     "SamplingParams",
+    "backend_for",
     "make_backend",
 ]
 
 
 def make_backend(kind: str, model_path: str, *, model_name: str, system_prompt: str | None = None,
-                 threads: int | None = None, max_batch: int = 16, batch_wait_ms: float = 5.0) -> Backend:
-    """Build the backend named in the config (``hf`` or ``vllm``)."""
+                 threads: int | None = None, max_batch: int = 16, batch_wait_ms: float = 5.0,
+                 vllm_engine: dict[str, Any] | None = None) -> Backend:
+    """Build the backend named in the config (``hf`` or ``vllm``); ``vllm_engine``: the ``[vllm]`` section's
+    engine arguments (:meth:`agent.config.VLLMConfig.engine_kwargs`)."""
     if kind == "hf":
         from agent.backends.batching import BatchingBackend
         from agent.backends.hf import HFBackend
@@ -35,5 +43,14 @@ def make_backend(kind: str, model_path: str, *, model_name: str, system_prompt: 
     if kind == "vllm":
         from agent.backends.vllm import VLLMBackend
 
-        return VLLMBackend(model_path, model_name=model_name, system_prompt=system_prompt)
+        return VLLMBackend(model_path, model_name=model_name, system_prompt=system_prompt, **(vllm_engine or {}))
     raise ConfigError(f"unknown backend {kind!r}; choose 'hf' or 'vllm'")
+
+
+def backend_for(config: AgentConfig, model_path: str) -> Backend:
+    """The backend ``config`` asks for, on the model in ``model_path`` (the agent's, and the benchmarks')."""
+    from agent.models import display_name
+
+    return make_backend(config.backend, model_path, model_name=display_name(config.model),
+                        system_prompt=config.system_prompt, threads=config.threads, max_batch=config.max_batch,
+                        batch_wait_ms=config.batch_wait_ms, vllm_engine=config.vllm.engine_kwargs())

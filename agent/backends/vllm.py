@@ -12,15 +12,19 @@ against a real vLLM engine**. It follows vLLM's documented offline API (``vllm>=
   ``vllm.lora.request.LoRARequest(lora_name, lora_int_id, lora_path)`` (or ``None``) per prompt;
 - each returned ``RequestOutput.outputs[i]`` (a ``CompletionOutput``) carries ``token_ids``,
   ``finish_reason`` (``"stop"``/``"length"``), ``stop_reason`` (the matched stop string, a stop token
-  id, or ``None`` for end of sequence) and, with ``SamplingParams(logprobs=0)``, ``logprobs``: one
-  ``{token_id: Logprob}`` mapping per generated token that holds the sampled token's ``.logprob``;
+  id, or ``None`` for end of sequence) and, with ``SamplingParams(logprobs=k)``, ``logprobs``: one
+  ``{token_id: Logprob}`` mapping per generated token that holds the sampled token's ``.logprob`` and
+  the ``k`` likeliest tokens with their ``.rank``;
+- OpenAI's ``presence_penalty``, ``frequency_penalty`` and ``logit_bias`` are ``SamplingParams`` fields
+  of the same names and meaning;
 - vLLM's V1 sampler reports ``raw_logprobs`` by default: the log-softmax of the model's logits before
   temperature, top-k and top-p, which is what the HF backend reports too.
 
-What the CPU test suite checks here is only the part that needs no vLLM: the import guard, and this
-module's own mapping logic against a stub that mimics the documented API
-(``tests/agent/test_backend_vllm.py``). The behavioural tests there (greedy determinism, ``n``
-samples, stop strings, logprobs, per-request adapters) run only where vLLM and a CUDA GPU exist.
+Checked without a GPU: the import guard and this module's mapping logic (``tests/agent/test_backend_vllm.py``),
+and every class and keyword this module hands vLLM, against vLLM's real Python API
+(``tests/agent/test_vllm_api.py``, run by CI in the environment ``.ci/vllm-api.sh`` builds: vLLM's wheel
+without its CUDA dependencies). The behavioural tests (greedy determinism, ``n`` samples, stop strings,
+logprobs, per-request adapters) run only where vLLM and a CUDA GPU exist.
 
 Design
 ------
@@ -263,7 +267,10 @@ class VLLMBackend:
             max_tokens=p.max_new_tokens,
             stop=list(p.stop) or None,
             stop_token_ids=sorted(self.eos_ids),
-            logprobs=0,  # only the sampled token's logprob
+            logprobs=p.top_logprobs or 0,  # the sampled token's logprob, and the k likeliest when asked
+            presence_penalty=float(p.presence_penalty),
+            frequency_penalty=float(p.frequency_penalty),
+            logit_bias=dict(p.logit_bias) or None,
             skip_special_tokens=True,
         )
 
@@ -281,7 +288,17 @@ class VLLMBackend:
         if hits:
             text = text[: min(hits)]
             finish = "stop"
-        return Completion(text, token_ids, logprobs, finish, len(job.ids))
+        completion = Completion(text, token_ids, logprobs, finish, len(job.ids))
+        k = job.params.top_logprobs
+        if k is not None:  # as the HF backend reports them: each token's text, its k likeliest alternatives
+            completion.tokens = [self.tokenizer.decode([t]) for t in token_ids]
+            completion.top_logprobs = [self._top(step, k) for step in sample.logprobs[: len(token_ids)]]
+        return completion
+
+    def _top(self, step: dict[int, Any], k: int) -> list[tuple[str, float]]:
+        """The ``k`` likeliest tokens of one step (vLLM returns them with their rank, beside the sampled one)."""
+        ranked = sorted((e.rank, token, e.logprob) for token, e in step.items() if e.rank is not None and e.rank <= k)
+        return [(self.tokenizer.decode([token]), float(logprob)) for _, token, logprob in ranked]
 
     def _drop_removed_adapters(self) -> None:
         """Ask the engine to free the weights of unloaded adapters (called with the engine lock held)."""

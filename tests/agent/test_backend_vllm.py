@@ -157,6 +157,20 @@ def test_stub_prompts_params_and_outputs(stub_vllm, tiny_model_dir, tiny_backend
     assert len(llm.calls) == 1
 
 
+def test_the_vllm_section_of_the_config_starts_the_engine(stub_vllm, tiny_model_dir):
+    from agent.backends import backend_for
+    from agent.config import AgentConfig
+
+    config = AgentConfig(model=str(tiny_model_dir), backend="vllm")
+    config.vllm.max_model_len, config.vllm.gpu_memory_utilization, config.vllm.max_lora_rank = 64, 0.3, 16
+    config.vllm.tensor_parallel_size, config.vllm.enforce_eager = 2, True
+    backend = backend_for(config, str(tiny_model_dir))
+    kwargs = _StubLLM.instances[-1].kwargs
+    assert (kwargs["max_model_len"], kwargs["gpu_memory_utilization"], kwargs["max_lora_rank"]) == (64, 0.3, 16)
+    assert (kwargs["tensor_parallel_size"], kwargs["enforce_eager"], kwargs["dtype"]) == (2, True, "auto")
+    assert backend.context_length == 64 and backend.max_lora_rank == 16
+
+
 def test_stub_adapters_per_request(stub_vllm, tiny_model_dir, tmp_path):
     from agent.backends.vllm import VLLMBackend
 
