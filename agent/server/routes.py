@@ -103,7 +103,7 @@ def _check_max_tokens(config: ServerConfig, value: int | None, param: str) -> No
 
 
 def _respond(request: Request, body: SamplingRequest, result: Result, *, chat: bool) -> Any:
-    request.state.s2agent_route = result.extra["route"]  # for the access log line
+    request.state.s2agent_route = result.route_note()  # for the access log line
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     created, model = int(time.time()), served_model(_agent(request), result.version)
     if body.stream:
@@ -136,7 +136,7 @@ async def _stream_live(request: Request, body: SamplingRequest, version: int | N
 
     def finished(value: Any) -> Result:
         result = result_of(value)
-        request.state.s2agent_route = result.extra["route"]
+        request.state.s2agent_route = result.route_note()
         return result
 
     include_usage = body.stream_options is not None and body.stream_options.include_usage

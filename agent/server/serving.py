@@ -193,6 +193,16 @@ class Result:
                    completions[0].prompt_tokens if completions else 0, sum(c.num_tokens for c in completions), 0,
                    version, extra, detail)
 
+    def route_note(self) -> str:
+        """For the access log line: the route, and the System 2 method that ran or why none did, e.g.
+        ``system2 method=pal``, ``system1 method=pal`` (it gave no accepted answer), ``system1 system2=skipped``."""
+        note = str(self.extra["route"])
+        if self.extra.get("method"):
+            note += f" method={self.extra['method']}"
+        if self.extra.get("system2"):
+            note += f" system2={self.extra['system2']}"
+        return note
+
     def logprobs_of(self, i: int, chat: bool) -> dict[str, Any] | None:
         c = self.logprobs[i] if self.logprobs and i < len(self.logprobs) else None
         return logprobs_body(c, chat) if c is not None else None

@@ -195,6 +195,7 @@ def test_the_access_log_names_the_source_never_the_key(http, caplog):
             time.sleep(0.01)
     line = next(r.getMessage() for r in caplog.records if "/v1/chat/completions" in r.getMessage())
     assert line.endswith("source=bob") or "source=bob " in line
+    assert " route=system2 method=pal " in line  # which system answered, and the System 2 method that ran
     assert "bob-secret" not in caplog.text
 
 
