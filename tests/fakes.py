@@ -118,3 +118,16 @@ def make_config(model_dir: str | Path, db: str | Path, epochs: int = 2) -> Agent
     c.gate_margin = 1.0
     c.retention_prompts = 8
     return config
+
+
+def script_engine(engine: type, model_dir: str | Path):
+    """Reset a stand-in of ``vllm.LLM`` (``tests/agent/test_backend_vllm.py``, ``test_vllm_api.py``): no
+    instances yet, and every generation emits " A B 0123" in ``model_dir``'s tokens, then its EOS. Returns
+    the tokenizer."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    engine.instances = []
+    engine.stream = tok.encode(" A B 0123", add_special_tokens=False)
+    engine.eos = tok.eos_token_id
+    return tok

@@ -19,6 +19,7 @@ import pytest
 from agent.backends.base import GenerationRequest, SamplingParams
 from agent.errors import AdapterError, PromptTooLongError
 from tests.conftest import make_random_adapter
+from tests.fakes import script_engine
 
 ASK = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -99,12 +100,7 @@ class _StubLLM:
 
 @pytest.fixture
 def stub_vllm(monkeypatch, tiny_model_dir):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    _StubLLM.instances = []
-    _StubLLM.stream = tok.encode(" A B 0123", add_special_tokens=False)
-    _StubLLM.eos = tok.eos_token_id
+    tok = script_engine(_StubLLM, tiny_model_dir)
     vllm = types.ModuleType("vllm")
     vllm.LLM = _StubLLM
     vllm.SamplingParams = lambda **kw: dict(kw)
