@@ -48,6 +48,18 @@ from agent.consolidation import ConsolidationReport, Learner, cleanup_after_cras
 
 logger = logging.getLogger(__name__)
 
+
+class _OverlapIsExpected(logging.Filter):
+    """APScheduler warns every time a check falls due while the previous one still runs. Here that is the design
+    (a check that finds work runs the whole consolidation, and runs never overlap), so it is not worth a WARNING
+    every ``check_seconds`` of a 15-minute run; the run itself logs its start and end."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "maximum number of running instances reached" not in record.getMessage()
+
+
+_OVERLAP_FILTER = _OverlapIsExpected()
+
 CHILD_STOP_SECONDS = 30.0
 """After SIGTERM, how long a consolidation child may take to stop at its next training step before it is
 killed (a training step takes a few seconds on 2 cores; the gate is not interruptible)."""
@@ -124,6 +136,7 @@ class ConsolidationScheduler:
                 self._check_pending, IntervalTrigger(seconds=self.config.check_seconds), id="pending",
                 max_instances=1, coalesce=True,
             )
+        logging.getLogger("apscheduler.scheduler").addFilter(_OVERLAP_FILTER)  # one object: added once
         self._scheduler.start()
         logger.info("consolidation scheduler started: interval=%s min, pending>=%s, in a %s",
                     self.config.interval_minutes, self.config.min_pending, self.config.process)
