@@ -22,7 +22,6 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
-from openai import OpenAI
 
 import agent.errors as agent_errors
 from agent import Agent, AgentConfig
@@ -88,17 +87,6 @@ def agent(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory, module
     agent = Agent(config)
     yield agent
     agent.close()
-
-
-@pytest.fixture(scope="module")
-def server(agent):
-    with ServerThread(create_app(agent)) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def client(server) -> OpenAI:
-    return OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=60)
 
 
 @pytest.fixture

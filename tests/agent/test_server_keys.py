@@ -97,12 +97,6 @@ def agent(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory, module
     agent.close()
 
 
-@pytest.fixture(scope="module")
-def server(agent):
-    with ServerThread(create_app(agent)) as running:
-        yield running
-
-
 @pytest.fixture
 def http(server):
     with httpx.Client(base_url=server.url, timeout=60) as c:

@@ -14,11 +14,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from openai import BadRequestError, OpenAI
+from openai import BadRequestError
 
 from agent import Agent
-from agent.server import create_app
-from tests.agent.test_server import ServerThread, ask, tiny_agent_config
+from tests.agent.test_server import ask, tiny_agent_config
 from tests.conftest import make_random_adapter
 
 CHAT = "/v1/chat/completions"
@@ -31,17 +30,6 @@ def agent(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     agent = Agent(config)
     yield agent
     agent.close()
-
-
-@pytest.fixture(scope="module")
-def server(agent):
-    with ServerThread(create_app(agent)) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def client(server) -> OpenAI:
-    return OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=60)
 
 
 def no_eos(agent: Agent) -> dict[str, float]:
