@@ -911,4 +911,4 @@ def _solution(answer: Answer) -> str | None:
     (of the first sample with a trace when none reads exactly like it)."""
     traced = [s for s in answer.route_reason.get("samples", ()) if s.get("trace")]
     matching = [s for s in traced if s.get("answer") == answer.text]
-    return (matching or traced or [{"trace": None}])[0]["trace"]
+    return next((s["trace"] for s in matching or traced), None)
