@@ -50,7 +50,7 @@ def settings(base: ConsolidationConfig, n_train: int) -> list[tuple[str, Consoli
         ("KL 1", replace(base, retention_kl_weight=1.0), n_train),
         ("KL 3", replace(base, retention_kl_weight=3.0), n_train),
         ("KL 3 only", replace(base, retention_ratio=0.0, retention_kl_weight=3.0), n_train),
-        ("KL 3, lr 3e-4", replace(base, retention_kl_weight=3.0, learning_rate=3e-4), n_train),
+        ("KL 3 + lr 3e-4", replace(base, retention_kl_weight=3.0, learning_rate=3e-4), n_train),
     ]
 
 
