@@ -548,6 +548,9 @@ class AgentConfig:
     """Most sequences decoded together when concurrent requests are batched."""
     batch_wait_ms: float = within("[0, inf)", 5.0)
     """How long a request waits for others to share its forward pass."""
+    prefill_chunk: int | None = within("[1, inf)", 256)
+    """Most prompt tokens one prefill pass computes (``hf`` backend) before the running rows take a decode step:
+    a long prompt delays the others by one chunk, not by its whole prefill. Unset: each prompt in one pass."""
     seed: int | None = None
     """Seeds sampling (System 2 and sampled System 1 answers) for reproducible runs; unset: not seeded."""
     routing: RoutingConfig = field(default_factory=RoutingConfig)

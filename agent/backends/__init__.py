@@ -31,7 +31,7 @@ __all__ = [
 
 def make_backend(kind: str, model_path: str, *, model_name: str, system_prompt: str | None = None,
                  threads: int | None = None, max_batch: int = 16, batch_wait_ms: float = 5.0,
-                 vllm_engine: dict[str, Any] | None = None) -> Backend:
+                 prefill_chunk: int | None = 256, vllm_engine: dict[str, Any] | None = None) -> Backend:
     """Build the backend named in the config (``hf`` or ``vllm``); ``vllm_engine``: the ``[vllm]`` section's
     engine arguments (:meth:`agent.config.VLLMConfig.engine_kwargs`)."""
     if kind == "hf":
@@ -39,7 +39,7 @@ def make_backend(kind: str, model_path: str, *, model_name: str, system_prompt: 
         from agent.backends.hf import HFBackend
 
         engine = HFBackend(model_path, model_name=model_name, system_prompt=system_prompt, threads=threads)
-        return BatchingBackend(engine, max_batch=max_batch, max_wait_ms=batch_wait_ms)
+        return BatchingBackend(engine, max_batch=max_batch, max_wait_ms=batch_wait_ms, prefill_chunk=prefill_chunk)
     if kind == "vllm":
         from agent.backends.vllm import VLLMBackend
 
@@ -53,4 +53,5 @@ def backend_for(config: AgentConfig, model_path: str) -> Backend:
 
     return make_backend(config.backend, model_path, model_name=display_name(config.model),
                         system_prompt=config.system_prompt, threads=config.threads, max_batch=config.max_batch,
-                        batch_wait_ms=config.batch_wait_ms, vllm_engine=config.vllm.engine_kwargs())
+                        batch_wait_ms=config.batch_wait_ms, prefill_chunk=config.prefill_chunk,
+                        vllm_engine=config.vllm.engine_kwargs())

@@ -4,13 +4,17 @@ One worker thread owns the running batch and, between two decode steps:
 
 1. drops the rows of requests whose caller went away (``Handle.cancel()``, a ``cancel`` event, a passed
    ``deadline``): a client that hung up stops costing anything one step later;
-2. admits waiting requests: their prompts are prefilled in one pass (few-shot prefixes shared, each prompt
-   computed once for its ``n`` samples) and their rows join the running batch (:mod:`agent.backends.decode_batch`);
+2. admits waiting requests: their prompts are prefilled together (few-shot prefixes shared, each prompt
+   computed once for its ``n`` samples), at most ``prefill_chunk`` prompt positions per pass, one pass of
+   each prefill in progress per iteration; when a prefill's last pass is done its rows join the running
+   batch (:mod:`agent.backends.decode_batch`);
 3. runs one decode step for every row, whatever its adapter (PEFT mixes adapters per row), publishes each
    streaming row's new text, and lets finished rows leave at once.
 
 So a System 1 request that arrives while System 2 samples decode waits one step and its own prefill, not
-the whole System 2 decode; and 8 clients share every forward pass even though they arrive at different times.
+the whole System 2 decode; one that arrives while a 1,500-token prompt is prefilled waits one chunk of it,
+not all of it (chunked prefill); and 8 clients share every forward pass even though they arrive at
+different times. A prefill whose callers all went away is dropped between two of its chunks.
 
 Admission keeps at most ``max_batch`` rows decoding. Requests are admitted in arrival order; one that does not
 fit yet lets later, smaller ones pass for up to :data:`HEAD_OF_LINE_S` seconds, after which nothing passes it
@@ -29,7 +33,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import Any, Iterator, Protocol, Sequence
 
 import torch
 
@@ -53,7 +57,8 @@ class StepEngine(Protocol):
     lock: Any
 
     def prepare(self, request: GenerationRequest) -> list[int]: ...
-    def prefill(self, items: Sequence[tuple[Any, GenerationRequest, list[int]]]) -> DecodeBatch: ...
+    def prefill_steps(self, items: Sequence[tuple[Any, GenerationRequest, list[int]]],
+                      chunk: int | None) -> Iterator[DecodeBatch | None]: ...
     def step(self, batch: DecodeBatch) -> tuple[DecodeBatch, list[Row]]: ...
     def drop(self, batch: DecodeBatch, owners: set[Any]) -> DecodeBatch: ...
     def text_so_far(self, row: Row) -> str: ...
@@ -77,14 +82,30 @@ class _Job:
         return self.handle.request.params.n
 
 
+@dataclass(eq=False)
+class _Prefill:
+    """Jobs admitted together whose prompts are being prefilled, one chunk per scheduler iteration."""
+
+    items: list[tuple[_Job, GenerationRequest, list[int]]]
+    steps: Iterator[DecodeBatch | None]
+
+    @property
+    def rows(self) -> int:
+        return sum(job.rows for job, _, _ in self.items)
+
+
 class BatchingBackend:
     """Wraps a :class:`StepEngine`; the ``Backend`` protocol plus :meth:`submit`, thread-safe."""
 
-    def __init__(self, inner: StepEngine, max_batch: int = 16, max_wait_ms: float = 5.0) -> None:
+    def __init__(self, inner: StepEngine, max_batch: int = 16, max_wait_ms: float = 5.0,
+                 prefill_chunk: int | None = 256) -> None:
         self.inner = inner
         self.max_batch = max(1, max_batch)
         self.max_wait = max(0.0, max_wait_ms) / 1000
         """When the engine is idle, how long the first request waits for others to share its prefill."""
+        self.prefill_chunk = prefill_chunk
+        """Most prompt positions one prefill pass computes before a decode step of the running rows (None: all)."""
+        self._prefilling: list[_Prefill] = []
         self.model_name = inner.model_name
         self.context_length = inner.context_length
         self._waiting: deque[list[_Job]] = deque()
@@ -99,6 +120,8 @@ class BatchingBackend:
         self.peak_rows = 0
         """The most rows one decode step ran: never above ``max_batch`` unless one request alone is larger."""
         self.prefills = 0
+        self.prefill_passes = 0
+        """Forward passes of prefills (more than ``prefills`` when long prompts were prefilled in chunks)."""
         self.admitted_rows = 0
         self.dropped_rows = 0
         """Rows dropped mid-decode because their caller went away or their deadline passed."""
@@ -169,14 +192,15 @@ class BatchingBackend:
     def _run(self) -> None:
         batch: DecodeBatch | None = None
         while True:
-            groups = self._admit(len(batch.rows) if batch else 0)
+            groups = self._admit((len(batch.rows) if batch else 0) + sum(p.rows for p in self._prefilling))
             if groups is None:
                 return
             try:
                 with self.inner.lock, torch.inference_mode():
                     batch = self._drop_expired(batch)
                     if groups:
-                        batch = self._join(batch, [job for group in groups for job in group])
+                        self._start_prefill([job for group in groups for job in group])
+                    batch = self._advance_prefills(batch)
                     if batch is not None and batch.rows:
                         batch = self._step(batch)
                     self._retire_adapters(batch)
@@ -228,8 +252,8 @@ class BatchingBackend:
         logger.info("dropped %d request(s) whose caller went away", len(gone))
         return self.inner.drop(batch, gone)
 
-    def _join(self, batch: DecodeBatch | None, jobs: list[_Job]) -> DecodeBatch | None:
-        """Prefill ``jobs`` (those still wanted, whose prompts are valid) and merge their rows into ``batch``."""
+    def _start_prefill(self, jobs: list[_Job]) -> None:
+        """Begin prefilling ``jobs`` (those still wanted, whose prompts are valid), as one shared prefill."""
         items = []
         for job in jobs:
             if job.handle.expired():
@@ -241,26 +265,42 @@ class BatchingBackend:
                 items.append((job, job.handle.request, self.inner.prepare(job.handle.request)))
             except Exception as exc:  # noqa: BLE001 - a bad request fails only its caller
                 job.handle.fail(exc)
-        if not items:
-            return batch
-        try:
-            fresh: DecodeBatch | None = self.inner.prefill(items)
-        except Exception:  # noqa: BLE001 - isolate the request that made the shared prefill fail
-            fresh = None
-            for item in items:
-                try:
-                    fresh = merge(fresh, self.inner.prefill([item]))
-                except Exception as exc:  # noqa: BLE001 - a bad request fails only its caller
-                    item[0].handle.fail(exc)
-                    items = [i for i in items if i is not item]
+        if items:
+            self._prefilling.append(_Prefill(items, self.inner.prefill_steps(items, self.prefill_chunk)))
+
+    def _advance_prefills(self, batch: DecodeBatch | None) -> DecodeBatch | None:
+        """One pass of each prefill in progress; the rows of those that finished join ``batch``. A prefill whose
+        callers all went away is dropped; one that fails is split into one prefill per request, so the request
+        that made it fail fails alone."""
+        for prefill in list(self._prefilling):
+            if all(job.handle.expired() for job, _, _ in prefill.items):
+                self._prefilling.remove(prefill)
+                for job, _, _ in prefill.items:
+                    job.handle.fail(job.handle.why_dropped())
+                self.dropped_rows += prefill.rows
+                logger.info("dropped a prefill of %d request(s) whose callers went away", len(prefill.items))
+                continue
+            try:
+                fresh = next(prefill.steps)
+            except Exception as exc:  # noqa: BLE001 - isolate the request that made the shared prefill fail
+                self._prefilling.remove(prefill)
+                if len(prefill.items) == 1:
+                    prefill.items[0][0].handle.fail(exc)
+                else:
+                    self._prefilling += [_Prefill([item], self.inner.prefill_steps([item], self.prefill_chunk))
+                                         for item in prefill.items]
+                continue
+            self.prefill_passes += 1
             if fresh is None:
-                return batch
-        self.prefills += 1
-        for job, request, _ in items:
-            job.completions = [None] * request.params.n
-            job.left = request.params.n
-            self.admitted_rows += request.params.n
-        return merge(batch, fresh)
+                continue
+            self._prefilling.remove(prefill)
+            self.prefills += 1
+            for job, request, _ in prefill.items:
+                job.completions = [None] * request.params.n
+                job.left = request.params.n
+                self.admitted_rows += request.params.n
+            batch = merge(batch, fresh)
+        return batch
 
     def _step(self, batch: DecodeBatch) -> DecodeBatch:
         stepped = list(batch.rows)
@@ -291,6 +331,7 @@ class BatchingBackend:
             if not self._unloading:
                 return
             used = {row.adapter for row in batch.rows} if batch else set()
+            used |= {request.adapter for prefill in self._prefilling for _, request, _ in prefill.items}
             ready = [name for name in self._unloading if name not in used]
             for name in ready:
                 self._unloading.discard(name)

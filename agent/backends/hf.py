@@ -6,15 +6,16 @@ Decoding is a small explicit loop instead of ``model.generate`` for three reason
 - each sequence stops at its own stop string and leaves the batch, instead of every sample being
   decoded to ``max_new_tokens``;
 - one batch may mix LoRA adapters (PEFT's per-row ``adapter_names``), so a hot-swap needs no pause;
-- the loop is exposed as steps (:meth:`HFBackend.prefill`, :meth:`HFBackend.step`), so that the scheduler
-  (:mod:`agent.backends.batching`) can add rows to a running batch and remove rows from it between steps.
+- the loop is exposed as steps (:meth:`HFBackend.prefill_steps`, :meth:`HFBackend.step`), so that the
+  scheduler (:mod:`agent.backends.batching`) can add rows to a running batch and remove rows from it between
+  steps, and prefill a long prompt in chunks with decode steps of other rows in between.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -107,10 +108,10 @@ class HFBackend:
     # --- generation ------------------------------------------------------------------------
     def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Completion]]:
         """Run ``requests`` as one batch to the end (the scheduler in :mod:`agent.backends.batching` instead
-        calls :meth:`prepare`, :meth:`prefill` and :meth:`step` itself, admitting and dropping rows per step)."""
+        calls :meth:`prepare`, :meth:`prefill_steps` and :meth:`step` itself, admitting and dropping rows per step)."""
         prompts = [self.prepare(r) for r in requests]
         with self._lock, torch.inference_mode():
-            batch: DecodeBatch | None = self.prefill([(i, r, p) for i, (r, p) in enumerate(zip(requests, prompts))])
+            *_, batch = self.prefill_steps([(i, r, p) for i, (r, p) in enumerate(zip(requests, prompts))], chunk=None)
             rows = list(batch.rows)
             while batch is not None and batch.rows:
                 batch, _ = self.step(batch)
@@ -137,9 +138,13 @@ class HFBackend:
         kwargs.pop("adapter_names", None)
         return self.model(**kwargs)
 
-    def prefill(self, items: Sequence[tuple[Any, GenerationRequest, list[int]]]) -> DecodeBatch:
-        """One forward pass over the prompts of ``items`` (owner, request, prompt ids): a batch of their rows,
-        ``n`` per request, each with the logits of its first token. Call under :attr:`lock` and inference mode.
+    def prefill_steps(self, items: Sequence[tuple[Any, GenerationRequest, list[int]]],
+                      chunk: int | None) -> Iterator[DecodeBatch | None]:
+        """Forward passes over the prompts of ``items`` (owner, request, prompt ids), at most ``chunk`` prompt
+        positions each (None: all at once): yields None after each pass but the last, then a batch of their
+        rows, ``n`` per request, each with the logits of its first token. Each ``next`` is called under
+        :attr:`lock` and inference mode; the scheduler runs decode steps of other rows between them, so a
+        long prompt holds a short request back by one chunk, not by its whole prefill (chunked prefill).
 
         Prompts that all run with one adapter and share a long prefix (few-shot PAL or CoT prompts) have the
         prefix computed once; each prompt's cache is computed once and repeated for its ``n`` samples."""
@@ -154,19 +159,29 @@ class HFBackend:
         shared = _common_prefix(prompts) if len(set(adapters)) == 1 and len(prompts) > 1 else 0
         if shared < MIN_SHARED_PREFIX:
             shared = 0
+        width = chunk or max(len(p) for p in prompts)
+        for start in range(0, shared, width):
+            end = min(shared, start + width)
+            head = torch.tensor([prompts[0][start:end]], device=self.device)
+            self._forward(input_ids=head, cache=cache, use_cache=True, adapter_names=adapters[:1], logits_to_keep=1,
+                          position_ids=torch.arange(start, end, device=self.device)[None])
+            yield None
         if shared:
-            head = torch.tensor([prompts[0][:shared]], device=self.device)
-            self._forward(input_ids=head, cache=cache, use_cache=True, adapter_names=adapters[:1], logits_to_keep=1)
             cache.batch_select_indices(torch.zeros(len(prompts), dtype=torch.long, device=self.device))
         tails = [p[shared:] for p in prompts]
-        width = max(len(t) for t in tails)
-        input_ids = torch.tensor([[pad] * (width - len(t)) + t for t in tails], device=self.device)
-        mask = torch.tensor([[1] * shared + [0] * (width - len(t)) + [1] * len(t) for t in tails], device=self.device)
+        longest = max(len(t) for t in tails)
+        input_ids = torch.tensor([[pad] * (longest - len(t)) + t for t in tails], device=self.device)
+        mask = torch.tensor([[1] * shared + [0] * (longest - len(t)) + [1] * len(t) for t in tails], device=self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
-        out = self._forward(
-            input_ids=input_ids, attention_mask=mask, position_ids=positions,
-            cache=cache, use_cache=True, adapter_names=adapters, logits_to_keep=1,
-        )
+        for start in range(0, longest, width):
+            end = min(longest, start + width)
+            out = self._forward(
+                input_ids=input_ids[:, start:end], attention_mask=mask[:, :shared + end],
+                position_ids=positions[:, start:end], cache=cache, use_cache=True, adapter_names=adapters,
+                logits_to_keep=1,
+            )
+            if end < longest:
+                yield None
         repeat = torch.tensor([i for i, r in enumerate(requests) for _ in range(r.params.n)], device=self.device)
         rows: list[Row] = []
         for i, (owner, request, _) in enumerate(items):
@@ -179,8 +194,7 @@ class HFBackend:
                 rows.append(Row(owner, i, k, p, generator, adapters[i], len(prompts[i]),
                                 tokens=[] if detail else None, top_logprobs=[] if detail else None))
         cache.batch_select_indices(repeat)
-        return DecodeBatch(rows, cache, mask[repeat], positions[repeat][:, -1:] + 1,
-                           out.logits[:, -1, :].float()[repeat])
+        yield DecodeBatch(rows, cache, mask[repeat], positions[repeat][:, -1:] + 1, out.logits[:, -1, :].float()[repeat])
 
     def step(self, batch: DecodeBatch) -> tuple[DecodeBatch, list[Row]]:
         """Pick each row's next token from its pending logits, let finished rows leave, and run one forward pass

@@ -133,6 +133,25 @@ def test_long_shared_prefix_is_prefilled_once_with_identical_results(tiny_backen
         assert b[0].logprobs == pytest.approx(s[0].logprobs, abs=1e-4)
 
 
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_chunked_prefill_ends_where_one_pass_ends(tiny_backend: HFBackend, chunk: int) -> None:
+    """A long prompt prefilled a chunk at a time (other rows decode in between) gives the same first-token
+    logits and cache as one pass: with a shared few-shot prefix, and with prompts of different lengths."""
+    shots = "Question: apple house. Answer: ee. " * 8
+    for prompts in ([shots + tail for tail in ("Question: blue sea.", "Q: up")], PROMPTS):
+        items = [(i, GenerationRequest(p, greedy(n=2)), tiny_backend.render(p)) for i, p in enumerate(prompts)]
+        with torch.inference_mode():
+            *_, whole = tiny_backend.prefill_steps(items, chunk=None)
+            passes = list(tiny_backend.prefill_steps(items, chunk=chunk))
+        chunked = passes[-1]
+        assert all(p is None for p in passes[:-1]) and chunked is not None
+        assert len(passes) >= -(-max(len(ids) for _, _, ids in items) // chunk)  # no pass took more than a chunk
+        assert torch.equal(chunked.mask, whole.mask) and torch.equal(chunked.next_pos, whole.next_pos)
+        assert torch.allclose(chunked.logits, whole.logits, atol=1e-4)
+        for a, b in zip(chunked.cache.layers, whole.cache.layers):
+            assert torch.allclose(a.keys, b.keys, atol=1e-4) and torch.allclose(a.values, b.values, atol=1e-4)
+
+
 def test_n_completions_per_request(tiny_backend: HFBackend) -> None:
     params = [greedy(3), SamplingParams(n=3, temperature=1.0, max_new_tokens=3, seed=0), greedy(2)]
     out = tiny_backend.generate([GenerationRequest(p, s) for p, s in zip(PROMPTS, params)])

@@ -241,6 +241,69 @@ def test_a_cancelled_request_leaves_the_batch_at_the_next_step(batcher: Batching
     assert batcher.generate([GenerationRequest(PROMPTS[0], PARAMS)])[0][0].num_tokens > 0
 
 
+class Recording(HFBackend):
+    """The tiny engine, logging each prefill pass and each finished row in the order the scheduler ran them."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.events: list[tuple[str, str]] = []
+        self.on_pass = lambda: None
+
+    def prefill_steps(self, items, chunk):
+        for out in super().prefill_steps(items, chunk):
+            self.events += [("pass", request.prompt) for _, request, _ in items]
+            self.on_pass()
+            yield out
+
+    def step(self, batch):
+        batch, finished = super().step(batch)
+        self.events += [("done", row.owner.handle.request.prompt) for row in finished if hasattr(row.owner, "handle")]
+        return batch, finished
+
+
+LONG = "apple house " * 60
+
+
+def test_a_short_request_is_answered_between_the_chunks_of_a_long_prefill(tiny_model_dir: Path) -> None:
+    engine = Recording(str(tiny_model_dir), model_name="tiny-llama", threads=1)
+    batcher = BatchingBackend(engine, max_wait_ms=0, prefill_chunk=8)
+    short: list = []
+
+    def ask_short() -> None:  # the short request arrives during the long prefill's first pass
+        if not short:
+            short.append(batcher.submit(GenerationRequest(PROMPTS[1], SamplingParams(max_new_tokens=1))))
+
+    engine.on_pass = ask_short
+    try:
+        [long_result] = batcher.submit(GenerationRequest(LONG, SamplingParams(max_new_tokens=2))).result(timeout=60)
+        [short_result] = short[0].result(timeout=60)
+    finally:
+        batcher.close()
+    long_passes = [k for k, event in enumerate(engine.events) if event == ("pass", LONG)]
+    assert len(long_passes) >= len(engine.render(LONG)) // 8 > 10
+    assert engine.events.index(("done", PROMPTS[1])) < long_passes[-1]  # answered mid-prefill of the long one
+    [[alone]] = engine.generate([GenerationRequest(LONG, SamplingParams(max_new_tokens=2))])
+    assert long_result.token_ids == alone.token_ids  # chunks and a stranger's rows in between change nothing
+    assert short_result.num_tokens == 1
+
+
+def test_a_prefill_whose_caller_left_is_dropped_between_its_chunks(tiny_model_dir: Path) -> None:
+    engine = Recording(str(tiny_model_dir), model_name="tiny-llama", threads=1)
+    batcher = BatchingBackend(engine, max_wait_ms=0, prefill_chunk=8)
+    gone = threading.Event()
+    engine.on_pass = gone.set  # the client hangs up as soon as its prefill began
+    try:
+        handle = batcher.submit(GenerationRequest(LONG, SamplingParams(max_new_tokens=50)), cancel=gone)
+        with pytest.raises(GenerationCancelled):
+            handle.result(timeout=60)
+        assert batcher.dropped_rows == 1 and batcher.prefills == 0 and batcher.steps == 0
+        assert len(engine.events) <= 2  # one pass, perhaps a second already begun; not the 30 it needed
+        engine.on_pass = lambda: None
+        assert batcher.generate([GenerationRequest(PROMPTS[0], PARAMS)])[0][0].num_tokens > 0  # still serving
+    finally:
+        batcher.close()
+
+
 def test_stream_helpers_work_on_a_backend_without_steps(engine: HFBackend) -> None:
     handle = stream.submit(engine, GenerationRequest(PROMPTS[0], PARAMS))
     assert handle.done
