@@ -5,6 +5,7 @@ in a worker thread; the callback hands each piece to the event loop (``call_soon
 blocks on the client. The route waits for the first piece before it answers, so that a request the runtime
 refuses (a prompt past the context window, an unknown adapter) still gets its 4xx, not a 200 stream that
 breaks. While it waits (a System 2 answer comes only after the vote) it checks that the client is still there.
+An answer sent whole (no ``stream``) is watched the same way while it is generated (:func:`call_unless_gone`).
 
 A client that hangs up sets the call's ``cancel`` event (the response generator's ``finally``, or the wait
 above): the engine drops its rows at the next decode step and the worker thread ends with
@@ -17,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, TypeVar
 
 from fastapi import Request
 
@@ -28,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 DISCONNECT_POLL_S = 0.25
 """How often a request still waiting for its first token checks that its client is there."""
+T = TypeVar("T")
 Piece = tuple[int, str]
 """(choice index, text) as decoded."""
 
@@ -67,11 +69,8 @@ class LiveCall:
     async def first(self, request: Request) -> Piece | None:
         """Wait for the first piece (or the end), cancelling the call if the client leaves meanwhile; what the
         call raised is raised here, as the HTTP error it maps to."""
-        while self.pieces.empty() and not self.task.done():
-            await asyncio.wait({self.task}, timeout=DISCONNECT_POLL_S)
-            if self.pieces.empty() and not self.task.done() and await request.is_disconnected():
-                self.cancel.set()
-                raise client_gone("before its first token was generated")
+        await _watch(request, self.task, self.cancel, lambda: not self.pieces.empty(),
+                     "before its first token was generated")
         if self.pieces.empty():
             await self.task  # raises the call's error, if any
         return await self.next_piece()
@@ -80,6 +79,32 @@ class LiveCall:
         """The client is gone: drop the generation at its next step, and swallow the cancellation it raises."""
         self.cancel.set()
         self.task.add_done_callback(_quietly)
+
+
+async def call_unless_gone(request: Request, operation: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """:func:`~agent.server.serving.call` for an answer sent whole: if the client hangs up before it is ready, the
+    engine drops its rows at the next step (prefill chunk or decode step) and the client's 499 is logged, so an
+    abandoned request stops costing the engine anything, as a streamed one does."""
+    cancel = threading.Event()
+    task = asyncio.ensure_future(call(operation, fn, *args, cancel=cancel, **kwargs))
+    try:
+        await _watch(request, task, cancel, lambda: False, "before its answer was generated")
+    except BaseException:
+        cancel.set()
+        task.add_done_callback(_quietly)
+        raise
+    return task.result()
+
+
+async def _watch(request: Request, task: asyncio.Future, cancel: threading.Event, ready: Callable[[], bool],
+                 what: str) -> None:
+    """Wait until ``ready()`` or ``task`` ends, checking every :data:`DISCONNECT_POLL_S` that the client is still
+    there; if it left, set ``cancel`` and raise its 499."""
+    while not ready() and not task.done():
+        await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+        if not ready() and not task.done() and await request.is_disconnected():
+            cancel.set()
+            raise client_gone(what)
 
 
 def _quietly(task: asyncio.Future) -> None:

@@ -34,7 +34,7 @@ from agent.server.protocol import (
     read_json,
     refuse_unsupported,
 )
-from agent.server.live import LiveCall, events
+from agent.server.live import LiveCall, call_unless_gone, events
 from agent.server.serving import (
     Chunks,
     Result,
@@ -194,15 +194,16 @@ async def chat_completions(request: Request) -> Any:
     with _admission(request).slot():
         await _still_there(request, "before its answer was generated")
         if query is not None:
-            answer = await call("chat", agent.answer, query, source=caller.source, teach=caller.may("teach"),
-                                adapter_version=version, **answer_options(body, max_tokens))
+            answer = await call_unless_gone(request, "chat", agent.answer, query, source=caller.source,
+                                            teach=caller.may("teach"), adapter_version=version,
+                                            **answer_options(body, max_tokens))
             metrics.observe_answer(answer.route, answer.latency_ms / 1000, answer.tokens_system1,
                                    answer.tokens_system2, answer.accepted if answer.route == "system2" else None)
             result = Result.of_answer(answer)
         else:
             params = sampling_params(body, max_tokens, agent.config.max_new_tokens)
-            completions, version = await call("chat", agent.complete, messages, params, body.s2agent.tag,
-                                              adapter_version=version)
+            completions, version = await call_unless_gone(request, "chat", agent.complete, messages, params,
+                                                          body.s2agent.tag, adapter_version=version)
             metrics.observe_completion(sum(c.num_tokens for c in completions))
             result = Result.of_completions(completions, version, body.s2agent.tag)
     return _respond(request, body, result, chat=True)
@@ -240,7 +241,8 @@ async def completions(request: Request) -> Any:
     outs: list[Any] = [None] * len(prompts)
 
     async def one(i: int, prompt: str) -> None:
-        outs[i] = await call("completion", agent.complete, prompt, params, body.s2agent.tag, adapter_version=version)
+        outs[i] = await call_unless_gone(request, "completion", agent.complete, prompt, params, body.s2agent.tag,
+                                         adapter_version=version)
 
     with _admission(request).slot():
         done = 0

@@ -7,6 +7,8 @@ a permit the test hands out) and check what the client has received while the de
 
 from __future__ import annotations
 
+import json
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +20,8 @@ from openai import BadRequestError
 
 from agent import Agent
 from tests.agent.test_server import ask, tiny_agent_config
-from tests.conftest import make_random_adapter
+from tests.agent.test_server_abuse import raw_request
+from tests.conftest import make_random_adapter, wait_for
 
 CHAT = "/v1/chat/completions"
 
@@ -105,6 +108,25 @@ def test_a_client_that_leaves_cancels_its_generation(server, agent, metered):
     time.sleep(0.2)
     assert not logged(agent, question)  # nothing answered, nothing recorded
     assert server.app.state.admission.held == 0
+
+
+def test_a_client_that_leaves_before_a_whole_answer_cancels_it(server, agent, metered):
+    """Not streamed, the same: the server watches the connection while the answer is generated."""
+    question = "Tell a long story about a die."
+    batcher, admission = agent.backend, server.app.state.admission
+    dropped, admitted = batcher.dropped_rows, batcher.admitted_rows
+    body = json.dumps({"model": "default", "messages": ask(question), "max_tokens": 64, "logit_bias": no_eos(agent),
+                       "s2agent": {"route": "system1"}}).encode()
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(raw_request(CHAT, body))
+        wait_for(lambda: batcher.admitted_rows > admitted, 30, "the answer to start decoding", poll=0.01)
+    wait_for(lambda: admission.held == 0, 30, "the server to see the client leave", poll=0.01)
+    steps = batcher.steps
+    metered.release(10_000)
+    wait_for(lambda: batcher.dropped_rows > dropped, 20, "the abandoned row to be dropped", poll=0.01)
+    assert batcher.steps - steps <= 2  # dropped at the next step, not after the 64 tokens it asked for
+    time.sleep(0.2)
+    assert not logged(agent, question)
 
 
 def test_streamed_raw_completion_and_several_samples(client, agent):
