@@ -125,6 +125,8 @@ class BatchingBackend:
         self.admitted_rows = 0
         self.dropped_rows = 0
         """Rows dropped mid-decode because their caller went away or their deadline passed."""
+        self.finished_rows = 0
+        """Rows decoded to their end (a stop, an end-of-sequence token or ``max_new_tokens``)."""
         self._worker = threading.Thread(target=self._run, name="s2agent-scheduler", daemon=True)
         self._worker.start()
 
@@ -319,6 +321,7 @@ class BatchingBackend:
                     job.handle.publish(Delta(row.sample, piece, len(row.token_ids),
                                              row.finish_reason if final else None))
             if final:
+                self.finished_rows += 1
                 job.completions[row.sample] = completion(row)
                 job.left -= 1
                 if job.left == 0:

@@ -33,6 +33,19 @@ def test_serving_runs_both_modes_over_http(tiny_model_dir: Path) -> None:
     assert "tokens/s" in serving.report(results)
 
 
+def test_serving_engine_measurements_run_over_http(tiny_model_dir: Path) -> None:
+    results = serving.run(tiny(tiny_model_dir), clients=[1], requests_per_client=1, max_tokens=4, engine_requests=4)
+
+    engine = results["engine"]
+    assert engine["ttft_sentence"]["ttft_p50_s"] > 0 and engine["tokens_8_clients"]["errors"] == 0
+    assert [a["prefill_chunk"] for a in engine["abandoned"]] == [256, None]
+    assert all(a["one_token_p50_s"] > 0 and a["prompt_tokens"] > 200 for a in engine["abandoned"])
+    swap = engine["hot_swap"]
+    assert swap["errors"] == 0 and list(swap["after_swap"]) == ["v1", "v2"]
+    assert all(a["requests"] > 0 and a["served_by_it"] == a["requests"] for a in swap["after_swap"].values())
+    assert "hot-swap during continuous batching" in serving.report(results)
+
+
 def test_consolidation_trains_gates_and_times_the_swap(tiny_model_dir: Path) -> None:
     results = consolidation.run(tiny(tiny_model_dir), examples=6, epochs=1, swaps=2)
 
