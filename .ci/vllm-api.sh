@@ -22,7 +22,7 @@ own=$(.venv-vllm/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["p
 # addsitedir, not a bare path: .venv's own .pth files (the editable install) must be read too
 echo "import site; site.addsitedir('$base')" > "$own/s2agent-base-venv.pth"
 pip() { .venv-vllm/bin/python -m pip "$@"; }
-api="import vllm, vllm.engine.arg_utils, vllm.v1.engine.llm_engine; print('vLLM API', vllm.__version__)"
+api="import vllm, vllm.engine.arg_utils, vllm.v1.engine.async_llm; print('vLLM API', vllm.__version__)"
 if ! .venv-vllm/bin/python -c "$api" 2>/dev/null; then
   pip install -q --no-deps "$VLLM"
   # shellcheck disable=SC2086 - one word per package. pip warns that vLLM's torch and CUDA pins are not met: they

@@ -351,7 +351,12 @@ class ConsolidationConfig:
     resume: bool = False
     """Start from the serving adapter's weights instead of a fresh adapter."""
     bf16: Literal["auto", "on", "off"] = "auto"
-    """``auto`` (bf16 autocast when the CPU supports it), ``on`` or ``off``."""
+    """``auto`` (bf16 autocast when the training device supports it: a CPU with avx512_bf16/AMX, a CUDA GPU of
+    compute capability 8.0 or later), ``on`` or ``off``."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where adapters are trained and scored: ``auto`` is the GPU when torch sees one, else the CPU. Beside a
+    vLLM backend on the same GPU, training gets what ``[vllm] gpu_memory_utilization`` leaves (0.15 of it by
+    default: a LoRA run on a 135M-1.5B model needs 1-6 GB); lower that setting for larger models."""
     seed: int = 0
     """Seeds the holdout split, replay sampling, the training order and the adapter's initial weights."""
     per_tag: bool = True

@@ -46,7 +46,7 @@ from agent.data import general_prompts
 from agent.errors import ConfigError, ConsolidationInterrupted
 from agent.prompting import TrainingExample, system1_messages
 from agent.retention import likelihood_retention
-from agent.training import TrainingDiverged, train_lora
+from agent.training import TrainingDiverged, train_lora, training_device
 from policies.answers import answers_match, normalise, similarity
 from policies.sources import cap_by_source
 from store import Interaction, Store
@@ -437,7 +437,7 @@ def _gate(agent: Learner, report, holdout, retention_holdout, candidate, serving
             {"input": p, "serving": old, "candidate": new} for (p, old), new in zip(retention_holdout[:5], new_answers)
         ]
         likelihood = likelihood_retention(agent.model_path, retention_holdout, candidate_folder, serving_folder,
-                                          system_prompt=agent.config.system_prompt)
+                                          system_prompt=agent.config.system_prompt, device=training_device(cfg))
         m.update(likelihood.as_metrics())
         m["retention_measure"] = cfg.retention_measure
         gated = likelihood.score if cfg.retention_measure == "likelihood" else score

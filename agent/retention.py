@@ -102,9 +102,9 @@ def compare(model, rows: list[tuple[list[int], list[int]]], pad_id: int, referen
 
 
 def likelihood_retention(model_path: str, pairs: Sequence[tuple[str, str]], candidate: str, serving: str | None,
-                         *, system_prompt: str | None = None) -> LikelihoodRetention:
+                         *, system_prompt: str | None = None, device: str | torch.device = "cpu") -> LikelihoodRetention:
     """Score the candidate adapter folder ``candidate`` against ``serving`` (an adapter folder; None: the
-    base model) on retention ``pairs`` of (prompt, the serving model's answer)."""
+    base model) on retention ``pairs`` of (prompt, the serving model's answer), on ``device``."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -113,7 +113,7 @@ def likelihood_retention(model_path: str, pairs: Sequence[tuple[str, str]], cand
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(device)
     model = PeftModel.from_pretrained(base, candidate, adapter_name="candidate")
     if serving is not None:
         model.load_adapter(serving, adapter_name="serving")

@@ -53,6 +53,20 @@ def cpu_supports_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def training_device(config: ConsolidationConfig) -> torch.device:
+    """``consolidation.device``: ``auto`` is the GPU when torch sees one, else the CPU."""
+    if config.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(config.device)
+
+
+def use_bf16(config: ConsolidationConfig, device: torch.device) -> bool:
+    """``consolidation.bf16`` on ``device``: ``auto`` turns it on where the hardware computes bf16 natively."""
+    if config.bf16 != "auto":
+        return config.bf16 == "on"
+    return torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_supports_bf16()
+
+
 def train_lora(
     model_path: str,
     examples: Sequence[TrainingExample],
@@ -80,7 +94,8 @@ def train_lora(
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    device = training_device(config)
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(device)
     if resume_from:
         model = PeftModel.from_pretrained(base, resume_from, is_trainable=True)
     else:
@@ -103,7 +118,7 @@ def train_lora(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * max(0.0, 1 - s / max(total, 1)) + 1e-3
     )
-    use_bf16 = config.bf16 == "on" or (config.bf16 == "auto" and cpu_supports_bf16())
+    bf16 = use_bf16(config, device)
     rng = random.Random(config.seed)
     started = time.perf_counter()
     first = last = float("nan")
@@ -111,7 +126,7 @@ def train_lora(
     step = 0
     for _ in range(n_epochs):
         for rows in length_grouped_batches(encoded, batch, rng):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 loss = answer_loss(model, rows, tokenizer.pad_token_id)
                 if kl_rows:
                     kl = retention_kl(model, rng.sample(kl_rows, min(batch, len(kl_rows))), tokenizer.pad_token_id)
@@ -133,8 +148,9 @@ def train_lora(
     output_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(output_dir))
     seconds = time.perf_counter() - started
-    logger.info("trained %d steps in %.1f s (loss %.3f -> %.3f, bf16=%s)", step, seconds, first, last, use_bf16)
-    return TrainingStats(step, n_epochs, first, last, seconds, use_bf16, n_dropped, n_truncated, last_kl)
+    logger.info("trained %d steps in %.1f s on %s (loss %.3f -> %.3f, bf16=%s)", step, seconds, device, first, last,
+                bf16)
+    return TrainingStats(step, n_epochs, first, last, seconds, bf16, n_dropped, n_truncated, last_kl)
 
 
 def encode_examples(tokenizer, examples: Sequence[TrainingExample], max_length: int,
@@ -187,9 +203,10 @@ def answer_logits(model, rows: list[tuple[list[int], list[int]]], pad_id: int) -
     ``targets`` is :data:`IGNORE_INDEX` wherever a position predicts no answer token.
     """
     width = max(len(ids) for ids, _ in rows)
-    ids = torch.tensor([[pad_id] * (width - len(i)) + i for i, _ in rows])
-    labels = torch.tensor([[IGNORE_INDEX] * (width - len(lab)) + lab for _, lab in rows])
-    mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i, _ in rows])
+    device = next(model.parameters()).device
+    ids = torch.tensor([[pad_id] * (width - len(i)) + i for i, _ in rows], device=device)
+    labels = torch.tensor([[IGNORE_INDEX] * (width - len(lab)) + lab for _, lab in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i, _ in rows], device=device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     keep = min(width, int((labels != IGNORE_INDEX).sum(-1).max()) + 1)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits

@@ -121,9 +121,9 @@ def make_config(model_dir: str | Path, db: str | Path, epochs: int = 2) -> Agent
 
 
 def script_engine(engine: type, model_dir: str | Path):
-    """Reset a stand-in of ``vllm.LLM`` (``tests/agent/test_backend_vllm.py``, ``test_vllm_api.py``): no
-    instances yet, and every generation emits " A B 0123" in ``model_dir``'s tokens, then its EOS. Returns
-    the tokenizer."""
+    """Reset a stand-in of vLLM's ``AsyncLLM`` (``tests/agent/test_backend_vllm.py``, ``test_vllm_api.py``): no
+    instances yet, and every generation emits " A B 0123" in ``model_dir``'s tokens, then its EOS (see
+    :func:`scripted_steps`). Returns the tokenizer."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -131,3 +131,10 @@ def script_engine(engine: type, model_dir: str | Path):
     engine.stream = tok.encode(" A B 0123", add_special_tokens=False)
     engine.eos = tok.eos_token_id
     return tok
+
+
+def scripted_steps(engine: type, max_tokens: int) -> list[list[int]]:
+    """The cumulative token ids a scripted engine returns, one more token per output, as vLLM's default
+    (``CUMULATIVE``) output kind does: ``engine.stream`` then its EOS, cut at ``max_tokens``."""
+    tokens = (engine.stream + [engine.eos])[:max_tokens]
+    return [tokens[:k] for k in range(1, len(tokens) + 1)]

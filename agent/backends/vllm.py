@@ -1,53 +1,59 @@
-"""vLLM backend: the optional GPU engine, with a LoRA adapter chosen per request.
+"""vLLM backend: the optional GPU engine, on vLLM's async engine, with a LoRA adapter chosen per request.
 
 What is verified and what is not
 --------------------------------
-No GPU and no vLLM are available where this project's CI runs, so this module has **not been run
-against a real vLLM engine**. It follows vLLM's documented offline API (``vllm>=0.10``):
+No GPU is available where this project's CI runs, so this module has **not been run against a real vLLM
+engine**. It follows vLLM's online-serving API (``vllm==0.33``), the one vLLM's own OpenAI server drives:
 
-- ``vllm.LLM(model=..., enable_lora=True, max_loras=..., max_lora_rank=..., max_model_len=...)``;
-- ``LLM.generate(prompts, sampling_params, use_tqdm=False, lora_request=[...])`` where ``prompts`` is
-  a list of ``vllm.inputs.TokensPrompt(prompt_token_ids=...)``, ``sampling_params`` a list with one
-  ``vllm.SamplingParams`` per prompt and ``lora_request`` a list with one
-  ``vllm.lora.request.LoRARequest(lora_name, lora_int_id, lora_path)`` (or ``None``) per prompt;
-- each returned ``RequestOutput.outputs[i]`` (a ``CompletionOutput``) carries ``token_ids``,
-  ``finish_reason`` (``"stop"``/``"length"``), ``stop_reason`` (the matched stop string, a stop token
-  id, or ``None`` for end of sequence) and, with ``SamplingParams(logprobs=k)``, ``logprobs``: one
-  ``{token_id: Logprob}`` mapping per generated token that holds the sampled token's ``.logprob`` and
-  the ``k`` likeliest tokens with their ``.rank``;
-- OpenAI's ``presence_penalty``, ``frequency_penalty`` and ``logit_bias`` are ``SamplingParams`` fields
-  of the same names and meaning;
-- vLLM's V1 sampler reports ``raw_logprobs`` by default: the log-softmax of the model's logits before
-  temperature, top-k and top-p, which is what the HF backend reports too.
+- ``AsyncLLM.from_engine_args(AsyncEngineArgs(model=..., enable_lora=True, max_loras=..., max_lora_rank=...,
+  max_model_len=..., gpu_memory_utilization=..., ...))`` (``vllm.v1.engine.async_llm``);
+- ``AsyncLLM.generate(TokensPrompt(prompt_token_ids=...), SamplingParams(...), request_id,
+  lora_request=LoRARequest(name, int_id, path) | None)``: an async generator of ``RequestOutput`` whose
+  ``outputs`` (``CompletionOutput``: ``index``, cumulative ``token_ids``, ``finish_reason``, ``stop_reason``,
+  ``logprobs``) grow as the engine decodes; cancelling the task that iterates it aborts the request in the
+  engine (vLLM catches the ``CancelledError`` and calls ``abort``);
+- ``AsyncLLM.add_lora``/``remove_lora`` load and free an adapter's weights; ``shutdown`` stops the engine;
+- with ``SamplingParams(logprobs=k)`` each step of ``CompletionOutput.logprobs`` maps token ids to ``Logprob``
+  (the sampled token's ``.logprob``, the ``k`` likeliest with their ``.rank``); vLLM's V1 sampler reports raw
+  log-probs (before temperature, top-k, top-p), as the HF backend does; OpenAI's ``presence_penalty``,
+  ``frequency_penalty`` and ``logit_bias`` are ``SamplingParams`` fields of the same names.
 
-Checked without a GPU: the import guard and this module's mapping logic (``tests/agent/test_backend_vllm.py``),
-and every class and keyword this module hands vLLM, against vLLM's real Python API
-(``tests/agent/test_vllm_api.py``, run by CI in the environment ``.ci/vllm-api.sh`` builds: vLLM's wheel
-without its CUDA dependencies). The behavioural tests (greedy determinism, ``n`` samples, stop strings,
-logprobs, per-request adapters) run only where vLLM and a CUDA GPU exist.
+Checked without a GPU: this module's logic against a scripted stand-in of that API
+(``tests/agent/test_backend_vllm.py``), and every class, keyword and call it hands vLLM against vLLM's real
+Python API (``tests/agent/test_vllm_api.py``, run by CI in the environment ``.ci/vllm-api.sh`` builds: the
+wheel without its CUDA dependencies). The behavioural tests (greedy determinism, ``n`` samples, stop strings,
+adapters) run only where vLLM and a CUDA GPU exist.
 
 Design
 ------
-- Prompts are rendered by :func:`agent.prompting.render_prompt` with the model's own Hugging Face
-  tokenizer and handed to vLLM as token ids, so both backends (and training) see byte-identical
-  prompts. Generated text is decoded with the same tokenizer and cut at the first stop string the
-  same way the HF backend does; the end-of-sequence token is not part of ``token_ids``.
-- Adapters: vLLM loads a LoRA lazily the first time a request names it, so :meth:`load_adapter` only
-  validates the folder and assigns a fresh integer id; a hot-swap is a new name with a new id.
-  Unloading forgets the name at once and asks the engine to drop the weights before the next batch.
-- ``vllm.LLM`` is not thread-safe: :meth:`generate` holds a lock around the engine. vLLM batches the
-  requests of one call internally, so concurrency comes from passing many requests at once.
+- **One engine, many callers.** The agent calls backends from threads (the server's thread pool, the
+  background labeller); the engine lives on an asyncio loop in one thread of its own. :meth:`submit` hands the
+  request to that loop and returns a :class:`~agent.backends.stream.Handle` at once: text deltas as the engine
+  decodes, the result, ``cancel()``. vLLM batches whatever requests are running at each step (continuous
+  batching on the GPU), so concurrent callers share it without any lock here.
+- **Cancellation.** A request whose caller cancels (the handle, its ``cancel`` event, a passed deadline;
+  checked every :data:`WATCH_S`) has its task cancelled, which aborts it in the engine.
+- **Prompts** are rendered by :func:`agent.prompting.render_prompt` with the model's own Hugging Face
+  tokenizer and handed over as token ids, so both backends (and training) see byte-identical prompts; text
+  is decoded with the same tokenizer and cut at the first stop string as the HF backend does; the
+  end-of-sequence token is not part of ``token_ids``.
+- **Adapters.** :meth:`load_adapter` loads the weights into the engine (``add_lora``) under a fresh integer
+  id, so an adapter that does not load is refused there (the agent's load-then-commit hot-swap relies on it)
+  and a hot-swap is a new name with a new id; :meth:`unload_adapter` refuses new requests for the name at once
+  and frees the weights when no running request uses them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import logging
 import threading
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Coroutine, Sequence, TypeVar
 
 from agent.backends.base import (
     Completion,
@@ -55,12 +61,16 @@ from agent.backends.base import (
     SamplingParams,
     validate_adapter_dir,
 )
+from agent.backends.stream import Delta, Handle, text_delta
 from agent.errors import AdapterError, PromptTooLongError
 from agent.prompting import Prompt, render_prompt
 
 logger = logging.getLogger(__name__)
 
 INSTALL_HINT = "the vLLM backend needs a GPU and `pip install s2agent[vllm]`"
+WATCH_S = 0.05
+"""How often a running request checks its caller's cancel event and deadline."""
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -73,16 +83,17 @@ class _Adapter:
 class _Job:
     """One vLLM request: a slice of one of our requests' ``n`` samples."""
 
-    request: int
     ids: list[int]
     params: SamplingParams
     n: int
     seed: int | None
     lora: Any  # a vllm LoRARequest or None
+    first: int = 0
+    """The index of its first sample among the request's ``n``."""
 
 
 class VLLMBackend:
-    """Implements :class:`agent.backends.base.Backend` on one vLLM engine."""
+    """Implements :class:`agent.backends.base.Backend` (with ``submit``) on one vLLM ``AsyncLLM``."""
 
     def __init__(
         self,
@@ -101,8 +112,10 @@ class VLLMBackend:
     ) -> None:
         try:
             import vllm
+            from vllm.engine.arg_utils import AsyncEngineArgs
             from vllm.inputs import TokensPrompt
             from vllm.lora.request import LoRARequest
+            from vllm.v1.engine.async_llm import AsyncLLM
         except ImportError as exc:
             raise ImportError(INSTALL_HINT) from exc
         from transformers import AutoTokenizer
@@ -124,16 +137,37 @@ class VLLMBackend:
             kwargs["max_model_len"] = max_model_len
         if enable_lora:
             kwargs.update(enable_lora=True, max_loras=max_loras, max_lora_rank=max_lora_rank)
-        self.llm = vllm.LLM(**kwargs)
-        self.context_length = int(max_model_len or _engine_max_model_len(self.llm) or 2048)
+        args = AsyncEngineArgs(**kwargs)  # a keyword vLLM does not take fails here, before any thread starts
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="s2agent-vllm", daemon=True)
+        self._thread.start()
+        try:
+            self.engine = self._wait(_build_engine(AsyncLLM, args))
+        except BaseException:
+            self._stop_loop()
+            raise
+        engine_len = getattr(getattr(self.engine, "model_config", None), "max_model_len", None)
+        self.context_length = int(max_model_len or engine_len or 2048)
         self.eos_ids = _eos_ids(model_path, self.tokenizer)
         self.adapters: dict[str, _Adapter] = {}
         self._ids = itertools.count(1)  # vLLM wants a globally unique lora_int_id > 0
-        self._to_remove: list[int] = []
+        self._request_ids = itertools.count()
         self._adapters_lock = threading.Lock()
-        """Guards the adapter map; never held while the engine runs, so a hot-swap never waits."""
-        self._engine_lock = threading.Lock()
-        """vLLM's ``LLM`` is not thread-safe: one caller at a time drives the engine."""
+        self._running: Counter[int] = Counter()
+        """Adapter id -> requests running with it (the loop's thread only)."""
+        self._to_remove: set[int] = set()
+        """Unloaded adapters whose weights are freed once their last request ends (the loop's thread only)."""
+        self._tasks: set[asyncio.Task] = set()
+        self._closed = False
+
+    # --- the engine's loop -----------------------------------------------------------------------------------
+    def _wait(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the engine's loop and wait for its result (from any other thread)."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=30)
 
     # --- prompts ---------------------------------------------------------------------------
     def render(self, prompt: Prompt) -> list[int]:
@@ -155,105 +189,186 @@ class VLLMBackend:
         with self._adapters_lock:
             if name in self.adapters:
                 return
-            self.adapters[name] = _Adapter(next(self._ids), str(Path(path).resolve()))
-        logger.info("registered adapter %s from %s (vLLM loads it on first use)", name, path)
+            adapter = _Adapter(next(self._ids), str(Path(path).resolve()))
+        try:
+            loaded = self._wait(self.engine.add_lora(self._lora_request(name, adapter.lora_id, adapter.path)))
+        except Exception as exc:  # noqa: BLE001 - vLLM raises many kinds; all mean "unusable adapter"
+            raise AdapterError(f"adapter {path} does not load onto {self.model_name}: {exc}") from exc
+        if loaded is False:
+            raise AdapterError(f"adapter {path} does not load onto {self.model_name}: the engine refused it")
+        with self._adapters_lock:
+            self.adapters[name] = adapter
+        logger.info("loaded adapter %s from %s (vLLM id %d)", name, path, adapter.lora_id)
 
     def unload_adapter(self, name: str) -> None:
+        """Refuse new requests for ``name`` now; free its weights once no running request uses them."""
         with self._adapters_lock:
             adapter = self.adapters.pop(name, None)
-            if adapter is not None:
-                self._to_remove.append(adapter.lora_id)
+        if adapter is not None and not self._closed:
+            self._loop.call_soon_threadsafe(self._retire, adapter.lora_id)
+
+    def _retire(self, lora_id: int) -> None:
+        if self._running[lora_id]:
+            self._to_remove.add(lora_id)
+            return
+        self._to_remove.discard(lora_id)
+        self._spawn(self._remove(lora_id))
+
+    async def _remove(self, lora_id: int) -> None:
+        try:
+            await self.engine.remove_lora(lora_id)
+        except Exception:  # noqa: BLE001 - the weights stay until the engine evicts them; nothing fails
+            logger.warning("vLLM could not free adapter id %d", lora_id, exc_info=True)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def close(self) -> None:
-        with self._engine_lock:
-            llm, self.llm = getattr(self, "llm", None), None
-            if llm is None:
-                return
-            engine = getattr(llm, "llm_engine", None)
-            shutdown = getattr(getattr(engine, "engine_core", None), "shutdown", None)
-            if callable(shutdown):
-                try:
-                    shutdown()
-                except Exception:  # noqa: BLE001 - best effort; the process may be exiting anyway
-                    logger.debug("vLLM engine shutdown failed", exc_info=True)
-            del llm, engine
-            import gc
+        """Fail what still runs, stop the engine and its loop."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._wait(self._cancel_all())
+            self.engine.shutdown()
+        except Exception:  # noqa: BLE001 - best effort; the process may be exiting anyway
+            logger.debug("vLLM engine shutdown failed", exc_info=True)
+        self._stop_loop()
+        import gc
 
-            gc.collect()
-            try:
-                import torch
+        gc.collect()
+        try:
+            import torch
 
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-            except Exception:  # noqa: BLE001
-                pass
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except Exception:  # noqa: BLE001
+            pass
+
+    async def _cancel_all(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     # --- generation ------------------------------------------------------------------------
-    def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Completion]]:
-        if not requests:
-            return []
-        prompts = [self.render(r.prompt) for r in requests]
-        loras: list[Any] = []
-        with self._adapters_lock:
-            snapshot = dict(self.adapters)
-        for request, ids in zip(requests, prompts):
-            if len(ids) + request.params.max_new_tokens > self.context_length:
-                raise PromptTooLongError(
-                    f"prompt of {len(ids)} tokens + {request.params.max_new_tokens} new tokens exceeds the "
-                    f"context window of {self.context_length} tokens"
-                )
-            if request.adapter is None:
-                loras.append(None)
-                continue
-            adapter = snapshot.get(request.adapter)
-            if adapter is None:
-                raise AdapterError(f"adapter {request.adapter!r} is not loaded")
-            loras.append(self._lora_request(request.adapter, adapter.lora_id, adapter.path))
-        jobs = self._plan(requests, prompts, loras)
-        if not jobs:
-            return [[] for _ in requests]
-        with self._engine_lock:
-            if self.llm is None:
-                raise RuntimeError("the vLLM backend is closed")
-            self._drop_removed_adapters()
-            outputs = self.llm.generate(
-                [self._tokens_prompt(prompt_token_ids=job.ids) for job in jobs],
-                [self._sampling_params(job) for job in jobs],
-                use_tqdm=False,
-                lora_request=[job.lora for job in jobs] if any(job.lora is not None for job in jobs) else None,
-            )
-        results: list[list[Completion]] = [[] for _ in requests]
-        for job, output in zip(jobs, outputs):
-            for sample in output.outputs:
-                results[job.request].append(self._completion(sample, job))
-        for i, request in enumerate(requests):
-            p = request.params
-            if p.temperature <= 0 and len(results[i]) < p.n:  # greedy: one decode, replicated
-                first = results[i][0]
-                results[i] += [_copy(first) for _ in range(p.n - len(results[i]))]
-        return results
+    def submit(self, request: GenerationRequest, *, cancel: threading.Event | None = None,
+               deadline: float | None = None) -> Handle:
+        """Start ``request`` and return at once: its handle streams text deltas, gives the result, cancels."""
+        handle = Handle(request, cancel=cancel, deadline=deadline)
+        try:
+            jobs = self._jobs(request)
+        except Exception as exc:  # noqa: BLE001 - handed to the caller through result()
+            handle.fail(exc)
+            return handle
+        self._start(handle, jobs)
+        return handle
 
-    @staticmethod
-    def _plan(requests: Sequence[GenerationRequest], prompts: list[list[int]], loras: list[Any]) -> list[_Job]:
-        """Turn our requests into vLLM requests.
+    def generate(self, requests: Sequence[GenerationRequest], *, cancel: threading.Event | None = None,
+                 deadline: float | None = None) -> list[list[Completion]]:
+        """Run ``requests`` concurrently on the engine; a bad one is refused before any runs, the first failure
+        is raised and the others are cancelled."""
+        planned = [self._jobs(r) for r in requests]
+        handles = [Handle(r, cancel=cancel, deadline=deadline, stream=False) for r in requests]
+        for handle, jobs in zip(handles, planned):
+            self._start(handle, jobs)
+        try:
+            return [h.result() for h in handles]
+        except BaseException:
+            for h in handles:
+                if not h.done:
+                    h.cancel()
+            raise
 
-        - greedy: one sample is decoded and copied ``n`` times (every greedy sample is the same);
+    def _start(self, handle: Handle, jobs: list[_Job]) -> None:
+        if self._closed:
+            raise RuntimeError("the vLLM backend is closed")
+        self._loop.call_soon_threadsafe(self._spawn, self._serve(handle, jobs))
+
+    def _jobs(self, request: GenerationRequest) -> list[_Job]:
+        """``request`` as vLLM requests, after checking it fits the context and its adapter is loaded.
+
+        - greedy: one sample is decoded and stands for all ``n`` (every greedy sample is the same);
         - seeded sampling: sample ``j`` runs as its own request with seed ``seed + j``, as in the HF
           backend, so each sample is reproducible on its own and the ``n`` samples differ;
         - unseeded sampling: one request with ``n`` samples (vLLM shares the prompt's prefill).
         """
-        jobs: list[_Job] = []
-        for i, (request, ids, lora) in enumerate(zip(requests, prompts, loras)):
-            p = request.params
-            if p.n < 1:
-                continue
-            if p.temperature <= 0:
-                jobs.append(_Job(i, ids, p, 1, None, lora))
-            elif p.seed is not None:
-                jobs += [_Job(i, ids, p, 1, p.seed + j, lora) for j in range(p.n)]
-            else:
-                jobs.append(_Job(i, ids, p, p.n, None, lora))
-        return jobs
+        ids = self.render(request.prompt)
+        p = request.params
+        if len(ids) + p.max_new_tokens > self.context_length:
+            raise PromptTooLongError(
+                f"prompt of {len(ids)} tokens + {p.max_new_tokens} new tokens exceeds the "
+                f"context window of {self.context_length} tokens"
+            )
+        lora = None
+        if request.adapter is not None:
+            with self._adapters_lock:
+                adapter = self.adapters.get(request.adapter)
+            if adapter is None:
+                raise AdapterError(f"adapter {request.adapter!r} is not loaded")
+            lora = self._lora_request(request.adapter, adapter.lora_id, adapter.path)
+        if p.n < 1:
+            return []
+        if p.temperature <= 0:
+            return [_Job(ids, p, 1, None, lora)]
+        if p.seed is not None:
+            return [_Job(ids, p, 1, p.seed + j, lora, first=j) for j in range(p.n)]
+        return [_Job(ids, p, p.n, None, lora)]
+
+    async def _serve(self, handle: Handle, jobs: list[_Job]) -> None:
+        """Run one request's ``jobs`` on the engine: stream its text, then finish (or fail) its handle."""
+        p = handle.request.params
+        copies = p.n if p.temperature <= 0 else 1  # a greedy decode stands for all n samples
+        done: list[Completion | None] = [None] * p.n
+        emitted = [0] * p.n
+        loras = [job.lora.lora_int_id for job in jobs if job.lora is not None]
+        self._running.update(loras)
+
+        async def run(job: _Job) -> None:
+            request_id = f"s2agent-{next(self._request_ids)}"
+            async for output in self.engine.generate(self._tokens_prompt(prompt_token_ids=job.ids),
+                                                     self._sampling_params(job), request_id, lora_request=job.lora):
+                for sample in output.outputs:
+                    final = sample.finish_reason is not None
+                    completion = self._completion(sample, job) if final else None
+                    for index in range(job.first + sample.index, job.first + sample.index + copies):
+                        if handle.stream:
+                            text = completion.text if completion else _cut(self._decode(sample.token_ids), p.stop)
+                            piece, emitted[index] = text_delta(text, emitted[index], p.stop, final)
+                            if piece or final:
+                                handle.publish(Delta(index, piece, len(sample.token_ids),
+                                                     completion.finish_reason if completion else None))
+                        if completion is not None:
+                            done[index] = completion if index == job.first + sample.index else _copy(completion)
+
+        runs = [asyncio.ensure_future(run(job)) for job in jobs]
+        try:
+            while not all(r.done() for r in runs):
+                await asyncio.wait(runs, timeout=WATCH_S, return_when=asyncio.FIRST_EXCEPTION)
+                failed = [r for r in runs if r.done() and not r.cancelled() and r.exception() is not None]
+                if failed:
+                    raise failed[0].exception()  # type: ignore[misc]
+                if handle.expired():
+                    handle.fail(handle.why_dropped())
+                    return
+            if any(c is None for c in done):
+                raise RuntimeError("vLLM ended a request without finishing all of its samples")
+            handle.finish([c for c in done if c is not None])
+        except asyncio.CancelledError:
+            handle.fail(RuntimeError("the vLLM backend closed before the request finished"))
+            raise
+        except Exception as exc:  # noqa: BLE001 - a failed request fails its caller, not the engine's loop
+            handle.fail(exc)
+        finally:
+            for r in runs:
+                r.cancel()  # aborts in the engine whatever still runs
+            await asyncio.gather(*runs, return_exceptions=True)
+            self._running.subtract(loras)
+            for lora_id in set(loras) & self._to_remove:
+                if not self._running[lora_id]:
+                    self._retire(lora_id)
 
     def _sampling_params(self, job: _Job):
         p = job.params
@@ -274,6 +389,9 @@ class VLLMBackend:
             skip_special_tokens=True,
         )
 
+    def _decode(self, token_ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
     def _completion(self, sample, job: _Job) -> Completion:
         token_ids = list(sample.token_ids)
         logprobs = _sampled_logprobs(sample, token_ids)
@@ -283,10 +401,9 @@ class VLLMBackend:
         if finish == "stop" and not isinstance(stop_reason, str) and token_ids and token_ids[-1] in self.eos_ids:
             token_ids.pop()
             logprobs = logprobs[: len(token_ids)]
-        text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
-        hits = [text.find(s) for s in job.params.stop if s in text]
-        if hits:
-            text = text[: min(hits)]
+        full = self._decode(token_ids)
+        text = _cut(full, job.params.stop)
+        if len(text) < len(full):
             finish = "stop"
         completion = Completion(text, token_ids, logprobs, finish, len(job.ids))
         k = job.params.top_logprobs
@@ -300,18 +417,16 @@ class VLLMBackend:
         ranked = sorted((e.rank, token, e.logprob) for token, e in step.items() if e.rank is not None and e.rank <= k)
         return [(self.tokenizer.decode([token]), float(logprob)) for _, token, logprob in ranked]
 
-    def _drop_removed_adapters(self) -> None:
-        """Ask the engine to free the weights of unloaded adapters (called with the engine lock held)."""
-        with self._adapters_lock:
-            pending, self._to_remove = self._to_remove, []
-        remove = getattr(getattr(self.llm, "llm_engine", None), "remove_lora", None)
-        if not callable(remove):
-            return
-        for lora_id in pending:
-            try:
-                remove(lora_id)
-            except Exception:  # noqa: BLE001 - an adapter that was never used was never loaded
-                logger.debug("vLLM remove_lora(%s) failed", lora_id, exc_info=True)
+
+async def _build_engine(engine_class: Any, args: Any) -> Any:
+    """Build the engine on the loop that will drive it (its output handler is a task of that loop)."""
+    return engine_class.from_engine_args(args)
+
+
+def _cut(text: str, stops: Sequence[str]) -> str:
+    """``text`` up to the first stop string (as the HF backend cuts it)."""
+    hits = [text.find(s) for s in stops if s in text]
+    return text[: min(hits)] if hits else text
 
 
 def _sampled_logprobs(sample, token_ids: list[int]) -> list[float]:
@@ -328,12 +443,6 @@ def _sampled_logprobs(sample, token_ids: list[int]) -> list[float]:
 
 def _copy(c: Completion) -> Completion:
     return Completion(c.text, list(c.token_ids), list(c.logprobs), c.finish_reason, c.prompt_tokens)
-
-
-def _engine_max_model_len(llm) -> int | None:
-    config = getattr(getattr(llm, "llm_engine", None), "model_config", None)
-    value = getattr(config, "max_model_len", None)
-    return int(value) if value else None
 
 
 def _eos_ids(model_path: str, tokenizer) -> set[int]:

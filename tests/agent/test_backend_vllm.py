@@ -2,24 +2,28 @@
 
 Three layers, from cheapest to most real:
 - the import guard runs everywhere (vLLM is an optional GPU extra);
-- the request mapping runs everywhere against a stub of vLLM's *documented* offline API (it checks
+- the request mapping runs everywhere against a stand-in of vLLM's *documented* async API (it checks
   this module's own logic: prompt token ids, sampling params, per-request LoRA, EOS and stop-string
-  handling; it says nothing about vLLM itself);
+  handling, streaming, cancellation, adapter lifetimes; it says nothing about vLLM itself, which
+  ``test_vllm_api.py`` checks against the real classes);
 - the behavioural checks (the same ones the HF backend must pass) run only with vLLM and a CUDA GPU.
 """
 
 from __future__ import annotations
 
+import asyncio
 import sys
+import threading
+import time
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pytest
 
 from agent.backends.base import GenerationRequest, SamplingParams
-from agent.errors import AdapterError, PromptTooLongError
-from tests.conftest import make_random_adapter
-from tests.fakes import script_engine
+from agent.errors import AdapterError, GenerationCancelled, PromptTooLongError
+from tests.conftest import make_random_adapter, wait_for
+from tests.fakes import script_engine, scripted_steps
 
 ASK = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -41,7 +45,7 @@ def test_make_backend_vllm_without_vllm(monkeypatch, tmp_path):
         make_backend("vllm", str(tmp_path), model_name="x")
 
 
-# --- runs everywhere: our mapping onto a stub of the documented API --------------------------------------------
+# --- runs everywhere: our mapping onto a stand-in of the documented API -----------------------------------------
 @dataclass
 class _Logprob:
     logprob: float
@@ -49,77 +53,101 @@ class _Logprob:
 
 @dataclass
 class _Sample:
+    index: int
     token_ids: list[int]
     logprobs: list[dict[int, _Logprob]]
-    finish_reason: str
+    finish_reason: str | None
     stop_reason: object = None
 
 
 @dataclass
 class _RequestOutput:
     outputs: list[_Sample]
+    finished: bool
 
 
-@dataclass
-class _StubEngine:
-    removed: list[int] = field(default_factory=list)
+class _StubAsyncLLM:
+    """Emits a fixed token stream, then the tokenizer's EOS, one token per output; records every call.
+    ``hold``: an event each generation waits on before its first output (a request that stays in flight)."""
 
-    def remove_lora(self, lora_id: int) -> bool:
+    instances: list["_StubAsyncLLM"] = []
+    stream: list[int] = []
+    eos: int = -1
+    hold: threading.Event | None = None
+
+    def __init__(self, args):
+        self.kwargs = vars(args)
+        self.calls: list[tuple] = []
+        self.aborted: list[str] = []
+        self.added: list[tuple] = []
+        self.removed: list[int] = []
+        self.shut = False
+        self.model_config = types.SimpleNamespace(max_model_len=self.kwargs.get("max_model_len") or 64)
+        _StubAsyncLLM.instances.append(self)
+
+    @classmethod
+    def from_engine_args(cls, args):
+        asyncio.get_running_loop()  # built on the loop that drives it
+        return cls(args)
+
+    async def generate(self, prompt, sampling_params, request_id, *, lora_request=None):
+        self.calls.append((prompt, sampling_params, lora_request))
+        try:
+            while self.hold is not None and not self.hold.is_set():
+                await asyncio.sleep(0.005)
+            steps = scripted_steps(type(self), sampling_params.max_tokens)
+            for k, tokens in enumerate(steps):
+                last = k == len(steps) - 1
+                finish = ("stop" if tokens[-1] == self.eos else "length") if last else None
+                yield _RequestOutput([_Sample(i, list(tokens), [{t: _Logprob(-0.25)} for t in tokens], finish)
+                                      for i in range(sampling_params.n)], last)
+                await asyncio.sleep(0)
+        except asyncio.CancelledError:
+            self.aborted.append(request_id)
+            raise
+
+    async def add_lora(self, lora_request) -> bool:
+        self.added.append(lora_request)
+        return True
+
+    async def remove_lora(self, lora_id: int) -> bool:
         self.removed.append(lora_id)
         return True
 
-
-class _StubLLM:
-    """Emits a fixed token stream, then the tokenizer's EOS; records every call."""
-
-    instances: list["_StubLLM"] = []
-    stream: list[int] = []
-    eos: int = -1
-
-    def __init__(self, **kwargs):
-        self.kwargs = kwargs
-        self.calls: list[tuple] = []
-        self.llm_engine = _StubEngine()
-        self.llm_engine.model_config = types.SimpleNamespace(max_model_len=kwargs.get("max_model_len") or 64)
-        _StubLLM.instances.append(self)
-
-    def generate(self, prompts, sampling_params, *, use_tqdm=True, lora_request=None):
-        self.calls.append((prompts, sampling_params, lora_request))
-        assert isinstance(sampling_params, list) and len(sampling_params) == len(prompts)
-        if lora_request is not None:
-            assert len(lora_request) == len(prompts)
-        out = []
-        for sp in sampling_params:
-            full = self.stream + [self.eos]
-            tokens = full[: sp["max_tokens"]]
-            finish = "stop" if tokens[-1] == self.eos else "length"
-            sample = _Sample(tokens, [{t: _Logprob(-0.25)} for t in tokens], finish)
-            out.append(_RequestOutput([sample for _ in range(sp["n"])]))
-        return out
+    def shutdown(self) -> None:
+        self.shut = True
 
 
 @pytest.fixture
 def stub_vllm(monkeypatch, tiny_model_dir):
-    tok = script_engine(_StubLLM, tiny_model_dir)
-    vllm = types.ModuleType("vllm")
-    vllm.LLM = _StubLLM
-    vllm.SamplingParams = lambda **kw: dict(kw)
-    inputs = types.ModuleType("vllm.inputs")
-    inputs.TokensPrompt = lambda **kw: dict(kw)
-    lora = types.ModuleType("vllm.lora")
-    request = types.ModuleType("vllm.lora.request")
-    request.LoRARequest = lambda name, lora_id, path: (name, lora_id, path)
-    for name, module in {"vllm": vllm, "vllm.inputs": inputs, "vllm.lora": lora, "vllm.lora.request": request}.items():
+    tok = script_engine(_StubAsyncLLM, tiny_model_dir)
+    _StubAsyncLLM.hold = None
+    modules = {name: types.ModuleType(name) for name in (
+        "vllm", "vllm.inputs", "vllm.lora", "vllm.lora.request", "vllm.engine", "vllm.engine.arg_utils",
+        "vllm.v1", "vllm.v1.engine", "vllm.v1.engine.async_llm")}
+    modules["vllm"].SamplingParams = lambda **kw: types.SimpleNamespace(**kw)
+    modules["vllm.inputs"].TokensPrompt = lambda **kw: dict(kw)
+    modules["vllm.lora.request"].LoRARequest = lambda name, lora_id, path: types.SimpleNamespace(
+        lora_name=name, lora_int_id=lora_id, lora_path=path)
+    modules["vllm.engine.arg_utils"].AsyncEngineArgs = lambda **kw: types.SimpleNamespace(**kw)
+    modules["vllm.v1.engine.async_llm"].AsyncLLM = _StubAsyncLLM
+    for name, module in modules.items():
         monkeypatch.setitem(sys.modules, name, module)
     return tok
 
 
-def test_stub_prompts_params_and_outputs(stub_vllm, tiny_model_dir, tiny_backend):
+@pytest.fixture
+def stub_backend(stub_vllm, tiny_model_dir):
     from agent.backends.vllm import VLLMBackend
 
-    backend = VLLMBackend(str(tiny_model_dir), model_name="tiny", max_model_len=64, gpu_memory_utilization=0.3)
-    llm = _StubLLM.instances[-1]
-    assert llm.kwargs["enable_lora"] is True and backend.context_length == 64
+    backend = VLLMBackend(str(tiny_model_dir), model_name="tiny", max_model_len=256, max_lora_rank=8)
+    yield backend
+    backend.close()
+
+
+def test_stub_prompts_params_and_outputs(stub_vllm, stub_backend, tiny_backend):
+    backend, engine = stub_backend, _StubAsyncLLM.instances[-1]
+    assert engine.kwargs["enable_lora"] is True and backend.context_length == 256
     # byte-identical prompts with the HF backend
     assert backend.render(ASK) == tiny_backend.render(ASK)
     assert backend.count_tokens("plain text") == tiny_backend.count_tokens("plain text")
@@ -129,28 +157,54 @@ def test_stub_prompts_params_and_outputs(stub_vllm, tiny_model_dir, tiny_backend
     free = SamplingParams(n=2, temperature=1.0, top_k=7, max_new_tokens=32, stop=(" B",))
     out = backend.generate([GenerationRequest(ASK, greedy), GenerationRequest("raw", seeded),
                             GenerationRequest(ASK, free)])
-    prompts, params, loras = llm.calls[-1]
-    assert loras is None
-    assert prompts[0] == {"prompt_token_ids": tiny_backend.render(ASK)}
-    # greedy: one decode replicated; seeded: one request per sample with seed+j; unseeded: one request, n samples
-    assert [p["n"] for p in params] == [1, 1, 1, 1, 2]
-    assert [p["seed"] for p in params] == [None, 5, 6, 7, None]
-    assert params[0]["temperature"] == 0.0 and params[0]["top_k"] == -1
-    assert params[1]["top_k"] == -1 and params[1]["top_p"] == 0.9 and params[1]["stop"] == ["zz"]
-    assert params[4]["top_k"] == 7 and params[4]["stop"] == [" B"]
-    assert all(p["logprobs"] == 0 and stub_vllm.eos_token_id in p["stop_token_ids"] for p in params)
+    prompts = [c[0] for c in engine.calls]
+    params = sorted((c[1] for c in engine.calls), key=lambda p: (p.n, p.seed or 0, p.temperature))
+    assert all(c[2] is None for c in engine.calls)
+    assert {"prompt_token_ids": tiny_backend.render(ASK)} in prompts
+    # greedy: one decode stands for all; seeded: one request per sample with seed+j; unseeded: one request, n samples
+    assert [(p.n, p.seed) for p in params] == [(1, None), (1, 5), (1, 6), (1, 7), (2, None)]
+    assert params[0].temperature == 0.0 and params[0].top_k == -1
+    assert params[1].top_k == -1 and params[1].top_p == 0.9 and params[1].stop == ["zz"]
+    assert params[4].top_k == 7 and params[4].stop == [" B"]
+    assert all(p.logprobs == 0 and stub_vllm.eos_token_id in p.stop_token_ids for p in params)
     assert [len(c) for c in out] == [3, 3, 2]
     first = out[0][0]
-    assert first.finish_reason == "stop" and first.token_ids == _StubLLM.stream  # EOS dropped
+    assert first.finish_reason == "stop" and first.token_ids == _StubAsyncLLM.stream  # EOS dropped
     assert first.logprobs == [-0.25] * len(first.token_ids) and first.text == " A B 0123"
     assert first.prompt_tokens == len(tiny_backend.render(ASK))
     assert out[0][1] is not first and out[0][1].token_ids == first.token_ids
     assert out[1][0].finish_reason == "length" and len(out[1][0].token_ids) == 2
     assert out[2][0].text == " A" and out[2][0].finish_reason == "stop"
 
+    calls = len(engine.calls)
     with pytest.raises(PromptTooLongError):
-        backend.generate([GenerationRequest(ASK, SamplingParams(max_new_tokens=60))])
-    assert len(llm.calls) == 1
+        backend.generate([GenerationRequest(ASK, SamplingParams(max_new_tokens=250))])
+    assert len(engine.calls) == calls
+
+
+def test_stub_streams_text_as_the_engine_decodes_and_cancel_aborts(stub_backend):
+    from agent.backends import stream
+
+    handle = stream.submit(stub_backend, GenerationRequest(ASK, SamplingParams(n=2, temperature=1.0, seed=1,
+                                                                               max_new_tokens=32)))
+    deltas = list(handle.deltas(timeout=10))
+    result = handle.result()
+    for index in (0, 1):
+        mine = [d for d in deltas if d.index == index]
+        assert len(mine) > 3 and "".join(d.text for d in mine) == result[index].text == " A B 0123"
+        assert mine[-1].finish_reason == "stop" and all(d.finish_reason is None for d in mine[:-1])
+    engine = _StubAsyncLLM.instances[-1]
+    _StubAsyncLLM.hold = threading.Event()  # the next request stays in flight until cancelled
+    gone = threading.Event()
+    handle = stub_backend.submit(GenerationRequest(ASK, SamplingParams(max_new_tokens=32)), cancel=gone)
+    gone.set()
+    with pytest.raises(GenerationCancelled):
+        handle.result(timeout=10)
+    wait_for(lambda: len(engine.aborted) == 1, 10, "the engine to abort the request")
+    with pytest.raises(GenerationCancelled, match="deadline"):
+        stub_backend.generate([GenerationRequest(ASK, SamplingParams(max_new_tokens=8))], deadline=time.monotonic() + 0.1)
+    _StubAsyncLLM.hold.set()
+    assert stub_backend.generate([GenerationRequest(ASK, SamplingParams(max_new_tokens=8))])[0][0].text
 
 
 def test_the_vllm_section_of_the_config_starts_the_engine(stub_vllm, tiny_model_dir):
@@ -161,17 +215,15 @@ def test_the_vllm_section_of_the_config_starts_the_engine(stub_vllm, tiny_model_
     config.vllm.max_model_len, config.vllm.gpu_memory_utilization, config.vllm.max_lora_rank = 64, 0.3, 16
     config.vllm.tensor_parallel_size, config.vllm.enforce_eager = 2, True
     backend = backend_for(config, str(tiny_model_dir))
-    kwargs = _StubLLM.instances[-1].kwargs
+    kwargs = _StubAsyncLLM.instances[-1].kwargs
     assert (kwargs["max_model_len"], kwargs["gpu_memory_utilization"], kwargs["max_lora_rank"]) == (64, 0.3, 16)
     assert (kwargs["tensor_parallel_size"], kwargs["enforce_eager"], kwargs["dtype"]) == (2, True, "auto")
     assert backend.context_length == 64 and backend.max_lora_rank == 16
+    backend.close()
 
 
-def test_stub_adapters_per_request(stub_vllm, tiny_model_dir, tmp_path):
-    from agent.backends.vllm import VLLMBackend
-
-    backend = VLLMBackend(str(tiny_model_dir), model_name="tiny", max_model_len=256, max_lora_rank=8)
-    llm = _StubLLM.instances[-1]
+def test_stub_adapters_per_request(stub_backend, tiny_model_dir, tmp_path):
+    backend, engine = stub_backend, _StubAsyncLLM.instances[-1]
     with pytest.raises(AdapterError):
         backend.load_adapter("missing", str(tmp_path / "nothing"))
     path = make_random_adapter(tiny_model_dir, tmp_path / "a")
@@ -179,16 +231,25 @@ def test_stub_adapters_per_request(stub_vllm, tiny_model_dir, tmp_path):
     backend.load_adapter("b", str(path))  # a hot-swap is just a new name
     with pytest.raises(AdapterError, match="max_lora_rank"):
         backend.load_adapter("wide", str(make_random_adapter(tiny_model_dir, tmp_path / "wide", rank=16)))
+    assert [lora.lora_name for lora in engine.added] == ["a", "b"]  # loaded into the engine when loaded here
     backend.generate([GenerationRequest("x", adapter="a"), GenerationRequest("x"), GenerationRequest("x", adapter="b")])
-    loras = llm.calls[-1][2]
-    assert loras[1] is None and loras[0][0] == "a" and loras[2][0] == "b"
-    assert loras[0][1] != loras[2][1] and loras[0][2] == str(path.resolve())
+    loras = {c[2].lora_name: c[2] for c in engine.calls if c[2] is not None}
+    assert sum(c[2] is None for c in engine.calls) == 1
+    assert loras["a"].lora_int_id != loras["b"].lora_int_id and loras["a"].lora_path == str(path.resolve())
+    # Unloading while a request runs with it: new requests are refused at once, the running one finishes,
+    # and then the weights are freed.
+    _StubAsyncLLM.hold = threading.Event()
+    running = backend.submit(GenerationRequest("x", SamplingParams(max_new_tokens=4), adapter="a"))
     backend.unload_adapter("a")
     with pytest.raises(AdapterError, match="not loaded"):
         backend.generate([GenerationRequest("x", adapter="a")])
-    backend.generate([GenerationRequest("x", adapter="b")])
-    assert llm.llm_engine.removed == [loras[0][1]]
+    time.sleep(0.1)
+    assert engine.removed == []
+    _StubAsyncLLM.hold.set()
+    assert running.result(timeout=10)[0].num_tokens == 4
+    wait_for(lambda: engine.removed == [loras["a"].lora_int_id], 10, "the adapter's weights to be freed")
     backend.close()
+    assert engine.shut
     with pytest.raises(RuntimeError, match="closed"):
         backend.generate([GenerationRequest("x")])
 

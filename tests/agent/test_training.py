@@ -140,3 +140,21 @@ def test_train_lora_adds_the_kl_term_when_weighted(tiny_model_dir, tmp_path):
     off = train_lora(str(tiny_model_dir), task, ConsolidationConfig(epochs=1, bf16="off"), tmp_path / "off",
                      kl_examples=general)
     assert off.last_kl is None  # weight 0: the term is not computed
+
+
+def test_training_runs_where_the_config_says_and_bf16_follows_the_device() -> None:
+    from agent.config import ConsolidationConfig
+    from agent.training import training_device, use_bf16
+
+    gpu = torch.cuda.is_available()
+    assert training_device(ConsolidationConfig()).type == ("cuda" if gpu else "cpu")
+    assert training_device(ConsolidationConfig(device="cpu")).type == "cpu"
+    assert use_bf16(ConsolidationConfig(bf16="on"), torch.device("cpu"))
+    assert not use_bf16(ConsolidationConfig(bf16="off"), torch.device("cuda"))
+
+
+def test_a_device_that_is_not_one_is_refused() -> None:
+    from agent.config import AgentConfig, ConfigError
+
+    with pytest.raises(ConfigError, match="device"):
+        AgentConfig.from_dict({"consolidation": {"device": "tpu"}})
