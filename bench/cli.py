@@ -34,6 +34,8 @@ def build_parser(prog: str = "agent bench") -> argparse.ArgumentParser:
     p.add_argument("--engine-requests", type=int, default=0,
                    help="> 0: also time to first token, 8 clients vs raw batch-8 generate, System 1 p90 under "
                         "2 PAL clients, with this many requests per measurement")
+    p.add_argument("--url", help="drive the OpenAI-compatible server already running here instead of starting one")
+    p.add_argument("--served-model", default="default", help="with --url: the model name to ask for")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("consolidation", help="training time, peak memory, adapter size, hot-swap latency")
@@ -268,8 +270,13 @@ def run(args: argparse.Namespace, config: AgentConfig) -> int:
     if args.bench_cmd == "serving":
         from bench import serving
 
-        results = serving.run(config, _positive_ints(args.clients, "--clients"), args.requests_per_client, args.max_tokens,
-                              engine_requests=args.engine_requests)
+        clients = _positive_ints(args.clients, "--clients")
+        if args.url:
+            results = serving.run_external(args.url.rstrip("/"), args.served_model, clients, args.requests_per_client,
+                                           args.max_tokens)
+        else:
+            results = serving.run(config, clients, args.requests_per_client, args.max_tokens,
+                                  engine_requests=args.engine_requests)
         sys.stdout.write((json.dumps(results, indent=2) if args.json else serving.report(results)) + "\n")
         return 0
     if args.bench_cmd == "contention":

@@ -1,6 +1,7 @@
 """Serving throughput and latency of the real HTTP server, with and without micro-batching.
 
     agent bench serving [--model default] [--clients 1,4,8,16] [--requests-per-client 4] [--max-tokens 32]
+    agent bench serving --url http://host:port [--served-model NAME] [--clients 1,8,64]    # any running server
 
 Starts the OpenAI-compatible server (``create_app`` under uvicorn, in a thread, on a free port of
 127.0.0.1) twice on the configured model: batching on (``max_batch`` 16, ``batch_wait_ms`` 5) and off
@@ -11,6 +12,10 @@ Prints, per (batching, clients): completion tokens/s over the whole run, request
 latency, and the mean rows per decode step the server actually ran. With ``--engine-requests N`` it also
 measures, with batching on, time to first token, 8 clients against a raw batch-8 ``generate`` and System 1
 under System 2 load (:mod:`bench.serving_engine`).
+
+With ``--url`` it starts nothing and drives a server already running there, any OpenAI-compatible one (this
+runtime's, vLLM's own ``vllm serve``), with plain chat requests for ``--served-model`` and no ``s2agent``
+field: ``bench/gpu_check.sh`` compares ``agent serve --backend vllm`` with ``vllm serve`` this way.
 """
 
 from __future__ import annotations
@@ -68,9 +73,11 @@ class ServerThread:
         self.sock.close()
 
 
-def drive(url: str, clients: int, requests_per_client: int, max_tokens: int, extra: dict | None = None) -> dict:
+def drive(url: str, clients: int, requests_per_client: int, max_tokens: int, extra: dict | None = None,
+          model: str = "default", system1: bool = True) -> dict:
     """``clients`` threads, each sending ``requests_per_client`` requests in turn; returns the numbers.
-    ``extra``: more fields for every request body (a ``logit_bias``)."""
+    ``extra``: more fields for every request body (a ``logit_bias``); ``system1``: force System 1 with this
+    runtime's ``s2agent`` field (False: a plain OpenAI request, for any server)."""
     import httpx  # the load generator's client; not needed by the runtime itself
 
     latencies: list[float] = []
@@ -84,9 +91,9 @@ def drive(url: str, clients: int, requests_per_client: int, max_tokens: int, ext
             start.wait()
             for i in range(requests_per_client):
                 body = {
-                    "model": "default", "max_tokens": max_tokens, "temperature": 0,
+                    "model": model, "max_tokens": max_tokens, "temperature": 0,
                     "messages": [{"role": "user", "content": PROMPTS[(index + i) % len(PROMPTS)]}],
-                    "s2agent": {"route": "system1"}, **(extra or {}),
+                    **({"s2agent": {"route": "system1"}} if system1 else {}), **(extra or {}),
                 }
                 t = time.perf_counter()
                 try:
@@ -158,7 +165,30 @@ def run(config: AgentConfig | None = None, clients: Sequence[int] = (1, 4, 8, 16
     return results
 
 
+def run_external(url: str, model: str, clients: Sequence[int] = (1, 8, 64), requests_per_client: int = 4,
+                 max_tokens: int = 32) -> dict:
+    """Drive the server already running at ``url`` (see the module docstring); one row per client count."""
+    results: dict = {"model": model, "url": url, "max_tokens": max_tokens, "requests_per_client": requests_per_client,
+                     "runs": []}
+    drive(url, 1, 1, max_tokens, model=model, system1=False)  # warm up
+    for n in clients:
+        row = drive(url, n, requests_per_client, max_tokens, model=model, system1=False)
+        row["batching"], row["mean_batch_rows"] = "external", None
+        results["runs"].append(row)
+    return results
+
+
 def report(results: dict) -> str:
+    if "url" in results:
+        lines = [f"{results['url']}, model {results['model']}: {results['requests_per_client']} requests per client, "
+                 f"max_tokens {results['max_tokens']}",
+                 f"{'clients':>8}{'tokens/s':>10}{'req/s':>8}{'p50 s':>8}{'p99 s':>8}{'errors':>8}"]
+        for r in results["runs"]:
+            p50, p99 = (f"{r[k]:.2f}" if r[k] is not None else "-" for k in ("latency_p50_s", "latency_p99_s"))
+            lines.append(f"{r['clients']:>8}{r['tokens_per_s']:>10.1f}{r['requests_per_s']:>8.2f}{p50:>8}{p99:>8}"
+                         f"{r['errors']:>8}")
+        lines += [f"error ({r['clients']} clients): {e}" for r in results["runs"] for e in r["error_examples"]]
+        return "\n".join(lines)
     lines = [f"model {results['model']}: {results['requests_per_client']} requests per client, "
              f"max_tokens {results['max_tokens']}, all System 1; batching on = max_batch "
              f"{results['modes']['on']['max_batch']}, wait {results['modes']['on']['batch_wait_ms']:g} ms; "

@@ -46,6 +46,19 @@ def test_serving_engine_measurements_run_over_http(tiny_model_dir: Path) -> None
     assert "hot-swap during continuous batching" in serving.report(results)
 
 
+def test_serving_drives_a_server_already_running(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from agent import Agent
+
+    config = tiny(tiny_model_dir)
+    config.db = str(tmp_path / "agent.db")
+    config.routing.router = "never"
+    with Agent(config) as agent, serving.ServerThread(agent) as server:
+        results = serving.run_external(server.url, "default", clients=[1, 3], requests_per_client=2, max_tokens=4)
+    assert [(r["clients"], r["requests"], r["errors"]) for r in results["runs"]] == [(1, 2, 0), (3, 6, 0)]
+    assert all(r["completion_tokens"] > 0 for r in results["runs"])
+    assert server.url in serving.report(results)
+
+
 def test_consolidation_trains_gates_and_times_the_swap(tiny_model_dir: Path) -> None:
     results = consolidation.run(tiny(tiny_model_dir), examples=6, epochs=1, swaps=2)
 
