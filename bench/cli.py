@@ -88,6 +88,13 @@ def build_parser(prog: str = "agent bench") -> argparse.ArgumentParser:
                    help="train the general (unscoped) adapter, where retention gates: the forgetting study")
     p.add_argument("--out", default="bench/out/knobs")
     p.add_argument("--json", action="store_true")
+    p = sub.add_parser("general", help="correct examples imported untagged into the general adapter with the "
+                                       "defaults: task accuracy on unseen items and general facts kept")
+    p.add_argument("--task", default="addition")
+    p.add_argument("--n", type=int, default=300, help="examples imported")
+    p.add_argument("--n-eval", type=int, default=50, help="held-out items per column")
+    p.add_argument("--out", default="bench/out/general")
+    p.add_argument("--json", action="store_true")
     p = sub.add_parser("system2", help="System 2 seconds, tokens and label quality for k = 1, 4, 8 samples")
     p.add_argument("--task", default="last_letter_2")
     p.add_argument("--method", default="pal")
@@ -239,6 +246,12 @@ def run(args: argparse.Namespace, config: AgentConfig) -> int:
         only = [label.strip() for label in args.only.split(",")] if args.only else None
         result = knobs.run(config, args.task, args.n_train, args.n_eval, Path(args.out), only, args.general)
         sys.stdout.write((json.dumps(result, indent=2) if args.json else knobs.report(result)) + "\n")
+        return 0
+    if args.bench_cmd == "general":
+        from bench import general
+
+        result = general.run(config, args.task, args.n, args.n_eval, Path(args.out))
+        sys.stdout.write((json.dumps(result, indent=2) if args.json else general.report(result)) + "\n")
         return 0
     if args.bench_cmd == "system2":
         from bench import system2

@@ -59,6 +59,18 @@ def test_serving_drives_a_server_already_running(tiny_model_dir: Path, tmp_path:
     assert server.url in serving.report(results)
 
 
+def test_general_imports_with_the_cli_and_measures_before_and_after(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from bench import general
+
+    result = general.run(tiny(tiny_model_dir), "addition", n=40, n_eval=4, out=tmp_path / "out")
+
+    assert result["import"].startswith("imported 40 examples")
+    assert result["adapter"] is not None and result["adapter"]["scope"] is None  # the general adapter
+    assert result["adapter"]["status"] in ("promoted", "rejected") and result["adapter"]["n_train"] > 0
+    assert len(result["before"]["facts_right"]) == len(result["after"]["facts_right"]) > 20
+    assert (tmp_path / "out" / "results.json").exists() and "general facts" in general.report(result)
+
+
 def test_consolidation_trains_gates_and_times_the_swap(tiny_model_dir: Path) -> None:
     results = consolidation.run(tiny(tiny_model_dir), examples=6, epochs=1, swaps=2)
 
