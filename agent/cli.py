@@ -412,12 +412,12 @@ def cmd_adapters(args, config) -> int:
                 return 0
             _table([(f"v{r.version}", f"v{r.parent}" if r.parent else "base", r.scope or "general", r.status,
                      ("!" if r.version in broken else "*") if r.serving else "", _when(r.created_at), r.n_train,
-                     _fmt(r.metrics.get("holdout_accuracy_candidate")), _fmt(r.metrics.get("retention")),
-                     "retrain" if r.needs_retrain else "")
+                     _fmt(r.metrics.get("holdout_accuracy_candidate")), _fmt(r.metrics.get("retention_likelihood")),
+                     _fmt(r.metrics.get("retention")), "retrain" if r.needs_retrain else "")
                     for r in rows],
-                   ["version", "parent", "scope", "status", "serving", "created", "trained", "holdout", "retention",
-                    "flag"],
-                   [8, 8, 12, 10, 7, 16, 7, 7, 9, 7])
+                   ["version", "parent", "scope", "status", "serving", "created", "trained", "holdout", "ret.lik",
+                    "ret.text", "flag"],
+                   [8, 8, 12, 10, 7, 16, 7, 7, 7, 8, 7])
             if not any(r.serving for r in rows):
                 _out("(no adapter serves: the base model answers)")
             for version, why in broken.items():

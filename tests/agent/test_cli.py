@@ -243,6 +243,16 @@ def test_adapters_ls_with_none(capsys: pytest.CaptureFixture, db: Path) -> None:
     assert json.loads(out) == []
 
 
+def test_adapters_ls_shows_both_retention_measures(capsys: pytest.CaptureFixture, db: Path) -> None:
+    with Store(str(db)) as store:
+        store.register_adapter(1, "/adapters/v1", None, metrics={"holdout_accuracy_candidate": 0.5,
+                                                                 "retention_likelihood": 0.97, "retention": 0.17})
+    code, out, _ = run(capsys, "--db", str(db), "adapters", "ls")
+    header, row = out.splitlines()[:2]
+    assert header.split()[-4:] == ["holdout", "ret.lik", "ret.text", "flag"]
+    assert row.split()[-3:] == ["0.50", "0.97", "0.17"]
+
+
 def test_adapters_show_unknown(capsys: pytest.CaptureFixture, db: Path) -> None:
     code, out, _ = run(capsys, "--db", str(db), "adapters", "show", "4")
     assert code == 1
