@@ -153,6 +153,9 @@ class RoutingConfig:
     """Cosine similarity (the scope classifier's features) for an earlier input to count as evidence."""
     memory_min_yield: float = within("[0, 1]", 0.2)
     """System 2 is skipped when the share of the similar inputs it paid off for is below this."""
+    memory_repeat_failures: int = within("[0, inf)", 1)
+    """An input asked again that System 2 (the same method) failed on this many times, and never answered, is
+    skipped at once, whatever the similar inputs say (0: no such rule)."""
     memory_explore: float = within("[0, 1]", 0.05)
     """Share of the inputs the memory would skip that still run System 2, so that a kind of input System 2
     has learned to handle (a new method, a teacher, a better model) is noticed."""

@@ -31,7 +31,8 @@ class RoutingMemory:
             cfg = self.config
             memory = System2Memory(
                 neighbours=cfg.memory_neighbours, min_similarity=cfg.memory_min_similarity,
-                min_evidence=cfg.memory_min_evidence, min_yield=cfg.memory_min_yield, explore=cfg.memory_explore,
+                min_evidence=cfg.memory_min_evidence, min_yield=cfg.memory_min_yield,
+                repeat_failures=cfg.memory_repeat_failures, explore=cfg.memory_explore,
                 capacity=cfg.memory_size, seed=self.seed,
             )
             outcomes = self.store.system2_outcomes(cfg.memory_size)

@@ -6,7 +6,9 @@ program can compute, so a general question or one nobody can answer costs a Syst
 the user's wait, ~100 tokens) and yields nothing, every time it is asked. This memory remembers, per input,
 whether System 2's run produced an accepted answer, and before the next run looks at the most similar
 earlier inputs (the character n-gram features of :mod:`policies.scoping`): when enough of them are close
-and almost none of them paid off, System 2 is skipped and System 1's answer stands.
+and almost none of them paid off, System 2 is skipped and System 1's answer stands. An input asked again
+(the same text) that System 2 failed on ``repeat_failures`` times and never answered is skipped at once:
+a question users repeat is the one that would cost a System 2 run each time.
 
 It stays open to change: a share ``explore`` of the inputs it would skip still go to System 2 (so a kind of
 input that System 2 learns to handle, a new method or a teacher, is noticed), and outcomes are kept per
@@ -36,9 +38,12 @@ class MemoryVerdict:
     """How many of those got an accepted System 2 answer."""
     explored: bool = False
     """The evidence said skip, but this input was drawn to run System 2 anyway (``explore``)."""
+    repeated: bool = False
+    """The evidence is this very input, asked before (``repeat_failures``)."""
 
     def as_dict(self) -> dict[str, object]:
-        return {"skip": self.skip, "evidence": self.evidence, "paid_off": self.paid_off, "explored": self.explored}
+        return {"skip": self.skip, "evidence": self.evidence, "paid_off": self.paid_off, "explored": self.explored,
+                "repeated": self.repeated}
 
 
 class _Outcomes:
@@ -63,11 +68,16 @@ class System2Memory:
     ``neighbours``: how many of the most similar earlier inputs are consulted; ``min_similarity``: cosine
     similarity for an earlier input to count; ``min_evidence``: how many must count before anything is
     skipped; ``min_yield``: System 2 is skipped when the share of them that paid off is below this;
+    ``repeat_failures``: failures on the same text, with no success, that skip it at once (0: never);
     ``explore``: share of would-be skips that run System 2 anyway; ``capacity``: outcomes kept per method.
     """
 
+    SAME = 0.999
+    """Cosine similarity above which two inputs count as the same text."""
+
     def __init__(self, *, neighbours: int = 8, min_similarity: float = 0.6, min_evidence: int = 4,
-                 min_yield: float = 0.2, explore: float = 0.05, capacity: int = 2000, seed: int = 0) -> None:
+                 min_yield: float = 0.2, repeat_failures: int = 1, explore: float = 0.05, capacity: int = 2000,
+                 seed: int = 0) -> None:
         if not 0.0 < min_similarity <= 1.0:
             raise ValueError(f"min_similarity must be in (0, 1], got {min_similarity}")
         if not 1 <= min_evidence <= neighbours:
@@ -76,6 +86,9 @@ class System2Memory:
             raise ValueError("explore and min_yield must be in [0, 1]")
         if capacity < 1:
             raise ValueError(f"capacity must be at least 1, got {capacity}")
+        if repeat_failures < 0:
+            raise ValueError(f"repeat_failures must be at least 0, got {repeat_failures}")
+        self.repeat_failures = repeat_failures
         self.neighbours, self.min_similarity, self.min_evidence = neighbours, min_similarity, min_evidence
         self.min_yield, self.explore, self.capacity = min_yield, explore, capacity
         self._rng = random.Random(seed)
@@ -94,15 +107,22 @@ class System2Memory:
     def judge(self, text: str, method: str) -> MemoryVerdict:
         """Whether to skip System 2 (``method``) on ``text``, and the evidence for it."""
         outcomes = self._methods.get(method)
-        if outcomes is None or outcomes.size < self.min_evidence:
+        if outcomes is None:
             return MemoryVerdict(skip=False, evidence=0, paid_off=0)
         sims = outcomes.features[:outcomes.size] @ featurise([text])[0]
+        same = np.flatnonzero(sims >= self.SAME)
+        if self.repeat_failures and len(same) >= self.repeat_failures and not outcomes.paid[same].any():
+            return self._skip(len(same), 0, repeated=True)
         close = np.flatnonzero(sims >= self.min_similarity)
         if len(close) > self.neighbours:
             close = close[np.argsort(sims[close])[-self.neighbours:]]
         evidence, paid_off = len(close), int(outcomes.paid[close].sum())
         if evidence < self.min_evidence or paid_off >= self.min_yield * evidence:
             return MemoryVerdict(skip=False, evidence=evidence, paid_off=paid_off)
-        if self._rng.random() < self.explore:
-            return MemoryVerdict(skip=False, evidence=evidence, paid_off=paid_off, explored=True)
-        return MemoryVerdict(skip=True, evidence=evidence, paid_off=paid_off)
+        return self._skip(evidence, paid_off)
+
+    def _skip(self, evidence: int, paid_off: int, repeated: bool = False) -> MemoryVerdict:
+        """Skip, unless this input is drawn to explore."""
+        explored = self._rng.random() < self.explore
+        return MemoryVerdict(skip=not explored, evidence=evidence, paid_off=paid_off, explored=explored,
+                             repeated=repeated)

@@ -97,10 +97,13 @@ def test_system2_is_skipped_for_inputs_like_its_failures_and_the_memory_survives
         skipped = agent.answer(capitals[4])
         assert skipped.route == "system1" and skipped.method is None and skipped.tokens_system2 == 0
         assert skipped.route_reason["system2"] == "skipped"
-        assert skipped.route_reason["memory"] == {"skip": True, "evidence": 4, "paid_off": 0, "explored": False}
+        assert skipped.route_reason["memory"] == {"skip": True, "evidence": 4, "paid_off": 0, "explored": False,
+                                                  "repeated": False}
         assert agent.answer("What is 47 + 38?").route == "system2"  # sums pay off: still System 2
         assert agent.answer(capitals[4], route="system2").method == "arith"  # asked for: it runs
         assert agent.routing_memory.stats() == {"skipped": 1, "explored": 0, "recorded": 6}
+        again = agent.answer(capitals[0])  # asked again after System 2 failed on it: skipped at once
+        assert again.route_reason["system2"] == "skipped" and again.route_reason["memory"]["repeated"]
         examples = agent.store.count_examples()
     with Agent(tiny_config) as agent:  # rebuilt from the store: the first similar question costs nothing
         assert agent.answer(capitals[5]).route_reason["system2"] == "skipped"

@@ -67,3 +67,23 @@ def test_only_the_newest_outcomes_are_kept():
 def test_bad_settings_are_refused(kwargs):
     with pytest.raises(ValueError):
         System2Memory(**kwargs)
+
+
+def test_a_question_asked_again_after_system2_failed_on_it_is_skipped_at_once():
+    memory = System2Memory(min_evidence=4, explore=0.0)
+    memory.add(CAPITALS[0], "auto", paid_off=False)
+    again = memory.judge(CAPITALS[0], "auto")
+    assert again.skip and again.repeated and again.evidence == 1
+    similar = memory.judge(CAPITALS[1], "auto")  # a similar question still needs the usual evidence
+    assert not similar.skip and not similar.repeated
+    memory.add(SUMS[0], "auto", paid_off=False)
+    memory.add(SUMS[0], "auto", paid_off=True)
+    assert not memory.judge(SUMS[0], "auto").skip  # it paid off once: worth another run
+    twice = System2Memory(min_evidence=4, repeat_failures=2, explore=0.0)
+    twice.add(CAPITALS[0], "auto", paid_off=False)
+    assert not twice.judge(CAPITALS[0], "auto").skip
+    twice.add(CAPITALS[0], "auto", paid_off=False)
+    assert twice.judge(CAPITALS[0], "auto").skip
+    never = System2Memory(min_evidence=4, repeat_failures=0, explore=0.0)
+    never.add(CAPITALS[0], "auto", paid_off=False)
+    assert not never.judge(CAPITALS[0], "auto").skip
