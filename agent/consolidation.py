@@ -227,7 +227,7 @@ def _consolidate_locked(agent: Learner, owner, scope, dry_run, min_examples, epo
     serving = store.serving_adapter(scope) or (store.serving_adapter(None) if scope else None)
     retention_inputs = _retention_inputs(agent, cfg)
     n_retention_train = min(int(cfg.retention_ratio * (len(new) + len(replay))),
-                            sum(1 for p in retention_inputs if holdout_bucket(p, cfg.seed + 1) >= 0.5))
+                            sum(1 for p in retention_inputs if not _held_out(p, cfg.seed)))
     report = ConsolidationReport(
         "dry-run", "", scope=scope, parent_version=serving.version if serving else None, n_new=len(new),
         n_deferred=len(cap.deferred), n_replay=len(replay), n_holdout=len(holdout),
@@ -250,9 +250,11 @@ def _consolidate_locked(agent: Learner, owner, scope, dry_run, min_examples, epo
     loaded = False
     try:
         serving_name = agent.adapter_for(scope)[1]
-        # Retention: the serving model's own answers, now, are the targets to keep.
-        retention_answers = _system1_answers(agent, retention_inputs, serving_name, stop=stop)
-        retention_train, retention_holdout = split_retention(retention_inputs, retention_answers, cfg.seed)
+        # Retention: the serving model's own answers, now, are the targets to keep. Only the prompts this run
+        # reads are answered (minutes of CPU for 64 prompts): the held-out half, and what trains of the rest.
+        asked = _retention_prompts_used(retention_inputs, n_retention_train, cfg.retention_kl_weight > 0, cfg.seed)
+        retention_answers = _system1_answers(agent, asked, serving_name, stop=stop)
+        retention_train, retention_holdout = split_retention(asked, retention_answers, cfg.seed)
         retention_kl_pairs = retention_train  # the KL term (retention_kl_weight) sees every training prompt
         retention_train = retention_train[:n_retention_train]
         report.n_retention, report.n_retention_holdout = len(retention_train), len(retention_holdout)
@@ -401,8 +403,27 @@ def split_retention(inputs: Sequence[str], answers: Sequence[str], seed: int
     holdout: list[tuple[str, str]] = []
     for prompt, answer in zip(inputs, answers):
         if answer.strip():
-            (holdout if holdout_bucket(prompt, seed + 1) < 0.5 else train).append((prompt, answer))
+            (holdout if _held_out(prompt, seed) else train).append((prompt, answer))
     return train, holdout
+
+
+def _held_out(prompt: str, seed: int) -> bool:
+    """Whether a retention prompt is in the seeded half that gates candidates (never trained on)."""
+    return holdout_bucket(prompt, seed + 1) < 0.5
+
+
+def _retention_prompts_used(inputs: Sequence[str], n_train: int, all_train: bool, seed: int) -> list[str]:
+    """The retention prompts a run needs answers for, in order: every held-out one, and of the others the first
+    ``n_train`` (all of them with ``all_train``: the KL term reads every training prompt)."""
+    used: list[str] = []
+    trained = 0
+    for prompt in inputs:
+        if _held_out(prompt, seed):
+            used.append(prompt)
+        elif all_train or trained < n_train:
+            used.append(prompt)
+            trained += 1
+    return used
 
 
 def retained(old: str, new: str) -> bool:
@@ -430,23 +451,29 @@ def _gate(agent: Learner, report, holdout, retention_holdout, candidate, serving
     else:
         reasons.append("no holdout examples yet")
     if retention_holdout:
-        new_answers = _system1_answers(agent, [p for p, _ in retention_holdout], candidate)
-        score = sum(retained(old, new) for (_, old), new in zip(retention_holdout, new_answers)) / len(new_answers)
-        m["retention"] = score
-        m["retention_examples"] = [
-            {"input": p, "serving": old, "candidate": new} for (p, old), new in zip(retention_holdout[:5], new_answers)
-        ]
-        likelihood = likelihood_retention(agent.model_path, retention_holdout, candidate_folder, serving_folder,
-                                          system_prompt=agent.config.system_prompt, device=training_device(cfg))
-        m.update(likelihood.as_metrics())
+        # The general adapter is gated by the configured measure and reports both. A scoped adapter never
+        # answers general prompts: its retention is reported, not gated, by the likelihood measure only
+        # (forward passes), without regenerating the text answers (minutes of decoding on a CPU).
+        measures = {}
+        if scope is None or cfg.retention_measure == "text":
+            new_answers = _system1_answers(agent, [p for p, _ in retention_holdout], candidate)
+            measures["text"] = m["retention"] = sum(
+                retained(old, new) for (_, old), new in zip(retention_holdout, new_answers)) / len(new_answers)
+            m["retention_examples"] = [{"input": p, "serving": old, "candidate": new}
+                                       for (p, old), new in zip(retention_holdout[:5], new_answers)]
+        if scope is None or cfg.retention_measure == "likelihood":
+            likelihood = likelihood_retention(agent.model_path, retention_holdout, candidate_folder, serving_folder,
+                                              system_prompt=agent.config.system_prompt, device=training_device(cfg))
+            m.update(likelihood.as_metrics())
+            measures["likelihood"] = likelihood.score
         m["retention_measure"] = cfg.retention_measure
-        gated = likelihood.score if cfg.retention_measure == "likelihood" else score
-        both = f"retention {gated:.2f} by {cfg.retention_measure}" + (
-            f" (text {score:.2f})" if cfg.retention_measure == "likelihood" else f" (likelihood {likelihood.score:.2f})")
+        gated = measures[cfg.retention_measure]
+        others = "".join(f" ({name} {value:.2f})" for name, value in measures.items() if name != cfg.retention_measure)
+        both = f"retention {gated:.2f} by {cfg.retention_measure}{others}"
         if scope is None:
             ok &= gated >= cfg.retention_threshold
             reasons.append(f"{both}, needs >= {cfg.retention_threshold:.2f}")
-        else:  # a scoped adapter never answers general prompts: its retention is reported, not gated
+        else:
             reasons.append(f"general {both} (not gated: this adapter serves only tag {scope!r})")
     if cfg.eval_file:
         items = [json.loads(line) for line in Path(cfg.eval_file).read_text().splitlines() if line.strip()]

@@ -181,6 +181,19 @@ def test_rollback_and_corrupt_adapter(learning_config):
         assert agent.answer("What is 1 + 2?", route="system1").adapter_version == 1
 
 
+def test_a_run_answers_only_the_retention_prompts_it_reads():
+    from agent.consolidation import _retention_prompts_used, split_retention
+
+    prompts = [f"Tell me about topic number {i}." for i in range(40)]
+    _, holdout = split_retention(prompts, ["Sure."] * 40, seed=0)
+    used = _retention_prompts_used(prompts, 3, False, seed=0)
+    assert len(used) == len(holdout) + 3 and {p for p, _ in holdout} <= set(used)
+    assert used == [p for p in prompts if p in set(used)]  # in the configured order
+    train, _ = split_retention(used, ["Sure."] * len(used), seed=0)
+    assert [p for p, _ in train] == [p for p in prompts if p not in {q for q, _ in holdout}][:3]
+    assert _retention_prompts_used(prompts, 3, True, seed=0) == prompts  # the KL term reads every one
+
+
 def test_retention_split_keeps_long_answers_and_is_stable():
     from agent.consolidation import retained, split_retention
 
