@@ -331,7 +331,8 @@ def _print_stats(stats: dict[str, Any]) -> None:
     _out(f"interactions: {it['total']}  by route: {it['by_route']}  System 2 rate: {_pct(it.get('system2_rate'))}"
          f"  acceptance: {_pct(it.get('system2_acceptance_rate'))}")
     _out(f"tokens: System 1 {it.get('tokens_system1', 0)}, System 2 {it.get('tokens_system2', 0)}"
-         f" in {it.get('system2_calls', 0)} calls")
+         f" in {it.get('system2_calls', 0)} calls; System 2 ran for {it.get('system2_runs', 0)} queries"
+         " (answered by it or labelled in the background)")
     if it.get("teacher_prompt_tokens") or it.get("teacher_completion_tokens"):
         taught = it.get("teacher_accepted", 0)
         per_example = (it["teacher_prompt_tokens"] + it["teacher_completion_tokens"]) / taught if taught else None

@@ -892,6 +892,12 @@ class Agent:
                         adapter_version=item.adapter_version, tokens=0, latency_ms=0.0,
                         system1_text=item.system1_text, tag=item.tag, interaction_id=item.interaction_id)
         self._apply_system2(answer, result)
+        if item.interaction_id is not None:  # the System 1 answer's row says what System 2 then spent and decided
+            self.store.add_background_label(
+                item.interaction_id, method=result.method, tokens_system2=answer.tokens_system2,
+                system2_calls=answer.system2_calls, accepted=bool(answer.accepted), votes=answer.votes,
+                teacher_prompt_tokens=answer.teacher_prompt_tokens,
+                teacher_completion_tokens=answer.teacher_completion_tokens, route_reason={"system2": "labelled"})
         self.routing_memory.record(item.query, self._method_name(item.method, item.tag), bool(answer.accepted))
         tag = item.tag
         if tag is None and answer.accepted and self.config.scoping.auto:

@@ -65,6 +65,25 @@ class InteractionsMixin(StoreBase):
                     session.execute(insert(Interaction), group)
         return len(checked)
 
+    def add_background_label(self, interaction_id: int, *, method: str, tokens_system2: int, system2_calls: int,
+                             accepted: bool, votes: Optional[dict[str, Any]] = None, teacher_prompt_tokens: int = 0,
+                             teacher_completion_tokens: int = 0, route_reason: Optional[dict[str, Any]] = None) -> bool:
+        """What System 2 spent and decided in the background, added to the interaction whose query it labelled:
+        its route stays what the user got (System 1), and its System 2 tokens, calls and teacher tokens count in
+        :meth:`stats` like an inline run's. ``route_reason`` keys are merged in. False: no such interaction."""
+        with self._write() as session:
+            row = session.get(Interaction, interaction_id)
+            if row is None:
+                return False
+            row.method, row.accepted, row.votes = method, accepted, votes
+            row.tokens_system2 = (row.tokens_system2 or 0) + tokens_system2
+            row.system2_calls = (row.system2_calls or 0) + system2_calls
+            row.teacher_prompt_tokens = (row.teacher_prompt_tokens or 0) + teacher_prompt_tokens
+            row.teacher_completion_tokens = (row.teacher_completion_tokens or 0) + teacher_completion_tokens
+            if route_reason:
+                row.route_reason = {**(row.route_reason or {}), **route_reason}
+            return True
+
     def list_interactions(
         self, route: Optional[str] = None, limit: Optional[int] = 100, since: Optional[datetime] = None
     ) -> list[Interaction]:
@@ -161,11 +180,12 @@ class InteractionsMixin(StoreBase):
                     func.coalesce(func.sum(Interaction.teacher_completion_tokens), 0),
                 )
             ).one()
-            taught = session.scalar(  # accepted examples the teacher wrote: what its tokens bought
+            taught = session.scalar(  # accepted examples the teacher wrote (inline or in the background)
                 select(func.count()).select_from(Interaction).where(
-                    Interaction.route == Route.SYSTEM2.value, Interaction.accepted.is_(True),
-                    Interaction.teacher_completion_tokens > 0)
+                    Interaction.accepted.is_(True), Interaction.teacher_completion_tokens > 0)
             )
+            system2_runs = session.scalar(  # System 2 ran, inline or in the background, whatever the user got
+                select(func.count()).select_from(Interaction).where(Interaction.method.is_not(None)))
             accepted = session.scalar(
                 select(func.count())
                 .select_from(Interaction)
@@ -187,6 +207,7 @@ class InteractionsMixin(StoreBase):
                 "total": n_interactions,
                 "by_route": by_route,
                 "system2_rate": (n_system2 / n_interactions) if n_interactions else None,
+                "system2_runs": int(system2_runs or 0),
                 "system2_acceptance_rate": (int(accepted or 0) / n_system2) if n_system2 else None,
                 "tokens_system1": int(totals[1]),
                 "tokens_system2": int(totals[2]),

@@ -77,13 +77,17 @@ def test_background_answers_with_system1_and_stores_the_label_later(config):
             example = examples[q]
             assert example.interaction_id == a.interaction_id  # linked to what the user was answered
             assert (example.method, example.kind) == ("arith", "system2")
-            interaction = agent.store.get_interaction(a.interaction_id)
-            assert interaction.route == "system1" and interaction.route_reason["system2"] == "queued"
+            interaction = agent.store.get_interaction(a.interaction_id)  # what System 2 then spent and decided
+            assert interaction.route == "system1" and interaction.route_reason["system2"] == "labelled"
+            assert (interaction.method, interaction.tokens_system2) == ("arith", 12)
+            assert interaction.accepted is (q != "Name a primary colour.") and interaction.votes == example.votes
         assert [examples[q].status for q in QUESTIONS[:3]] == ["pending"] * 3
         assert [examples[q].target for q in QUESTIONS[:3]] == ["51", "53", "55"]
         assert examples["Name a primary colour."].status == "rejected"
         assert examples["Name a primary colour."].votes == {"red": 2, "blue": 1, "green": 1}
         assert examples["Name a primary colour."].target == "red"
+        counted = agent.store.stats()["interactions"]
+        assert (counted["system2_runs"], counted["tokens_system2"], counted["system2_rate"]) == (4, 48, 0.0)
 
         # The inline path stores the same example for the same query: one recording function for both.
         config.system2.mode = "inline"

@@ -56,17 +56,18 @@ def test_confident_sample_spans_history_and_dedups(store: Store) -> None:
 def test_stats(store: Store) -> None:
     store.log_interaction(input="a", route="system1", final_answer="x", tokens_system1=5)
     store.log_interaction(input="b", route="system2", final_answer="y", tokens_system1=5, tokens_system2=100,
-                          system2_calls=4, accepted=True, teacher_prompt_tokens=40,
+                          system2_calls=4, accepted=True, teacher_prompt_tokens=40, method="teacher:cot",
                           teacher_completion_tokens=100)  # fmt: skip
     store.log_interaction(input="c", route="system2", final_answer="z", tokens_system1=5, tokens_system2=50,
-                          system2_calls=4, accepted=False, error="System 2 timed out; fell back")  # fmt: skip
+                          system2_calls=4, accepted=False, error="System 2 timed out; fell back",
+                          method="cot")  # fmt: skip
     store.add_example("b", "y", method="cot")
     store.add_example("d", "w", method="rar", status="used", kind="retention")
     stats = store.stats()
     assert stats["interactions"] == {
         "total": 3, "by_route": {"system1": 1, "system2": 2}, "system2_rate": pytest.approx(2 / 3),
         "system2_acceptance_rate": 0.5, "tokens_system1": 15, "tokens_system2": 150, "system2_calls": 8, "errors": 1,
-        "teacher_prompt_tokens": 40, "teacher_completion_tokens": 100, "teacher_accepted": 1,
+        "teacher_prompt_tokens": 40, "teacher_completion_tokens": 100, "teacher_accepted": 1, "system2_runs": 2,
     }  # fmt: skip
     examples = stats["examples"]
     assert examples["total"] == 2 and examples["by_status"] == {"pending": 1, "used": 1}
@@ -74,6 +75,23 @@ def test_stats(store: Store) -> None:
     per_day = examples["added_per_day"]
     assert len(per_day) == 14 and per_day[datetime.now(timezone.utc).date().isoformat()] == 2
     assert sum(per_day.values()) == 2
+
+
+def test_a_background_label_is_added_to_the_answer_it_labelled(store: Store) -> None:
+    first = store.log_interaction(input="a", route="system1", final_answer="x", tokens_system1=5,
+                                  route_reason={"system2": "queued", "asked": "teacher:pal"})
+    assert store.add_background_label(first, method="teacher:pal", tokens_system2=30, system2_calls=2, accepted=True,
+                                      votes={"7": 2}, teacher_prompt_tokens=80, teacher_completion_tokens=30,
+                                      route_reason={"system2": "labelled"})
+    row = store.get_interaction(first)
+    assert (row.route, row.final_answer, row.method, row.accepted, row.votes) == ("system1", "x", "teacher:pal",
+                                                                                   True, {"7": 2})
+    assert (row.tokens_system2, row.system2_calls, row.teacher_prompt_tokens) == (30, 2, 80)
+    assert row.route_reason == {"system2": "labelled", "asked": "teacher:pal"}
+    counted = store.stats()["interactions"]
+    assert (counted["system2_runs"], counted["system2_rate"], counted["teacher_accepted"]) == (1, 0.0, 1)
+    assert store.system2_outcomes(10) == [("a", "teacher:pal", True)]  # the routing memory reads it at start
+    assert not store.add_background_label(first + 99, method="pal", tokens_system2=1, system2_calls=1, accepted=False)
 
 
 def test_stats_on_empty_store(store: Store) -> None:
