@@ -15,14 +15,18 @@ either side of it:
 :data:`QUESTIONS` and :func:`make_config` are the learning setup built around :class:`Arithmetic`; the
 worker scripts (``tests/agent/_consolidate_worker.py``) import them too, so a second process learns
 exactly what the test in the first one expects.
+
+:func:`script_engine` and :func:`scripted_generate` script a stand-in of vLLM's ``AsyncLLM`` (the vLLM backend's
+tests: one on plain stand-in classes, one on vLLM's real classes).
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from policies.lm import Call
 from policies.system2.base import Sample, System2Method
@@ -122,19 +126,32 @@ def make_config(model_dir: str | Path, db: str | Path, epochs: int = 2) -> Agent
 
 def script_engine(engine: type, model_dir: str | Path):
     """Reset a stand-in of vLLM's ``AsyncLLM`` (``tests/agent/test_backend_vllm.py``, ``test_vllm_api.py``): no
-    instances yet, and every generation emits " A B 0123" in ``model_dir``'s tokens, then its EOS (see
-    :func:`scripted_steps`). Returns the tokenizer."""
+    instances yet, no request held, and every generation emits " A B 0123" in ``model_dir``'s tokens, then its
+    EOS (see :func:`scripted_generate`). Returns the tokenizer."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     engine.instances = []
     engine.stream = tok.encode(" A B 0123", add_special_tokens=False)
     engine.eos = tok.eos_token_id
+    engine.hold = None
     return tok
 
 
-def scripted_steps(engine: type, max_tokens: int) -> list[list[int]]:
-    """The cumulative token ids a scripted engine returns, one more token per output, as vLLM's default
-    (``CUMULATIVE``) output kind does: ``engine.stream`` then its EOS, cut at ``max_tokens``."""
-    tokens = (engine.stream + [engine.eos])[:max_tokens]
-    return [tokens[:k] for k in range(1, len(tokens) + 1)]
+async def scripted_generate(engine: Any, max_tokens: int, request_id: str, output: Callable[[list[int], str | None], Any]):
+    """What a stand-in of ``AsyncLLM.generate`` yields: one output per token, cumulative, as vLLM's default
+    (``CUMULATIVE``) output kind does, of ``engine.stream`` then its EOS cut at ``max_tokens``; ``output(tokens,
+    finish_reason)`` builds each (``finish_reason`` None until the last). While ``engine.hold`` is an unset event
+    the request stays in flight; a cancelled request's id is recorded in ``engine.cancelled`` (where the real
+    ``generate`` aborts it in the engine)."""
+    try:
+        while engine.hold is not None and not engine.hold.is_set():
+            await asyncio.sleep(0.005)
+        tokens = (type(engine).stream + [engine.eos])[:max_tokens]
+        for k in range(1, len(tokens) + 1):
+            last = k == len(tokens)
+            yield output(tokens[:k], ("stop" if tokens[-1] == engine.eos else "length") if last else None)
+            await asyncio.sleep(0)
+    except asyncio.CancelledError:
+        engine.cancelled.append(request_id)
+        raise

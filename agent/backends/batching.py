@@ -40,7 +40,7 @@ import torch
 from agent.backends.base import Completion, GenerationRequest, Prompt
 from agent.backends.decode_batch import DecodeBatch, Row, merge
 from agent.backends.hf import completion
-from agent.backends.stream import Delta, Handle, text_delta
+from agent.backends.stream import Delta, Handle, results, text_delta
 from agent.errors import AdapterError
 
 logger = logging.getLogger(__name__)
@@ -139,13 +139,7 @@ class BatchingBackend:
             return []
         handles = [Handle(r, cancel=cancel, deadline=deadline, stream=False) for r in requests]
         self._enqueue(handles)
-        try:
-            return [h.result() for h in handles]
-        except BaseException:
-            for h in handles:
-                if not h.done:
-                    h.cancel()
-            raise
+        return results(handles)
 
     def submit(self, request: GenerationRequest, *, cancel: threading.Event | None = None,
                deadline: float | None = None) -> Handle:

@@ -111,6 +111,17 @@ class Handle:
         return GenerationCancelled("the generation's deadline passed before it finished")
 
 
+def results(handles: Sequence[Handle]) -> list[list[Completion]]:
+    """Each handle's completions, in order; the first failure cancels the handles still running and is raised."""
+    try:
+        return [h.result() for h in handles]
+    except BaseException:
+        for h in handles:
+            if not h.done:
+                h.cancel()
+        raise
+
+
 def text_delta(text: str, emitted: int, stops: Sequence[str], final: bool) -> tuple[str, int]:
     """The part of ``text`` (all decoded so far) that can be sent now, after the first ``emitted`` characters.
 

@@ -61,7 +61,7 @@ from agent.backends.base import (
     SamplingParams,
     validate_adapter_dir,
 )
-from agent.backends.stream import Delta, Handle, text_delta
+from agent.backends.stream import Delta, Handle, results, text_delta
 from agent.errors import AdapterError, PromptTooLongError
 from agent.prompting import Prompt, render_prompt
 
@@ -274,18 +274,19 @@ class VLLMBackend:
         handles = [Handle(r, cancel=cancel, deadline=deadline, stream=False) for r in requests]
         for handle, jobs in zip(handles, planned):
             self._start(handle, jobs)
-        try:
-            return [h.result() for h in handles]
-        except BaseException:
-            for h in handles:
-                if not h.done:
-                    h.cancel()
-            raise
+        return results(handles)
 
     def _start(self, handle: Handle, jobs: list[_Job]) -> None:
         if self._closed:
             raise RuntimeError("the vLLM backend is closed")
-        self._loop.call_soon_threadsafe(self._spawn, self._serve(handle, jobs))
+        self._loop.call_soon_threadsafe(self._begin, handle, jobs)
+
+    def _begin(self, handle: Handle, jobs: list[_Job]) -> None:
+        """On the loop, in submission order: count the request's adapters as in use before anything later (an
+        unload) can look, then run it."""
+        loras = [job.lora.lora_int_id for job in jobs if job.lora is not None]
+        self._running.update(loras)
+        self._spawn(self._serve(handle, jobs, loras))
 
     def _jobs(self, request: GenerationRequest) -> list[_Job]:
         """``request`` as vLLM requests, after checking it fits the context and its adapter is loaded.
@@ -317,14 +318,13 @@ class VLLMBackend:
             return [_Job(ids, p, 1, p.seed + j, lora, first=j) for j in range(p.n)]
         return [_Job(ids, p, p.n, None, lora)]
 
-    async def _serve(self, handle: Handle, jobs: list[_Job]) -> None:
-        """Run one request's ``jobs`` on the engine: stream its text, then finish (or fail) its handle."""
+    async def _serve(self, handle: Handle, jobs: list[_Job], loras: list[int]) -> None:
+        """Run one request's ``jobs`` on the engine: stream its text, then finish (or fail) its handle; ``loras``:
+        the adapter ids it holds in use (:meth:`_begin`), released at the end."""
         p = handle.request.params
         copies = p.n if p.temperature <= 0 else 1  # a greedy decode stands for all n samples
         done: list[Completion | None] = [None] * p.n
         emitted = [0] * p.n
-        loras = [job.lora.lora_int_id for job in jobs if job.lora is not None]
-        self._running.update(loras)
 
         async def run(job: _Job) -> None:
             request_id = f"s2agent-{next(self._request_ids)}"

@@ -23,7 +23,7 @@ import pytest
 from agent.backends.base import GenerationRequest, SamplingParams
 from agent.errors import AdapterError, GenerationCancelled, PromptTooLongError
 from tests.conftest import make_random_adapter, wait_for
-from tests.fakes import script_engine, scripted_steps
+from tests.fakes import script_engine, scripted_generate
 
 ASK = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -78,7 +78,7 @@ class _StubAsyncLLM:
     def __init__(self, args):
         self.kwargs = vars(args)
         self.calls: list[tuple] = []
-        self.aborted: list[str] = []
+        self.cancelled: list[str] = []
         self.added: list[tuple] = []
         self.removed: list[int] = []
         self.shut = False
@@ -92,19 +92,13 @@ class _StubAsyncLLM:
 
     async def generate(self, prompt, sampling_params, request_id, *, lora_request=None):
         self.calls.append((prompt, sampling_params, lora_request))
-        try:
-            while self.hold is not None and not self.hold.is_set():
-                await asyncio.sleep(0.005)
-            steps = scripted_steps(type(self), sampling_params.max_tokens)
-            for k, tokens in enumerate(steps):
-                last = k == len(steps) - 1
-                finish = ("stop" if tokens[-1] == self.eos else "length") if last else None
-                yield _RequestOutput([_Sample(i, list(tokens), [{t: _Logprob(-0.25)} for t in tokens], finish)
-                                      for i in range(sampling_params.n)], last)
-                await asyncio.sleep(0)
-        except asyncio.CancelledError:
-            self.aborted.append(request_id)
-            raise
+
+        def output(tokens, finish):
+            return _RequestOutput([_Sample(i, list(tokens), [{t: _Logprob(-0.25)} for t in tokens], finish)
+                                   for i in range(sampling_params.n)], finish is not None)
+
+        async for out in scripted_generate(self, sampling_params.max_tokens, request_id, output):
+            yield out
 
     async def add_lora(self, lora_request) -> bool:
         self.added.append(lora_request)
@@ -121,7 +115,6 @@ class _StubAsyncLLM:
 @pytest.fixture
 def stub_vllm(monkeypatch, tiny_model_dir):
     tok = script_engine(_StubAsyncLLM, tiny_model_dir)
-    _StubAsyncLLM.hold = None
     modules = {name: types.ModuleType(name) for name in (
         "vllm", "vllm.inputs", "vllm.lora", "vllm.lora.request", "vllm.engine", "vllm.engine.arg_utils",
         "vllm.v1", "vllm.v1.engine", "vllm.v1.engine.async_llm")}
@@ -200,7 +193,7 @@ def test_stub_streams_text_as_the_engine_decodes_and_cancel_aborts(stub_backend)
     gone.set()
     with pytest.raises(GenerationCancelled):
         handle.result(timeout=10)
-    wait_for(lambda: len(engine.aborted) == 1, 10, "the engine to abort the request")
+    wait_for(lambda: len(engine.cancelled) == 1, 10, "the engine's generate to be cancelled")
     with pytest.raises(GenerationCancelled, match="deadline"):
         stub_backend.generate([GenerationRequest(ASK, SamplingParams(max_new_tokens=8))], deadline=time.monotonic() + 0.1)
     _StubAsyncLLM.hold.set()

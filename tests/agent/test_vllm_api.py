@@ -32,7 +32,7 @@ from vllm.v1.engine.async_llm import AsyncLLM  # noqa: E402
 from agent.backends.base import GenerationRequest, SamplingParams  # noqa: E402
 from agent.errors import GenerationCancelled  # noqa: E402
 from tests.conftest import make_random_adapter, wait_for  # noqa: E402
-from tests.fakes import script_engine, scripted_steps  # noqa: E402
+from tests.fakes import script_engine, scripted_generate  # noqa: E402
 
 ASK = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -66,25 +66,19 @@ class EngineLessAsyncLLM(AsyncLLM):
         lora = kwargs.get("lora_request")
         assert lora is None or isinstance(lora, LoRARequest)
         self.calls.append((prompt, sampling_params, lora, request_id))
-        try:
-            while self.hold is not None and not self.hold.is_set():
-                await asyncio.sleep(0.005)
-            steps = scripted_steps(type(self), sampling_params.max_tokens)
-            for k, tokens in enumerate(steps):
-                last = k == len(steps) - 1
-                finish = ("stop" if tokens[-1] == self.eos else "length") if last else None
-                logprobs = [{t: Logprob(logprob=-0.25, rank=1),
-                             **({t + 1: Logprob(logprob=-1.5, rank=2)} if sampling_params.logprobs else {})}
-                            for t in tokens]  # the sampled token first, then (when asked) one more of the likeliest
-                samples = [CompletionOutput(index=j, text="", token_ids=list(tokens), cumulative_logprob=None,
-                                            logprobs=logprobs, finish_reason=finish, stop_reason=None)
-                           for j in range(sampling_params.n)]
-                yield RequestOutput(request_id=request_id, prompt=None, prompt_token_ids=prompt["prompt_token_ids"],
-                                    prompt_logprobs=None, outputs=samples, finished=last)
-                await asyncio.sleep(0)
-        except asyncio.CancelledError:
-            self.cancelled.append(request_id)  # the real generate aborts the request in the engine here
-            raise
+
+        def output(tokens, finish):
+            logprobs = [{t: Logprob(logprob=-0.25, rank=1),
+                         **({t + 1: Logprob(logprob=-1.5, rank=2)} if sampling_params.logprobs else {})}
+                        for t in tokens]  # the sampled token first, then (when asked) one more of the likeliest
+            samples = [CompletionOutput(index=j, text="", token_ids=list(tokens), cumulative_logprob=None,
+                                        logprobs=logprobs, finish_reason=finish, stop_reason=None)
+                       for j in range(sampling_params.n)]
+            return RequestOutput(request_id=request_id, prompt=None, prompt_token_ids=prompt["prompt_token_ids"],
+                                 prompt_logprobs=None, outputs=samples, finished=finish is not None)
+
+        async for out in scripted_generate(self, sampling_params.max_tokens, request_id, output):
+            yield out
 
     async def add_lora(self, lora_request):  # type: ignore[override]
         inspect.signature(AsyncLLM.add_lora).bind(self, lora_request)
@@ -105,7 +99,6 @@ class EngineLessAsyncLLM(AsyncLLM):
 @pytest.fixture
 def engine_less(monkeypatch, tiny_model_dir):
     tok = script_engine(EngineLessAsyncLLM, tiny_model_dir)
-    EngineLessAsyncLLM.hold = None
     monkeypatch.setattr("vllm.v1.engine.async_llm.AsyncLLM", EngineLessAsyncLLM)
     return tok
 
