@@ -506,9 +506,17 @@ class Agent:
         """Consolidate in the background as ``config.scheduler`` says (pending count per scope and/or
         interval; in a child process unless ``scheduler.process = "thread"``). Not started by the
         constructor: an embedded agent consolidates only when asked to."""
+        scheduler = self.consolidation_runner()
+        if not scheduler.started:
+            scheduler.start()
+        return scheduler
+
+    def consolidation_runner(self) -> ConsolidationScheduler:
+        """What runs a consolidation the way the scheduler does (in a niced child process unless
+        ``scheduler.process = "thread"``), with one run at a time: the scheduler, started or not (its
+        triggers run only once :meth:`start_scheduler` was called). ``POST /admin/consolidate`` runs here."""
         if self.scheduler is None:
             self.scheduler = ConsolidationScheduler(self)
-            self.scheduler.start()
         return self.scheduler
 
     def start_write_behind(self, max_queued: int = 10_000) -> InteractionWriter:

@@ -122,6 +122,11 @@ class ConsolidationScheduler:
     def enabled(self) -> bool:
         return bool(self.config.interval_minutes or self.config.min_pending)
 
+    @property
+    def started(self) -> bool:
+        """Whether :meth:`start` ran: its triggers are on (:meth:`run_now` works either way)."""
+        return self._scheduler.running
+
     def start(self) -> None:
         crashed = cleanup_after_crash(self.agent)
         if crashed:

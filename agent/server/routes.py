@@ -317,8 +317,22 @@ admin = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
 
 @admin.post("/consolidate")
 async def consolidate(request: Request) -> Any:
-    # Training takes minutes: a worker thread, never the event loop; requests keep being served meanwhile.
-    report = await call(None, _agent(request).consolidate)
+    """A consolidation now, run as the scheduler runs one (in a niced child process by default, so serving keeps
+    its cores); the request waits for its report. 409 on a server that only serves, or while one runs."""
+    agent = _agent(request)
+    if not agent.config.scheduler.enabled:
+        raise APIError(409, "this server only serves (--no-train): consolidate where training runs (agent worker, "
+                            "agent consolidate)", code="training_disabled")
+    scheduler = agent.consolidation_runner()
+    busy = APIError(409, "a consolidation is already running in this server; GET /metrics shows it",
+                    code="consolidation_running", headers={"Retry-After": "60"})
+    if scheduler.running:
+        raise busy
+    report = await call(None, scheduler.run_now, "admin request")
+    if report is None:
+        if scheduler.running:  # another request's run began between the check and this one
+            raise busy
+        raise APIError(500, "the consolidation could not run; see the server log", type="server_error")
     return jsonable(report)
 
 

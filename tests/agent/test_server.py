@@ -348,6 +348,24 @@ def test_admin_routes_need_the_token(http):
     assert {"status", "reason", "run_id", "adapter_version"} <= set(report.json())
 
 
+def test_admin_consolidate_runs_as_the_scheduler_does_and_never_on_a_serve_only_server(agent):
+    """In the scheduler's way (a niced child process by default), not in the server's own threads; refused by a
+    server started with --no-train."""
+    with ServerThread(create_app(agent)) as running, httpx.Client(base_url=running.url, timeout=300) as c:
+        report = c.post("/admin/consolidate", headers={"Authorization": "Bearer secret"})
+        assert report.status_code == 200, report.text
+        runner = agent.consolidation_runner()
+        assert runner.last_report.status == report.json()["status"]
+        assert not runner.started  # an embedded agent's triggers stay off: only what was asked for ran
+        agent.config.scheduler.enabled = False
+        try:
+            refused = assert_error(c.post("/admin/consolidate", headers={"Authorization": "Bearer secret"}), 409,
+                                   "training_disabled")
+        finally:
+            agent.config.scheduler.enabled = True
+        assert "--no-train" in refused["message"]
+
+
 def test_admin_routes_are_disabled_without_a_token(agent):
     with ServerThread(create_app(agent, ServerConfig(admin_token=None))) as running:
         with httpx.Client(base_url=running.url) as c:
