@@ -284,6 +284,9 @@ class VLLMBackend:
     def _begin(self, handle: Handle, jobs: list[_Job]) -> None:
         """On the loop, in submission order: count the request's adapters as in use before anything later (an
         unload) can look, then run it."""
+        if self._closed:  # queued just before close() cancelled what runs
+            handle.fail(RuntimeError("the vLLM backend is closed"))
+            return
         loras = [job.lora.lora_int_id for job in jobs if job.lora is not None]
         self._running.update(loras)
         self._spawn(self._serve(handle, jobs, loras))
