@@ -159,11 +159,11 @@ def abandoned_long_prompt(agent: Agent, url: str, repeats: int, prompt_tokens: i
     latencies, held, dropped_all = [], [], True
     with httpx.Client(base_url=url, timeout=600, trust_env=False) as http:
         for _ in range(repeats):
-            passes, dropped, finished = batcher.prefill_passes, batcher.dropped_rows, batcher.finished_rows
+            started, dropped, finished = batcher.prefills_started, batcher.dropped_rows, batcher.finished_rows
             with socket.create_connection((host, int(port))) as sock:
                 sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
                              b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-                _until(lambda: batcher.prefill_passes > passes, 60)  # its prefill has begun
+                _until(lambda: batcher.prefills_started > started, 60)  # its prefill has begun (not ended)
             gone = time.perf_counter()
             http.post("/v1/completions", json={"model": "default", "prompt": "Hi", "max_tokens": 1}).raise_for_status()
             latencies.append(time.perf_counter() - gone)

@@ -120,6 +120,9 @@ class BatchingBackend:
         self.peak_rows = 0
         """The most rows one decode step ran: never above ``max_batch`` unless one request alone is larger."""
         self.prefills = 0
+        """Prefills done (their rows joined the batch)."""
+        self.prefills_started = 0
+        """Prefills begun: one more than ``prefills`` while one is in progress (a long prompt, in chunks)."""
         self.prefill_passes = 0
         """Forward passes of prefills (more than ``prefills`` when long prompts were prefilled in chunks)."""
         self.admitted_rows = 0
@@ -263,6 +266,7 @@ class BatchingBackend:
                 job.handle.fail(exc)
         if items:
             self._prefilling.append(_Prefill(items, self.inner.prefill_steps(items, self.prefill_chunk)))
+            self.prefills_started += 1
 
     def _advance_prefills(self, batch: DecodeBatch | None) -> DecodeBatch | None:
         """One pass of each prefill in progress; the rows of those that finished join ``batch``. A prefill whose

@@ -285,6 +285,7 @@ def test_a_short_request_is_answered_between_the_chunks_of_a_long_prefill(tiny_m
     [[alone]] = engine.generate([GenerationRequest(LONG, SamplingParams(max_new_tokens=2))])
     assert long_result.token_ids == alone.token_ids  # chunks and a stranger's rows in between change nothing
     assert short_result.num_tokens == 1
+    assert batcher.prefills_started == batcher.prefills == 2
 
 
 def test_a_prefill_whose_caller_left_is_dropped_between_its_chunks(tiny_model_dir: Path) -> None:
@@ -297,6 +298,7 @@ def test_a_prefill_whose_caller_left_is_dropped_between_its_chunks(tiny_model_di
         with pytest.raises(GenerationCancelled):
             handle.result(timeout=60)
         assert batcher.dropped_rows == 1 and batcher.prefills == 0 and batcher.steps == 0
+        assert batcher.prefills_started == 1  # begun, never done
         assert len(engine.events) <= 2  # one pass, perhaps a second already begun; not the 30 it needed
         engine.on_pass = lambda: None
         assert batcher.generate([GenerationRequest(PROMPTS[0], PARAMS)])[0][0].num_tokens > 0  # still serving
