@@ -47,17 +47,30 @@ class MemoryVerdict:
 
 
 class _Outcomes:
-    """The last ``capacity`` outcomes of one method: features and whether each paid off (a ring)."""
+    """The last ``capacity`` outcomes of one method: features, whether each paid off, and per exact text (the
+    features fold digits, so "What is 12 + 30?" and "What is 47 + 38?" look the same to them) how many of its
+    runs failed and paid off (a ring)."""
 
     def __init__(self, capacity: int) -> None:
         self.features = np.zeros((capacity, BUCKETS), dtype=np.float32)
         self.paid = np.zeros(capacity, dtype=bool)
+        self.keys: list[str | None] = [None] * capacity
+        self.by_text: dict[str, list[int]] = {}
+        """Exact text -> [failed, paid off] among the outcomes kept."""
         self.size = 0
         self.next = 0
 
-    def add(self, x: np.ndarray, paid_off: bool) -> None:
+    def add(self, key: str, x: np.ndarray, paid_off: bool) -> None:
+        old = self.keys[self.next]
+        if old is not None:  # the ring forgets its oldest outcome
+            counts = self.by_text[old]
+            counts[bool(self.paid[self.next])] -= 1
+            if not any(counts):
+                del self.by_text[old]
         self.features[self.next] = x
         self.paid[self.next] = paid_off
+        self.keys[self.next] = key
+        self.by_text.setdefault(key, [0, 0])[paid_off] += 1
         self.next = (self.next + 1) % len(self.paid)
         self.size = min(self.size + 1, len(self.paid))
 
@@ -71,9 +84,6 @@ class System2Memory:
     ``repeat_failures``: failures on the same text, with no success, that skip it at once (0: never);
     ``explore``: share of would-be skips that run System 2 anyway; ``capacity``: outcomes kept per method.
     """
-
-    SAME = 0.999
-    """Cosine similarity above which two inputs count as the same text."""
 
     def __init__(self, *, neighbours: int = 8, min_similarity: float = 0.6, min_evidence: int = 4,
                  min_yield: float = 0.2, repeat_failures: int = 1, explore: float = 0.05, capacity: int = 2000,
@@ -102,17 +112,17 @@ class System2Memory:
         outcomes = self._methods.get(method)
         if outcomes is None:
             outcomes = self._methods[method] = _Outcomes(self.capacity)
-        outcomes.add(featurise([text])[0], paid_off)
+        outcomes.add(_key(text), featurise([text])[0], paid_off)
 
     def judge(self, text: str, method: str) -> MemoryVerdict:
         """Whether to skip System 2 (``method``) on ``text``, and the evidence for it."""
         outcomes = self._methods.get(method)
         if outcomes is None:
             return MemoryVerdict(skip=False, evidence=0, paid_off=0)
+        failed, paid = outcomes.by_text.get(_key(text), (0, 0))
+        if self.repeat_failures and failed >= self.repeat_failures and not paid:
+            return self._skip(failed, 0, repeated=True)
         sims = outcomes.features[:outcomes.size] @ featurise([text])[0]
-        same = np.flatnonzero(sims >= self.SAME)
-        if self.repeat_failures and len(same) >= self.repeat_failures and not outcomes.paid[same].any():
-            return self._skip(len(same), 0, repeated=True)
         close = np.flatnonzero(sims >= self.min_similarity)
         if len(close) > self.neighbours:
             close = close[np.argsort(sims[close])[-self.neighbours:]]
@@ -126,3 +136,8 @@ class System2Memory:
         explored = self._rng.random() < self.explore
         return MemoryVerdict(skip=not explored, evidence=evidence, paid_off=paid_off, explored=explored,
                              repeated=repeated)
+
+
+def _key(text: str) -> str:
+    """The same question asked again: case and spacing aside, the same text."""
+    return " ".join(text.lower().split())

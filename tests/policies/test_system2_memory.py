@@ -76,6 +76,9 @@ def test_a_question_asked_again_after_system2_failed_on_it_is_skipped_at_once():
     assert again.skip and again.repeated and again.evidence == 1
     similar = memory.judge(CAPITALS[1], "auto")  # a similar question still needs the usual evidence
     assert not similar.skip and not similar.repeated
+    assert memory.judge("what is  the capital of FRANCE?", "auto").repeated  # case and spacing aside
+    memory.add(SUMS[1], "auto", paid_off=False)  # the features fold digits; the same-text rule does not
+    assert memory.judge(SUMS[1], "auto").skip and not memory.judge(SUMS[2], "auto").skip
     memory.add(SUMS[0], "auto", paid_off=False)
     memory.add(SUMS[0], "auto", paid_off=True)
     assert not memory.judge(SUMS[0], "auto").skip  # it paid off once: worth another run
@@ -87,3 +90,8 @@ def test_a_question_asked_again_after_system2_failed_on_it_is_skipped_at_once():
     never = System2Memory(min_evidence=4, repeat_failures=0, explore=0.0)
     never.add(CAPITALS[0], "auto", paid_off=False)
     assert not never.judge(CAPITALS[0], "auto").skip
+    ring = System2Memory(min_evidence=4, explore=0.0, capacity=2)  # forgotten with the ring's oldest outcome
+    ring.add(CAPITALS[0], "auto", paid_off=False)
+    ring.add(SUMS[0], "auto", paid_off=True)
+    ring.add(SUMS[1], "auto", paid_off=True)
+    assert not ring.judge(CAPITALS[0], "auto").skip
