@@ -229,12 +229,13 @@ def hot_swap_under_load(agent: Agent, url: str, clients: int = 4, seconds: float
         workers = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
         for w in workers:
             w.start()
-        swaps: list[tuple[float, int]] = []
+        swaps: list[tuple[float, float, int]] = []  # (promote called, promote returned, version)
         try:
             for version in versions:
                 time.sleep(seconds)
+                called = time.perf_counter()
                 agent.promote(version)
-                swaps.append((time.perf_counter(), version))
+                swaps.append((called, time.perf_counter(), version))
             time.sleep(seconds)
         finally:
             stop.set()
@@ -243,7 +244,7 @@ def hot_swap_under_load(agent: Agent, url: str, clients: int = 4, seconds: float
         agent.rollback(0)
     errors = [e for _, _, e in outcomes if e]
     after = {}
-    for k, (at, version) in enumerate(swaps):
+    for k, (_, at, version) in enumerate(swaps):  # sent after this swap ended, before the next one began
         until = swaps[k + 1][0] if k + 1 < len(swaps) else float("inf")
         served = [v for started, v, e in outcomes if at < started < until and not e]
         after[f"v{version}"] = {"requests": len(served), "served_by_it": sum(v == version for v in served)}
