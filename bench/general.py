@@ -17,7 +17,6 @@ Writes ``results.json`` into ``--out``.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -42,7 +41,7 @@ def _answers(agent: Agent, task, n_eval: int) -> dict[str, Any]:
 def _cli(config: AgentConfig, *args: str) -> str:
     """``agent --model M --db D ARGS`` in a subprocess; its output, or an error with its stderr."""
     command = [sys.executable, "-m", "agent.cli", "--model", config.model, "--db", str(config.db), *args]
-    done = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy(), check=False)
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} failed ({done.returncode}): {done.stderr[-2000:]}")
     return done.stdout
