@@ -344,6 +344,9 @@ class ConsolidationConfig:
     """Names of the base model's linear layers that get a LoRA update (default: attention and MLP)."""
     epochs: int = within("[1, inf)", 3)
     """Passes over the training mix."""
+    min_steps: int = within("[0, inf)", 0)
+    """At least this many optimizer steps: a small run (a scope's first few dozen examples) gets as many more
+    epochs as it takes. 0: ``epochs`` alone decides."""
     learning_rate: float = within("(0, inf)", 1e-3)
     """AdamW learning rate of the adapter weights."""
     batch_size: int = within("[1, inf)", 16)

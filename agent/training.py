@@ -108,9 +108,9 @@ def train_lora(
     encoded, n_dropped, n_truncated = encode_examples(tokenizer, examples, config.max_length, system_prompt)
     kl_rows = (encode_examples(tokenizer, kl_examples, config.max_length, system_prompt)[0]
                if config.retention_kl_weight > 0 and kl_examples else [])
-    n_epochs = epochs or config.epochs
     batch = max(1, config.batch_size)
     steps_per_epoch = math.ceil(len(encoded) / batch)
+    n_epochs = epochs or max(config.epochs, math.ceil(config.min_steps / max(steps_per_epoch, 1)))
     total = steps_per_epoch * n_epochs
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)

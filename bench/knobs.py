@@ -44,6 +44,8 @@ def settings(base: ConsolidationConfig, n_train: int) -> list[tuple[str, Consoli
         ("lr 3e-4", replace(base, learning_rate=3e-4), n_train),
         ("lr 3e-3", replace(base, learning_rate=3e-3), n_train),
         ("1 epoch", replace(base, epochs=1), n_train),
+        ("at least 24 steps", replace(base, min_steps=24), n_train),
+        ("at least 48 steps", replace(base, min_steps=48), n_train),
         ("half the data", base, n_train // 2),
         ("no retention", replace(base, retention_ratio=0.0), n_train),
         ("retention 1:1", replace(base, retention_ratio=1.0, retention_prompts=128), n_train),

@@ -142,6 +142,21 @@ def test_train_lora_adds_the_kl_term_when_weighted(tiny_model_dir, tmp_path):
     assert off.last_kl is None  # weight 0: the term is not computed
 
 
+def test_a_small_run_gets_the_epochs_min_steps_asks_for(tiny_model_dir, tmp_path):
+    from agent.config import ConsolidationConfig
+    from agent.prompting import system1_messages
+    from agent.training import train_lora
+
+    task = [TrainingExample(system1_messages(f"What is {a} + 38?"), str(a + 38)) for a in range(11, 17)]  # 6
+    small = ConsolidationConfig(epochs=1, batch_size=4, rank=4, alpha=8, bf16="off", min_steps=7)
+    stats = train_lora(str(tiny_model_dir), task, small, tmp_path / "small")
+    assert (stats.steps, stats.epochs) == (8, 4)  # 2 steps per epoch: 4 epochs reach 7 steps
+    many = train_lora(str(tiny_model_dir), task * 8, small, tmp_path / "many")
+    assert (many.steps, many.epochs) == (12, 1)  # already more steps than asked for: epochs decides
+    told = train_lora(str(tiny_model_dir), task, small, tmp_path / "told", epochs=1)
+    assert (told.steps, told.epochs) == (2, 1)  # an explicit epochs (agent consolidate --epochs) wins
+
+
 def test_training_runs_where_the_config_says_and_bf16_follows_the_device() -> None:
     from agent.config import ConsolidationConfig
     from agent.training import training_device, use_bf16
