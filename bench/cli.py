@@ -105,7 +105,8 @@ def build_parser(prog: str = "agent bench") -> argparse.ArgumentParser:
     p.add_argument("--task", default="last_letter_2")
     p.add_argument("--queries", type=int, default=400)
     p.add_argument("--round", type=int, default=100, help="queries between consolidations")
-    p.add_argument("--method", default="pal")
+    p.add_argument("--method", default="pal", help="System 2 method (teacher:pal, teacher:direct... with --teacher)")
+    _add_teacher(p)
     p.add_argument("--n-eval", type=int, default=100)
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--epochs", type=int)
@@ -141,8 +142,7 @@ def _add_paper(sub) -> None:
                                                         "teacher:direct... with --teacher)")
     p.add_argument("--label-method", help="the method whose filtered answers are distilled (default: pal when "
                                           "listed, else the first method)")
-    p.add_argument("--teacher", help="System 2 teacher: an OpenAI-compatible base URL, e.g. http://host:8000/v1")
-    p.add_argument("--teacher-model", help="the teacher's model name (with --teacher)")
+    _add_teacher(p)
     p.add_argument("--n-train", type=int, default=300)
     p.add_argument("--n-eval", type=int, default=100)
     p.add_argument("--n-eval-prompting", type=int, default=20, help="items for CoT/RaR rows")
@@ -151,6 +151,19 @@ def _add_paper(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench/out/paper")
     p.add_argument("--json", action="store_true")
+
+
+def _add_teacher(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--teacher", help="System 2 teacher: an OpenAI-compatible base URL, e.g. http://host:8000/v1")
+    p.add_argument("--teacher-model", help="the teacher's model name (with --teacher)")
+
+
+def _use_teacher(args: argparse.Namespace, config: AgentConfig) -> None:
+    """``--teacher URL --teacher-model M`` as ``[system2.teacher]`` for this run."""
+    if args.teacher:
+        config.system2.teacher.base_url = args.teacher
+        config.system2.teacher.model = args.teacher_model or config.system2.teacher.model
+        config.validate()
 
 
 def _add_live(sub) -> None:
@@ -226,10 +239,7 @@ def run(args: argparse.Namespace, config: AgentConfig) -> int:
     if args.bench_cmd == "paper":
         from bench import paper
 
-        if args.teacher:
-            config.system2.teacher.base_url = args.teacher
-            config.system2.teacher.model = args.teacher_model or config.system2.teacher.model
-            config.validate()
+        _use_teacher(args, config)
         settings = paper.PaperSettings(
             label_method=args.label_method,
             tasks=args.task.split(","), methods=args.method.split(","), n_train=args.n_train, n_eval=args.n_eval,
@@ -262,6 +272,7 @@ def run(args: argparse.Namespace, config: AgentConfig) -> int:
     if args.bench_cmd == "loop":
         from bench import loop
 
+        _use_teacher(args, config)
         result = loop.run(loop.LoopSettings(args.task, args.queries, args.round, args.method, args.n_eval, args.k,
                                             args.seed, args.epochs, args.batch, args.replay), config, Path(args.out))
         sys.stdout.write((json.dumps(result, indent=2) if args.json else loop.table(result)) + "\n")

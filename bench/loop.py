@@ -1,13 +1,16 @@
 """The learning curve of the live runtime: System 2 spend falling while System 1 accuracy rises.
 
     agent bench loop [--task last_letter_2] [--queries 400] [--round 100] [--method pal] [--out bench/out/loop]
+                     [--teacher URL --teacher-model M]
                      [--replay ratio|all] [--batch each|final|none]
 
 A stream of a task's training inputs goes through ``Agent.answer`` with routing on (the configured
 threshold router); after each round of ``--round`` queries the runtime consolidates what System 2
 taught (the same ``Agent.consolidate`` the scheduler calls), then this measures held-out System 1
 accuracy (the serving adapter, greedy), the share of that round's queries routed to System 2, and
-generated tokens per query. Writes ``loop.json`` and ``learning_curve.png``.
+generated tokens per query (and, with ``--teacher URL --method teacher:pal``, the teacher's prompt and
+completion tokens per query: the spend that falls as System 1 learns). Writes ``loop.json`` and
+``learning_curve.png``.
 
 Next to each round (``--batch each``; only after the last with ``final``) it measures **batch distillation
 of the same examples**: one consolidation, from the base model, in a fresh store, on every example the loop
@@ -94,6 +97,8 @@ def run(settings: LoopSettings, config: AgentConfig, out: Path) -> dict:
                     "system1_accuracy": measured.accuracy,
                     "system2_share": sum(a.method is not None for a in answers) / len(answers),
                     "tokens_per_query": sum(a.tokens for a in answers) / len(answers),
+                    "teacher_tokens_per_query": sum(a.teacher_prompt_tokens + a.teacher_completion_tokens
+                                                    for a in answers) / len(answers),
                     "accepted": sum(bool(a.accepted) for a in answers),
                     "consolidation": f"{report.status}: {report.reason}",
                     "adapter_version": agent.serving_version(tag),
@@ -145,12 +150,17 @@ def batch_distillation(agent: Agent, task: Task, tag: str, workdir: Path, epochs
 
 
 def table(result: dict) -> str:
-    lines = [f"{'served':>7}{'S1 acc':>8}{'batch':>7}{'S2 share':>10}{'tok/query':>11}{'adapter':>9}  consolidation"]
+    teacher = any(r.get("teacher_tokens_per_query") for r in result["rounds"])  # a column only with a teacher
+    width = 15 if teacher else 0
+    lines = [f"{'served':>7}{'S1 acc':>8}{'batch':>7}{'S2 share':>10}{'tok/query':>11}"
+             f"{'teacher tok/q' if teacher else '':>{width}}{'adapter':>9}  consolidation"]
     for r in result["rounds"]:
         share = "" if r["system2_share"] is None else f"{r['system2_share']:.2f}"
         tok = "" if r["tokens_per_query"] is None else f"{r['tokens_per_query']:.1f}"
+        spend = f"{r['teacher_tokens_per_query']:.1f}" if teacher and r.get("teacher_tokens_per_query") is not None else ""
         batch = "" if r.get("batch_accuracy") is None else f"{r['batch_accuracy']:.2f}"
         lines.append(f"{r['queries_served']:>7}{r['system1_accuracy']:>8.2f}{batch:>7}{share:>10}{tok:>11}"
+                     f"{spend:>{width}}"
                      f"{'v' + str(r['adapter_version']) if r['adapter_version'] else 'base':>9}  "
                      f"{r.get('consolidation', '')}")
     return "\n".join(lines)

@@ -395,3 +395,17 @@ def test_bench_paper_rows_count_the_teachers_tokens(tiny_model_dir: Path, tmp_pa
     assert rows["system2:teacher:direct"]["teacher_tokens_per_query"] > 0
     assert rows["distilled"]["teacher_tokens_per_accepted"] > 0 and rows["distilled"]["label_method"] == "teacher:direct"
     assert "teacher" in paper.table(result["rows"])
+
+
+def test_bench_loop_counts_the_teachers_tokens_per_round(tiny_model_dir: Path, tmp_path: Path,
+                                                          teacher: ServerThread) -> None:
+    """The learning curve with a teacher: each round says what the teacher was paid per query."""
+    from bench import loop
+
+    config = student_config(tiny_model_dir, tmp_path, f"{teacher.url}/v1")
+    config.routing.threshold = 1.0  # every query goes to System 2, so to the teacher
+    result = loop.run(loop.LoopSettings(task="addition", queries=2, round=1, method="teacher:direct", n_eval=1, k=2,
+                                        batch="none"), config, tmp_path / "loop")
+    rounds = result["rounds"][1:]
+    assert len(rounds) == 2 and all(r["teacher_tokens_per_query"] > 0 for r in rounds), rounds
+    assert "teacher tok/q" in loop.table(result)
