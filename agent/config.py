@@ -344,9 +344,10 @@ class ConsolidationConfig:
     """Names of the base model's linear layers that get a LoRA update (default: attention and MLP)."""
     epochs: int = within("[1, inf)", 3)
     """Passes over the training mix."""
-    min_steps: int = within("[0, inf)", 0)
+    min_steps: int = within("[0, inf)", 24)
     """At least this many optimizer steps: a small run (a scope's first few dozen examples) gets as many more
-    epochs as it takes. 0: ``epochs`` alone decides."""
+    epochs as it takes. 32 sums (`agent bench knobs --task addition --n-train 32`): 3 epochs (6 steps) learn
+    0.14 of held-out sums, 24 steps 0.50, 48 steps 0.66 at 4x the time of 24. 0: ``epochs`` alone decides."""
     learning_rate: float = within("(0, inf)", 1e-3)
     """AdamW learning rate of the adapter weights."""
     batch_size: int = within("[1, inf)", 16)
