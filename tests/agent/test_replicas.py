@@ -159,7 +159,9 @@ def test_two_replicas_follow_what_one_worker_trains_sharing_only_postgresql(post
             ask(replicas[i % 2].port, question)
         def frozen_mid_run() -> bool:  # SIGSTOP first: a fast machine cannot finish the run before the kill
             os.kill(worker.popen.pid, signal.SIGSTOP)
-            if (holder := store.lock_holder("consolidation")) and holder.pid == worker.popen.pid:
+            # the lock is taken a moment before the run is recorded: wait for both, so there is a run to reap
+            if ((holder := store.lock_holder("consolidation")) and holder.pid == worker.popen.pid
+                    and any(r.status == "running" and r.pid == worker.popen.pid for r in store.list_runs())):
                 return True
             os.kill(worker.popen.pid, signal.SIGCONT)
             return False
