@@ -16,7 +16,6 @@ sliding-window or recurrent layers is refused by :func:`check_mergeable`.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,74 +63,16 @@ class DecodeBatch:
         return len(self.rows)
 
 
-def new_cache() -> Any:
-    """An empty ``DynamicCache`` whose layers are :func:`roomy_layer`s."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache()
-    cache.layer_class_to_replicate = roomy_layer()
-    return cache
-
-
-@functools.cache
-def roomy_layer() -> type:
-    """The cache layer class below, defined on first use: transformers is imported with the model, not with
-    this module."""
-    from transformers.cache_utils import DynamicLayer
-
-    class RoomyLayer(DynamicLayer):
-        """A full-attention cache layer with spare columns after its keys and values, so that a decode step
-        writes its one new column in place. ``DynamicLayer`` concatenates instead, copying the whole cache of
-        every layer at every step: with 9 rows of ~220 positions that copy was ~16 % of a CPU decode step.
-        ``keys``/``values`` are views of the room; :func:`merge`, :func:`select` and :func:`trim` may replace
-        them with new tensors, and the next update then moves them into fresh room (one copy per change of
-        the batch's rows, not one per step)."""
-
-        SPARE = 64
-        """Columns allocated beyond what is used: a new room every 64 decode steps."""
-
-        room: tuple[torch.Tensor, torch.Tensor] | None = None
-
-        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
-                   **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-            used, new = self.get_seq_length(), key_states.shape[-2]
-            if not self._fits(used + new):
-                shape = (*key_states.shape[:2], used + new + self.SPARE, key_states.shape[-1])
-                rooms = key_states.new_empty(shape), value_states.new_empty(shape)
-                if used:
-                    rooms[0][:, :, :used] = self.keys
-                    rooms[1][:, :, :used] = self.values
-                self.room = rooms
-            keys, values = self.room
-            keys[:, :, used:used + new] = key_states
-            values[:, :, used:used + new] = value_states
-            self.keys, self.values = keys[:, :, :used + new], values[:, :, :used + new]
-            return self.keys, self.values
-
-        def _fits(self, length: int) -> bool:
-            """Whether ``keys`` is still the head of the room (nothing replaced it) and ``length`` columns fit."""
-            if self.room is None or self.keys.numel() == 0:
-                return False
-            room = self.room[0]
-            return (self.keys.data_ptr() == room.data_ptr() and self.keys.shape[:2] == room.shape[:2]
-                    and self.keys.stride() == room.stride() and self.values.data_ptr() == self.room[1].data_ptr()
-                    and length <= room.shape[2])
-
-    return RoomyLayer
-
-
 def _layers(cache: Any) -> list[Any]:
     return list(cache.layers)
 
 
 def check_mergeable(cache: Any) -> None:
-    """Refuse caches whose layers are not plain full-attention layers (see the module docstring)."""
+    """Refuse caches whose layers are not plain full-attention ``DynamicLayer``s (see the module docstring)."""
     from transformers.cache_utils import DynamicLayer
 
     for layer in _layers(cache):
-        if type(layer) not in (DynamicLayer, roomy_layer()):
+        if type(layer) is not DynamicLayer:
             raise NotImplementedError(f"continuous batching needs full-attention cache layers, not {type(layer).__name__}")
 
 

@@ -20,7 +20,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from agent.backends.base import Completion, GenerationRequest, validate_adapter_dir
-from agent.backends.decode_batch import DecodeBatch, Row, new_cache, select
+from agent.backends.decode_batch import DecodeBatch, Row, select
 from agent.backends.sampling import pick, shape_logits
 from agent.errors import AdapterError, PromptTooLongError
 from agent.prompting import Prompt, render_prompt
@@ -148,11 +148,13 @@ class HFBackend:
 
         Prompts that all run with one adapter and share a long prefix (few-shot PAL or CoT prompts) have the
         prefix computed once; each prompt's cache is computed once and repeated for its ``n`` samples."""
+        from transformers import DynamicCache
+
         requests = [r for _, r, _ in items]
         prompts = [p for _, _, p in items]
         pad = self.tokenizer.pad_token_id
         adapters = [r.adapter or BASE for r in requests]
-        cache = new_cache()
+        cache = DynamicCache()
         # LoRA changes the prefix's keys and values: share it only among rows of one adapter.
         shared = _common_prefix(prompts) if len(set(adapters)) == 1 and len(prompts) > 1 else 0
         if shared < MIN_SHARED_PREFIX:

@@ -152,28 +152,6 @@ def test_chunked_prefill_ends_where_one_pass_ends(tiny_backend: HFBackend, chunk
             assert torch.allclose(a.keys, b.keys, atol=1e-4) and torch.allclose(a.values, b.values, atol=1e-4)
 
 
-def test_decode_steps_write_the_cache_in_place(tiny_backend: HFBackend) -> None:
-    """Each step adds its column inside the room the layer keeps (no copy of the whole cache per step); rows
-    leaving the batch move the rest into new room once, and the tokens are those of a batch decoded alone."""
-    from agent.backends.decode_batch import select
-
-    items = [(i, GenerationRequest(p, greedy(12)), tiny_backend.render(p)) for i, p in enumerate(PROMPTS)]
-    with torch.inference_mode():
-        *_, batch = tiny_backend.prefill_steps(items, chunk=None)
-        batch, _ = tiny_backend.step(batch)
-        rooms = [layer.keys.data_ptr() for layer in batch.cache.layers]
-        for _ in range(3):
-            batch, _ = tiny_backend.step(batch)
-        assert [layer.keys.data_ptr() for layer in batch.cache.layers] == rooms
-        assert all(layer.keys.shape[2] == batch.mask.shape[1] for layer in batch.cache.layers)
-        first, *rest = batch.rows
-        batch = select(batch, [1, 2])  # the first row leaves
-        while batch.rows:
-            batch, _ = tiny_backend.step(batch)
-    assert first.token_ids == one(tiny_backend, PROMPTS[0], greedy(12)).token_ids[:len(first.token_ids)]
-    assert [row.token_ids for row in rest] == [one(tiny_backend, p, greedy(12)).token_ids for p in PROMPTS[1:]]
-
-
 def test_n_completions_per_request(tiny_backend: HFBackend) -> None:
     params = [greedy(3), SamplingParams(n=3, temperature=1.0, max_new_tokens=3, seed=0), greedy(2)]
     out = tiny_backend.generate([GenerationRequest(p, s) for p, s in zip(PROMPTS, params)])
