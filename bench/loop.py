@@ -157,7 +157,8 @@ def table(result: dict) -> str:
     for r in result["rounds"]:
         share = "" if r["system2_share"] is None else f"{r['system2_share']:.2f}"
         tok = "" if r["tokens_per_query"] is None else f"{r['tokens_per_query']:.1f}"
-        spend = f"{r['teacher_tokens_per_query']:.1f}" if teacher and r.get("teacher_tokens_per_query") is not None else ""
+        paid = r.get("teacher_tokens_per_query")
+        spend = "" if not teacher or paid is None else f"{paid:.1f}"
         batch = "" if r.get("batch_accuracy") is None else f"{r['batch_accuracy']:.2f}"
         lines.append(f"{r['queries_served']:>7}{r['system1_accuracy']:>8.2f}{batch:>7}{share:>10}{tok:>11}"
                      f"{spend:>{width}}"
