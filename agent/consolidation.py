@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol, Sequence
 
 from agent.adapter_cache import folder_files, local_folder
+from agent.answer_cache import AnswerCache, model_identity
 from agent.auth import OPERATOR_SOURCES, KeyRing
 from agent.backends import Backend, Completion
 from agent.config import AgentConfig
@@ -250,10 +251,12 @@ def _consolidate_locked(agent: Learner, owner, scope, dry_run, min_examples, epo
     loaded = False
     try:
         serving_name = agent.adapter_for(scope)[1]
-        # Retention: the serving model's own answers, now, are the targets to keep. Only the prompts this run
-        # reads are answered (minutes of CPU for 64 prompts): the held-out half, and what trains of the rest.
+        serving_folder = local_folder(store, serving, root) if serving else None
+        served = ServingAnswers(agent, serving_name, serving_folder, stop)
+        # Retention: the serving model's own answers are the targets to keep. Only the prompts this run reads
+        # are answered (minutes of CPU for 64 prompts): the held-out half, and what trains of the rest.
         asked = _retention_prompts_used(retention_inputs, n_retention_train, cfg.retention_kl_weight > 0, cfg.seed)
-        retention_answers = _system1_answers(agent, asked, serving_name, stop=stop)
+        retention_answers = served(asked)
         retention_train, retention_holdout = split_retention(asked, retention_answers, cfg.seed)
         retention_kl_pairs = retention_train  # the KL term (retention_kl_weight) sees every training prompt
         retention_train = retention_train[:n_retention_train]
@@ -270,7 +273,6 @@ def _consolidate_locked(agent: Learner, owner, scope, dry_run, min_examples, epo
             if on_step:
                 on_step(i, total, loss)
 
-        serving_folder = local_folder(store, serving, root) if serving else None
         stats = train_lora(
             agent.model_path, examples, cfg, tmp,
             # never from an adapter flagged by `store purge`: it learned from examples taken back
@@ -286,7 +288,7 @@ def _consolidate_locked(agent: Learner, owner, scope, dry_run, min_examples, epo
             report.metrics["train_retention_kl"] = stats.last_kl
         agent.backend.load_adapter(candidate, str(tmp))
         loaded = True
-        passed, reason = _gate(agent, report, holdout, retention_holdout, candidate, serving_name, scope,
+        passed, reason = _gate(agent, report, holdout, retention_holdout, candidate, served, scope,
                                candidate_folder=str(tmp), serving_folder=serving_folder)
         store.heartbeat(LOCK_NAME, owner)  # raises if the lock was taken over: then another run owns the registry
     except TrainingDiverged as exc:
@@ -387,6 +389,24 @@ def _system1_answers(agent: Learner, inputs: Sequence[str], adapter: str | None,
     return answers
 
 
+class ServingAnswers:
+    """The serving model's greedy answers for one run, kept in the adapters folder's answer cache
+    (:mod:`agent.answer_cache`) so that the next run with the same serving model does not decode them again."""
+
+    CACHE_FILE = "serving-answers.json"
+
+    def __init__(self, agent: Learner, name: str | None, folder: str | None,
+                 stop: threading.Event | None = None) -> None:
+        self.agent, self.name, self.stop = agent, name, stop
+        config = agent.config
+        self.identity = model_identity(agent.model_path, folder, config.system_prompt, config.max_new_tokens)
+        self.cache = AnswerCache(config.adapters_path() / self.CACHE_FILE)
+
+    def __call__(self, inputs: Sequence[str]) -> list[str]:
+        return self.cache.answers(self.identity, inputs,
+                                  lambda missing: _system1_answers(self.agent, missing, self.name, stop=self.stop))
+
+
 def _accuracy(outputs: Iterable[str], targets: Iterable[str], kind: str) -> float | None:
     pairs = list(zip(outputs, targets))
     if not pairs:
@@ -434,7 +454,7 @@ def retained(old: str, new: str) -> bool:
     return len(old.split()) > 5 and similarity(old, new) >= RETENTION_SIMILARITY
 
 
-def _gate(agent: Learner, report, holdout, retention_holdout, candidate, serving_name, scope, *,
+def _gate(agent: Learner, report, holdout, retention_holdout, candidate, served: "ServingAnswers", scope, *,
           candidate_folder: str, serving_folder: str | None) -> tuple[bool, str]:
     cfg = agent.config.consolidation
     kind = agent.answer_kind(scope)
@@ -444,7 +464,7 @@ def _gate(agent: Learner, report, holdout, retention_holdout, candidate, serving
     if holdout:
         inputs, targets = [e.input for e in holdout], [e.target for e in holdout]
         m["holdout_accuracy_candidate"] = _accuracy(_system1_answers(agent, inputs, candidate), targets, kind)
-        m["holdout_accuracy_serving"] = _accuracy(_system1_answers(agent, inputs, serving_name), targets, kind)
+        m["holdout_accuracy_serving"] = _accuracy(served(inputs), targets, kind)
         better = m["holdout_accuracy_candidate"] >= m["holdout_accuracy_serving"] - cfg.gate_margin
         ok &= better
         reasons.append(f"holdout accuracy {m['holdout_accuracy_serving']:.2f} -> {m['holdout_accuracy_candidate']:.2f}")
@@ -479,7 +499,7 @@ def _gate(agent: Learner, report, holdout, retention_holdout, candidate, serving
         items = [json.loads(line) for line in Path(cfg.eval_file).read_text().splitlines() if line.strip()]
         inputs, targets = [i["input"] for i in items], [str(i.get("answer", i.get("target"))) for i in items]
         m["eval_accuracy_candidate"] = _accuracy(_system1_answers(agent, inputs, candidate), targets, kind)
-        m["eval_accuracy_serving"] = _accuracy(_system1_answers(agent, inputs, serving_name), targets, kind)
+        m["eval_accuracy_serving"] = _accuracy(served(inputs), targets, kind)
         ok &= m["eval_accuracy_candidate"] >= m["eval_accuracy_serving"] - cfg.gate_margin
         reasons.append(f"eval file accuracy {m['eval_accuracy_serving']:.2f} -> {m['eval_accuracy_candidate']:.2f}")
     return ok, ("passed: " if ok else "gate failed: ") + "; ".join(reasons)
