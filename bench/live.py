@@ -52,6 +52,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -425,6 +426,10 @@ class Reply:
     system2: str | None = None
     """Why System 2 did not run although the router sent the query there: ``skipped`` (the server's System 2
     memory: it never paid off for inputs like this), ``queued`` or ``dropped`` (background mode)."""
+    tag: str | None = None
+    """The scope the server answered in (its classifier's choice for an untagged query)."""
+    adapter_version: int | None = None
+    """The adapter System 1 ran with (None: the base model)."""
     error: str | None = None
 
     @property
@@ -464,6 +469,7 @@ class Client:
         details = response.usage.completion_tokens_details if response.usage else None
         return Reply(query, True, seconds, text=response.choices[0].message.content or "",
                      route=s2agent.get("route"), method=s2agent.get("method"), system2=s2agent.get("system2"),
+                     tag=s2agent.get("tag"), adapter_version=s2agent.get("adapter_version"),
                      reasoning_tokens=(details.reasoning_tokens or 0) if details else 0)
 
     def ask_all(self, queries: Sequence[Query], clients: int, route: str | None = None, desc: str | None = None,
@@ -558,7 +564,10 @@ def probe_summary(replies: Sequence[Reply]) -> dict[str, Any]:
     """System 1 accuracy on the held-out probes, overall and per family, and System 1 latency."""
     by_family = {f: _mean([float(bool(r.correct)) for r in replies if r.query.family == f])
                  for f in KINDS if any(r.query.family == f for r in replies)}
+    served_by = Counter(f"{r.query.family}: {r.tag or 'general'} "
+                        f"{'v' + str(r.adapter_version) if r.adapter_version else 'base'}" for r in replies if r.ok)
     return {"accuracy": _mean([float(bool(r.correct)) for r in replies]), "accuracy_by_family": by_family,
+            "served_by": dict(sorted(served_by.items())),
             "latency_p50_s": percentile([r.seconds for r in replies if r.ok], 0.5),
             "errors": sum(not r.ok for r in replies), "n": len(replies)}
 

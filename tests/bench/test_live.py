@@ -70,6 +70,8 @@ def test_live_replay_runs_a_real_server_and_writes_its_measures(tiny_model_dir: 
         assert w["system2_tokens_per_query_metrics"] >= 0 and w["system2_tokens_per_query_responses"] >= 0
         assert 0 < w["latency_p50_s"] <= w["latency_p95_s"]
         assert w["probe"]["n"] == 4 and 0.0 <= w["probe"]["accuracy"] <= 1.0 and w["probe"]["latency_p50_s"] > 0
+        assert sum(w["probe"]["served_by"].values()) == 4  # which scope and adapter answered each probe
+        assert all(k.split(": ")[0] in live.KINDS for k in w["probe"]["served_by"])
         assert isinstance(w["adapters"], dict) and isinstance(w["consolidation_runs"], dict)
     assert 0.0 <= result["probe_start"]["accuracy"] <= 1.0
 
