@@ -3,8 +3,12 @@
 A cheap nearest-neighbour classifier: every input becomes a hashed bag of character n-grams of its
 lower-cased text with digits folded to ``0`` (so "47 + 38" and "12 + 99" look alike, and a question
 template outweighs the words or numbers in it), L2-normalised. An input is assigned to the tag of its
-most similar known input when that similarity reaches ``min_similarity`` and the most similar
-untagged ("general") input is less similar; otherwise it stays on the general adapter. No model
+most similar known input when that similarity reaches ``min_similarity`` and no untagged ("general")
+input is more similar; otherwise it stays on the general adapter. A tie goes to the tag: the tagged
+input's evidence is an answer System 2 found and kept, the untagged one's only that System 1 was
+confident, which on a task it has not learned yet is often misplaced (in the live replay, two sums System
+1 answered alone at confidence 0.53 kept every "What is 67 plus 56?", the same template after folding,
+off the sums adapter). No model
 call, no training loop: fitting a thousand inputs takes a fraction of a second, a prediction well under
 a millisecond.
 """
@@ -19,6 +23,9 @@ from typing import Mapping, Sequence
 import numpy as np
 
 NGRAMS = (3, 4, 5)
+TIE = 1e-6
+"""Similarities this close are equal: the same template gives the same features, but two dot products of
+them may round apart."""
 BUCKETS = 1 << 12
 
 
@@ -65,7 +72,8 @@ class ScopeClassifier:
         best = int(np.argmax(sims))
         similarity = float(sims[best])
         general = float((self._general @ x).max()) if len(self._general) else 0.0
-        tag = self.tags[self._labels[best]] if similarity >= self.min_similarity and similarity > general else None
+        closer = similarity >= general - TIE  # a tie goes to the tag: see the module docstring
+        tag = self.tags[self._labels[best]] if similarity >= self.min_similarity and closer else None
         return ScopeDecision(tag, similarity, general)
 
 

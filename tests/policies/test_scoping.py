@@ -34,6 +34,16 @@ def test_general_and_unrelated_inputs_stay_general(classifier, text):
     assert decision.tag is None, decision
 
 
+def test_a_tie_with_an_untagged_input_goes_to_the_tag():
+    """System 1 once answered a sum of this template alone (confident, not taught): the template is still the
+    task's, whose tagged inputs System 2 answered; a general question beside it stays general."""
+    confident_sums = ["What is 17 plus 50?"]
+    classifier = ScopeClassifier({"arithmetic": ["What is 51 plus 29?", *ADDITIONS]}, GENERAL + confident_sums)
+    decision = classifier.classify("What is 67 plus 56?")
+    assert decision.tag == "arithmetic" and decision.similarity == pytest.approx(decision.general_similarity)
+    assert classifier.classify("What is the capital of Italy?").tag is None
+
+
 def test_the_similarity_threshold_is_respected():
     strict = ScopeClassifier({"arithmetic": ADDITIONS}, GENERAL, min_similarity=1.0)
     assert strict.classify("What is 81 + 94?").tag == "arithmetic"  # digits fold: same template, same vector
