@@ -34,7 +34,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections import Counter
 from datetime import timezone
 from pathlib import Path
 from typing import Any, Protocol
@@ -223,29 +222,34 @@ class ConsolidationScheduler:
                     child.kill()
 
     # --- triggers ----------------------------------------------------------------------------------
+    def _scopes_pending(self) -> dict[str | None, tuple[int, int]]:
+        """Per scope (each tag with ``consolidation.per_tag``, else None for all): its pending examples, and how
+        many of them would train (not in the seeded holdout share). Pinned scopes are left out."""
+        cfg = self.agent.config.consolidation
+        pinned = self.agent.store.pinned_scopes() if cfg.per_tag else set()  # `agent scopes pin` froze them
+        counts: dict[str | None, tuple[int, int]] = {}
+        for e in self.agent.store.list_examples(status="pending"):
+            scope = e.tag if cfg.per_tag else None
+            if scope in pinned:
+                continue
+            pending, trainable = counts.get(scope, (0, 0))
+            counts[scope] = (pending + 1, trainable + (holdout_bucket(e.input, cfg.seed) >= cfg.holdout_fraction))
+        return dict(sorted(counts.items(), key=lambda item: item[0] or ""))
+
     def _check_pending(self) -> None:
-        needed = self.config.min_pending or 0
-        if not self.agent.config.consolidation.per_tag:
-            pending = self.agent.store.count_examples(status="pending")
-            if pending >= needed:
-                self.run_now(trigger=f"{pending} pending examples")
-            return
-        pinned = self.agent.store.pinned_scopes()  # an operator froze them: `agent scopes pin`
-        by_tag = Counter(e.tag for e in self.agent.store.list_examples(status="pending") if e.tag not in pinned)
-        for tag, pending in sorted(by_tag.items(), key=lambda item: item[0] or ""):
-            if pending >= needed and not self.stop_event.is_set():
-                self.run_now(trigger=f"{pending} pending examples tagged {tag or '(none)'}", scope=tag)
+        """Consolidate each scope with ``min_pending`` examples pending, once enough of them would train: a run
+        on fewer than ``consolidation.min_examples`` would only start a process to skip."""
+        needed, least = self.config.min_pending or 0, self.agent.config.consolidation.min_examples
+        for scope, (pending, trainable) in self._scopes_pending().items():
+            if pending >= needed and trainable >= least and not self.stop_event.is_set():
+                self.run_now(trigger=f"{pending} pending examples" + (f" tagged {scope}" if scope else ""), scope=scope)
 
     def _on_interval(self) -> None:
         """Consolidate every scope that has enough examples to train on (a run would skip the others)."""
-        cfg = self.agent.config.consolidation
-        pending = self.agent.store.list_examples(status="pending")
-        pinned = self.agent.store.pinned_scopes() if cfg.per_tag else set()
-        trainable = Counter(e.tag if cfg.per_tag else None for e in pending
-                            if holdout_bucket(e.input, cfg.seed) >= cfg.holdout_fraction and e.tag not in pinned)
-        for scope, n in sorted(trainable.items(), key=lambda item: item[0] or ""):
-            if n >= cfg.min_examples and not self.stop_event.is_set():
-                self.run_now(trigger=f"interval ({n} examples to train on)", scope=scope)
+        least = self.agent.config.consolidation.min_examples
+        for scope, (_, trainable) in self._scopes_pending().items():
+            if trainable >= least and not self.stop_event.is_set():
+                self.run_now(trigger=f"interval ({trainable} examples to train on)", scope=scope)
 
     def status(self) -> dict[str, Any]:
         jobs = {job.id: job.next_run_time.isoformat() if job.next_run_time else None

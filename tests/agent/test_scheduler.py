@@ -122,6 +122,27 @@ def test_pending_trigger_consolidates_and_schedule_status_shows_the_run(config, 
     assert not [r for r in caplog.records if "maximum number of running instances" in r.getMessage()]
 
 
+def test_the_pending_trigger_waits_until_enough_of_the_pending_examples_would_train(config):
+    """``min_pending`` counts the holdout share too; a run with fewer than ``min_examples`` to train on would
+    only start (a child process, a model load) to skip, so the trigger waits for them."""
+    config.scheduler.min_pending = 4
+    config.scheduler.check_seconds = 0.2
+    config.scheduler.interval_minutes = None
+    config.consolidation.min_examples = 12
+    with Agent(config) as agent:
+        scheduler = agent.start_scheduler()
+        for q in QUESTIONS[:10]:
+            agent.answer(q)
+        time.sleep(0.6)  # three checks: 10 pending, at most 10 of them to train on
+        assert scheduler.last_report is None and agent.store.list_runs() == []
+        for q in QUESTIONS[10:]:
+            agent.answer(q)
+        wait_for(lambda: scheduler.last_report is not None and not scheduler.running,
+                 what="a run once enough examples would train")
+        assert scheduler.last_report.status == "promoted", scheduler.last_report.reason
+        assert scheduler.last_report.n_new >= 12
+
+
 @pytest.fixture
 def lock_holder(config):
     """Another process holding the store's consolidation lock (released on a line on stdin)."""
