@@ -34,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from datetime import timezone
 from pathlib import Path
 from typing import Any, Protocol
@@ -103,6 +104,17 @@ def child_config_data(config: AgentConfig) -> dict[str, Any]:
     data["server"].update(api_key=None, api_keys={}, api_keys_file=None)
     data["db"], data["adapters_dir"] = config.db_url(), str(config.adapters_path())
     return data
+
+
+@dataclass
+class Pending:
+    """A scope's pending examples, as the triggers count them."""
+
+    pending: int = 0
+    trainable: int = 0
+    """Not in the seeded holdout share: what a run would train on."""
+    since_rejected: int = 0
+    """Stored after the start of the scope's last run when that run was rejected (all of them otherwise)."""
 
 
 class ConsolidationScheduler:
@@ -222,34 +234,43 @@ class ConsolidationScheduler:
                     child.kill()
 
     # --- triggers ----------------------------------------------------------------------------------
-    def _scopes_pending(self) -> dict[str | None, tuple[int, int]]:
-        """Per scope (each tag with ``consolidation.per_tag``, else None for all): its pending examples, and how
-        many of them would train (not in the seeded holdout share). Pinned scopes are left out."""
+    def _scopes_pending(self) -> dict[str | None, Pending]:
+        """What waits in each scope (each tag with ``consolidation.per_tag``, else None for all); pinned scopes
+        are left out."""
         cfg = self.agent.config.consolidation
-        pinned = self.agent.store.pinned_scopes() if cfg.per_tag else set()  # `agent scopes pin` froze them
-        counts: dict[str | None, tuple[int, int]] = {}
-        for e in self.agent.store.list_examples(status="pending"):
+        store = self.agent.store
+        pinned = store.pinned_scopes() if cfg.per_tag else set()  # `agent scopes pin` froze them
+        rejected = {scope: run.started_at for scope, run in store.last_runs_by_scope().items()
+                    if run.status == "rejected"}
+        counts: dict[str | None, Pending] = {}
+        for e in store.list_examples(status="pending"):
             scope = e.tag if cfg.per_tag else None
             if scope in pinned:
                 continue
-            pending, trainable = counts.get(scope, (0, 0))
-            counts[scope] = (pending + 1, trainable + (holdout_bucket(e.input, cfg.seed) >= cfg.holdout_fraction))
+            count = counts.setdefault(scope, Pending())
+            count.pending += 1
+            count.trainable += holdout_bucket(e.input, cfg.seed) >= cfg.holdout_fraction
+            count.since_rejected += scope not in rejected or e.created_at > rejected[scope]
         return dict(sorted(counts.items(), key=lambda item: item[0] or ""))
 
     def _check_pending(self) -> None:
-        """Consolidate each scope with ``min_pending`` examples pending, once enough of them would train: a run
-        on fewer than ``consolidation.min_examples`` would only start a process to skip."""
+        """Consolidate each scope with ``min_pending`` examples pending, once enough of them would train (a run
+        on fewer than ``consolidation.min_examples`` would only start a process to skip), and, when the scope's
+        last run was rejected, once ``min_pending`` of them are new since (its examples stay pending, and the
+        same data would train the same rejected candidate every ``check_seconds``)."""
         needed, least = self.config.min_pending or 0, self.agent.config.consolidation.min_examples
-        for scope, (pending, trainable) in self._scopes_pending().items():
-            if pending >= needed and trainable >= least and not self.stop_event.is_set():
-                self.run_now(trigger=f"{pending} pending examples" + (f" tagged {scope}" if scope else ""), scope=scope)
+        for scope, count in self._scopes_pending().items():
+            due = count.pending >= needed and count.trainable >= least and count.since_rejected >= needed
+            if due and not self.stop_event.is_set():
+                self.run_now(trigger=f"{count.pending} pending examples" + (f" tagged {scope}" if scope else ""),
+                             scope=scope)
 
     def _on_interval(self) -> None:
         """Consolidate every scope that has enough examples to train on (a run would skip the others)."""
         least = self.agent.config.consolidation.min_examples
-        for scope, (_, trainable) in self._scopes_pending().items():
-            if trainable >= least and not self.stop_event.is_set():
-                self.run_now(trigger=f"interval ({trainable} examples to train on)", scope=scope)
+        for scope, count in self._scopes_pending().items():
+            if count.trainable >= least and not self.stop_event.is_set():
+                self.run_now(trigger=f"interval ({count.trainable} examples to train on)", scope=scope)
 
     def status(self) -> dict[str, Any]:
         jobs = {job.id: job.next_run_time.isoformat() if job.next_run_time else None

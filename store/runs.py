@@ -17,7 +17,7 @@ import socket
 from datetime import timedelta
 from typing import Any, Optional
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from .db import StoreBase
@@ -93,6 +93,13 @@ class RunsMixin(StoreBase):
             query = query.limit(limit)
         with self._read() as session:
             return list(session.scalars(query))
+
+    def last_runs_by_scope(self) -> dict[Optional[str], ConsolidationRun]:
+        """Each scope's most recently started run (key None: the general adapter's)."""
+        newest = select(func.max(ConsolidationRun.id)).group_by(ConsolidationRun.scope)
+        with self._read() as session:
+            return {run.scope: run for run in session.scalars(select(ConsolidationRun).where(
+                ConsolidationRun.id.in_(newest)))}
 
     def last_run(self) -> Optional[ConsolidationRun]:
         """The most recently started run, or None."""

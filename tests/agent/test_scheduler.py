@@ -143,6 +143,31 @@ def test_the_pending_trigger_waits_until_enough_of_the_pending_examples_would_tr
         assert scheduler.last_report.n_new >= 12
 
 
+def test_a_rejected_scope_is_tried_again_only_once_min_pending_new_examples_arrived(config):
+    """A rejected run leaves its examples pending: the same data, every check, would train the same rejected
+    candidate again and again."""
+    config.scheduler.min_pending = 4
+    config.scheduler.check_seconds = 0.2
+    config.scheduler.interval_minutes = None
+    # a candidate trained on sums at this learning rate regenerates some of 32 retention answers differently
+    config.consolidation.retention_threshold, config.consolidation.retention_measure = 1.0, "text"
+    config.consolidation.retention_prompts = 64
+    with Agent(config) as agent:
+        scheduler = agent.start_scheduler()
+        for q in QUESTIONS[:8]:
+            agent.answer(q)
+        wait_for(lambda: agent.store.list_runs() and not scheduler.running, what="the first run")
+        assert [r.status for r in agent.store.list_runs()] == ["rejected"]
+        for q in QUESTIONS[8:11]:
+            agent.answer(q)
+        time.sleep(1.0)  # five checks: 11 pending, but only 3 new since the rejected run
+        assert len(agent.store.list_runs()) == 1 and not scheduler.running
+        agent.answer(QUESTIONS[11])
+        wait_for(lambda: len(agent.store.list_runs()) == 2 and not scheduler.running, what="the second run")
+        assert agent.store.list_runs()[0].status == "rejected"
+        assert set(agent.store.last_runs_by_scope()) == {None}
+
+
 @pytest.fixture
 def lock_holder(config):
     """Another process holding the store's consolidation lock (released on a line on stdin)."""

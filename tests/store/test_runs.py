@@ -34,6 +34,18 @@ def test_start_finish_list(store: Store) -> None:
         store.finish_run(12345, "failed")
 
 
+def test_last_runs_by_scope_gives_each_scope_its_newest_run(store: Store) -> None:
+    assert store.last_runs_by_scope() == {}
+    old_math = store.start_run(scope="math")
+    store.finish_run(old_math, "rejected")
+    general = store.start_run()
+    new_math = store.start_run(scope="math")
+    store.finish_run(new_math, "promoted")
+    last = store.last_runs_by_scope()
+    assert {scope: (run.id, run.status) for scope, run in last.items()} == {
+        "math": (new_math, "promoted"), None: (general, "running")}
+
+
 def test_reap_crashed_runs_with_a_dead_pid(store: Store, store_url: str, spawn: Spawn) -> None:
     alive = store.start_run()
     proc = spawn(store_url, "start_run")
