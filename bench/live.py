@@ -787,7 +787,8 @@ def report(result: dict[str, Any]) -> str:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    """System 2 share, System 1 probe accuracy and p50 latency per window; a vertical line per promotion."""
+    """System 2 share, System 1 probe accuracy, served accuracy and p50 latency per window; a vertical line per
+    promotion."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -799,6 +800,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax.plot(served, [w["system2_share"] for w in windows], "s-", label="share of queries sent to System 2")
     ax.plot([0, *served], [result["probe_start"]["accuracy"], *(w["probe"]["accuracy"] for w in windows)], "o-",
             label="System 1 accuracy, held-out probes")
+    ax.plot(served, [w["served_accuracy"] for w in windows], "D-", color="C4",
+            label="accuracy of the answers users got (task families)")
     ax.set_xlabel("queries served")
     ax.set_ylim(-0.03, 1.05)
     ax2 = ax.twinx()
@@ -813,9 +816,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
             ax.annotate(name, (w["queries_served"], 1.0), rotation=90, fontsize=7, ha="right", va="top")
     handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
     labels = ax.get_legend_handles_labels()[1] + ax2.get_legend_handles_labels()[1]
-    ax.legend(handles, labels, fontsize=8, loc="center right")
-    ax.set_title(f"agent serve, live replay ({Path(result['model']).name}): dashed lines = adapter promoted",
-                 fontsize=10)
+    ax.legend(handles, labels, fontsize=8, loc="best")
+    settings = result.get("settings") or {}
+    given = " ".join([*settings.get("serve_args", []), *(f"{k}={v}" for k, v in settings.get("server_env", {}).items())])
+    ax.set_title(f"agent serve {given or '(no settings)'}, model {Path(result['model']).name}: dashed lines = "
+                 "adapter promoted", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
