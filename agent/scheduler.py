@@ -232,6 +232,7 @@ class ConsolidationScheduler:
                     logger.warning("consolidation process %s did not stop in %.0f s: killing it",
                                    child.pid, CHILD_STOP_SECONDS)
                     child.kill()
+                    return child.wait()  # not the next 0.2 s turn, which logged and killed again until it was gone
 
     # --- triggers ----------------------------------------------------------------------------------
     def _scopes_pending(self) -> dict[str | None, Pending]:

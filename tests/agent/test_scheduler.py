@@ -368,3 +368,23 @@ def test_no_train_serves_without_a_scheduler(config, tiny_model_dir, monkeypatch
     err = capsys.readouterr().err
     assert "consolidation scheduler off (serving only" in err
     assert "at 32 pending per scope / every 60.0 min, in a child process" in err
+
+
+def test_a_child_that_ignores_sigterm_is_killed_once(tiny_agent, monkeypatch, caplog):
+    """Shutdown sends the consolidation child SIGTERM; one that does not stop in time is killed, with one
+    warning, and its exit status is returned."""
+    import agent.scheduler as scheduling
+
+    monkeypatch.setattr(scheduling, "CHILD_STOP_SECONDS", 0.5)
+    stubborn = subprocess.Popen([sys.executable, "-c", "import signal, sys, time; "
+                                 "signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); "
+                                 "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    assert stubborn.stdout.readline().strip() == "ready"  # type: ignore[union-attr]
+    scheduler = scheduling.ConsolidationScheduler(tiny_agent)
+    scheduler.stop_event.set()
+    started = time.monotonic()
+    with caplog.at_level("WARNING", logger="agent.scheduler"):
+        assert scheduler._wait(stubborn) == -signal.SIGKILL
+    assert time.monotonic() - started < 10
+    assert [r.getMessage() for r in caplog.records if "killing it" in r.getMessage()] == [
+        f"consolidation process {stubborn.pid} did not stop in 0 s: killing it"]
