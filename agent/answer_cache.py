@@ -58,7 +58,9 @@ class AnswerCache:
         except (OSError, ValueError) as exc:  # a damaged cache costs only the time to answer again
             logger.warning("answer cache %s unreadable (%s): answering again", self.path, exc)
             return {}
-        return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, str)} if isinstance(data, dict) else {}
+        if not isinstance(data, dict):
+            return {}
+        return {k: v for k, v in data.items() if isinstance(v, str)}
 
     def _save(self, entries: dict[str, str]) -> None:
         keep = dict(list(entries.items())[-self.capacity:])

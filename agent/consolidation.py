@@ -454,7 +454,7 @@ def retained(old: str, new: str) -> bool:
     return len(old.split()) > 5 and similarity(old, new) >= RETENTION_SIMILARITY
 
 
-def _gate(agent: Learner, report, holdout, retention_holdout, candidate, served: "ServingAnswers", scope, *,
+def _gate(agent: Learner, report, holdout, retention_holdout, candidate, served: ServingAnswers, scope, *,
           candidate_folder: str, serving_folder: str | None) -> tuple[bool, str]:
     cfg = agent.config.consolidation
     kind = agent.answer_kind(scope)

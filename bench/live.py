@@ -818,7 +818,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     labels = ax.get_legend_handles_labels()[1] + ax2.get_legend_handles_labels()[1]
     ax.legend(handles, labels, fontsize=8, loc="best")
     settings = result.get("settings") or {}
-    given = " ".join([*settings.get("serve_args", []), *(f"{k}={v}" for k, v in settings.get("server_env", {}).items())])
+    env = settings.get("server_env", {})
+    given = " ".join([*settings.get("serve_args", []), *(f"{k}={v}" for k, v in env.items())])
     ax.set_title(f"agent serve {given or '(no settings)'}, model {Path(result['model']).name}: dashed lines = "
                  "adapter promoted", fontsize=10)
     fig.tight_layout()
