@@ -605,6 +605,7 @@ def window_record(index: int, served: int, replies: Sequence[Reply], probed: Seq
         "system2_share": _mean([float(r.route == "system2" or r.method is not None) for r in ok]),
         "system2_answered_share": _mean([float(r.route == "system2") for r in ok]),
         "system2_skipped_share": _mean([float(r.system2 == "skipped") for r in ok]),
+        "system2_background_share": _mean([float(r.system2 in ("queued", "dropped")) for r in ok]),
         "system2_tokens_per_query_metrics": None if tokens is None else tokens / n,
         "system2_tokens_per_query_responses": sum(r.reasoning_tokens for r in ok) / n,
         "served_accuracy": _mean([float(bool(c)) for c in scored]),
@@ -734,9 +735,11 @@ def checks(result: dict[str, Any]) -> list[dict[str, str]]:
 
     p50_first, p50_last, s1 = first["latency_p50_s"], last["latency_p50_s"], last["probe"]["latency_p50_s"]
     halved = _halved(p50_first, p50_last)
-    near_s1 = None if p50_last is None or not s1 else p50_last <= 1.5 * s1
+    # the issue's second form is for System 2 in the background only: there the user always gets System 1's answer
+    background = any(w.get("system2_background_share") for w in windows)
+    near_s1 = None if p50_last is None or not s1 or not background else p50_last <= 1.5 * s1
     verdict = "pass" if halved == "pass" or near_s1 else "n/a" if halved == "n/a" and near_s1 is None else "fail"
-    out.append({"check": "p50 latency: last <= 1/2 first, or <= 1.5x a plain System 1 answer",
+    out.append({"check": "p50: last <= 1/2 first, or <= 1.5x System 1 if System 2 is in the background",
                 "measured": f"{_fmt(p50_first, '.2f', ' s')} -> {_fmt(p50_last, '.2f', ' s')}; "
                             f"System 1 p50 {_fmt(s1, '.2f', ' s')}",
                 "result": verdict})
