@@ -120,6 +120,12 @@ def holdout_bucket(text: str, seed: int) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
+def in_holdout(text: str, cfg) -> bool:
+    """Whether a task example with input ``text`` is in the seeded holdout share (``consolidation.holdout_fraction``)
+    that gates candidates and is never trained on; the scheduler counts what would train by the same rule."""
+    return holdout_bucket(text, cfg.seed) < cfg.holdout_fraction
+
+
 def uncapped_sources(config: AgentConfig) -> set[str | None]:
     """The sources ``consolidation.max_source_share`` never cuts: the operator's own (``local``, ``anonymous``),
     keys with the ``admin`` right, ``consolidation.uncapped_sources``, and None (examples stored before
@@ -203,7 +209,7 @@ def _consolidate_locked(agent: Learner, owner, scope, dry_run, min_examples, epo
     tag_filter = scope if (scope is not None or cfg.per_tag) else None
     pending = [e for e in store.list_examples(status="pending", tag=tag_filter)
                if scope is not None or not cfg.per_tag or e.tag is None]
-    to_holdout = [e for e in pending if holdout_bucket(e.input, cfg.seed) < cfg.holdout_fraction]
+    to_holdout = [e for e in pending if in_holdout(e.input, cfg)]
     held = {e.id for e in to_holdout}
     cap = cap_by_source([e for e in pending if e.id not in held], lambda e: e.source, cfg.max_source_share,
                         uncapped_sources(agent.config))

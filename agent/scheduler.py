@@ -44,7 +44,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from agent.auth import OPERATOR_SOURCES
 from agent.config import AgentConfig
-from agent.consolidation import ConsolidationReport, Learner, cleanup_after_crash, holdout_bucket, uncapped_sources
+from agent.consolidation import ConsolidationReport, Learner, cleanup_after_crash, in_holdout, uncapped_sources
 
 logger = logging.getLogger(__name__)
 
@@ -250,7 +250,7 @@ class ConsolidationScheduler:
                 continue
             count = counts.setdefault(scope, Pending())
             count.pending += 1
-            count.trainable += holdout_bucket(e.input, cfg.seed) >= cfg.holdout_fraction
+            count.trainable += not in_holdout(e.input, cfg)
             count.since_rejected += scope not in rejected or e.created_at > rejected[scope]
         return dict(sorted(counts.items(), key=lambda item: item[0] or ""))
 
