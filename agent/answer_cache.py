@@ -33,9 +33,9 @@ CAPACITY = 4096
 
 
 def model_identity(model_path: str, adapter_folder: str | Path | None, system_prompt: str | None,
-                   max_new_tokens: int) -> str:
-    """A digest of what decides System 1's greedy answers besides the prompt."""
-    digest = hashlib.sha256(json.dumps([model_path, system_prompt, max_new_tokens]).encode())
+                   max_new_tokens: int, dtype: str) -> str:
+    """A digest of what decides System 1's greedy answers besides the prompt (``dtype``: the serving model's)."""
+    digest = hashlib.sha256(json.dumps([model_path, system_prompt, max_new_tokens, dtype]).encode())
     if adapter_folder is not None:
         for name, data in folder_files(Path(adapter_folder)).items():
             digest.update(name.encode())

@@ -41,7 +41,7 @@ from typing import Any, Callable, Iterable, Protocol, Sequence
 from agent.adapter_cache import folder_files, local_folder
 from agent.answer_cache import AnswerCache, model_identity
 from agent.auth import OPERATOR_SOURCES, KeyRing
-from agent.backends import Backend, Completion
+from agent.backends import Backend, Completion, serving_dtype
 from agent.config import AgentConfig
 from agent.data import general_prompts
 from agent.errors import ConfigError, ConsolidationInterrupted
@@ -405,7 +405,8 @@ class ServingAnswers:
                  stop: threading.Event | None = None) -> None:
         self.agent, self.name, self.stop = agent, name, stop
         config = agent.config
-        self.identity = model_identity(agent.model_path, folder, config.system_prompt, config.max_new_tokens)
+        self.identity = model_identity(agent.model_path, folder, config.system_prompt, config.max_new_tokens,
+                                       serving_dtype(config))
         self.cache = AnswerCache(config.adapters_path() / self.CACHE_FILE)
 
     def __call__(self, inputs: Sequence[str]) -> list[str]:

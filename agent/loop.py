@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from agent.auth import LOCAL
 from agent.backends import (
+    BACKGROUND,
     Backend,
     Completion,
     GenerationRequest,
@@ -355,14 +356,16 @@ class Agent:
 
         Each input gets the System 1 prompt and the adapter serving ``tag`` (or ``adapter``: the name of
         a loaded adapter to run instead, such as a candidate being gated). Nothing is routed or logged;
-        inputs are sent ``batch`` at a time so they share forward passes."""
+        inputs are sent ``batch`` at a time so they share forward passes, at background priority (a user's
+        System 1 answer goes first)."""
         self.refresh_adapters()
         name = adapter if adapter is not None else self.adapter_for(tag)[1]
         params = SamplingParams(max_new_tokens=max_new_tokens or self.config.max_new_tokens)
         out: list[Completion] = []
         for start in range(0, len(inputs), batch):
             chunk = inputs[start:start + batch]
-            results = self.backend.generate([GenerationRequest(system1_messages(q), params, name) for q in chunk])
+            results = self.backend.generate([GenerationRequest(system1_messages(q), params, name, BACKGROUND)
+                                             for q in chunk])
             out.extend(r[0] for r in results)
         return out
 
@@ -838,6 +841,7 @@ class Agent:
                     [{"role": role, "content": content} for role, content in call.messages],
                     SamplingParams(n=call.n, temperature=call.temperature, top_k=call.top_k,
                                    max_new_tokens=call.max_new_tokens, stop=tuple(call.stop), seed=seed),
+                    priority=BACKGROUND,
                 )
                 for call in calls
             ]

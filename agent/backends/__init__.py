@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from agent.backends.base import Backend, Completion, GenerationRequest, SamplingParams
+from agent.backends.base import BACKGROUND, INTERACTIVE, Backend, Completion, GenerationRequest, SamplingParams
 from agent.errors import AdapterError, ConfigError, PromptTooLongError
 from agent.prompting import Message, Prompt
 
@@ -16,6 +16,8 @@ if TYPE_CHECKING:
     from agent.config import AgentConfig
 
 __all__ = [
+    "BACKGROUND",
+    "INTERACTIVE",
     "AdapterError",
     "Backend",
     "Completion",
@@ -26,19 +28,23 @@ __all__ = [
     "SamplingParams",
     "backend_for",
     "make_backend",
+    "serving_dtype",
 ]
 
 
 def make_backend(kind: str, model_path: str, *, model_name: str, system_prompt: str | None = None,
                  threads: int | None = None, max_batch: int = 16, batch_wait_ms: float = 5.0,
-                 prefill_chunk: int | None = 256, vllm_engine: dict[str, Any] | None = None) -> Backend:
-    """Build the backend named in the config (``hf`` or ``vllm``); ``vllm_engine``: the ``[vllm]`` section's
-    engine arguments (:meth:`agent.config.VLLMConfig.engine_kwargs`)."""
+                 prefill_chunk: int | None = 256, dtype: str = "auto",
+                 vllm_engine: dict[str, Any] | None = None) -> Backend:
+    """Build the backend named in the config (``hf`` or ``vllm``); ``dtype``: the ``hf`` engine's
+    (:attr:`agent.config.AgentConfig.dtype`); ``vllm_engine``: the ``[vllm]`` section's engine arguments
+    (:meth:`agent.config.VLLMConfig.engine_kwargs`)."""
     if kind == "hf":
         from agent.backends.batching import BatchingBackend
-        from agent.backends.hf import HFBackend
+        from agent.backends.hf import HFBackend, cpu_dtype
 
-        engine = HFBackend(model_path, model_name=model_name, system_prompt=system_prompt, threads=threads)
+        engine = HFBackend(model_path, model_name=model_name, system_prompt=system_prompt, threads=threads,
+                           dtype=cpu_dtype(dtype))
         return BatchingBackend(engine, max_batch=max_batch, max_wait_ms=batch_wait_ms, prefill_chunk=prefill_chunk)
     if kind == "vllm":
         from agent.backends.vllm import VLLMBackend
@@ -53,5 +59,14 @@ def backend_for(config: AgentConfig, model_path: str) -> Backend:
 
     return make_backend(config.backend, model_path, model_name=display_name(config.model),
                         system_prompt=config.system_prompt, threads=config.threads, max_batch=config.max_batch,
-                        batch_wait_ms=config.batch_wait_ms, prefill_chunk=config.prefill_chunk,
+                        batch_wait_ms=config.batch_wait_ms, prefill_chunk=config.prefill_chunk, dtype=config.dtype,
                         vllm_engine=config.vllm.engine_kwargs())
+
+
+def serving_dtype(config: AgentConfig) -> str:
+    """The dtype the serving model computes in, by name: with the weights, it decides System 1's greedy answers."""
+    if config.backend == "vllm":
+        return config.vllm.dtype
+    from agent.backends.hf import cpu_dtype
+
+    return str(cpu_dtype(config.dtype)).removeprefix("torch.")

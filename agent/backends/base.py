@@ -43,12 +43,22 @@ class SamplingParams:
         return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
 
 
+INTERACTIVE = 0
+"""The priority of work a user waits for: System 1 answers, plain completions."""
+BACKGROUND = 1
+"""The priority of work that can wait a little for it: System 2's samples, evaluation and retention batches."""
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     prompt: Prompt
     params: SamplingParams = field(default_factory=SamplingParams)
     adapter: str | None = None
     """Name of a loaded adapter, or ``None`` for the base model."""
+    priority: int = INTERACTIVE
+    """Lower runs first, as in vLLM's priority scheduling. The CPU engine admits lower values first and, while
+    rows of a lower value decode, prefills a higher value's prompt a chunk at a time between several of their
+    steps (:mod:`agent.backends.batching`); vLLM's scheduler orders and preempts by it."""
 
 
 @dataclass

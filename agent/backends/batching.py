@@ -16,6 +16,13 @@ the whole System 2 decode; one that arrives while a 1,500-token prompt is prefil
 not all of it (chunked prefill); and 8 clients share every forward pass even though they arrive at
 different times. A prefill whose callers all went away is dropped between two of its chunks.
 
+Priorities (``GenerationRequest.priority``, lower first, as in vLLM): waiting requests are admitted in order
+of priority, then of arrival; and while rows of a lower priority are running, a prefill of a higher one
+advances one pass every :data:`BACKGROUND_PREFILL_EVERY` iterations instead of every one. A System 2
+prompt (PAL's few-shot prompt is ~1,000 tokens) costs a 256-token pass as much as ~10 decode steps; paced,
+a System 1 answer decoding beside it pays a quarter of that per step, and System 2 still gets its prompt
+in (its rows then decode beside System 1's at full speed).
+
 Admission keeps at most ``max_batch`` rows decoding. Requests are admitted in arrival order; one that does not
 fit yet lets later, smaller ones pass for up to :data:`HEAD_OF_LINE_S` seconds, after which nothing passes it
 (so short requests are not held behind a large one, and the large one is not starved). A single request larger
@@ -24,6 +31,12 @@ than ``max_batch`` runs alone. The server bounds how many requests may wait (``s
 Adapters: a request names its adapter when it is admitted; :meth:`BatchingBackend.unload_adapter` refuses new
 requests for it at once but unloads it only when no running row uses it, so a hot-swap never fails a request
 in flight.
+
+One thread runs torch: the worker does every forward pass and every adapter change (:meth:`load_adapter` hands
+the load to it and waits). With torch's OpenMP build, each thread that runs a parallel op gets a team of its
+own; once a process has more OpenMP threads than cores, GNU OpenMP stops spin-waiting between parallel regions,
+and a bfloat16 decode step, made of many short regions, took 0.065 s instead of 0.040 for the rest of the
+process after one burst of matrix products in another thread (float32 steps did not move).
 """
 
 from __future__ import annotations
@@ -32,8 +45,9 @@ import logging
 import threading
 import time
 from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import torch
 
@@ -47,6 +61,8 @@ logger = logging.getLogger(__name__)
 
 HEAD_OF_LINE_S = 1.0
 """How long the oldest waiting request may be passed by later ones that fit the batch when it does not."""
+BACKGROUND_PREFILL_EVERY = 4
+"""While rows of a lower priority run, a higher priority's prefill advances one pass in this many iterations."""
 
 
 class StepEngine(Protocol):
@@ -81,6 +97,10 @@ class _Job:
     def rows(self) -> int:
         return self.handle.request.params.n
 
+    @property
+    def priority(self) -> int:
+        return self.handle.request.priority
+
 
 @dataclass(eq=False)
 class _Prefill:
@@ -92,6 +112,10 @@ class _Prefill:
     @property
     def rows(self) -> int:
         return sum(job.rows for job, _, _ in self.items)
+
+    @property
+    def priority(self) -> int:
+        return min(job.priority for job, _, _ in self.items)
 
 
 class BatchingBackend:
@@ -111,6 +135,8 @@ class BatchingBackend:
         self._waiting: deque[list[_Job]] = deque()
         """Groups of jobs (one ``generate`` call's requests, or one ``submit``), admitted together."""
         self._cond = threading.Condition()
+        self._control: deque[tuple[Callable[[], None], Future[None]]] = deque()
+        """Work the worker runs between two steps for another thread (adapter loads), with its caller's future."""
         self._unloading: set[str] = set()
         self._closed = False
         self.steps = 0
@@ -130,6 +156,10 @@ class BatchingBackend:
         """Rows dropped mid-decode because their caller went away or their deadline passed."""
         self.finished_rows = 0
         """Rows decoded to their end (a stop, an end-of-sequence token or ``max_new_tokens``)."""
+        self.iterations = 0
+        """Scheduler iterations with work to do (prefill passes and/or a decode step each)."""
+        self.paced_passes = 0
+        """Prefill passes held back because rows of a lower priority were running."""
         self._worker = threading.Thread(target=self._run, name="s2agent-scheduler", daemon=True)
         self._worker.start()
 
@@ -155,9 +185,20 @@ class BatchingBackend:
         return self.inner.count_tokens(prompt)
 
     def load_adapter(self, name: str, path: str) -> None:
+        """Load ``name`` on the worker, between two steps, and wait for it (one thread runs torch)."""
+        done: Future[None] = Future()
+
+        def load() -> None:
+            with self._cond:
+                self._unloading.discard(name)  # loaded again before its rows finished: keep it
+            self.inner.load_adapter(name, path)
+
         with self._cond:
-            self._unloading.discard(name)  # loaded again before its rows finished: keep it
-        self.inner.load_adapter(name, path)
+            if self._closed:
+                raise RuntimeError("the backend is closed")
+            self._control.append((load, done))
+            self._cond.notify()
+        done.result()
 
     def unload_adapter(self, name: str) -> None:
         """Refuse new requests for ``name`` now; unload it once no running row uses it."""
@@ -171,6 +212,8 @@ class BatchingBackend:
             self._closed = True
             self._cond.notify()
         self._worker.join(timeout=30)
+        for _, done in self._control:  # only if the worker died: nobody waits forever
+            done.set_exception(RuntimeError("the backend is closed"))
         self.inner.close()
 
     @property
@@ -191,9 +234,11 @@ class BatchingBackend:
     def _run(self) -> None:
         batch: DecodeBatch | None = None
         while True:
+            self._run_control()
             groups = self._admit((len(batch.rows) if batch else 0) + sum(p.rows for p in self._prefilling))
             if groups is None:
                 return
+            self.iterations += 1
             try:
                 with self.inner.lock, torch.inference_mode():
                     batch = self._drop_expired(batch)
@@ -209,13 +254,29 @@ class BatchingBackend:
                     job.handle.fail(exc)
                 batch = None
 
+    def _run_control(self) -> None:
+        """Run the work other threads handed over (:attr:`_control`), each failure going to its caller."""
+        while True:
+            with self._cond:
+                if not self._control:
+                    return
+                work, done = self._control.popleft()
+            try:
+                work()
+            except BaseException as exc:  # noqa: BLE001 - the caller raises it
+                done.set_exception(exc)
+            else:
+                done.set_result(None)
+
     def _admit(self, running: int) -> list[list[_Job]] | None:
         """The groups to admit now; waits while nothing runs. None: closed and nothing left to do."""
         with self._cond:
             if running == 0:
-                while not self._waiting and not self._closed:
+                while not self._waiting and not self._closed and not self._control:
                     self._cond.wait(timeout=0.5)
                     self._retire_idle()
+                if self._control:
+                    return []  # handed-over work first
                 if not self._waiting:
                     self._retire_idle()
                     return None  # closed, nothing waits, nothing runs
@@ -225,7 +286,7 @@ class BatchingBackend:
                         self._cond.wait(timeout=left)
             taken: list[list[_Job]] = []
             rows, now = running, time.monotonic()
-            for group in list(self._waiting):
+            for group in sorted(self._waiting, key=lambda g: min(job.priority for job in g)):  # stable: then arrival
                 size = sum(job.rows for job in group)
                 if rows + size <= self.max_batch or rows == 0:
                     self._waiting.remove(group)
@@ -271,7 +332,11 @@ class BatchingBackend:
     def _advance_prefills(self, batch: DecodeBatch | None) -> DecodeBatch | None:
         """One pass of each prefill in progress; the rows of those that finished join ``batch``. A prefill whose
         callers all went away is dropped; one that fails is split into one prefill per request, so the request
-        that made it fail fails alone."""
+        that made it fail fails alone. While rows of a lower priority run, a prefill of a higher one is paced
+        (:data:`BACKGROUND_PREFILL_EVERY`)."""
+        running = [row.owner.priority for row in batch.rows] if batch else []
+        urgent = min(running + [prefill.priority for prefill in self._prefilling], default=0)
+        paced_turn = self.iterations % BACKGROUND_PREFILL_EVERY == 0
         for prefill in list(self._prefilling):
             if all(job.handle.expired() for job, _, _ in prefill.items):
                 self._prefilling.remove(prefill)
@@ -279,6 +344,9 @@ class BatchingBackend:
                     job.handle.fail(job.handle.why_dropped())
                 self.dropped_rows += prefill.rows
                 logger.info("dropped a prefill of %d request(s) whose callers went away", len(prefill.items))
+                continue
+            if prefill.priority > urgent and not paced_turn:
+                self.paced_passes += 1
                 continue
             try:
                 fresh = next(prefill.steps)

@@ -57,6 +57,7 @@ class HFBackend:
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.dtype = dtype
         self.base_model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(self.device).eval()
         self.model = self.base_model
         self.context_length = int(getattr(self.base_model.config, "max_position_embeddings", 2048))
@@ -270,6 +271,16 @@ class HFBackend:
     def lock(self) -> threading.RLock:
         """Held around every forward pass and adapter change: PEFT's adapter set must not change mid-pass."""
         return self._lock
+
+
+def cpu_dtype(name: str) -> torch.dtype:
+    """``name`` (``float32``, ``bfloat16``) as a torch dtype; ``auto``: bfloat16 where the CPU computes it natively
+    (AVX512-BF16 or AMX; there a decode step reads half the bytes and MKL's slow float32 paths for 2-3 rows are
+    avoided), float32 elsewhere (emulated bfloat16 would be slower than float32)."""
+    if name != "auto":
+        return getattr(torch, name)
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu's own feature probes
+    return torch.bfloat16 if any(getattr(torch.cpu, probe, lambda: False)() for probe in probes) else torch.float32
 
 
 def completion(row: Row) -> Completion:

@@ -8,7 +8,7 @@ engine**. It follows vLLM's online-serving API (``vllm==0.33``), the one vLLM's 
 - ``AsyncLLM.from_engine_args(AsyncEngineArgs(model=..., enable_lora=True, max_loras=..., max_lora_rank=...,
   max_model_len=..., gpu_memory_utilization=..., ...))`` (``vllm.v1.engine.async_llm``);
 - ``AsyncLLM.generate(TokensPrompt(prompt_token_ids=...), SamplingParams(...), request_id,
-  lora_request=LoRARequest(name, int_id, path) | None)``: an async generator of ``RequestOutput`` whose
+  lora_request=LoRARequest(name, int_id, path) | None, priority=...)``: an async generator of ``RequestOutput`` whose
   ``outputs`` (``CompletionOutput``: ``index``, cumulative ``token_ids``, ``finish_reason``, ``stop_reason``,
   ``logprobs``) grow as the engine decodes; cancelling the task that iterates it aborts the request in the
   engine (vLLM catches the ``CancelledError`` and calls ``abort``);
@@ -131,8 +131,9 @@ class VLLMBackend:
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         kwargs: dict[str, Any] = dict(
             model=model_path, tokenizer=model_path, dtype=dtype, seed=seed,
-            gpu_memory_utilization=gpu_memory_utilization, **engine_kwargs,
-        )
+            gpu_memory_utilization=gpu_memory_utilization,
+            scheduling_policy="priority",  # GenerationRequest.priority: System 1 before System 2's samples
+        ) | engine_kwargs
         if max_model_len is not None:
             kwargs["max_model_len"] = max_model_len
         if enable_lora:
@@ -332,7 +333,8 @@ class VLLMBackend:
         async def run(job: _Job) -> None:
             request_id = f"s2agent-{next(self._request_ids)}"
             async for output in self.engine.generate(self._tokens_prompt(prompt_token_ids=job.ids),
-                                                     self._sampling_params(job), request_id, lora_request=job.lora):
+                                                     self._sampling_params(job), request_id, lora_request=job.lora,
+                                                     priority=handle.request.priority):
                 for sample in output.outputs:
                     final = sample.finish_reason is not None
                     completion = self._completion(sample, job) if final else None

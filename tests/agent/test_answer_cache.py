@@ -7,6 +7,7 @@ from pathlib import Path
 
 from agent import Agent
 from agent.answer_cache import AnswerCache, model_identity
+from agent.backends import serving_dtype
 from tests.fakes import QUESTIONS
 
 
@@ -54,11 +55,13 @@ def test_the_identity_follows_the_adapter_files_not_their_folder(tmp_path: Path)
     for folder, weights in ((one, b"\x01"), (two, b"\x01"), (three, b"\x02")):
         folder.mkdir()
         (folder / "adapter_model.safetensors").write_bytes(weights)
-    ids = [model_identity("base", folder, None, 128) for folder in (one, two, three)]
+    ids = [model_identity("base", folder, None, 128, "float32") for folder in (one, two, three)]
     assert ids[0] == ids[1] != ids[2]
-    assert model_identity("base", None, None, 128) not in ids
-    assert model_identity("base", None, None, 64) != model_identity("base", None, None, 128)
-    assert model_identity("base", None, "Be brief.", 128) != model_identity("base", None, None, 128)
+    plain = model_identity("base", None, None, 128, "float32")
+    assert plain not in ids
+    assert model_identity("base", None, None, 64, "float32") != plain
+    assert model_identity("base", None, "Be brief.", 128, "float32") != plain
+    assert model_identity("base", None, None, 128, "bfloat16") != plain
 
 
 def test_a_second_run_with_the_same_serving_model_decodes_no_serving_answer(tiny_config, arith, caplog) -> None:
@@ -93,7 +96,8 @@ def test_a_second_run_with_the_same_serving_model_decodes_no_serving_answer(tiny
         path = agent.config.adapters_path() / "serving-answers.json"
         assert path.is_file()
         cache = AnswerCache(path)
-        identity = model_identity(agent.model_path, None, agent.config.system_prompt, agent.config.max_new_tokens)
+        identity = model_identity(agent.model_path, None, agent.config.system_prompt, agent.config.max_new_tokens,
+                                  serving_dtype(agent.config))
         prompt = "What is the capital of France?"
         now = agent.system1_batch([prompt])[0].text
         assert cache.answers(identity, [prompt], lambda missing: [now] * len(missing)) == [now]

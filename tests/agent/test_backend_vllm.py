@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from agent.backends.base import GenerationRequest, SamplingParams
+from agent.backends.base import BACKGROUND, GenerationRequest, SamplingParams
 from agent.errors import AdapterError, GenerationCancelled, PromptTooLongError
 from tests.conftest import make_random_adapter, wait_for
 from tests.fakes import script_engine, scripted_generate
@@ -90,8 +90,8 @@ class _StubAsyncLLM:
         asyncio.get_running_loop()  # built on the loop that drives it
         return cls(args)
 
-    async def generate(self, prompt, sampling_params, request_id, *, lora_request=None):
-        self.calls.append((prompt, sampling_params, lora_request))
+    async def generate(self, prompt, sampling_params, request_id, *, lora_request=None, priority=0):
+        self.calls.append((prompt, sampling_params, lora_request, priority))
 
         def output(tokens, finish):
             return _RequestOutput([_Sample(i, list(tokens), [{t: _Logprob(-0.25)} for t in tokens], finish)
@@ -141,6 +141,7 @@ def stub_backend(stub_vllm, tiny_model_dir):
 def test_stub_prompts_params_and_outputs(stub_vllm, stub_backend, tiny_backend):
     backend, engine = stub_backend, _StubAsyncLLM.instances[-1]
     assert engine.kwargs["enable_lora"] is True and backend.context_length == 256
+    assert engine.kwargs["scheduling_policy"] == "priority"
     # byte-identical prompts with the HF backend
     assert backend.render(ASK) == tiny_backend.render(ASK)
     assert backend.count_tokens("plain text") == tiny_backend.count_tokens("plain text")
@@ -149,8 +150,9 @@ def test_stub_prompts_params_and_outputs(stub_vllm, stub_backend, tiny_backend):
     seeded = SamplingParams(n=3, temperature=0.7, top_k=0, top_p=0.9, seed=5, max_new_tokens=2, stop=("zz",))
     free = SamplingParams(n=2, temperature=1.0, top_k=7, max_new_tokens=32, stop=(" B",))
     out = backend.generate([GenerationRequest(ASK, greedy), GenerationRequest("raw", seeded),
-                            GenerationRequest(ASK, free)])
+                            GenerationRequest(ASK, free, priority=BACKGROUND)])
     prompts = [c[0] for c in engine.calls]
+    assert sorted(c[3] for c in engine.calls) == [0, 0, 0, 0, BACKGROUND]  # System 2's samples after System 1
     params = sorted((c[1] for c in engine.calls), key=lambda p: (p.n, p.seed or 0, p.temperature))
     assert all(c[2] is None for c in engine.calls)
     assert {"prompt_token_ids": tiny_backend.render(ASK)} in prompts

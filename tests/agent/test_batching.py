@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 from agent.backends import (
+    BACKGROUND,
+    INTERACTIVE,
     AdapterError,
     Backend,
     GenerationRequest,
@@ -16,7 +18,7 @@ from agent.backends import (
     SamplingParams,
 )
 from agent.backends import stream
-from agent.backends.batching import BatchingBackend
+from agent.backends.batching import BACKGROUND_PREFILL_EVERY, BatchingBackend
 from agent.backends.hf import HFBackend
 from agent.errors import GenerationCancelled
 
@@ -257,6 +259,7 @@ class Recording(HFBackend):
 
     def step(self, batch):
         batch, finished = super().step(batch)
+        self.events.append(("step", ""))
         self.events += [("done", row.owner.handle.request.prompt) for row in finished if hasattr(row.owner, "handle")]
         return batch, finished
 
@@ -304,6 +307,44 @@ def test_a_prefill_whose_caller_left_is_dropped_between_its_chunks(tiny_model_di
         assert batcher.generate([GenerationRequest(PROMPTS[0], PARAMS)])[0][0].num_tokens > 0  # still serving
     finally:
         batcher.close()
+
+
+@pytest.mark.parametrize("running", [INTERACTIVE, BACKGROUND])
+def test_a_background_prefill_is_paced_beside_interactive_rows(tiny_model_dir: Path, running: int) -> None:
+    engine = Recording(str(tiny_model_dir), model_name="tiny-llama", threads=1)
+    batcher = BatchingBackend(engine, max_wait_ms=0, prefill_chunk=8)
+    try:
+        decoding = batcher.submit(GenerationRequest(PROMPTS[0], endless(engine, 400), priority=running))
+        next(decoding.deltas())
+        batcher.generate([GenerationRequest(LONG, SamplingParams(max_new_tokens=2), priority=BACKGROUND)])
+        assert not decoding.done  # the decode ran beside the whole prefill
+        decoding.cancel()
+    finally:
+        batcher.close()
+    passes = [k for k, event in enumerate(engine.events) if event == ("pass", LONG)]
+    steps_between = [engine.events[a:b].count(("step", "")) for a, b in zip(passes, passes[1:])]
+    assert len(passes) > 10
+    if running == INTERACTIVE:  # one pass of the System 2 prompt every BACKGROUND_PREFILL_EVERY steps
+        assert steps_between == [BACKGROUND_PREFILL_EVERY] * len(steps_between)
+        assert batcher.paced_passes >= (BACKGROUND_PREFILL_EVERY - 1) * len(steps_between)  # and the first's wait
+    else:  # equals share every iteration
+        assert steps_between == [1] * len(steps_between) and batcher.paced_passes == 0
+
+
+def test_interactive_requests_are_admitted_before_background_ones_that_came_first(tiny_model_dir: Path) -> None:
+    engine = Recording(str(tiny_model_dir), model_name="tiny-llama", threads=1)
+    batcher = BatchingBackend(engine, max_batch=1, max_wait_ms=0)
+    try:
+        first = batcher.submit(GenerationRequest(PROMPTS[0], endless(engine, 60)))
+        next(first.deltas())  # the batch is full from here on
+        later = batcher.submit(GenerationRequest(PROMPTS[1], endless(engine, 2), priority=BACKGROUND))
+        urgent = batcher.submit(GenerationRequest(PROMPTS[2], endless(engine, 2)))
+        for handle in (first, later, urgent):
+            handle.result(timeout=60)
+    finally:
+        batcher.close()
+    done = [prompt for kind, prompt in engine.events if kind == "done"]
+    assert done == [PROMPTS[0], PROMPTS[2], PROMPTS[1]]
 
 
 def test_stream_helpers_work_on_a_backend_without_steps(engine: HFBackend) -> None:

@@ -153,9 +153,9 @@ def test_a_rejected_scope_is_tried_again_only_once_min_pending_new_examples_arri
     config.consolidation.retention_threshold, config.consolidation.retention_measure = 1.0, "text"
     config.consolidation.retention_prompts = 64
     with Agent(config) as agent:
-        scheduler = agent.start_scheduler()
-        for q in QUESTIONS[:8]:
+        for q in QUESTIONS[:8]:  # before the scheduler starts, so that its first run trains on all of them
             agent.answer(q)
+        scheduler = agent.start_scheduler()
         wait_for(lambda: agent.store.list_runs() and not scheduler.running, what="the first run")
         assert [r.status for r in agent.store.list_runs()] == ["rejected"]
         for q in QUESTIONS[8:11]:

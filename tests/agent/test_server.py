@@ -35,6 +35,7 @@ from agent.errors import (
 from agent.server import create_app
 from agent.server.errors import ERRORS, api_error, rule_for
 from store import SchemaVersionError, StoreError
+from store.schema import without_nul
 from tests.conftest import make_random_adapter
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -125,7 +126,7 @@ def test_chat_completion_goes_through_the_learning_loop(client, agent):
     assert extra["method"] == "pal" and isinstance(extra["confidence"], float)  # auto: programs first, no fallback
     assert usage.completion_tokens_details.reasoning_tokens > 0  # System 2 ran (forced)
     logged = agent.store.get_interaction(extra["interaction_id"])
-    assert logged.final_answer == choice.message.content and logged.tag == "arithmetic"
+    assert logged.final_answer == without_nul(choice.message.content) and logged.tag == "arithmetic"  # as stored
 
 
 def test_streamed_chat_completion_concatenates_to_the_answer(client, agent):

@@ -29,7 +29,7 @@ from vllm.lora.request import LoRARequest  # noqa: E402
 from vllm.outputs import CompletionOutput, RequestOutput  # noqa: E402
 from vllm.v1.engine.async_llm import AsyncLLM  # noqa: E402
 
-from agent.backends.base import GenerationRequest, SamplingParams  # noqa: E402
+from agent.backends.base import BACKGROUND, GenerationRequest, SamplingParams  # noqa: E402
 from agent.errors import GenerationCancelled  # noqa: E402
 from tests.conftest import make_random_adapter, wait_for  # noqa: E402
 from tests.fakes import script_engine, scripted_generate  # noqa: E402
@@ -65,7 +65,7 @@ class EngineLessAsyncLLM(AsyncLLM):
         assert isinstance(sampling_params, vllm.SamplingParams) and isinstance(request_id, str)
         lora = kwargs.get("lora_request")
         assert lora is None or isinstance(lora, LoRARequest)
-        self.calls.append((prompt, sampling_params, lora, request_id))
+        self.calls.append((prompt, sampling_params, lora, request_id, kwargs.get("priority", 0)))
 
         def output(tokens, finish):
             logprobs = [{t: Logprob(logprob=-0.25, rank=1),
@@ -119,6 +119,7 @@ def test_the_engine_is_built_with_keywords_vllm_takes(engine_less, tiny_model_di
                           gpu_memory_utilization=0.3, enforce_eager=True, tensor_parallel_size=1)
     args = EngineLessAsyncLLM.instances[-1].args
     assert args.enable_lora is True and args.max_lora_rank == 8 and args.max_loras == 2
+    assert args.scheduling_policy == "priority"  # else vLLM ignores each request's priority
     assert backend.context_length == 64
     backend.close()
     assert EngineLessAsyncLLM.instances[-1].shut
@@ -131,8 +132,9 @@ def test_requests_are_real_vllm_objects_and_outputs_are_read_from_real_ones(back
     seeded = SamplingParams(n=2, temperature=0.7, top_k=0, top_p=0.9, seed=5, max_new_tokens=2, stop=("zz",))
     free = SamplingParams(n=2, temperature=1.0, top_k=7, max_new_tokens=32, stop=(" B",))
     out = backend.generate([GenerationRequest(ASK, greedy), GenerationRequest("raw", seeded),
-                            GenerationRequest(ASK, free)])
+                            GenerationRequest(ASK, free, priority=BACKGROUND)])
     calls = EngineLessAsyncLLM.instances[-1].calls
+    assert sorted(c[4] for c in calls) == [0, 0, 0, BACKGROUND]
     params = sorted((c[1] for c in calls), key=lambda p: (p.n, p.seed or 0, p.temperature))
     assert all(c[2] is None for c in calls) and len({c[3] for c in calls}) == len(calls)  # unique request ids
     assert {"prompt_token_ids": tiny_backend.render(ASK)} in [c[0] for c in calls]
