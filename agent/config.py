@@ -551,10 +551,10 @@ class AgentConfig:
     threads: int | None = within("[1, inf)", None)
     """Torch CPU threads; default: all cores."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """The ``hf`` backend's weights and activations. ``auto``: ``bfloat16`` on a CUDA GPU and on a CPU that
-    computes it natively (AVX512-BF16 or AMX), ``float32`` elsewhere. On this project's 2-core AMD EPYC (AVX512-BF16)
-    a System 1 decode step of the embedded model takes 0.041 s in bfloat16 against 0.068 s in float32, and 3
-    rows 0.047 s against 0.139 s (README, "Serving in bfloat16"). Training computes in float32 (bfloat16
+    """The ``hf`` backend's weights and activations. ``auto``: ``bfloat16`` on a CPU that computes it natively
+    (AVX512-BF16 or AMX), ``float32`` elsewhere. On this project's 2-core AMD EPYC (AVX512-BF16)
+    a System 1 decode step of the embedded model takes 0.040 s in bfloat16 against 0.069 s in float32, and 3
+    rows 0.051 s against 0.138 s (README, "Serving in bfloat16"). Training computes in float32 (bfloat16
     autocast) either way; greedy answers of the two differ in places, so a figure measured in one is not
     exact in the other. (``vllm.dtype`` is vLLM's own.)"""
     system_prompt: str | None = None

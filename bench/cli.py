@@ -288,7 +288,7 @@ def run(args: argparse.Namespace, config: AgentConfig) -> int:
         from bench import system1
 
         results = system1.run(config.model, args.new_tokens, args.repeats, config.threads,
-                              measure_first_load=not args.no_first_load)
+                              measure_first_load=not args.no_first_load, dtype=config.dtype)
         sys.stdout.write((json.dumps(results, indent=2) if args.json else system1.report(results)) + "\n")
         return 0
     if args.bench_cmd == "serving":

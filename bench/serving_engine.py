@@ -6,7 +6,8 @@ Measured on one running server (batching on), side by side in one run:
   text, p50, and as a fraction of the whole answer's time (a one-sentence chat, and a 64-token answer);
 - **tokens/s at 8 clients against a raw batch-8** ``model.generate`` of the same prompts and lengths: the
   clients each send requests whose end-of-sequence token is biased away (``logit_bias``), so every answer is
-  ``max_tokens`` long, and ``generate`` runs the same 8 templated prompts with ``min_new_tokens`` equal to it;
+  ``max_tokens`` long, and ``generate`` runs the same 8 templated prompts with ``min_new_tokens`` equal to it,
+  in a fresh process with the same dtype (:mod:`bench.fresh` says why);
 - **System 1 p90 with and without 2 concurrent System 2 (PAL) clients**: one client sends System 1 requests
   one after the other, alone, then while two clients loop ``route: system2, method: pal`` requests;
 - **a 1-token request beside an abandoned long prompt**: a client sends a ~1,500-token prompt (256 tokens asked
@@ -19,7 +20,6 @@ Measured on one running server (batching on), side by side in one run:
 
 from __future__ import annotations
 
-import copy
 import json
 import socket
 import statistics
@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import Agent
+from bench import fresh
 from bench.system1 import PROMPTS
 
 PAL_QUESTIONS = ["What is 47 + 38?", "Alice has 3 apples and buys 5 more. How many apples does she have?",
@@ -72,13 +73,16 @@ def time_to_first_token(url: str, requests: int, max_tokens: int, bias: dict[str
             "answer_p50_s": statistics.median(whole), "ttft_over_answer_p50": statistics.median(ratio)}
 
 
-def raw_generate(agent: Agent, batch: int, max_tokens: int, repeats: int = 2) -> dict[str, Any]:
-    """tokens/s of ``model.generate`` on ``batch`` templated System 1 prompts, each ``max_tokens`` long."""
+def raw_generate(model_path: str, dtype: str, system_prompt: str | None, batch: int, max_tokens: int,
+                 repeats: int = 2) -> dict[str, Any]:
+    """tokens/s of ``model.generate`` on ``batch`` templated System 1 prompts, each ``max_tokens`` long, on a bare
+    engine loaded here; run it in a fresh process (:mod:`bench.fresh`), where it is the only thread running torch."""
     import torch
 
+    from agent.backends.hf import HFBackend, cpu_dtype
     from agent.prompting import render_prompt, system1_messages
 
-    engine = agent.backend.inner
+    engine = HFBackend(model_path, dtype=cpu_dtype(dtype), system_prompt=system_prompt)
     tok = engine.tokenizer
     prompts = [render_prompt(tok, system1_messages(PROMPTS[i % len(PROMPTS)]), engine.system_prompt)
                for i in range(batch)]
@@ -86,7 +90,7 @@ def raw_generate(agent: Agent, batch: int, max_tokens: int, repeats: int = 2) ->
     ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     best = float("inf")
-    with engine.lock, torch.inference_mode():
+    with torch.inference_mode():
         for _ in range(repeats):
             t = time.perf_counter()
             engine.base_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens,
@@ -185,10 +189,20 @@ def _until(condition, timeout: float) -> None:
         time.sleep(0.005)
 
 
+def blank_adapters(model_path: str, folders: list[str]) -> None:
+    """Save a blank LoRA adapter (B = 0) of the model into each folder: what a swap benchmark swaps is measured
+    for the swap, not for what it learned. Run in a fresh process (:mod:`bench.fresh`)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_path), LoraConfig(r=8, lora_alpha=16))
+    for folder in folders:
+        model.save_pretrained(folder)
+
+
 def hot_swap_under_load(agent: Agent, url: str, clients: int = 4, seconds: float = 4.0) -> dict[str, Any]:
     """``clients`` loop System 1 requests while the serving adapter changes base -> v1 -> v2, ``seconds`` apart."""
     import httpx
-    from peft import LoraConfig, get_peft_model
 
     outcomes: list[tuple[float, int | None, str | None]] = []
     lock, stop = threading.Lock(), threading.Event()
@@ -218,11 +232,9 @@ def hot_swap_under_load(agent: Agent, url: str, clients: int = 4, seconds: float
 
     with tempfile.TemporaryDirectory(prefix="s2agent-bench-swap-") as tmp:
         versions = []
-        for seed in (1, 2):  # blank LoRA adapters (B = 0): what is measured is the swap, not what they learned
-            folder = Path(tmp) / f"swap-{seed}"
-            model = get_peft_model(copy.deepcopy(agent.backend.inner.base_model), LoraConfig(r=8, lora_alpha=16))
-            model.save_pretrained(str(folder))
-            del model
+        folders = [str(Path(tmp) / f"swap-{seed}") for seed in (1, 2)]
+        fresh.call("bench.serving_engine", "blank_adapters", agent.model_path, folders)
+        for folder in folders:
             version = agent.store.next_adapter_version()
             agent.store.register_adapter(version, str(folder), agent.serving_version(None))
             versions.append(version)
@@ -258,7 +270,8 @@ def run(agent: Agent, url: str, drive, requests: int = 8, max_tokens: int = 32) 
     out["ttft_sentence"] = time_to_first_token(url, requests, 24, None)
     out["ttft_64"] = time_to_first_token(url, requests, 64, _no_eos(agent))
     clients = drive(url, 8, max(1, requests // 4), max_tokens, extra={"logit_bias": _no_eos(agent)})
-    raw = raw_generate(agent, 8, max_tokens)
+    raw = fresh.call("bench.serving_engine", "raw_generate", agent.model_path, agent.config.dtype,
+                     agent.config.system_prompt, 8, max_tokens)
     out["tokens_8_clients"] = {"server_tokens_per_s": clients["tokens_per_s"], "raw_tokens_per_s": raw["tokens_per_s"],
                                "ratio": clients["tokens_per_s"] / raw["tokens_per_s"], "errors": clients["errors"]}
     out["system1_under_pal"] = system1_under_pal(url, requests, max_tokens)

@@ -3,8 +3,10 @@
     agent bench system1 [--model default] [--new-tokens 64] [--repeats 8]
 
 Prints: first load (dequantize the embedded GGUF into a fresh cache) and cached load times; System 1
-latency (median, p90) and tokens/s at batch 1 and batch 8; and the overhead of ``Agent.answer``
-(routing, logging to SQLite) over a raw ``model.generate`` producing the same tokens.
+latency (median, p90) and tokens/s at batch 1 and batch 8; the overhead of ``Agent.answer``
+(routing, logging to SQLite) over a raw ``model.generate`` producing the same tokens (both in the dtype the
+config serves in); how many of the live replay's 32 general facts System 1 answers right; and the seconds of one decode step of the bare engine by rows decoding together, in
+float32 and in bfloat16: what a System 1 row pays for the rows beside it.
 """
 
 from __future__ import annotations
@@ -18,8 +20,11 @@ from pathlib import Path
 import torch
 
 from agent import Agent, AgentConfig
-from agent.backends.hf import HFBackend
+from agent.backends.base import GenerationRequest, SamplingParams
+from agent.backends.hf import HFBackend, cpu_dtype
 from agent.models import DEFAULT_SPEC, resolve_model
+from bench import fresh
+from bench.live import FACTS
 from agent.prompting import render_prompt
 
 PROMPTS = [
@@ -39,9 +44,30 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
+def decode_step_seconds(path: str, rows: tuple[int, ...] = (1, 2, 3, 4, 8), new_tokens: int = 48,
+                        dtypes: tuple[str, ...] = ("float32", "bfloat16")) -> dict[str, dict[int, float]]:
+    """Seconds per decode step of :class:`HFBackend` with ``rows`` sampled rows (end of sequence biased away, so
+    every row decodes ``new_tokens``), per dtype; the one-sentence prompt's prefill is spread over the steps.
+    :func:`run` calls it in a fresh process (:mod:`bench.fresh`)."""
+    out: dict[str, dict[int, float]] = {}
+    for dtype in dtypes:
+        engine = HFBackend(path, dtype=cpu_dtype(dtype))
+        never = ((engine.tokenizer.eos_token_id, -100.0),)
+        ask = [{"role": "user", "content": PROMPTS[5]}]
+        engine.generate([GenerationRequest(ask, SamplingParams(max_new_tokens=4))])  # warm up
+        out[dtype] = {}
+        for n in rows:
+            params = SamplingParams(n=n, temperature=0.7, max_new_tokens=new_tokens, logit_bias=never, seed=0)
+            t = time.perf_counter()
+            engine.generate([GenerationRequest(ask, params)])
+            out[dtype][n] = (time.perf_counter() - t) / new_tokens
+        del engine
+    return out
+
+
 def run(model: str = DEFAULT_SPEC, new_tokens: int = 64, repeats: int = 8, threads: int | None = None,
-        measure_first_load: bool = True) -> dict:
-    results: dict = {}
+        measure_first_load: bool = True, dtype: str = "auto") -> dict:
+    results: dict = {"dtype": str(cpu_dtype(dtype)).removeprefix("torch.")}
     if threads:
         torch.set_num_threads(threads)
     if measure_first_load and model == DEFAULT_SPEC:
@@ -52,11 +78,11 @@ def run(model: str = DEFAULT_SPEC, new_tokens: int = 64, repeats: int = 8, threa
             results["first_load_s"] = time.perf_counter() - t
     path = resolve_model(model)
     t = time.perf_counter()
-    backend = HFBackend(path)
+    backend = HFBackend(path, dtype=cpu_dtype(dtype))
     results["cached_load_s"] = time.perf_counter() - t
 
     with tempfile.TemporaryDirectory() as home:
-        config = AgentConfig(model=model, db=str(Path(home) / "bench.db"), max_new_tokens=new_tokens)
+        config = AgentConfig(model=model, db=str(Path(home) / "bench.db"), max_new_tokens=new_tokens, dtype=dtype)
         config.routing.router = "never"
         agent = Agent(config)
         # warm up both paths once
@@ -108,7 +134,13 @@ def run(model: str = DEFAULT_SPEC, new_tokens: int = 64, repeats: int = 8, threa
             "latency_p50_s": statistics.median(lat8), "latency_p90_s": percentile(lat8, 0.9),
             "tokens_per_s": sum(tok8) / wall,
         }
+        facts = agent.system1_batch([f.question for f in FACTS], max_new_tokens=48)
+        results["facts_right"] = sum(f.known_in(c.text) for f, c in zip(FACTS, facts))
+        results["facts"] = len(FACTS)
         agent.close()
+    del backend
+    results["decode_step_s"] = {dtype: {int(n): s for n, s in by_rows.items()}  # JSON keys come back as strings
+                                for dtype, by_rows in fresh.call("bench.system1", "decode_step_seconds", path).items()}
     return results
 
 
@@ -122,5 +154,13 @@ def report(results: dict) -> str:
         lines.append(f"{name}: p50 {r['latency_p50_s']:.2f} s, p90 {r['latency_p90_s']:.2f} s, "
                      f"{r['tokens_per_s']:.1f} tokens/s")
     lines.append(f"raw model.generate at batch 1: {results['raw_generate_tokens_per_s']:.1f} tokens/s")
-    lines.append(f"Agent.answer overhead over raw generate: {results['agent_overhead_pct']:+.1f}%")
+    lines.append(f"Agent.answer overhead over raw generate: {results['agent_overhead_pct']:+.1f}% "
+                 f"(serving in {results['dtype']})")
+    lines.append(f"general facts System 1 answers right (greedy, {results['dtype']}): "
+                 f"{results['facts_right']} of {results['facts']}")
+    steps = results["decode_step_s"]
+    counts = list(next(iter(steps.values())))
+    lines.append("seconds per decode step, by rows decoding together: " + " ".join(f"{n:>6}" for n in counts))
+    for dtype, row in steps.items():
+        lines.append(f"  {dtype:<9}" + " ".join(f"{row[n]:6.3f}" for n in counts))
     return "\n".join(lines)

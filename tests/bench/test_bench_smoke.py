@@ -106,3 +106,23 @@ def test_embed_example_runs(tiny_model_dir: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("route ") == 3
     assert "store: interactions" in done.stdout
+
+
+def test_decode_step_times_are_measured_per_dtype_and_rows(tiny_model_dir: Path) -> None:
+    from bench import system1
+
+    steps = system1.decode_step_seconds(str(tiny_model_dir), rows=(1, 3), new_tokens=4)
+
+    assert set(steps) == {"float32", "bfloat16"}
+    assert all(set(by_rows) == {1, 3} and all(s > 0 for s in by_rows.values()) for by_rows in steps.values())
+
+
+def test_system1_runs_and_reports_the_facts_and_the_step_table(tiny_model_dir: Path) -> None:
+    from bench import system1
+
+    results = system1.run(str(tiny_model_dir), new_tokens=4, repeats=1, threads=1)
+
+    assert results["dtype"] in ("float32", "bfloat16") and 0 <= results["facts_right"] <= results["facts"] == 32
+    assert results["batch1"]["tokens_per_s"] > 0 and results["batch8"]["tokens_per_s"] > 0
+    assert set(results["decode_step_s"]) == {"float32", "bfloat16"}
+    assert "seconds per decode step" in system1.report(results)
