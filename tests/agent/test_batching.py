@@ -347,6 +347,28 @@ def test_interactive_requests_are_admitted_before_background_ones_that_came_firs
     assert done == [PROMPTS[0], PROMPTS[2], PROMPTS[1]]
 
 
+def test_adapters_are_loaded_on_the_worker_thread(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Only the worker runs torch: an OpenMP team in a second thread slows every later bfloat16 step."""
+    from tests.conftest import make_random_adapter
+
+    class Loads(HFBackend):
+        threads: list[str] = []
+
+        def load_adapter(self, name: str, path: str) -> None:
+            self.threads.append(threading.current_thread().name)
+            super().load_adapter(name, path)
+
+    batcher = BatchingBackend(Loads(str(tiny_model_dir), model_name="tiny-llama", threads=1), max_wait_ms=0)
+    try:
+        batcher.load_adapter("a", str(make_random_adapter(tiny_model_dir, tmp_path / "a")))
+        with pytest.raises(AdapterError):  # a failure still reaches the caller
+            batcher.load_adapter("b", str(tmp_path / "missing"))
+        assert batcher.generate([GenerationRequest(PROMPTS[0], PARAMS, "a")])[0][0].num_tokens > 0
+    finally:
+        batcher.close()
+    assert Loads.threads == ["s2agent-scheduler", "s2agent-scheduler"]
+
+
 def test_stream_helpers_work_on_a_backend_without_steps(engine: HFBackend) -> None:
     handle = stream.submit(engine, GenerationRequest(PROMPTS[0], PARAMS))
     assert handle.done
