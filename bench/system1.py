@@ -5,8 +5,9 @@
 Prints: first load (dequantize the embedded GGUF into a fresh cache) and cached load times; System 1
 latency (median, p90) and tokens/s at batch 1 and batch 8; the overhead of ``Agent.answer``
 (routing, logging to SQLite) over a raw ``model.generate`` producing the same tokens (both in the dtype the
-config serves in); how many of the live replay's 32 general facts System 1 answers right; and the seconds of one decode step of the bare engine by rows decoding together, in
-float32 and in bfloat16: what a System 1 row pays for the rows beside it.
+config serves in; the raw side in a fresh process, :mod:`bench.fresh` says why); how many of the live
+replay's 32 general facts System 1 answers right; and the seconds of one decode step of the bare engine by
+rows decoding together, in float32 and in bfloat16: what a System 1 row pays for the rows beside it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 
 from agent import Agent, AgentConfig
+from agent.backends import serving_dtype
 from agent.backends.base import GenerationRequest, SamplingParams
 from agent.backends.hf import HFBackend, cpu_dtype
 from agent.models import DEFAULT_SPEC, resolve_model
@@ -65,9 +67,24 @@ def decode_step_seconds(path: str, rows: tuple[int, ...] = (1, 2, 3, 4, 8), new_
     return out
 
 
+def raw_generate_seconds(path: str, dtype: str, prompts: list[str], tokens: list[int]) -> list[float]:
+    """Seconds of a greedy batch-1 ``model.generate`` of ``tokens[i]`` tokens for each of ``prompts``, on a bare
+    model loaded here; :func:`run` calls it in a fresh process (:mod:`bench.fresh`)."""
+    backend = HFBackend(path, dtype=cpu_dtype(dtype))
+    seconds = []
+    for prompt, count in zip(prompts, tokens):
+        ids = torch.tensor([render_prompt(backend.tokenizer, [{"role": "user", "content": prompt}])])
+        t = time.perf_counter()
+        with torch.inference_mode():
+            backend.base_model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                        max_new_tokens=count, min_new_tokens=count)
+        seconds.append(time.perf_counter() - t)
+    return seconds
+
+
 def run(model: str = DEFAULT_SPEC, new_tokens: int = 64, repeats: int = 8, threads: int | None = None,
         measure_first_load: bool = True, dtype: str = "auto") -> dict:
-    results: dict = {"dtype": str(cpu_dtype(dtype)).removeprefix("torch.")}
+    results: dict = {}
     if threads:
         torch.set_num_threads(threads)
     if measure_first_load and model == DEFAULT_SPEC:
@@ -78,31 +95,26 @@ def run(model: str = DEFAULT_SPEC, new_tokens: int = 64, repeats: int = 8, threa
             results["first_load_s"] = time.perf_counter() - t
     path = resolve_model(model)
     t = time.perf_counter()
-    backend = HFBackend(path, dtype=cpu_dtype(dtype))
+    HFBackend(path, dtype=cpu_dtype(dtype))
     results["cached_load_s"] = time.perf_counter() - t
 
     with tempfile.TemporaryDirectory() as home:
         config = AgentConfig(model=model, db=str(Path(home) / "bench.db"), max_new_tokens=new_tokens, dtype=dtype)
         config.routing.router = "never"
+        results["dtype"] = serving_dtype(config)
         agent = Agent(config)
         # warm up both paths once
         agent.answer(PROMPTS[0], route="system1")
 
         # batch 1: agent.answer vs raw model.generate of exactly the same number of tokens
-        agent_lat, raw_lat, tokens = [], [], []
-        model_ = backend.base_model
-        for i in range(repeats):
-            prompt = PROMPTS[i % len(PROMPTS)]
+        agent_lat, tokens = [], []
+        prompts = [PROMPTS[i % len(PROMPTS)] for i in range(repeats)]
+        for prompt in prompts:
             t = time.perf_counter()
             answer = agent.answer(prompt, route="system1")
             agent_lat.append(time.perf_counter() - t)
             tokens.append(answer.tokens_system1)
-            ids = torch.tensor([render_prompt(backend.tokenizer, [{"role": "user", "content": prompt}])])
-            t = time.perf_counter()
-            with torch.inference_mode():
-                model_.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                max_new_tokens=answer.tokens_system1, min_new_tokens=answer.tokens_system1)
-            raw_lat.append(time.perf_counter() - t)
+        raw_lat = fresh.call("bench.system1", "raw_generate_seconds", path, dtype, prompts, tokens)
         results["batch1"] = {
             "latency_p50_s": statistics.median(agent_lat), "latency_p90_s": percentile(agent_lat, 0.9),
             "tokens_per_s": sum(tokens) / sum(agent_lat), "mean_tokens": statistics.mean(tokens),
@@ -138,7 +150,6 @@ def run(model: str = DEFAULT_SPEC, new_tokens: int = 64, repeats: int = 8, threa
         results["facts_right"] = sum(f.known_in(c.text) for f, c in zip(FACTS, facts))
         results["facts"] = len(FACTS)
         agent.close()
-    del backend
     results["decode_step_s"] = {dtype: {int(n): s for n, s in by_rows.items()}  # JSON keys come back as strings
                                 for dtype, by_rows in fresh.call("bench.system1", "decode_step_seconds", path).items()}
     return results

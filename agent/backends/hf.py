@@ -57,7 +57,6 @@ class HFBackend:
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.dtype = dtype
         self.base_model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(self.device).eval()
         self.model = self.base_model
         self.context_length = int(getattr(self.base_model.config, "max_position_embeddings", 2048))
