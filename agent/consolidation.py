@@ -57,10 +57,10 @@ logger = logging.getLogger(__name__)
 LOCK_NAME = "consolidation"
 TMP_PREFIX = ".tmp-"
 RETENTION_SIMILARITY = 0.8
+"""Long answers count as retained when their token-level F1 with the old answer reaches this."""
 STORE_CHECK_MAX_AGE_S = 300.0
 """A consolidation checks the store's pages (``PRAGMA quick_check``) before it writes, unless a check passed
 this recently (its process opened the store with one moments ago); see :mod:`store.integrity`."""
-"""Long answers count as retained when their token-level F1 with the old answer reaches this."""
 
 
 @dataclass

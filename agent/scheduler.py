@@ -34,10 +34,11 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timezone
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
@@ -201,12 +202,13 @@ class ConsolidationScheduler:
             level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
             command = worker_command(config_file, report_file, scope, self.config.nice, str(level))
             started = time.perf_counter()
-            self.child = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL)
-            logger.info("consolidation running in process %s (scope %s)", self.child.pid, scope or "general")
-            try:
-                code = self._wait(self.child)
-            finally:
-                self.child = None
+            with self._cores_lent(int(threads)):
+                self.child = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL)
+                logger.info("consolidation running in process %s (scope %s)", self.child.pid, scope or "general")
+                try:
+                    code = self._wait(self.child)
+                finally:
+                    self.child = None
             report = _read_report(report_file)
         if report is None:
             crashed = cleanup_after_crash(self.agent)  # its run row and folders, if it died mid-run
@@ -215,6 +217,21 @@ class ConsolidationScheduler:
                                          scope=scope, seconds=round(time.perf_counter() - started, 2))
         self.agent.refresh_adapters(force=True)  # serve a promotion now, not at the next poll
         return report
+
+    @contextmanager
+    def _cores_lent(self, child_threads: int) -> Iterator[None]:
+        """While the child runs, serving computes on the cores it leaves (``scheduler.lend_cores``); only the
+        CPU engine has threads to lend (:meth:`agent.backends.batching.BatchingBackend.set_threads`)."""
+        set_threads = getattr(self.agent.backend, "set_threads", None)
+        if not self.config.lend_cores or set_threads is None:
+            yield
+            return
+        cores = os.cpu_count() or 1
+        set_threads(max(1, min(self.agent.config.threads or cores, cores - child_threads)))
+        try:
+            yield
+        finally:
+            set_threads(None)
 
     def _wait(self, child: subprocess.Popen) -> int:
         """Wait for ``child``; once shutdown has begun, SIGTERM it and kill it after ``CHILD_STOP_SECONDS``."""

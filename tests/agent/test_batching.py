@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from agent.backends import (
     BACKGROUND,
@@ -367,6 +368,33 @@ def test_adapters_are_loaded_on_the_worker_thread(tiny_model_dir: Path, tmp_path
     finally:
         batcher.close()
     assert Loads.threads == ["s2agent-scheduler", "s2agent-scheduler"]
+
+
+def test_set_threads_changes_the_threads_the_steps_compute_with(tiny_model_dir: Path) -> None:
+    """The scheduler lends a training process cores this way: torch's thread count belongs to the thread that
+    sets it, so it must be the worker's, the one every forward pass runs on."""
+
+    class Counts(HFBackend):
+        seen: list[int] = []
+
+        def step(self, batch):
+            self.seen.append(torch.get_num_threads())
+            return super().step(batch)
+
+    batcher = BatchingBackend(Counts(str(tiny_model_dir), model_name="tiny-llama", threads=1), max_wait_ms=0)
+    try:
+        batcher.generate([GenerationRequest(PROMPTS[0], PARAMS)])
+        assert set(Counts.seen) == {1}
+        batcher.set_threads(2)
+        Counts.seen.clear()
+        batcher.generate([GenerationRequest(PROMPTS[0], PARAMS)])
+        assert set(Counts.seen) == {2}
+        batcher.set_threads(None)  # back to what the worker started with
+        Counts.seen.clear()
+        batcher.generate([GenerationRequest(PROMPTS[0], PARAMS)])
+        assert set(Counts.seen) == {1}
+    finally:
+        batcher.close()
 
 
 def test_stream_helpers_work_on_a_backend_without_steps(engine: HFBackend) -> None:

@@ -10,6 +10,7 @@ running child.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -238,11 +239,13 @@ def test_a_stop_before_training_ends_the_run_during_its_retention_answers(config
 
 
 # --- the child process ---------------------------------------------------------------------------------------
-def test_each_scope_consolidates_in_a_niced_child_and_its_adapter_serves_here_without_restart(config):
+def test_each_scope_consolidates_in_a_niced_child_and_its_adapter_serves_here_without_restart(config, caplog):
     config.consolidation.per_tag = True
     config.consolidation.epochs = 60  # long enough to watch the child hold the lock
     config.scheduler.process = "child"
     config.scheduler.train_threads = 1
+    config.threads = 2  # serving lends the child one of them while it runs (scheduler.lend_cores)
+    caplog.set_level(logging.INFO, logger="agent.backends.batching")
     config.scheduler.min_pending = 8
     config.scheduler.check_seconds = 0.2
     config.scheduler.interval_minutes = None
@@ -294,6 +297,9 @@ def test_each_scope_consolidates_in_a_niced_child_and_its_adapter_serves_here_wi
         text = Metrics().render(store_snapshot(agent))
         assert "s2agent_consolidation_running 0" in text
         assert 's2agent_serving_adapter_version{scope="arith"} 1' in text
+    lent = max(1, min(2, (os.cpu_count() or 1) - 1))
+    assert [r.getMessage() for r in caplog.records if r.name == "agent.backends.batching"] == [
+        f"serving computes with {lent} torch thread(s)", "serving computes with 2 torch thread(s)"]
 
 
 def test_the_child_gets_the_effective_configuration(config, tmp_path, monkeypatch):
