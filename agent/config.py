@@ -137,6 +137,12 @@ class RoutingConfig:
     """Confidence below which System 2 runs (1: every query). ``agent calibrate`` fits it from the store."""
     quantile: float = within("[0, 1]", 0.1)
     """Quantile of token probabilities used by the ``logprob`` estimator (0 = the minimum)."""
+    takeover_precision: float = within("[0, 1]", 0.9)
+    """A promoted adapter answers alone only at confidences where its answers to the gate's held-out inputs
+    agreed with System 2's at least this often: the gate calibrates its own threshold (never below
+    ``threshold``; ``logprob`` estimator, at least 5 held-out inputs), so a scope's first adapter, better
+    than the base model but often wrong, leaves System 2 the inputs it is unsure of. 0: every adapter is
+    routed at ``threshold``."""
     agreement_samples: int = within("[1, inf)", 4)
     """Samples drawn by the ``agreement`` estimator."""
     memory: bool = True

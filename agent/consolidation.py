@@ -49,6 +49,7 @@ from agent.prompting import TrainingExample, system1_messages
 from agent.retention import likelihood_retention
 from agent.training import TrainingDiverged, train_lora, training_device
 from policies.answers import answers_match, normalise, similarity
+from policies.routing import logprob_confidence, takeover_threshold
 from policies.sources import cap_by_source
 from store import Interaction, Store
 
@@ -414,11 +415,15 @@ class ServingAnswers:
                                   lambda missing: _system1_answers(self.agent, missing, self.name, stop=self.stop))
 
 
+def _right(output: str, target: str, kind: str) -> bool:
+    return answers_match(normalise(output, kind), normalise(target, kind), kind)
+
+
 def _accuracy(outputs: Iterable[str], targets: Iterable[str], kind: str) -> float | None:
     pairs = list(zip(outputs, targets))
     if not pairs:
         return None
-    return sum(answers_match(normalise(o, kind), normalise(t, kind), kind) for o, t in pairs) / len(pairs)
+    return sum(_right(o, t, kind) for o, t in pairs) / len(pairs)
 
 
 def split_retention(inputs: Sequence[str], answers: Sequence[str], seed: int
@@ -470,11 +475,22 @@ def _gate(agent: Learner, report, holdout, retention_holdout, candidate, served:
     ok = True
     if holdout:
         inputs, targets = [e.input for e in holdout], [e.target for e in holdout]
-        m["holdout_accuracy_candidate"] = _accuracy(_system1_answers(agent, inputs, candidate), targets, kind)
+        answers = agent.system1_batch(inputs, adapter=candidate)
+        m["holdout_accuracy_candidate"] = _accuracy([c.text for c in answers], targets, kind)
         m["holdout_accuracy_serving"] = _accuracy(served(inputs), targets, kind)
         better = m["holdout_accuracy_candidate"] >= m["holdout_accuracy_serving"] - cfg.gate_margin
         ok &= better
         reasons.append(f"holdout accuracy {m['holdout_accuracy_serving']:.2f} -> {m['holdout_accuracy_candidate']:.2f}")
+        routing = agent.config.routing
+        if routing.estimator == "logprob" and routing.takeover_precision > 0:
+            records = [(logprob_confidence(c.logprobs, routing.quantile), _right(c.text, t, kind))
+                       for c, t in zip(answers, targets)]
+            threshold = takeover_threshold(records, floor=routing.threshold, target_precision=routing.takeover_precision)
+            if threshold is not None and threshold > routing.threshold:
+                m["routing_threshold"] = threshold
+                precision = f"{routing.takeover_precision:g} of its held-out answers agree with System 2's"
+                reasons.append(f"answers alone at confidence >= {threshold:.2f}, where {precision}"
+                               if threshold <= 1.0 else f"answers nothing alone yet: at no confidence do {precision}")
     else:
         reasons.append("no holdout examples yet")
     if retention_holdout:

@@ -47,12 +47,7 @@ from agent.prompting import Message, system1_messages
 from agent.routing_memory import RoutingMemory
 from agent.scheduler import ConsolidationScheduler
 from policies.answers import normalise
-from policies.routing import (
-    RouteDecision,
-    make_router,
-    sample_agreement,
-    token_confidence,
-)
+from policies.routing import RouteDecision, logprob_confidence, make_router, sample_agreement
 from policies.scoping import ScopeClassifier, ScopeDecision, ScopeIndex
 from policies.system2 import Auto, UnknownMethodError, make_method
 from policies.system2.base import Call, System2Method, System2Result
@@ -150,6 +145,9 @@ class Agent:
         self.backend = backend
         self._serving: dict[str | None, tuple[int, str]] = {}
         """What this process serves per scope: (version, backend name); the registry may say otherwise."""
+        self._takeover: dict[int, float] = {}
+        """Served adapter versions that must be more confident than ``routing.threshold`` to answer alone: the
+        threshold their gate calibrated (``routing.takeover_precision``)."""
         self._load_errors: dict[str | None, tuple[int, str, float]] = {}
         """Scopes whose registry-serving adapter did not load here: (version, why, when last tried)."""
         self._retiring: list[tuple[float, str]] = []
@@ -254,10 +252,9 @@ class Agent:
             score = sample_agreement(normalise(s1.text, kind), [normalise(c.text, kind) for c in results[1]], kind)
             estimator = "agreement"
         else:
-            score = token_confidence(s1.logprobs, reducer="min" if routing.quantile <= 0 else "quantile",
-                                     q=routing.quantile)
+            score = logprob_confidence(s1.logprobs, routing.quantile)
             estimator = "logprob"
-        decision = self._route(route, score, estimator)
+        decision = self._route(route, score, estimator, version)
         answer = Answer(
             text=s1.text, route="system1", confidence=score, method=None, adapter_version=version,
             tokens=tokens_s1, latency_ms=0.0, system1_text=s1.text, prompt_tokens=s1.prompt_tokens,
@@ -619,6 +616,8 @@ class Agent:
                     continue
                 self._load_errors.pop(scope, None)
                 self._serving[scope] = (row.version, name)
+                if isinstance(threshold := row.metrics.get("routing_threshold"), (int, float)):
+                    self._takeover[row.version] = float(threshold)
                 if current:
                     self._retiring.append((now, current[1]))
                 logger.info("now serving adapter v%s for scope %s", row.version, scope or "general")
@@ -686,9 +685,10 @@ class Agent:
         return slot if slot else (None, None)
 
     # --- System 2 --------------------------------------------------------------------------
-    def _route(self, route: str, score: float, estimator: str) -> RouteDecision:
+    def _route(self, route: str, score: float, estimator: str, version: int | None) -> RouteDecision:
         if route == "auto":
-            decision = self.router.route(score)
+            threshold = self._takeover.get(version) if estimator == "logprob" else None
+            decision = self.router.route(score, adapter_threshold=threshold)
             decision.estimator = estimator
             return decision
         return RouteDecision(route=route, estimator="forced", score=score, threshold=None)

@@ -59,6 +59,12 @@ def token_confidence(
     return max(0.0, min(1.0, value))
 
 
+def logprob_confidence(logprobs: Sequence[float], quantile: float) -> float:
+    """The ``logprob`` estimator as routing configures it: the ``quantile`` of the token probabilities (the
+    minimum at 0). One function, so that the gate calibrates a new adapter on the score the router reads."""
+    return token_confidence(logprobs, reducer="min" if quantile <= 0 else "quantile", q=quantile)
+
+
 def sample_agreement(greedy: str | None, samples: Sequence[str | None], kind: AnswerKind = "text") -> float:
     """Share of sampled System 1 answers that match the greedy answer (0.0 with none to compare)."""
     if greedy is None or not samples:
@@ -86,10 +92,13 @@ class ThresholdRouter:
     def __init__(self, threshold: float = 0.5) -> None:
         self.threshold = threshold
 
-    def route(self, score: float | None, *, estimator: str = "token_confidence") -> RouteDecision:
+    def route(self, score: float | None, *, estimator: str = "token_confidence",
+              adapter_threshold: float | None = None) -> RouteDecision:
+        """``adapter_threshold``: the serving adapter's own (:func:`takeover_threshold`), when higher."""
+        threshold = self.threshold if adapter_threshold is None else max(self.threshold, adapter_threshold)
         # No score (e.g. System 1 produced no answer span) is no evidence: pay for System 2.
-        target: Route = "system2" if score is None or score < self.threshold else "system1"
-        return RouteDecision(route=target, estimator=estimator, score=score, threshold=self.threshold)
+        target: Route = "system2" if score is None or score < threshold else "system1"
+        return RouteDecision(route=target, estimator=estimator, score=score, threshold=threshold)
 
 
 class AlwaysSystem2Router:
@@ -100,7 +109,8 @@ class AlwaysSystem2Router:
     def __init__(self, threshold: float | None = None) -> None:
         self.threshold = None  # accepted for a uniform constructor; unused
 
-    def route(self, score: float | None = None, *, estimator: str = "none") -> RouteDecision:
+    def route(self, score: float | None = None, *, estimator: str = "none",
+              adapter_threshold: float | None = None) -> RouteDecision:
         return RouteDecision(route="system2", estimator=estimator, score=score, threshold=None)
 
 
@@ -112,7 +122,8 @@ class NeverSystem2Router:
     def __init__(self, threshold: float | None = None) -> None:
         self.threshold = None
 
-    def route(self, score: float | None = None, *, estimator: str = "none") -> RouteDecision:
+    def route(self, score: float | None = None, *, estimator: str = "none",
+              adapter_threshold: float | None = None) -> RouteDecision:
         return RouteDecision(route="system1", estimator=estimator, score=score, threshold=None)
 
 
@@ -233,3 +244,24 @@ def calibrate(
             chosen = curve[-1]
         target = f"system1_precision>={target_precision:g}"
     return Calibration(threshold=chosen.threshold, curve=curve, n=len(records), target=target)
+
+
+def takeover_threshold(records: Sequence[tuple[float, bool]], *, floor: float, target_precision: float
+                       ) -> float | None:
+    """The confidence a newly promoted adapter's answer needs to stand without System 2, from its answers to
+    the gate's held-out inputs as (confidence, agreed with System 2's answer) records: the lowest threshold, from
+    ``floor`` (the configured one) up, at which the answers kept agree at least ``target_precision`` of the time
+    (``floor`` itself when they already do there; above 1, so nothing alone, when no threshold reaches it). None with
+    fewer than :data:`MIN_CALIBRATION_RECORDS` records: then ``floor`` applies.
+
+    Why: a gate compares a candidate with what serves, and on a scope's first run that is the base model,
+    which gets nothing right; so an adapter trained on a few dozen examples is promoted at 0.5-0.7 on its
+    holdout and then answers at confidences the global threshold accepts (a sums adapter answered 24 sums at
+    0.51-0.98 and got 13 right). Calibrated on its own holdout, it answers alone only where it was right."""
+    if len(records) < MIN_CALIBRATION_RECORDS:
+        return None
+    for threshold in [floor, *sorted({score for score, _ in records if score > floor})]:
+        kept = [right for score, right in records if score >= threshold]
+        if kept and sum(kept) / len(kept) >= target_precision:
+            return threshold
+    return math.nextafter(1.0, math.inf)  # wrong wherever it was sure: nothing alone (scores are at most 1)

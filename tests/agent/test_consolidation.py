@@ -74,6 +74,25 @@ def test_learning_loop_end_to_end(learning_config):
         assert match_rate(agent, UNSEEN) >= 0.5
 
 
+def test_an_adapter_promoted_over_a_base_that_knew_nothing_answers_alone_only_where_its_holdout_was_right(
+        learning_config):
+    """The gate compares a candidate with what serves; a scope's first candidate beats the base model even when it
+    learned little. Its own held-out answers then set how sure it must be to answer alone
+    (``routing.takeover_precision``): here it learned nothing, so it answers nothing alone."""
+    learning_config.routing.threshold = 0.0  # alone, every answer of System 1 would stand
+    c = learning_config.consolidation
+    c.learning_rate, c.epochs, c.holdout_fraction = 1e-9, 1, 0.5  # trains nothing; half held out, to calibrate on
+    with Agent(learning_config) as agent:
+        for q in TAUGHT:
+            agent.store.add_example(q, "85", method="arith", agreement=1.0)
+        report = agent.consolidate()
+        assert report.status == "promoted", report.reason  # 0.00 -> 0.00 is not worse than the base model
+        assert report.metrics["holdout_accuracy_candidate"] == 0.0 and report.n_holdout >= 5
+        assert report.metrics["routing_threshold"] > 1.0 and "answers nothing alone yet" in report.reason
+        answer = agent.answer(UNSEEN[0])
+        assert (answer.adapter_version, answer.route, answer.text) == (1, "system2", "85")
+
+
 def test_dry_run_and_min_examples_change_nothing(learning_config):
     with Agent(learning_config) as agent:
         for q in QUESTIONS[:6]:

@@ -13,6 +13,7 @@ from policies.routing import (
     calibrate,
     make_router,
     sample_agreement,
+    takeover_threshold,
     token_confidence,
 )
 
@@ -51,6 +52,9 @@ def test_threshold_router() -> None:
     assert router.route(0.5).route == "system1"
     assert router.route(None).route == "system2"
     assert router.route(0.9, estimator="sample_agreement").estimator == "sample_agreement"
+    # an adapter's own threshold counts only when higher than the configured one
+    assert router.route(0.6, adapter_threshold=0.7) == RouteDecision("system2", "token_confidence", 0.6, 0.7)
+    assert router.route(0.6, adapter_threshold=0.2).route == "system1"
 
 
 @pytest.mark.parametrize("name", sorted(ROUTERS))
@@ -114,3 +118,19 @@ def test_calibrate_errors() -> None:
         calibrate(RECORDS, target_system2_rate=0.5, target_precision=0.9)
     with pytest.raises(ValueError):
         calibrate(RECORDS, target_precision=1.5)
+
+
+def test_takeover_threshold_keeps_a_new_adapter_off_the_confidences_where_it_was_wrong() -> None:
+    # right only at 0.5 and above: it must not answer alone below 0.5, whatever the floor says
+    assert takeover_threshold(RECORDS, floor=0.3, target_precision=1.0) == 0.5
+    # the floor is the operator's: a calibration never lowers it
+    assert takeover_threshold(RECORDS, floor=0.6, target_precision=1.0) == 0.6
+    # wrong at every confidence: it answers nothing alone (every score is below the threshold)
+    wrong = [(0.1 * i, False) for i in range(1, 7)]
+    assert takeover_threshold(wrong, floor=0.5, target_precision=0.9) > 1.0
+    # judged from the floor up: answers right below it do not excuse those wrong above it
+    mixed = [(0.1, True)] * 5 + [(0.6, False), (0.7, True), (0.8, True), (0.9, True)]
+    assert takeover_threshold(mixed, floor=0.5, target_precision=0.75) == 0.5
+    assert takeover_threshold(mixed, floor=0.5, target_precision=0.9) == 0.7
+    # too few held-out answers to say anything: the floor applies
+    assert takeover_threshold(RECORDS[:4], floor=0.5, target_precision=0.9) is None
