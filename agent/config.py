@@ -138,10 +138,11 @@ class RoutingConfig:
     quantile: float = within("[0, 1]", 0.1)
     """Quantile of token probabilities used by the ``logprob`` estimator (0 = the minimum)."""
     takeover_precision: float = within("[0, 1]", 0.9)
-    """A promoted adapter answers alone only at confidences where its answers to the gate's held-out inputs
-    agreed with System 2's at least this often: the gate calibrates its own threshold (never below
-    ``threshold``; ``logprob`` estimator, at least 5 held-out inputs), so a scope's first adapter, better
-    than the base model but often wrong, leaves System 2 the inputs it is unsure of. 0: every adapter is
+    """A promoted adapter answers alone only at confidences where its answers agreed with System 2's at least
+    this often: first its answers to the gate's held-out inputs, then every input it served that System 2
+    still answered (``policies.routing.TakeoverEvidence``; never below ``threshold``; ``logprob`` estimator;
+    at least 5 answers). So a scope's first adapter, better than the base model but often wrong, leaves
+    System 2 the inputs it is unsure of, and takes them over as its answers prove right. 0: every adapter is
     routed at ``threshold``."""
     agreement_samples: int = within("[1, inf)", 4)
     """Samples drawn by the ``agreement`` estimator."""

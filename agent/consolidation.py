@@ -483,8 +483,9 @@ def _gate(agent: Learner, report, holdout, retention_holdout, candidate, served:
         reasons.append(f"holdout accuracy {m['holdout_accuracy_serving']:.2f} -> {m['holdout_accuracy_candidate']:.2f}")
         routing = agent.config.routing
         if routing.estimator == "logprob" and routing.takeover_precision > 0:
-            records = [(logprob_confidence(c.logprobs, routing.quantile), _right(c.text, t, kind))
+            records = [(round(logprob_confidence(c.logprobs, routing.quantile), 4), _right(c.text, t, kind))
                        for c, t in zip(answers, targets)]
+            m["routing_records"] = records  # where serving's TakeoverEvidence starts from
             threshold = takeover_threshold(records, floor=routing.threshold, target_precision=routing.takeover_precision)
             if threshold is not None and threshold > routing.threshold:
                 m["routing_threshold"] = threshold

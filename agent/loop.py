@@ -46,8 +46,8 @@ from agent.models import resolve_model
 from agent.prompting import Message, system1_messages
 from agent.routing_memory import RoutingMemory
 from agent.scheduler import ConsolidationScheduler
-from policies.answers import normalise
-from policies.routing import RouteDecision, logprob_confidence, make_router, sample_agreement
+from policies.answers import answers_match, normalise
+from policies.routing import RouteDecision, TakeoverEvidence, logprob_confidence, make_router, sample_agreement
 from policies.scoping import ScopeClassifier, ScopeDecision, ScopeIndex
 from policies.system2 import Auto, UnknownMethodError, make_method
 from policies.system2.base import Call, System2Method, System2Result
@@ -145,9 +145,10 @@ class Agent:
         self.backend = backend
         self._serving: dict[str | None, tuple[int, str]] = {}
         """What this process serves per scope: (version, backend name); the registry may say otherwise."""
-        self._takeover: dict[int, float] = {}
-        """Served adapter versions that must be more confident than ``routing.threshold`` to answer alone: the
-        threshold their gate calibrated (``routing.takeover_precision``)."""
+        self._takeover = TakeoverEvidence(self.config.routing.threshold, self.config.routing.takeover_precision)
+        """How sure each served adapter must be to answer alone (``routing.takeover_precision``): from its gate's
+        held-out answers, then from every answer of it System 2 checked here."""
+        self._takeover_lock = threading.Lock()
         self._load_errors: dict[str | None, tuple[int, str, float]] = {}
         """Scopes whose registry-serving adapter did not load here: (version, why, when last tried)."""
         self._retiring: list[tuple[float, str]] = []
@@ -282,6 +283,8 @@ class Agent:
                     answer.route_reason["system2"] = "not queued: the source may not teach"
             else:
                 self._run_system2(answer, query, method, tag, cancel, teach=teach)
+                if teach:
+                    self._checked_by_system2(answer, s1.text, tag)
                 # a source that may not teach does not shape the scopes either: its input joins no index
                 if tag is None and answer.accepted and self.config.scoping.auto and teach:
                     tag = answer.tag = self._assign_scope(answer, query)
@@ -616,8 +619,9 @@ class Agent:
                     continue
                 self._load_errors.pop(scope, None)
                 self._serving[scope] = (row.version, name)
-                if isinstance(threshold := row.metrics.get("routing_threshold"), (int, float)):
-                    self._takeover[row.version] = float(threshold)
+                if isinstance(records := row.metrics.get("routing_records"), list):
+                    with self._takeover_lock:
+                        self._takeover.start(row.version, records)
                 if current:
                     self._retiring.append((now, current[1]))
                 logger.info("now serving adapter v%s for scope %s", row.version, scope or "general")
@@ -685,9 +689,22 @@ class Agent:
         return slot if slot else (None, None)
 
     # --- System 2 --------------------------------------------------------------------------
+    def _checked_by_system2(self, answer: Answer, system1_text: str, tag: str | None) -> None:
+        """System 2 accepted an answer to an input the adapter ``answer.adapter_version`` served: one more record
+        of whether that adapter's own answer was right (:class:`~policies.routing.TakeoverEvidence`). Only for
+        sources that may teach (the caller checks)."""
+        if not answer.accepted or answer.adapter_version is None or answer.confidence is None or (
+                self.config.routing.estimator != "logprob"):
+            return
+        kind = self.answer_kind(tag)
+        right = answers_match(normalise(system1_text, kind), normalise(answer.text, kind), kind)
+        with self._takeover_lock:
+            self._takeover.add(answer.adapter_version, answer.confidence, right)
+
     def _route(self, route: str, score: float, estimator: str, version: int | None) -> RouteDecision:
         if route == "auto":
-            threshold = self._takeover.get(version) if estimator == "logprob" else None
+            with self._takeover_lock:
+                threshold = self._takeover.threshold(version) if estimator == "logprob" else None
             decision = self.router.route(score, adapter_threshold=threshold)
             decision.estimator = estimator
             return decision
@@ -904,6 +921,7 @@ class Agent:
                         adapter_version=item.adapter_version, tokens=0, latency_ms=0.0,
                         system1_text=item.system1_text, tag=item.tag, interaction_id=item.interaction_id)
         self._apply_system2(answer, result)
+        self._checked_by_system2(answer, item.system1_text, item.tag)
         if item.interaction_id is not None:  # the System 1 answer's row says what System 2 then spent and decided
             self.store.add_background_label(
                 item.interaction_id, method=result.method, tokens_system2=answer.tokens_system2,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import deque
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
@@ -248,20 +249,63 @@ def calibrate(
 
 def takeover_threshold(records: Sequence[tuple[float, bool]], *, floor: float, target_precision: float
                        ) -> float | None:
-    """The confidence a newly promoted adapter's answer needs to stand without System 2, from its answers to
-    the gate's held-out inputs as (confidence, agreed with System 2's answer) records: the lowest threshold, from
-    ``floor`` (the configured one) up, at which the answers kept agree at least ``target_precision`` of the time
-    (``floor`` itself when they already do there; above 1, so nothing alone, when no threshold reaches it). None with
-    fewer than :data:`MIN_CALIBRATION_RECORDS` records: then ``floor`` applies.
+    """The confidence an adapter's answer needs to stand without System 2, from (confidence, agreed with System
+    2's answer) records of its answers: the lowest threshold, from ``floor`` (the configured one) up, at which
+    at least :data:`MIN_CALIBRATION_RECORDS` answers are kept and ``target_precision`` of them agree (above 1,
+    so nothing alone, when no threshold does). None with fewer than :data:`MIN_CALIBRATION_RECORDS` records in
+    all: then ``floor`` applies.
 
     Why: a gate compares a candidate with what serves, and on a scope's first run that is the base model,
     which gets nothing right; so an adapter trained on a few dozen examples is promoted at 0.5-0.7 on its
     holdout and then answers at confidences the global threshold accepts (a sums adapter answered 24 sums at
-    0.51-0.98 and got 13 right). Calibrated on its own holdout, it answers alone only where it was right."""
+    0.51-0.98 and got 13 right). Calibrated on its own answers, it answers alone only where it was right."""
     if len(records) < MIN_CALIBRATION_RECORDS:
         return None
     for threshold in [floor, *sorted({score for score, _ in records if score > floor})]:
         kept = [right for score, right in records if score >= threshold]
-        if kept and sum(kept) / len(kept) >= target_precision:
+        if len(kept) >= MIN_CALIBRATION_RECORDS and sum(kept) / len(kept) >= target_precision:
             return threshold
     return math.nextafter(1.0, math.inf)  # wrong wherever it was sure: nothing alone (scores are at most 1)
+
+
+class TakeoverEvidence:
+    """What each served adapter's answers have shown so far, and the threshold it follows
+    (:func:`takeover_threshold` over the records).
+
+    An adapter starts with its gate's records (its held-out answers). Then every input it serves that still goes
+    to System 2 (below its threshold) and gets an accepted answer is one more record: System 1's answer and its
+    confidence are there, System 2's is the label. So an adapter that was unsure at promotion takes its inputs
+    over as its answers prove right at lower confidences, without another training run. Only the most recent
+    ``keep`` live records count, beside the gate's. Records come only from sources that may teach: a client
+    that chose agreeing inputs could otherwise lower the bar for everyone. Not thread-safe: the caller locks."""
+
+    def __init__(self, floor: float, target_precision: float, keep: int = 500) -> None:
+        self.floor, self.target_precision, self.keep = floor, target_precision, keep
+        self._gate: dict[int, list[tuple[float, bool]]] = {}
+        self._live: dict[int, deque[tuple[float, bool]]] = {}
+        self._thresholds: dict[int, float | None] = {}
+
+    def start(self, version: int, gate_records: Sequence[tuple[float, bool]]) -> None:
+        """Follow ``version`` from its gate's records (again from those alone if it was followed before)."""
+        self._gate[version] = [(float(score), bool(right)) for score, right in gate_records]
+        self._live[version] = deque(maxlen=self.keep)
+        self._update(version)
+
+    def add(self, version: int, score: float, right: bool) -> None:
+        """One more answer of ``version`` checked against System 2's (ignored for a version not followed)."""
+        if version in self._live:
+            self._live[version].append((score, right))
+            self._update(version)
+
+    def threshold(self, version: int | None) -> float | None:
+        """The threshold ``version``'s answers need now; None: the configured one (or not followed)."""
+        return self._thresholds.get(version) if version is not None else None
+
+    def records(self, version: int) -> int:
+        """How many records ``version``'s threshold rests on."""
+        return len(self._gate.get(version, ())) + len(self._live.get(version, ()))
+
+    def _update(self, version: int) -> None:
+        records = [*self._gate[version], *self._live[version]]
+        self._thresholds[version] = takeover_threshold(records, floor=self.floor,
+                                                       target_precision=self.target_precision)

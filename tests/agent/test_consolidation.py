@@ -89,8 +89,28 @@ def test_an_adapter_promoted_over_a_base_that_knew_nothing_answers_alone_only_wh
         assert report.status == "promoted", report.reason  # 0.00 -> 0.00 is not worse than the base model
         assert report.metrics["holdout_accuracy_candidate"] == 0.0 and report.n_holdout >= 5
         assert report.metrics["routing_threshold"] > 1.0 and "answers nothing alone yet" in report.reason
+        assert len(report.metrics["routing_records"]) == report.n_holdout  # what serving starts from
         answer = agent.answer(UNSEEN[0])
         assert (answer.adapter_version, answer.route, answer.text) == (1, "system2", "85")
+
+
+def test_an_adapter_unsure_at_promotion_takes_over_as_system2_confirms_its_answers(learning_config):
+    """Each input it serves that System 2 still answers is one more record of whether its own answer was right
+    (``policies.routing.TakeoverEvidence``): once 5 of them agree at a confidence, it answers alone there."""
+    learning_config.routing.threshold = 0.0
+    with Agent(learning_config) as agent:
+        for q in TAUGHT:
+            agent.store.add_example(q, "85", method="arith", agreement=1.0)
+        assert agent.consolidate().status == "promoted"  # v1 says "85" to these sums
+        # The same weights as v2, promoted by a gate whose held-out answers were all wrong: nothing alone.
+        agent.store.register_adapter(version=2, path=str(agent.config.adapters_path() / "v1"), parent=1,
+                                     metrics={"routing_records": [[0.0, False]] * 5})
+        agent.store.promote_adapter(2)
+        agent.refresh_adapters(force=True)
+        routes = [agent.answer(UNSEEN[0]) for _ in range(6)]
+        assert [a.adapter_version for a in routes] == [2] * 6 and {a.text for a in routes} == {"85"}
+        assert [a.route for a in routes] == ["system2"] * 5 + ["system1"]  # 5 confirmations, then alone
+        assert routes[-1].route_reason["threshold"] == routes[-1].confidence > 0.0
 
 
 def test_dry_run_and_min_examples_change_nothing(learning_config):

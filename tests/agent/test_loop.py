@@ -85,21 +85,21 @@ def test_confident_system1_stays_on_system1(tiny_config, arith):
 
 def test_an_adapter_answers_alone_only_above_the_threshold_its_gate_calibrated(tiny_config, arith, tiny_model_dir,
                                                                               tmp_path):
-    """``routing_threshold`` in an adapter's gate metrics (``routing.takeover_precision``) raises the bar for the
-    inputs it serves, not for the others."""
+    """The records of an adapter's gate (``routing_records``, ``routing.takeover_precision``) raise the bar for
+    the inputs it serves, not for the others."""
     from tests.conftest import make_random_adapter
 
     tiny_config.system2.method = "arith"
     tiny_config.routing.threshold = 0.0  # alone, every answer of the random model stands
     with Agent(tiny_config) as agent:
         path = make_random_adapter(tiny_model_dir, tmp_path / "sums")
-        agent.store.register_adapter(version=1, path=str(path), parent=None, scope="sums",
-                                     metrics={"routing_threshold": 1.01})  # its holdout: wrong at every confidence
+        agent.store.register_adapter(version=1, path=str(path), parent=None, scope="sums",  # its gate's records:
+                                     metrics={"routing_records": [[0.0, False]] * 5})  # wrong wherever it was sure
         agent.store.promote_adapter(1)
         agent.refresh_adapters(force=True)
         sums = agent.answer("What is 1 + 1?", tag="sums")
         assert (sums.adapter_version, sums.route, sums.method) == (1, "system2", "arith")
-        assert sums.route_reason["threshold"] == 1.01
+        assert sums.route_reason["threshold"] > 1.0
         other = agent.answer("What is 1 + 1?", tag="colours")  # the base model serves it: the configured 0.0
         assert (other.adapter_version, other.route, other.route_reason["threshold"]) == (None, "system1", 0.0)
 

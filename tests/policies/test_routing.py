@@ -13,6 +13,7 @@ from policies.routing import (
     calibrate,
     make_router,
     sample_agreement,
+    TakeoverEvidence,
     takeover_threshold,
     token_confidence,
 )
@@ -129,8 +130,32 @@ def test_takeover_threshold_keeps_a_new_adapter_off_the_confidences_where_it_was
     wrong = [(0.1 * i, False) for i in range(1, 7)]
     assert takeover_threshold(wrong, floor=0.5, target_precision=0.9) > 1.0
     # judged from the floor up: answers right below it do not excuse those wrong above it
-    mixed = [(0.1, True)] * 5 + [(0.6, False), (0.7, True), (0.8, True), (0.9, True)]
-    assert takeover_threshold(mixed, floor=0.5, target_precision=0.75) == 0.5
+    mixed = [(0.1, True)] * 5 + [(0.6, False), (0.7, True), (0.8, True), (0.9, True), (0.95, True), (0.97, True)]
+    assert takeover_threshold(mixed, floor=0.5, target_precision=0.8) == 0.5
     assert takeover_threshold(mixed, floor=0.5, target_precision=0.9) == 0.7
+    # a threshold rests on at least 5 answers: one right answer at 0.99 does not open the way above it
+    assert takeover_threshold([(0.5, False)] * 4 + [(0.99, True)], floor=0.3, target_precision=0.9) > 1.0
     # too few held-out answers to say anything: the floor applies
     assert takeover_threshold(RECORDS[:4], floor=0.5, target_precision=0.9) is None
+
+
+def test_takeover_evidence_lets_an_adapter_take_over_as_its_answers_prove_right() -> None:
+    evidence = TakeoverEvidence(floor=0.5, target_precision=0.9)
+    evidence.start(3, [(0.6, False), (0.7, True), (0.8, False), (0.9, True), (0.95, True)])  # its gate's
+    assert evidence.threshold(3) > 1.0 and evidence.records(3) == 5  # 3 of 5 right: nothing alone
+    for _ in range(20):  # System 2 then agrees with its answers at 0.6 to 0.85
+        for score in (0.6, 0.7, 0.85):
+            evidence.add(3, score, True)
+    assert evidence.threshold(3) == 0.5 and evidence.records(3) == 65  # 62 of 65 right from the floor up
+    for _ in range(10):  # and then it goes wrong at 0.7: the bar rises again, above those answers
+        evidence.add(3, 0.7, False)
+    assert evidence.threshold(3) == 0.8  # from 0.8 up: 22 of 23 right
+    evidence.add(4, 0.99, True)  # a version never started is not followed
+    assert evidence.threshold(4) is None and evidence.threshold(None) is None
+    evidence.start(3, [])  # followed again (a rollback to it): from its gate's records alone
+    assert evidence.threshold(3) is None and evidence.records(3) == 0
+    small = TakeoverEvidence(floor=0.5, target_precision=0.9, keep=5)
+    small.start(1, [])
+    for score, right in [(0.6, False)] * 5 + [(0.6, True)] * 5:
+        small.add(1, score, right)
+    assert small.records(1) == 5 and small.threshold(1) == 0.5  # only the last 5 live records count
