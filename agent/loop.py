@@ -470,6 +470,15 @@ class Agent:
         differ from the registry's ``serving`` rows while one of those fails to load (:meth:`adapter_failures`)."""
         return {scope: version for scope, (version, _) in dict(self._serving).items()}  # a copy: no lock needed
 
+    def takeover(self) -> dict[str | None, dict[str, Any]]:
+        """Per scope this process serves an adapter for: ``version``, ``threshold`` (the confidence its answers
+        need to stand without System 2; None: ``routing.threshold``) and ``records`` (the answers of it checked
+        against System 2 that the threshold rests on, its gate's included)."""
+        with self._takeover_lock:
+            return {scope: {"version": version, "threshold": self._takeover.threshold(version),
+                            "records": self._takeover.records(version)}
+                    for scope, version in self.serving_adapters().items()}
+
     def adapter_failures(self) -> list[dict[str, Any]]:
         """Adapters the registry says serve but this process could not load: ``scope``, ``version``, ``error``
         and ``serving_version`` (what answers that scope instead; None: the base model)."""

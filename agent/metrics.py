@@ -200,6 +200,15 @@ class Metrics:
                    "The LoRA adapter version this process serves per scope (0: the base model).",
                    [("s2agent_serving_adapter_version", {"scope": scope}, v)
                     for scope, v in sorted(snapshot["serving"].items())])
+            takeover = snapshot.get("takeover", {})
+            family("s2agent_takeover_threshold", "gauge",
+                   "The confidence the adapter serving a scope needs to answer without System 2, from its answers "
+                   "checked against System 2's (routing.takeover_precision); above 1: nothing alone yet.",
+                   [("s2agent_takeover_threshold", {"scope": scope}, t["threshold"])
+                    for scope, t in sorted(takeover.items()) if t["threshold"] is not None])
+            family("s2agent_takeover_records", "gauge",
+                   "Answers of the adapter serving a scope checked against System 2's (its gate's and in serving).",
+                   [("s2agent_takeover_records", {"scope": scope}, t["records"]) for scope, t in sorted(takeover.items())])
             running = snapshot.get("consolidation")
             family("s2agent_consolidation_running", "gauge",
                    "Whether a consolidation holds the store's lock now, in any process (1) or not (0).",
@@ -230,5 +239,6 @@ def store_snapshot(agent: Agent) -> dict[str, Any]:
         "buffer": buffer,
         "runs": runs,
         "serving": serving,
+        "takeover": {scope or "general": t for scope, t in agent.takeover().items()},
         "consolidation": running,
     }

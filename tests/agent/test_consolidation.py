@@ -11,6 +11,7 @@ import pytest
 from sqlalchemy import text
 
 from agent import Agent
+from agent.metrics import Metrics, store_snapshot
 from tests.fakes import QUESTIONS
 
 TAUGHT = [f"What is {a} + {85 - a}?" for a in range(11, 35)]
@@ -111,6 +112,10 @@ def test_an_adapter_unsure_at_promotion_takes_over_as_system2_confirms_its_answe
         assert [a.adapter_version for a in routes] == [2] * 6 and {a.text for a in routes} == {"85"}
         assert [a.route for a in routes] == ["system2"] * 5 + ["system1"]  # 5 confirmations, then alone
         assert routes[-1].route_reason["threshold"] == routes[-1].confidence > 0.0
+        assert agent.takeover() == {None: {"version": 2, "threshold": routes[-1].confidence, "records": 10}}
+        text = Metrics().render(store_snapshot(agent))
+        assert f's2agent_takeover_threshold{{scope="general"}} {routes[-1].confidence}' in text
+        assert 's2agent_takeover_records{scope="general"} 10' in text
 
 
 def test_dry_run_and_min_examples_change_nothing(learning_config):
