@@ -195,14 +195,14 @@ class ConsolidationScheduler:
             data = child_config_data(self.agent.config)
             with open(config_file, "w") as f:
                 json.dump(data, f)
-            threads = str(self.config.train_threads or default_train_threads())
-            env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads,
+            threads = self.config.train_threads or default_train_threads()
+            env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                        PYTHONPATH=os.pathsep.join(filter(None, [PACKAGE_ROOT, os.environ.get("PYTHONPATH")])))
             env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle torch threads sleep instead of spinning on a core
             level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
             command = worker_command(config_file, report_file, scope, self.config.nice, str(level))
             started = time.perf_counter()
-            with self._cores_lent(int(threads)):
+            with self._cores_lent(threads):
                 self.child = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL)
                 logger.info("consolidation running in process %s (scope %s)", self.child.pid, scope or "general")
                 try:
