@@ -7,7 +7,9 @@ One run (``agent consolidate``, ``Agent.consolidate()``, or the scheduler):
    is never trained on; of the rest, no single source (API key) may be more than
    ``consolidation.max_source_share`` of what trains (``policies.sources``: its surplus stays pending for
    a later round); earlier ``used`` examples are replayed (a sample, or all of the scope's up to a cap:
-   ``consolidation.replay``); retention examples (System 1's own
+   ``consolidation.replay``); where program-aided System 2 solved the questions, new questions of the
+   same wordings labelled by a verified program of theirs fill the run up to ``consolidation.variations``
+   (:mod:`agent.variations`; a share of them joins the holdout); retention examples (System 1's own
    confident answers, from the store's history and a shipped general prompt set, answered by the
    serving model now) keep current behaviour in place;
 3. train a LoRA adapter (:mod:`agent.training`) into a temporary folder;
@@ -48,10 +50,11 @@ from agent.errors import ConfigError, ConsolidationInterrupted
 from agent.prompting import TrainingExample, system1_messages
 from agent.retention import likelihood_retention
 from agent.training import TrainingDiverged, train_lora, training_device
+from agent.variations import Variations, make_variations, solved
 from policies.answers import answers_match, normalise, similarity
 from policies.routing import logprob_confidence, takeover_threshold
 from policies.sources import cap_by_source
-from store import Interaction, Store
+from store import Example, Interaction, Store
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +107,8 @@ class ConsolidationReport:
     n_deferred: int = 0
     """Pending examples left for a later round by the per-source cap (``consolidation.max_source_share``)."""
     n_replay: int = 0
+    n_variations: int = 0
+    """New questions made from the programs System 2 solved the scope with (``consolidation.variations``)."""
     n_retention: int = 0
     n_holdout: int = 0
     n_retention_holdout: int = 0
@@ -232,19 +237,23 @@ def _consolidate_locked(agent: Learner, owner, scope, dry_run, min_examples, epo
     if scope is None and cfg.per_tag:  # the general adapter is gated on untagged examples only
         holdout = [e for e in holdout if e.tag is None]
     replay = replay_examples(store, cfg, len(new), tag_filter, untagged_only=scope is None and cfg.per_tag)
+    variations = _variations(agent, scope, [*new, *replay], holdout)
     serving = store.serving_adapter(scope) or (store.serving_adapter(None) if scope else None)
     retention_inputs = _retention_inputs(agent, cfg)
-    n_retention_train = min(int(cfg.retention_ratio * (len(new) + len(replay))),
+    n_retention_train = min(int(cfg.retention_ratio * (len(new) + len(replay) + len(variations.train))),
                             sum(1 for p in retention_inputs if not _held_out(p, cfg.seed)))
     report = ConsolidationReport(
         "dry-run", "", scope=scope, parent_version=serving.version if serving else None, n_new=len(new),
         n_deferred=len(cap.deferred), n_replay=len(replay), n_holdout=len(holdout),
+        n_variations=len(variations.train),
     )
+    if variations.train or variations.unverified:
+        report.metrics["variations"] = variations.metrics()
     if dry_run:
         report.n_retention = n_retention_train
         report.reason = "nothing was trained (dry run)"
-        report.train_preview = [{"input": e.input, "target": e.target, "source": src}
-                                for src, rows in (("new", new), ("replay", replay)) for e in rows]
+        report.train_preview = [{"input": e.input, "target": e.target, "source": src} for src, rows in
+                                (("new", new), ("replay", replay), ("variation", variations.train)) for e in rows]
         report.seconds = time.perf_counter() - started
         return report
 
@@ -269,7 +278,7 @@ def _consolidate_locked(agent: Learner, owner, scope, dry_run, min_examples, epo
         retention_train = retention_train[:n_retention_train]
         report.n_retention, report.n_retention_holdout = len(retention_train), len(retention_holdout)
         system_prompt = agent.config.system_prompt
-        examples = [TrainingExample(system1_messages(e.input), e.target) for e in [*new, *replay]]
+        examples = [TrainingExample(system1_messages(e.input), e.target) for e in [*new, *replay, *variations.train]]
         examples += [TrainingExample(system1_messages(p), a) for p, a in retention_train]
 
         def step(i: int, total: int, loss: float) -> None:
@@ -295,7 +304,7 @@ def _consolidate_locked(agent: Learner, owner, scope, dry_run, min_examples, epo
             report.metrics["train_retention_kl"] = stats.last_kl
         agent.backend.load_adapter(candidate, str(tmp))
         loaded = True
-        passed, reason = _gate(agent, report, holdout, retention_holdout, candidate, served, scope,
+        passed, reason = _gate(agent, report, [*holdout, *variations.holdout], retention_holdout, candidate, served, scope,
                                candidate_folder=str(tmp), serving_folder=serving_folder)
         store.heartbeat(LOCK_NAME, owner)  # raises if the lock was taken over: then another run owns the registry
     except TrainingDiverged as exc:
@@ -325,6 +334,19 @@ def _consolidate_locked(agent: Learner, owner, scope, dry_run, min_examples, epo
         files=folder_files(final) if passed and cfg.store_adapter_files else None,
     )
     return _finish(agent, report, status, reason, started, record=False)
+
+
+def _variations(agent: Learner, scope: str | None, trained: Sequence[Example], holdout: Sequence[Example]) -> Variations:
+    """New questions of the wordings program-aided System 2 solved (:mod:`agent.variations`), labelled by a
+    verified program of theirs, up to ``consolidation.variations`` task examples to train on, and the
+    ``holdout_fraction`` share more to gate on. None when the run already has that many."""
+    cfg = agent.config.consolidation
+    n_train = cfg.variations - len(trained)
+    if n_train <= 0:
+        return Variations()
+    n_holdout = round(n_train * cfg.holdout_fraction / (1 - cfg.holdout_fraction))
+    return make_variations(solved(agent.store, trained), n_train, n_holdout, agent.answer_kind(scope),
+                           seed=cfg.seed, taken=[e.input for e in holdout])
 
 
 def replay_examples(store: Store, cfg, n_new: int, tag: str | None, untagged_only: bool) -> list:

@@ -103,6 +103,19 @@ class InteractionsMixin(StoreBase):
         with self._read() as session:
             return session.get(Interaction, interaction_id)
 
+    def sample_traces(self, interaction_ids: Sequence[int]) -> dict[int, list[dict[str, Any]]]:
+        """What each System 2 sample wrote (``route_reason["samples"]``: its answer and trace, e.g. a PAL
+        program), per interaction id; ids without samples are left out."""
+        traces: dict[int, list[dict[str, Any]]] = {}
+        with self._read() as session:
+            for part in chunks(sorted(set(interaction_ids))):
+                query = select(Interaction.id, Interaction.route_reason).where(Interaction.id.in_(part))
+                for interaction_id, reason in session.execute(query):
+                    samples = (reason or {}).get("samples")
+                    if isinstance(samples, list):
+                        traces[interaction_id] = [s for s in samples if isinstance(s, dict)]
+        return traces
+
     def system2_outcomes(self, limit: int) -> list[tuple[str, str, bool]]:
         """The newest ``limit`` System 2 runs that a teaching source asked for, oldest first: (input, the method
         asked for, whether its answer was accepted). The routing memory is rebuilt from these at start; runs

@@ -583,6 +583,25 @@ def test_consolidate_dry_run_lists_pending_examples(capsys: pytest.CaptureFixtur
         assert store.list_adapters() == []
 
 
+def test_consolidate_dry_run_shows_the_variations_of_solved_questions(capsys: pytest.CaptureFixture,
+                                                                      tiny_model_dir: Path, tmp_path: Path) -> None:
+    db = tmp_path / "variations.db"
+    with Store(str(db)) as store:
+        for a in range(10, 18):
+            question, program = f"What is {a} + {a + 3}?", f"answer = {a} + {a + 3}"
+            iid = store.log_interaction(input=question, route="system2", final_answer=str(2 * a + 3), method="pal",
+                                        route_reason={"samples": [{"answer": str(2 * a + 3), "trace": program}]})
+            store.add_example(question, str(2 * a + 3), "pal", interaction_id=iid)
+
+    code, out, err = run(capsys, "--db", str(db), "--model", str(tiny_model_dir),
+                         "consolidate", "--dry-run", "--min-examples", "1")
+
+    assert code == 0, err
+    made = [line.split() for line in out.splitlines() if line.startswith("variation")]
+    assert made and all(int(row[3]) + int(row[5].rstrip("?")) == int(row[6]) for row in made)  # What is a + b? c
+    assert f"+ {len(made)} variations (" in out.splitlines()[-1]
+
+
 def test_consolidate_skips_below_min_examples(capsys: pytest.CaptureFixture, tiny_model_dir: Path, db: Path,
                                               small_system2) -> None:
     code, out, err = run(capsys, "--db", str(db), "--model", str(tiny_model_dir),

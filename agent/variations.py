@@ -1,0 +1,158 @@
+"""More examples for a consolidation run, from the programs System 2 solved its questions with.
+
+A wording (a question with its numbers taken out, :mod:`policies.variations`) that program-aided System 2
+solved at least ``MIN_SOLVED`` times gets a **verified** program: one of its solving programs that, given the
+numbers of up to ``MAX_CHECKS`` of the wording's other accepted questions, reproduces every one of their
+accepted answers in the sandbox. New questions of that wording, with numbers drawn from the range each one
+took, are then labelled by running that program. Nothing is stored: a run makes its variations afresh from
+the examples it trains on (seeded, so the same examples give the same variations), and reports how many.
+
+What this cannot do: vary questions without numbers (last letters of words, sorting words), or learn a
+wording System 2 solved fewer than ``MIN_SOLVED`` times, or one whose programs disagree with its answers.
+Those train on their real examples only.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from agent.sandbox import run_programs
+from policies.answers import answers_match, normalise
+from policies.system2.pal import ExecResult, value_text
+from policies.variations import Template, allocate, fill, new_questions, ranges, template, wording
+from store import Example, Store
+from store.buffer import normalise_input
+
+logger = logging.getLogger(__name__)
+
+MIN_SOLVED = 3
+"""Accepted questions a wording needs: the program of one, checked against the answers of the others."""
+MAX_CHECKS = 8
+"""Other questions a candidate program must reproduce (all of them when fewer)."""
+MAX_TRIES = 3
+"""Programs of a wording tried before it is left unverified."""
+
+Run = Callable[[Sequence[str]], Sequence[ExecResult]]
+
+
+@dataclass(frozen=True)
+class Labelled:
+    """A question and its answer (what training and the gate read from an example)."""
+
+    input: str
+    target: str
+
+
+@dataclass(frozen=True)
+class Solved(Labelled):
+    """An accepted example and the program that gave its answer."""
+
+    program: str
+
+
+@dataclass
+class Variations:
+    """What one run made: examples to train on and to hold out, and how each wording fared."""
+
+    train: list[Labelled] = field(default_factory=list)
+    holdout: list[Labelled] = field(default_factory=list)
+    made: dict[str, int] = field(default_factory=dict)
+    """Per verified wording, how many examples it gave."""
+    unverified: list[str] = field(default_factory=list)
+    """Wordings with enough solved questions whose programs did not reproduce the others' answers."""
+
+    def metrics(self) -> dict:
+        return {"train": len(self.train), "holdout": len(self.holdout), "made": self.made,
+                "unverified": self.unverified}
+
+
+def solved(store: Store, examples: Sequence[Example]) -> list[Solved]:
+    """The examples that program-aided System 2 answered, with the program of a sample that gave their answer
+    (read from the interaction each example points to)."""
+    pal = [e for e in examples if e.method == "pal" and e.interaction_id is not None]
+    traces = store.sample_traces([e.interaction_id for e in pal])
+    out = []
+    for e in pal:
+        program = next((s.get("trace") for s in traces.get(e.interaction_id, ()) if s.get("answer") == e.target
+                        and s.get("trace")), None)
+        if program:
+            out.append(Solved(e.input, e.target, program))
+    return out
+
+
+def make_variations(examples: Sequence[Solved], n_train: int, n_holdout: int, kind: str, *, seed: int = 0,
+                    taken: Sequence[str] = (), run: Run = run_programs) -> Variations:
+    """Up to ``n_train`` + ``n_holdout`` new examples for the wordings of ``examples`` that a program of theirs
+    solves, split across wordings by how many questions of each were solved, none of whose questions is in
+    ``taken`` (the real questions: a variation never repeats a held-out or trained one)."""
+    out = Variations()
+    if n_train + n_holdout <= 0:
+        return out
+    by_shape: dict[str, list[tuple[Solved, tuple[int, ...]]]] = {}
+    for e in examples:
+        shape, values = wording(e.input)
+        if values:
+            by_shape.setdefault(shape, []).append((e, values))
+    verified: dict[str, Template] = {}
+    for shape, group in by_shape.items():
+        if len({values for _, values in group}) < MIN_SOLVED:
+            continue
+        found = _verified(group, kind, run)
+        if found is None:
+            out.unverified.append(shape)
+        else:
+            verified[shape] = found
+    if not verified:
+        return out
+    rng = random.Random(seed)
+    taken_keys = {normalise_input(q) for q in taken} | {normalise_input(e.input) for e in examples}
+    shares = allocate({shape: len(by_shape[shape]) for shape in verified}, n_train + n_holdout)
+    questions, programs, shapes = [], [], []
+    for shape, program in verified.items():
+        bounds = ranges([values for _, values in by_shape[shape]])
+        for values in new_questions(shape, bounds, shares[shape], rng, taken_keys, key=normalise_input):
+            questions.append(fill(shape, values))
+            programs.append(program.program_for(values))
+            shapes.append(shape)
+    made = []
+    for question, shape, result in zip(questions, shapes, run(programs) if programs else ()):
+        target = _label(result, kind)
+        if target is not None:
+            made.append(Labelled(question, target))
+            out.made[shape] = out.made.get(shape, 0) + 1
+    rng.shuffle(made)
+    held = round(len(made) * n_holdout / (n_train + n_holdout))
+    out.holdout, out.train = made[:held], made[held:]
+    logger.info("variations: %d to train on, %d held out, from %d verified wording(s)%s", len(out.train),
+                len(out.holdout), len(verified), f"; {len(out.unverified)} unverified" if out.unverified else "")
+    return out
+
+
+def _verified(group: list[tuple[Solved, tuple[int, ...]]], kind: str, run: Run) -> Template | None:
+    """The first program of the group (at most ``MAX_TRIES`` tried) that reproduces the accepted answers of the
+    group's other questions (at most ``MAX_CHECKS``), or None."""
+    tries = 0
+    for i, (example, _) in enumerate(group):
+        candidate = template(example.input, example.program)
+        if candidate is None:
+            continue
+        tries += 1
+        others = [(e, values) for j, (e, values) in enumerate(group) if j != i and e.input != example.input]
+        others = others[:MAX_CHECKS]
+        results = run([candidate.program_for(values) for _, values in others])
+        if others and all(answers_match(_label(r, kind), e.target, kind) for (e, _), r in zip(others, results)):
+            return candidate
+        if tries >= MAX_TRIES:
+            break
+    return None
+
+
+def _label(result: ExecResult, kind: str) -> str | None:
+    """A program's answer, read as PAL reads one (None: it failed or set nothing readable)."""
+    if not result.ok:
+        return None
+    text = value_text(result.value, kind)
+    return normalise(text, kind) if text is not None else None
