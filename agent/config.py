@@ -313,7 +313,7 @@ class ConsolidationConfig:
     replay_cap: int = within("[0, inf)", 2000)
     """Most replayed examples in one run, either ``replay`` mode (a seeded sample when there are more):
     bounds a round's training time as a scope's history grows."""
-    variations: int = within("[0, inf)", 192)
+    variations: int = within("[0, inf)", 128)
     """A run trains on at least this many task examples where program-aided System 2 solved enough of them
     (``agent.variations``): new questions of each wording it solved at least 3 times, with numbers drawn from
     the range the scope asked, labelled by one of its programs that reproduces the wording's other accepted
@@ -436,13 +436,14 @@ class SchedulerConfig:
     the general adapter) that has at least ``consolidation.min_examples`` examples to train on; 0 or unset:
     off. A quiet scope still learns within the hour, and the cost is bounded to one run per scope per hour.
     At most a year (525,600): the scheduler's clock cannot hold much more."""
-    min_pending: int | None = within("[0, inf)", 32)
+    min_pending: int | None = within("[0, inf)", 16)
     """Consolidate a scope as soon as this many of its examples are pending (with ``consolidation.per_tag``
-    each tag is counted on its own); 0 or unset: off. 32 pending examples give about 26 to train on and 6
-    held out for the gate: a scope starts learning after a few dozen of its questions. At 16 the live replay
-    (README) met its cost bars sooner, but the first adapter, trained on 15 sums and gated on 4, answered 2
-    of 24 sums right: a handful of held-out examples cannot tell the gate that a candidate learned the form
-    of the answer and not the task."""
+    each tag is counted on its own); 0 or unset: off. 16 pending examples give about 13 to train on and 3
+    held out: a scope starts learning after a dozen or two of its questions. Before variations
+    (``consolidation.variations``) such a run taught the form of the answer, not the task (the live replay's
+    first sums adapter, trained on 15 and gated on 4, answered 2 of 24 sums right), and the default was 32;
+    now a run of sums trains on 128 and gates on ~30 more, and where a scope's questions cannot be varied,
+    the calibrated takeover (``routing.takeover_precision``) keeps a weak first adapter from answering alone."""
     check_seconds: float = within("(0, inf)", 30.0)
     """How often the pending count is checked."""
     process: Literal["child", "thread"] = "child"

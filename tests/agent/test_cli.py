@@ -340,7 +340,7 @@ def test_schedule_status(capsys: pytest.CaptureFixture, db: Path) -> None:
     info = json.loads(out)
     assert info["pending"] == 3
     assert info["running"] is None and info["last_run"] is None
-    assert (info["enabled"], info["process"], info["interval_minutes"], info["min_pending"]) == (True, "child", 60, 32)
+    assert (info["enabled"], info["process"], info["interval_minutes"], info["min_pending"]) == (True, "child", 60, 16)
 
 
 def test_schedule_status_reads_the_environment(capsys: pytest.CaptureFixture, db: Path,
