@@ -313,7 +313,7 @@ class ConsolidationConfig:
     replay_cap: int = within("[0, inf)", 2000)
     """Most replayed examples in one run, either ``replay`` mode (a seeded sample when there are more):
     bounds a round's training time as a scope's history grows."""
-    variations: int = within("[0, inf)", 128)
+    variations: int = within("[0, inf)", 192)
     """A run trains on at least this many task examples where program-aided System 2 solved enough of them
     (``agent.variations``): new questions of each wording it solved at least 3 times, with numbers drawn from
     the range the scope asked, labelled by one of its programs that reproduces the wording's other accepted
@@ -442,7 +442,7 @@ class SchedulerConfig:
     held out: a scope starts learning after a dozen or two of its questions. Before variations
     (``consolidation.variations``) such a run taught the form of the answer, not the task (the live replay's
     first sums adapter, trained on 15 and gated on 4, answered 2 of 24 sums right), and the default was 32;
-    now a run of sums trains on 128 and gates on ~30 more, and where a scope's questions cannot be varied,
+    now a run of sums trains on 192 and gates on ~45 more, and where a scope's questions cannot be varied,
     the calibrated takeover (``routing.takeover_precision``) keeps a weak first adapter from answering alone."""
     check_seconds: float = within("(0, inf)", 30.0)
     """How often the pending count is checked."""

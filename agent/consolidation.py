@@ -61,6 +61,10 @@ logger = logging.getLogger(__name__)
 LOCK_NAME = "consolidation"
 TMP_PREFIX = ".tmp-"
 RETENTION_SIMILARITY = 0.8
+SCOPED_RETENTION_HOLDOUT = 16
+"""Held-out retention prompts a scoped run answers and scores. Its retention is reported, not gated, and every
+held-out prompt costs a run beside live traffic an answer and a scoring pass: 64 of them were about a minute of a
+sums scope's first run in the live replay, which decides how soon its adapter serves."""
 """Long answers count as retained when their token-level F1 with the old answer reaches this."""
 STORE_CHECK_MAX_AGE_S = 300.0
 """A consolidation checks the store's pages (``PRAGMA quick_check``) before it writes, unless a check passed
@@ -271,7 +275,9 @@ def _consolidate_locked(agent: Learner, owner, scope, dry_run, min_examples, epo
         served = ServingAnswers(agent, serving_name, serving_folder, stop)
         # Retention: the serving model's own answers are the targets to keep. Only the prompts this run reads
         # are answered (minutes of CPU for 64 prompts): the held-out half, and what trains of the rest.
-        asked = _retention_prompts_used(retention_inputs, n_retention_train, cfg.retention_kl_weight > 0, cfg.seed)
+        reported_only = scope is not None and cfg.retention_measure == "likelihood"
+        asked = _retention_prompts_used(retention_inputs, n_retention_train, cfg.retention_kl_weight > 0, cfg.seed,
+                                        max_holdout=SCOPED_RETENTION_HOLDOUT if reported_only else None)
         retention_answers = served(asked)
         retention_train, retention_holdout = split_retention(asked, retention_answers, cfg.seed)
         retention_kl_pairs = retention_train  # the KL term (retention_kl_weight) sees every training prompt
@@ -466,14 +472,18 @@ def _held_out(prompt: str, seed: int) -> bool:
     return holdout_bucket(prompt, seed + 1) < 0.5
 
 
-def _retention_prompts_used(inputs: Sequence[str], n_train: int, all_train: bool, seed: int) -> list[str]:
-    """The retention prompts a run needs answers for, in order: every held-out one, and of the others the first
-    ``n_train`` (all of them with ``all_train``: the KL term reads every training prompt)."""
+def _retention_prompts_used(inputs: Sequence[str], n_train: int, all_train: bool, seed: int,
+                            max_holdout: int | None = None) -> list[str]:
+    """The retention prompts a run needs answers for, in order: every held-out one (the first ``max_holdout``
+    when given), and of the others the first ``n_train`` (all of them with ``all_train``: the KL term reads
+    every training prompt)."""
     used: list[str] = []
-    trained = 0
+    trained = held = 0
     for prompt in inputs:
         if _held_out(prompt, seed):
-            used.append(prompt)
+            if max_holdout is None or held < max_holdout:
+                used.append(prompt)
+                held += 1
         elif all_train or trained < n_train:
             used.append(prompt)
             trained += 1

@@ -50,7 +50,7 @@ from policies.answers import answers_match, normalise
 from policies.routing import RouteDecision, TakeoverEvidence, logprob_confidence, make_router, sample_agreement
 from policies.scoping import ScopeClassifier, ScopeDecision, ScopeIndex
 from policies.system2 import Auto, UnknownMethodError, make_method
-from policies.system2.base import Call, System2Method, System2Result
+from policies.system2.base import Call, Sample, System2Method, System2Result
 from store import Adapter, ConsolidationRun, Interaction, PurgeReport, Store, StoreError
 from store.writer import InteractionWriter
 from store.schema import MAX_TAG_LENGTH
@@ -841,8 +841,7 @@ class Agent:
         answer.tokens += result.tokens
         # For audit: what each sample wrote (a PAL program, a chain of thought), logged with the interaction
         # that the example points to (`agent store show ID`).
-        answer.route_reason["samples"] = [{"answer": s.answer, "trace": s.trace[:AUDIT_TRACE_CHARS]}
-                                          for s in result.samples]
+        answer.route_reason["samples"] = sample_audit(result.samples)
         answer.votes = dict(decision.votes)
         answer.agreement = decision.agreement
         answer.accepted = bool(decision.accepted and decision.answer)
@@ -949,6 +948,13 @@ class Agent:
         ``queued``, ``dropped`` (queue full, or waiting at close), ``labelled``, ``accepted`` into the buffer,
         ``failed``, System 2 ``tokens`` spent, and ``waiting`` now."""
         return self._system2_queue.stats()
+
+
+def sample_audit(samples: Sequence[Sample]) -> list[dict[str, Any]]:
+    """What each System 2 sample wrote (a PAL program, a chain of thought) and answered, as an interaction keeps
+    it in ``route_reason["samples"]``: for audit (``agent store show``), and for the variations a consolidation
+    makes of solved questions (:mod:`agent.variations`)."""
+    return [{"answer": s.answer, "trace": s.trace[:AUDIT_TRACE_CHARS]} for s in samples]
 
 
 def _solution(answer: Answer) -> str | None:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from agent import Agent, AgentConfig
+from agent.loop import sample_audit
 from bench import evaluate
 from bench.tasks import TASKS, Task, from_jsonl
 from policies.system2.prompts import PAL_FAMILIES
@@ -92,9 +93,12 @@ def run_task(task: Task, settings: PaperSettings, config: AgentConfig, backend, 
                                        desc=f"{task.name}: labelling {len(task.train)} inputs with {label}")
     accepted = [(item, r) for item, r in zip(task.train, results) if r.decision.accepted and r.decision.answer]
     accepted_correct = sum(evaluate.correct(r.decision.answer, item.answer, task.kind) for item, r in accepted)
-    for item, r in accepted:
+    for item, r in accepted:  # logged as the runtime logs System 2: its programs can make variations
+        interaction = agent.store.log_interaction(
+            input=item.input, tag=tag, route="system2", final_answer=r.decision.answer, method=label,
+            votes=r.decision.votes, accepted=True, route_reason={"samples": sample_audit(r.samples)})
         agent.store.add_example(item.input, r.decision.answer, label, votes=r.decision.votes,
-                                agreement=r.decision.agreement, tag=tag)
+                                agreement=r.decision.agreement, tag=tag, interaction_id=interaction)
     filter_stats = {
         "label_method": label, "acceptance_rate": round(len(accepted) / len(task.train), 4),
         "accepted_accuracy": round(accepted_correct / len(accepted), 4) if accepted else None,

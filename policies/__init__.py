@@ -8,4 +8,5 @@ scripted language model.
 - ``policies.scoping``: which scoped adapter an untagged input belongs to (nearest known input).
 - ``policies.sources``: per-source caps on what one consolidation trains on (no client outweighs the rest).
 - ``policies.system2``: the System 2 methods (CoT, RaR, S2A, BSM, PAL), one module each.
+- ``policies.variations``: a question's wording and a program's template, to vary solved questions.
 """

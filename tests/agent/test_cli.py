@@ -331,7 +331,7 @@ def test_database_urls_are_shown_without_their_password(capsys: pytest.CaptureFi
 def test_schedule_status(capsys: pytest.CaptureFixture, db: Path) -> None:
     code, out, _ = run(capsys, "--db", str(db), "schedule", "status")
     assert code == 0
-    assert "scheduler: every 60.0 min; when pending >= 32 (child processes of agent serve)" in out  # the defaults
+    assert "scheduler: every 60.0 min; when pending >= 16 (child processes of agent serve)" in out  # the defaults
     assert "pending examples: 3" in out
     assert "running now: no" in out
     assert "last run: never" in out

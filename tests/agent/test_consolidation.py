@@ -237,6 +237,8 @@ def test_a_run_answers_only_the_retention_prompts_it_reads():
     train, _ = split_retention(used, ["Sure."] * len(used), seed=0)
     assert [p for p, _ in train] == [p for p in prompts if p not in {q for q, _ in holdout}][:3]
     assert _retention_prompts_used(prompts, 3, True, seed=0) == prompts  # the KL term reads every one
+    capped = _retention_prompts_used(prompts, 3, False, seed=0, max_holdout=4)  # a scoped run's report
+    assert [p for p in capped if p in {q for q, _ in holdout}] == [p for p, _ in holdout][:4] and len(capped) == 7
 
 
 def test_retention_split_keeps_long_answers_and_is_stable():

@@ -373,7 +373,7 @@ def test_no_train_serves_without_a_scheduler(config, tiny_model_dir, monkeypatch
     assert set(started[1]["next_runs"]) == {"interval", "pending"}  # both triggers, on by default
     err = capsys.readouterr().err
     assert "consolidation scheduler off (serving only" in err
-    assert "at 32 pending per scope / every 60.0 min, in a child process" in err
+    assert "at 16 pending per scope / every 60.0 min, in a child process" in err
 
 
 def test_a_child_that_ignores_sigterm_is_killed_once(tiny_agent, monkeypatch, caplog):
