@@ -36,7 +36,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import timezone
+from datetime import timedelta, timezone
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
@@ -46,6 +46,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 from agent.auth import OPERATOR_SOURCES
 from agent.config import AgentConfig
 from agent.consolidation import ConsolidationReport, Learner, cleanup_after_crash, in_holdout, uncapped_sources
+from store.schema import utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +117,8 @@ class Pending:
     """Not in the seeded holdout share: what a run would train on."""
     since_rejected: int = 0
     """Stored after the start of the scope's last run when that run was rejected (all of them otherwise)."""
+    cooling: bool = False
+    """The scope's last run ended less than ``scheduler.cooldown_minutes`` ago."""
 
 
 class ConsolidationScheduler:
@@ -258,8 +261,10 @@ class ConsolidationScheduler:
         cfg = self.agent.config.consolidation
         store = self.agent.store
         pinned = store.pinned_scopes() if cfg.per_tag else set()  # `agent scopes pin` froze them
-        rejected = {scope: run.started_at for scope, run in store.last_runs_by_scope().items()
-                    if run.status == "rejected"}
+        last_runs = store.last_runs_by_scope()
+        rejected = {scope: run.started_at for scope, run in last_runs.items() if run.status == "rejected"}
+        cooled = utcnow() - timedelta(minutes=self.config.cooldown_minutes)
+        cooling = {scope for scope, run in last_runs.items() if run.finished_at and run.finished_at > cooled}
         counts: dict[str | None, Pending] = {}
         for e in store.list_examples(status="pending"):
             scope = e.tag if cfg.per_tag else None
@@ -269,16 +274,19 @@ class ConsolidationScheduler:
             count.pending += 1
             count.trainable += not in_holdout(e.input, cfg)
             count.since_rejected += scope not in rejected or e.created_at > rejected[scope]
+            count.cooling = scope in cooling
         return dict(sorted(counts.items(), key=lambda item: item[0] or ""))
 
     def _check_pending(self) -> None:
         """Consolidate each scope with ``min_pending`` examples pending, once enough of them would train (a run
         on fewer than ``consolidation.min_examples`` would only start a process to skip), and, when the scope's
         last run was rejected, once ``min_pending`` of them are new since (its examples stay pending, and the
-        same data would train the same rejected candidate every ``check_seconds``)."""
+        same data would train the same rejected candidate every ``check_seconds``); never within
+        ``cooldown_minutes`` of the end of the scope's last run."""
         needed, least = self.config.min_pending or 0, self.agent.config.consolidation.min_examples
         for scope, count in self._scopes_pending().items():
-            due = count.pending >= needed and count.trainable >= least and count.since_rejected >= needed
+            due = (count.pending >= needed and count.trainable >= least and count.since_rejected >= needed
+                   and not count.cooling)
             if due and not self.stop_event.is_set():
                 self.run_now(trigger=f"{count.pending} pending examples" + (f" tagged {scope}" if scope else ""),
                              scope=scope)

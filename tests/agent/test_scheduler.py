@@ -123,6 +123,31 @@ def test_pending_trigger_consolidates_and_schedule_status_shows_the_run(config, 
     assert not [r for r in caplog.records if "maximum number of running instances" in r.getMessage()]
 
 
+def test_a_scope_cools_down_after_a_run_before_the_pending_trigger_starts_the_next(config):
+    """Examples that arrive during a run are enough for the next one in a busy scope; back to back, runs would
+    keep the cores they are lent for good. The pending trigger waits ``cooldown_minutes`` after a run ends."""
+    config.scheduler.min_pending = 6
+    config.scheduler.check_seconds = 0.2
+    config.scheduler.interval_minutes = None
+    config.scheduler.cooldown_minutes = 0.05  # 3 s
+    config.consolidation.min_examples = 4
+    with Agent(config) as agent:
+        scheduler = agent.start_scheduler()
+        for q in QUESTIONS[:8]:
+            agent.answer(q)
+        wait_for(lambda: len(agent.store.list_runs()) == 1 and not scheduler.running, what="the first run")
+        first = agent.store.list_runs()[0]
+        for q in QUESTIONS[8:16]:
+            agent.answer(q)
+        time.sleep(1.0)  # five checks with 8 pending: the scope is cooling down
+        if len(agent.store.list_runs()) == 1:  # (a slow machine may have taken longer than the cooldown already)
+            assert agent.store.count_examples(status="pending") >= 6
+        wait_for(lambda: len(agent.store.list_runs()) == 2 and not scheduler.running, what="the second run")
+        second = agent.store.list_runs()[0]
+        assert (second.started_at - first.finished_at).total_seconds() >= 3.0
+        assert_runs_never_overlap(agent)
+
+
 def test_the_pending_trigger_waits_until_enough_of_the_pending_examples_would_train(config):
     """``min_pending`` counts the holdout share too; a run with fewer than ``min_examples`` to train on would
     only start (a child process, a model load) to skip, so the trigger waits for them."""
@@ -150,6 +175,7 @@ def test_a_rejected_scope_is_tried_again_only_once_min_pending_new_examples_arri
     config.scheduler.min_pending = 4
     config.scheduler.check_seconds = 0.2
     config.scheduler.interval_minutes = None
+    config.scheduler.cooldown_minutes = 0  # runs back to back here; the cooldown has a test of its own
     # a candidate trained on sums at this learning rate regenerates some of 32 retention answers differently
     config.consolidation.retention_threshold, config.consolidation.retention_measure = 1.0, "text"
     config.consolidation.retention_prompts = 64
