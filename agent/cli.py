@@ -359,18 +359,18 @@ def cmd_consolidate(args, config) -> int:
     if args.dry_run:
         _table([(p["source"], p["input"], p["target"]) for p in report.train_preview],
                ["source", "input", "target"], [9, 60, 20])
-        _out(f"would train on {report.n_new} new + {report.n_replay} replayed{_variations(report)} + "
+        _out(f"would train on {report.n_new} new + {report.n_replay} replayed{_variations_note(report)} + "
              f"~{report.n_retention} retention examples; {report.n_holdout} held out")
         return 0
     _out(f"consolidation {report.status}: {report.reason}")
     if report.adapter_version:
         _out(f"adapter v{report.adapter_version} (parent {report.parent_version or 'base'}): trained on "
-             f"{report.n_new} new + {report.n_replay} replayed{_variations(report)} + {report.n_retention} "
+             f"{report.n_new} new + {report.n_replay} replayed{_variations_note(report)} + {report.n_retention} "
              f"retention examples in {report.seconds:.0f} s")
     return 0 if report.status != "failed" else 1
 
 
-def _variations(report: Any) -> str:
+def _variations_note(report: Any) -> str:
     """" + N variations (M more held out)" when the run made variations of its solved questions."""
     made = report.metrics.get("variations")
     if not made or not made["train"]:

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from agent.sandbox import run_programs
-from policies.answers import answers_match, normalise
-from policies.system2.pal import ExecResult, value_text
+from policies.answers import answers_match
+from policies.system2.pal import ExecResult, program_answer
 from policies.variations import Template, allocate, fill, new_questions, ranges, template, wording
 from store import Example, Store
 from store.buffer import normalise_input
@@ -119,7 +119,7 @@ def make_variations(examples: Sequence[Solved], n_train: int, n_holdout: int, ki
             shapes.append(shape)
     made = []
     for question, shape, result in zip(questions, shapes, run(programs) if programs else ()):
-        target = _label(result, kind)
+        target = program_answer(result, kind)
         if target is not None:
             made.append(Labelled(question, target))
             out.made[shape] = out.made.get(shape, 0) + 1
@@ -143,16 +143,9 @@ def _verified(group: list[tuple[Solved, tuple[int, ...]]], kind: str, run: Run) 
         others = [(e, values) for j, (e, values) in enumerate(group) if j != i and e.input != example.input]
         others = others[:MAX_CHECKS]
         results = run([candidate.program_for(values) for _, values in others])
-        if others and all(answers_match(_label(r, kind), e.target, kind) for (e, _), r in zip(others, results)):
+        if others and all(answers_match(program_answer(r, kind), e.target, kind)
+                          for (e, _), r in zip(others, results)):
             return candidate
         if tries >= MAX_TRIES:
             break
     return None
-
-
-def _label(result: ExecResult, kind: str) -> str | None:
-    """A program's answer, read as PAL reads one (None: it failed or set nothing readable)."""
-    if not result.ok:
-        return None
-    text = value_text(result.value, kind)
-    return normalise(text, kind) if text is not None else None

@@ -122,6 +122,14 @@ def value_text(value: object, kind: AnswerKind) -> str | None:
     return text or None
 
 
+def program_answer(result: ExecResult, kind: AnswerKind) -> str | None:
+    """A run program's ``answer``, normalised as a vote of ``kind`` (None: it failed or set nothing readable)."""
+    if not result.ok:
+        return None
+    text = value_text(result.value, kind)
+    return normalise(text, kind) if text is not None else None
+
+
 def _check_family(name: str, spec: Mapping) -> dict:
     if not spec.get("shots"):
         raise ValueError(f"PAL family {name!r} needs at least one (question, program) shot")
@@ -201,8 +209,7 @@ class ProgramAided(System2Method):
             answer, error = None, "empty program"
             if result is not None:
                 error = None if result.ok else (result.error or "failed")
-                text = value_text(result.value, kind) if result.ok else None
-                answer = normalise(text, kind) if text is not None else None
+                answer = program_answer(result, kind)
                 if result.ok and answer is None:
                     error = f"answer is empty or unreadable: {result.value!r}"
                 elif result.ok and not computes(program):
