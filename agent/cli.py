@@ -123,7 +123,7 @@ def _config(args: argparse.Namespace) -> AgentConfig:
             overrides[f"server.{key}"] = getattr(args, key)
     if getattr(args, "allow_unauthenticated", False):
         overrides["server.allow_unauthenticated"] = True
-    for key in ("interval_minutes", "min_pending"):
+    for key in ("interval_minutes", "min_pending", "cooldown_minutes"):
         if getattr(args, key, None) is not None:
             overrides[f"scheduler.{key}"] = getattr(args, key)
     return AgentConfig.load(args.config, overrides=overrides)
@@ -574,7 +574,9 @@ def _add_schedule_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--interval-minutes", dest="interval_minutes", type=float,
                    help="consolidate every scope with enough examples every N minutes (default 60; 0: off)")
     p.add_argument("--min-pending", dest="min_pending", type=int,
-                   help="consolidate a scope when N of its examples are pending (default 32; 0: off)")
+                   help="consolidate a scope when N of its examples are pending (default 16; 0: off)")
+    p.add_argument("--cooldown-minutes", dest="cooldown_minutes", type=float,
+                   help="the pending trigger waits N minutes after a scope's last run ended (default 15; 0: off)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -137,7 +137,7 @@ def test_two_replicas_follow_what_one_worker_trains_sharing_only_postgresql(post
         assert store.list_adapters() == []  # replicas never train
 
         # The worker trains, gates and promotes; each replica fetches the files into its own folder.
-        worker = start("worker", "worker", "--min-pending", "8")
+        worker = start("worker", "worker", "--min-pending", "8", "--cooldown-minutes", "0")
         wait_for(worker.ready, 180, "the worker's health endpoint")
         promoted = wait_for(lambda: store.serving_adapter(), 240, "the worker to promote an adapter")
         all_follow(replicas, promoted.version)
@@ -174,7 +174,7 @@ def test_two_replicas_follow_what_one_worker_trains_sharing_only_postgresql(post
             assert replica.serving() == promoted.version
 
         # The next worker reaps the killed run and completes one of its own, which the replicas follow.
-        worker = start("worker-2", "worker", "--min-pending", "8")
+        worker = start("worker-2", "worker", "--min-pending", "8", "--cooldown-minutes", "0")
         second = wait_for(lambda: (row := store.serving_adapter()) and row.version != promoted.version and row,
                           240, "the second worker to promote")
         all_follow(replicas, second.version)

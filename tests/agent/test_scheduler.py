@@ -100,6 +100,7 @@ def test_interval_consolidates_in_the_background_while_answers_keep_coming(confi
 def test_pending_trigger_consolidates_and_schedule_status_shows_the_run(config, capsys, caplog):
     config.scheduler.min_pending = 8
     config.scheduler.check_seconds = 0.2
+    config.scheduler.cooldown_minutes = 0  # a second run may follow the first at once; the cooldown has its own test
     with Agent(config) as agent:
         scheduler = agent.start_scheduler()
         for q in QUESTIONS[:6]:
