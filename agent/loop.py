@@ -46,6 +46,7 @@ from agent.models import resolve_model
 from agent.prompting import Message, system1_messages
 from agent.routing_memory import RoutingMemory
 from agent.scheduler import ConsolidationScheduler
+from agent.variations import solving_trace
 from policies.answers import answers_match, normalise
 from policies.routing import RouteDecision, TakeoverEvidence, logprob_confidence, make_router, sample_agreement
 from policies.scoping import ScopeClassifier, ScopeDecision, ScopeIndex
@@ -960,6 +961,5 @@ def sample_audit(samples: Sequence[Sample]) -> list[dict[str, Any]]:
 def _solution(answer: Answer) -> str | None:
     """The trace (a PAL program, a chain of thought) of the first System 2 sample that gave the accepted answer
     (of the first sample with a trace when none reads exactly like it)."""
-    traced = [s for s in answer.route_reason.get("samples", ()) if s.get("trace")]
-    matching = [s for s in traced if s.get("answer") == answer.text]
-    return next((s["trace"] for s in matching or traced), None)
+    samples = answer.route_reason.get("samples", ())
+    return solving_trace(samples, answer.text) or next((s["trace"] for s in samples if s.get("trace")), None)

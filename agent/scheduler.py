@@ -270,11 +270,10 @@ class ConsolidationScheduler:
             scope = e.tag if cfg.per_tag else None
             if scope in pinned:
                 continue
-            count = counts.setdefault(scope, Pending())
+            count = counts.setdefault(scope, Pending(cooling=scope in cooling))
             count.pending += 1
             count.trainable += not in_holdout(e.input, cfg)
             count.since_rejected += scope not in rejected or e.created_at > rejected[scope]
-            count.cooling = scope in cooling
         return dict(sorted(counts.items(), key=lambda item: item[0] or ""))
 
     def _check_pending(self) -> None:

@@ -76,11 +76,16 @@ def solved(store: Store, examples: Sequence[Example]) -> list[Solved]:
     traces = store.sample_traces([e.interaction_id for e in pal])
     out = []
     for e in pal:
-        program = next((s.get("trace") for s in traces.get(e.interaction_id, ()) if s.get("answer") == e.target
-                        and s.get("trace")), None)
+        program = solving_trace(traces.get(e.interaction_id, ()), e.target)
         if program:
             out.append(Solved(e.input, e.target, program))
     return out
+
+
+def solving_trace(samples: Sequence[dict], answer: str) -> str | None:
+    """The trace (a PAL program, a chain of thought) of the first audited sample (``route_reason["samples"]``,
+    ``agent.loop.sample_audit``) that gave ``answer``, or None."""
+    return next((s["trace"] for s in samples if s.get("trace") and s.get("answer") == answer), None)
 
 
 def make_variations(examples: Sequence[Solved], n_train: int, n_holdout: int, kind: str, *, seed: int = 0,
