@@ -67,7 +67,8 @@ kills the process group half a second after that as a last resort.
 Linux only: ``RLIMIT_AS`` is not enforced on macOS, and Windows has no ``resource`` module.
 
 The program must assign a variable ``answer``; its value comes back as ``str(answer)``, with
-integral floats written as integers ("85", not "85.0") so that they vote like System 1's answers.
+integral floats written as integers ("85", not "85.0") so that they vote like System 1's answers, and
+a list or tuple as its items joined by ", " ("3, 7, 12", what a person writes, not Python's brackets).
 """
 
 from __future__ import annotations
@@ -331,9 +332,8 @@ try:
     if "answer" not in scope:
         reply(ok=False, error="the program did not set a variable 'answer'")
     answer = scope["answer"]
-    if isinstance(answer, float) and answer.is_integer():
-        answer = int(answer)
-    value = str(answer)
+    shown = lambda x: str(int(x)) if isinstance(x, float) and x.is_integer() else str(x)  # noqa: E731
+    value = ", ".join(map(shown, answer)) if isinstance(answer, (list, tuple)) else shown(answer)
 except MemoryError:
     reply(ok=False, error="MemoryError: over the memory limit")
 except RecursionError:

@@ -36,6 +36,9 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="th
         ("heads = True\nheads = not heads\nanswer = heads", "False"),
         ("def last(w):\n    return w[-1]\nprint('debug')\nanswer = ''.join(map(last, ['river', 'stone']))", "re"),
         ("total = sum(x for x in range(10) if x % 2)\nanswer = total", "25"),
+        ("answer = sorted([31, 7, 12])", "7, 12, 31"),  # a list reads as a person writes it
+        ("answer = (2.0, 'b', 0.5)", "2, b, 0.5"),
+        ("answer = [[1, 2], 3]", "[1, 2], 3"),
     ],
 )
 def test_programs_run(code: str, value: str) -> None:
@@ -202,7 +205,7 @@ def ungated(monkeypatch: pytest.MonkeyPatch) -> Callable[..., ExecResult]:
 
 def test_ungated_runner_really_runs_anything(ungated: Callable[..., ExecResult]) -> None:
     # an import ran, and the environment is empty (but for the locale Python itself sets, PEP 538)
-    assert ungated("import os\nanswer = sorted(os.environ)").value in ("[]", "['LC_CTYPE']")
+    assert ungated("import os\nanswer = sorted(os.environ)").value in ("", "LC_CTYPE")
     assert ungated("answer = __import__('sys').version_info[0]").value == "3"
 
 
