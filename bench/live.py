@@ -118,8 +118,6 @@ FACTS = (
 """The general facts: part of the replayed traffic, and the retention check at the start and the end."""
 
 ADDITION_PHRASINGS = ("What is {a} + {b}?", "What is {a} plus {b}?", "Add {a} and {b}.", "Compute {a} + {b}.")
-COUNTING_PHRASINGS = ("How many letters are in the word '{w}'?", "Count the letters in the word '{w}'.")
-SORTING_PHRASINGS = ("Sort these numbers: {xs}", "Sort these numbers from smallest to largest: {xs}")
 UNANSWERABLE = (
     "What is {name}'s favourite colour?",
     "What number between 1 and 100 is {name} thinking of right now?",
@@ -186,7 +184,7 @@ def _counting(n: int, n_probe: int, rng: random.Random, seed: int) -> tuple[list
     probe_words, replay_words = words[:n_probe], words[n_probe:]
 
     def ask(word: str) -> Query:
-        return Query(rng.choice(COUNTING_PHRASINGS).format(w=word), "counting", str(len(word)))
+        return Query(rng.choice(tasks.COUNTING_PHRASINGS).format(w=word), "counting", str(len(word)))
 
     return [ask(rng.choice(replay_words)) for _ in range(n)], [ask(w) for w in probe_words]
 
@@ -194,7 +192,7 @@ def _counting(n: int, n_probe: int, rng: random.Random, seed: int) -> tuple[list
 def _sorting(n: int, n_probe: int, rng: random.Random, seed: int) -> tuple[list[Query], list[Query]]:
     def make() -> Query:
         xs = rng.sample(range(1, 100), rng.randint(4, 6))
-        return Query(rng.choice(SORTING_PHRASINGS).format(xs=", ".join(map(str, xs))), "sorting",
+        return Query(rng.choice(tasks.SORTING_PHRASINGS).format(xs=", ".join(map(str, xs))), "sorting",
                      ", ".join(map(str, sorted(xs))))
 
     probes = [make() for _ in range(n_probe)]

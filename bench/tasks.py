@@ -111,12 +111,19 @@ def coin_flip(n_train: int = 200, n_eval: int = 100, seed: int = 0) -> Task:
                 _unique(maker(seen), n_eval, rng, taken), _unique(maker(unseen), n_eval, rng, taken))
 
 
-def arithmetic(terms: int = 2, n_train: int = 200, n_eval: int = 100, seed: int = 0) -> Task:
-    """``a + b`` (terms=2) or ``a + b - c`` (terms=3); unseen items use operands from a range never trained on."""
+ADDITION_WORDINGS = ("What is {a} plus {b}?", "Add {a} and {b}.")
+"""Sums in words: no PAL family's pattern matches them, so program-aided System 2 uses its generic shots."""
+
+
+def arithmetic(terms: int = 2, n_train: int = 200, n_eval: int = 100, seed: int = 0, words: bool = False) -> Task:
+    """``a + b`` (terms=2) or ``a + b - c`` (terms=3); unseen items use operands from a range never trained on.
+    ``words``: two-term sums asked in :data:`ADDITION_WORDINGS` instead of ``What is a + b?``."""
 
     def maker(low: int, high: int):
         def make(rng: random.Random) -> Item:
             a, b = rng.randint(low, high), rng.randint(low, high)
+            if words:
+                return Item(rng.choice(ADDITION_WORDINGS).format(a=a, b=b), str(a + b))
             if terms == 2:
                 return Item(f"What is {a} + {b}?", str(a + b))
             c = rng.randint(low, high)
@@ -125,9 +132,46 @@ def arithmetic(terms: int = 2, n_train: int = 200, n_eval: int = 100, seed: int 
 
     rng, taken = random.Random(seed), set()
     train = _unique(maker(10, 69), n_train, rng, taken)
-    name = "addition" if terms == 2 else "add_sub"
-    return Task(name, "number", "arithmetic", train,
+    name = "addition_words" if words else "addition" if terms == 2 else "add_sub"
+    return Task(name, "number", "generic" if words else "arithmetic", train,
                 _unique(maker(10, 69), n_eval, rng, taken), _unique(maker(70, 99), n_eval, rng, taken))
+
+
+COUNTING_PHRASINGS = ("How many letters are in the word '{w}'?", "Count the letters in the word '{w}'.")
+SORTING_PHRASINGS = ("Sort these numbers: {xs}", "Sort these numbers from smallest to largest: {xs}")
+
+
+def counting(n_train: int = 200, n_eval: int = 100, seed: int = 0) -> Task:
+    """The length of one word, in two phrasings (a question about text with a number for answer)."""
+    seen, unseen = _split_pool(WORDS, seed)
+
+    def maker(pool):
+        def make(rng: random.Random) -> Item:
+            word = rng.choice(pool)
+            return Item(rng.choice(COUNTING_PHRASINGS).format(w=word), str(len(word)))
+        return make
+
+    rng, taken = random.Random(seed), set()
+    train = _unique(maker(seen), n_train, rng, taken)
+    return Task("counting", "number", "generic", train,
+                _unique(maker(seen), n_eval, rng, taken), _unique(maker(unseen), n_eval, rng, taken))
+
+
+def sorting(n_train: int = 200, n_eval: int = 100, seed: int = 0) -> Task:
+    """4-6 whole numbers to put in ascending order, in two phrasings; unseen items hold one number of 70-99."""
+
+    def maker(low: int, high: int):
+        def make(rng: random.Random) -> Item:
+            xs = rng.sample(range(1, 70), rng.randint(3, 5)) + [rng.randint(low, high)]
+            rng.shuffle(xs)
+            question = rng.choice(SORTING_PHRASINGS).format(xs=", ".join(map(str, xs)))
+            return Item(question, ", ".join(map(str, sorted(xs))))
+        return make
+
+    rng, taken = random.Random(seed), set()
+    train = _unique(maker(1, 69), n_train, rng, taken)
+    return Task("sorting", "text", "generic", train,
+                _unique(maker(1, 69), n_eval, rng, taken), _unique(maker(70, 99), n_eval, rng, taken))
 
 
 def from_jsonl(eval_path: str | Path, train_path: str | Path | None = None, name: str | None = None,
@@ -158,4 +202,7 @@ TASKS: dict[str, Callable[..., Task]] = {
     "coin_flip": coin_flip,
     "addition": lambda **kw: arithmetic(2, **kw),
     "add_sub": lambda **kw: arithmetic(3, **kw),
+    "addition_words": lambda **kw: arithmetic(2, words=True, **kw),
+    "counting": counting,
+    "sorting": sorting,
 }

@@ -185,6 +185,10 @@ PAL_FAMILIES: dict[str, dict] = {
     "generic": {
         "match": None,
         "answer_kind": "text",
+        # The length shot, measured on the embedded model (`agent bench system2 --method pal --k 4 --n 100`):
+        # letters in a word 0.00 -> 0.87 (accepted 0.01 -> 0.41), sums in words ("Add 47 and 38.") 0.59 ->
+        # 0.80. A sorting shot was tried and left out: sorting stayed at 0.03-0.17 with nothing accepted (the
+        # model adds key=lambda x: x[0] or copies reverse=True), for ~30 more prompt tokens on every call.
         "shots": (
             ("What is 47 + 38?", "answer = 47 + 38"),
             (
@@ -195,6 +199,7 @@ PAL_FAMILIES: dict[str, dict] = {
                 "How many days are there in 3 weeks?",
                 "days_per_week = 7\nweeks = 3\nanswer = days_per_week * weeks",
             ),
+            ("How many characters does the word 'banana' have?", 'answer = len("banana")'),
         ),
     },
 }
