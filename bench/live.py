@@ -600,7 +600,9 @@ def window_record(index: int, served: int, replies: Sequence[Reply], probed: Seq
     return {
         "window": index, "queries_served": served, "n": n, "seconds": round(seconds, 2),
         "families": {f: sum(r.query.family == f for r in replies) for f in FAMILIES},
-        "system2_share": _mean([float(r.route == "system2" or r.method is not None) for r in ok]),
+        # System 2 ran for a query inline (its method is in the answer) or was queued to run in the background
+        "system2_share": _mean([float(r.route == "system2" or r.method is not None or r.system2 == "queued")
+                                for r in ok]),
         "system2_answered_share": _mean([float(r.route == "system2") for r in ok]),
         "system2_skipped_share": _mean([float(r.system2 == "skipped") for r in ok]),
         "system2_background_share": _mean([float(r.system2 in ("queued", "dropped")) for r in ok]),

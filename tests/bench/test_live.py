@@ -124,3 +124,19 @@ def test_a_server_that_cannot_start_is_reported_with_its_log(tmp_path: Path) -> 
         with server:
             pass
     assert not server.home.exists()
+
+
+def test_a_window_counts_system2_inline_and_queued_in_the_background_but_not_skipped_or_dropped() -> None:
+    def reply(route: str, method: str | None = None, system2: str | None = None) -> live.Reply:
+        return live.Reply(live.Query("What is 2 + 2?", "arithmetic", "4"), True, 1.0, text="4", route=route,
+                          method=method, system2=system2)
+
+    replies = [reply("system2", "pal"), reply("system1", "pal"), reply("system1", system2="queued"),
+               reply("system1", system2="dropped"), reply("system1", system2="skipped"), reply("system1")]
+    state = live.ServerState(None, {}, {})
+    record = live.window_record(1, 6, replies, [], state, state, 6.0)
+
+    assert record["system2_share"] == 3 / 6  # inline with an answer, inline without one, queued
+    assert record["system2_answered_share"] == 1 / 6
+    assert record["system2_background_share"] == 2 / 6 and record["system2_skipped_share"] == 1 / 6
+    assert record["served_accuracy"] == 1.0
