@@ -177,6 +177,9 @@ def _add_live(sub) -> None:
     p.add_argument("--probes", type=int, default=5, help="held-out System 1 probes per task family, after each window")
     p.add_argument("--facts", type=int, help="general facts asked at the start and the end for retention "
                                              "(default: all 32)")
+    p.add_argument("--interval", type=float, default=0.0, metavar="SECONDS",
+                   help="start replayed queries at least this far apart, e.g. 2.5 for System 2 in the background "
+                        "(default 0: each client asks again as soon as it is answered)")
     p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
                    help="one extra argument of agent serve, e.g. --server-arg=--min-pending=16 (repeatable)")
     p.add_argument("--serve-args", default="", metavar="ARGS",
@@ -206,11 +209,12 @@ def _live_settings(args: argparse.Namespace):
         mix = live.parse_mix(args.mix) if args.mix else dict(live.DEFAULT_MIX)
     except ValueError as exc:
         raise SystemExit(f"--mix: {exc}") from None
-    if min(args.queries, args.window, args.clients) < 1 or args.probes < 0 or (args.facts or 0) < 0:
-        raise SystemExit("--queries, --window and --clients must be positive, --probes and --facts not negative")
+    if min(args.queries, args.window, args.clients) < 1 or min(args.probes, args.interval, args.facts or 0) < 0:
+        raise SystemExit("--queries, --window and --clients must be positive, --probes, --interval and --facts "
+                         "not negative")
     return live.LiveSettings(
         queries=args.queries, window=args.window, clients=args.clients, seed=args.seed, mix=mix, probes=args.probes,
-        facts=args.facts,
+        facts=args.facts, interval_s=args.interval,
         serve_args=[*args.server_arg, *shlex.split(args.serve_args)], server_env=env,
         request_timeout_s=args.request_timeout, ready_timeout_s=args.ready_timeout, keep_home=args.keep_home)
 

@@ -435,6 +435,23 @@ class Reply:
         return correct(self.query, self.text) if self.ok else None
 
 
+class Pace:
+    """Starts requests at least ``interval_s`` apart, whichever client sends them: users who arrive at a
+    steady rate, not as fast as the server answers. A client that falls behind sends at once; the missed
+    starts are not made up in a burst."""
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self._next = time.monotonic()
+        self._lock = threading.Lock()
+
+    def wait(self) -> None:
+        with self._lock:
+            start = max(self._next, time.monotonic())
+            self._next = start + self.interval_s
+        time.sleep(max(0.0, start - time.monotonic()))
+
+
 class Client:
     """The official ``openai`` client (one per thread, as separate users would have), plus plain GETs."""
 
@@ -471,14 +488,20 @@ class Client:
                      reasoning_tokens=(details.reasoning_tokens or 0) if details else 0)
 
     def ask_all(self, queries: Sequence[Query], clients: int, route: str | None = None, desc: str | None = None,
-                bar: tqdm | None = None) -> list[Reply]:
-        """``queries`` from ``clients`` concurrent clients, each sending one request after the other; progress
-        on ``bar``, or on a bar of its own named ``desc``."""
+                bar: tqdm | None = None, pace: "Pace | None" = None) -> list[Reply]:
+        """``queries`` from ``clients`` concurrent clients, each sending one request after the other (no sooner
+        than ``pace`` lets it); progress on ``bar``, or on a bar of its own named ``desc``."""
         own = tqdm(total=len(queries), desc=desc, leave=False) if bar is None and desc else None
         replies = []
         pool = ThreadPoolExecutor(clients, thread_name_prefix="live-client")
+
+        def send(query: Query) -> Reply:
+            if pace is not None:
+                pace.wait()
+            return self.ask(query, route)
+
         try:
-            for reply in pool.map(lambda q: self.ask(q, route), queries):
+            for reply in pool.map(send, queries):
                 replies.append(reply)
                 for progress in (bar, own):
                     if progress is not None:
@@ -627,6 +650,10 @@ class LiveSettings:
     mix: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_MIX))
     probes: int = 5
     """Held-out inputs per task family asked with ``route = system1`` after every window."""
+    interval_s: float = 0.0
+    """Replayed queries start at least this many seconds apart (:class:`Pace`); 0: each client sends its next
+    query as soon as its last is answered. A replay whose answers come at once (System 2 in the background)
+    needs it to span the time learning takes."""
     facts: int | None = None
     """General facts asked at the start and the end for retention (spread over ``FACTS``); None: all."""
     serve_args: list[str] = field(default_factory=list)
@@ -642,8 +669,9 @@ class LiveSettings:
 
 def run(settings: LiveSettings, model: str, out: Path, cache_dir: str | None = None) -> dict[str, Any]:
     """Start the server, replay the traffic window by window, measure; see the module docstring."""
-    if min(settings.queries, settings.window, settings.clients) < 1 or settings.probes < 0 or (settings.facts or 0) < 0:
-        raise ValueError("queries, window and clients must be positive, probes and facts not negative")
+    if min(settings.queries, settings.window, settings.clients) < 1 or min(settings.probes, settings.interval_s,
+                                                                           settings.facts or 0) < 0:
+        raise ValueError("queries, window and clients must be positive, probes, interval_s and facts not negative")
     out.mkdir(parents=True, exist_ok=True)
     stream, probe_set = traffic(settings.queries, settings.mix, settings.probes, settings.seed)
     facts = pick_facts(settings.facts)
@@ -662,11 +690,12 @@ def run(settings: LiveSettings, model: str, out: Path, cache_dir: str | None = N
         other_errors += [r.error for r in baseline if not r.ok]
         state, error = server_state(client)
         other_errors += [error] if error else []
+        pace = Pace(settings.interval_s) if settings.interval_s > 0 else None
         with tqdm(total=len(stream), desc="replay", unit="query") as bar:
             for index, start in enumerate(range(0, len(stream), settings.window), 1):
                 batch = stream[start:start + settings.window]
                 t = time.perf_counter()
-                replies = client.ask_all(batch, settings.clients, bar=bar)
+                replies = client.ask_all(batch, settings.clients, bar=bar, pace=pace)
                 seconds = time.perf_counter() - t
                 probed = client.ask_all(probe_set, settings.clients, "system1", f"probes after window {index}")
                 after, error = server_state(client, state)

@@ -140,3 +140,30 @@ def test_a_window_counts_system2_inline_and_queued_in_the_background_but_not_ski
     assert record["system2_answered_share"] == 1 / 6
     assert record["system2_background_share"] == 2 / 6 and record["system2_skipped_share"] == 1 / 6
     assert record["served_accuracy"] == 1.0
+
+
+def test_a_pace_starts_requests_an_interval_apart_from_any_client_and_never_bursts_to_catch_up() -> None:
+    import threading
+    import time
+
+    pace, starts, lock = live.Pace(0.05), [], threading.Lock()
+
+    def client() -> None:
+        for _ in range(3):
+            pace.wait()
+            with lock:
+                starts.append(time.monotonic())
+
+    threads = [threading.Thread(target=client) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    starts.sort()
+    assert len(starts) == 6 and all(b - a >= 0.045 for a, b in zip(starts, starts[1:]))
+
+    time.sleep(0.2)  # nobody asked for four intervals: the next two starts are still an interval apart
+    first = time.monotonic()
+    pace.wait()
+    pace.wait()
+    assert time.monotonic() - first >= 0.045
