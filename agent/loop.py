@@ -936,7 +936,9 @@ class Agent:
                 item.interaction_id, method=result.method, tokens_system2=answer.tokens_system2,
                 system2_calls=answer.system2_calls, accepted=bool(answer.accepted), votes=answer.votes,
                 teacher_prompt_tokens=answer.teacher_prompt_tokens,
-                teacher_completion_tokens=answer.teacher_completion_tokens, route_reason={"system2": "labelled"})
+                teacher_completion_tokens=answer.teacher_completion_tokens,
+                # the samples too, as inline: audit, and the programs a consolidation's variations start from
+                route_reason={"system2": "labelled", "samples": answer.route_reason.get("samples", [])})
         self.routing_memory.record(item.query, self._method_name(item.method, item.tag), bool(answer.accepted))
         tag = item.tag
         if tag is None and answer.accepted and self.config.scoping.auto:

@@ -80,6 +80,9 @@ def test_background_answers_with_system1_and_stores_the_label_later(config):
             interaction = agent.store.get_interaction(a.interaction_id)  # what System 2 then spent and decided
             assert interaction.route == "system1" and interaction.route_reason["system2"] == "labelled"
             assert (interaction.method, interaction.tokens_system2) == ("arith", 12)
+            # what each sample wrote is kept as inline: for audit, and for the variations of a consolidation
+            samples = agent.store.sample_traces([a.interaction_id])[a.interaction_id]
+            assert len(samples) == 4 and [s["answer"] for s in samples].count(example.target) >= 2
             assert interaction.accepted is (q != "Name a primary colour.") and interaction.votes == example.votes
         assert [examples[q].status for q in QUESTIONS[:3]] == ["pending"] * 3
         assert [examples[q].target for q in QUESTIONS[:3]] == ["51", "53", "55"]
@@ -105,6 +108,7 @@ def test_background_answers_with_system1_and_stores_the_label_later(config):
         text = Metrics().render(None, agent.background_stats())
         assert 's2agent_system2_background_total{event="accepted"} 3' in text
         assert "s2agent_system2_background_tokens_total 48" in text
+        assert 's2agent_tokens_generated_total{system="system2"} 48' in text  # all System 2 work, as inline
         assert "s2agent_system2_background_waiting 0" in text
 
 
