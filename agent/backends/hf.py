@@ -30,7 +30,11 @@ logger = logging.getLogger(__name__)
 BASE = "__base__"
 """PEFT's name for "no adapter" in a mixed-adapter batch."""
 MIN_SHARED_PREFIX = 32
-"""Below this many shared prompt tokens, a separate prefix pass costs more than it saves."""
+"""Below this many shared prompt tokens, a separate prefix pass costs more than it saves..."""
+MIN_SHARED_SAVING = 256
+"""...unless it saves this many prompt tokens in all: System 1's chat template shares 27 tokens, which made
+batches of 2 and 4 prompts ~10 % slower when computed apart, and a batch of 16 37 % faster (0.018 -> 0.012 s
+per prompt, 3 new tokens each, the embedded model in bfloat16, 2 cores)."""
 
 
 class HFBackend:
@@ -176,7 +180,7 @@ class HFBackend:
         cache = DynamicCache()
         # LoRA changes the prefix's keys and values: share it only among rows of one adapter.
         shared = _common_prefix(prompts) if len(set(adapters)) == 1 and len(prompts) > 1 else 0
-        if shared < MIN_SHARED_PREFIX:
+        if shared < MIN_SHARED_PREFIX and shared * (len(prompts) - 1) < MIN_SHARED_SAVING:
             shared = 0
         width = chunk or max(len(p) for p in prompts)
         for start in range(0, shared, width):
