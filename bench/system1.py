@@ -6,8 +6,9 @@ Prints: first load (dequantize the embedded GGUF into a fresh cache) and cached 
 latency (median, p90) and tokens/s at batch 1 and batch 8; the overhead of ``Agent.answer``
 (routing, logging to SQLite) over a raw ``model.generate`` producing the same tokens (both in the dtype the
 config serves in; the raw side in a fresh process, :mod:`bench.fresh` says why); how many of the live
-replay's 32 general facts System 1 answers right; and the seconds of one decode step of the bare engine by
-rows decoding together, in float32 and in bfloat16: what a System 1 row pays for the rows beside it.
+replay's 32 general facts System 1 answers right; the seconds of one decode step of the bare engine by
+rows decoding together, in float32 and in bfloat16: what a System 1 row pays for the rows beside it; and the
+seconds per prompt of short answers in batches of 16 with no adapter, beside one, and with one.
 """
 
 from __future__ import annotations
@@ -64,6 +65,32 @@ def decode_step_seconds(path: str, rows: tuple[int, ...] = (1, 2, 3, 4, 8), new_
             engine.generate([GenerationRequest(ask, params)])
             out[dtype][n] = (time.perf_counter() - t) / new_tokens
         del engine
+    return out
+
+
+def adapter_batch_seconds(path: str, dtype: str, folder: str, batch: int = 16, prompts: int = 96,
+                          new_tokens: int = 3) -> dict[str, float]:
+    """Seconds per prompt of short System 1 answers (sums, ``new_tokens`` each) in batches of ``batch`` on the
+    bare engine: with no adapter loaded, for base rows beside a loaded adapter, and for rows of that adapter (a
+    blank one, saved into ``folder``: its cost, not what it learned). :func:`run` calls it in a fresh process."""
+    from bench.serving_engine import blank_adapters
+
+    blank_adapters(path, [folder])
+    engine = HFBackend(path, dtype=cpu_dtype(dtype))
+    asks = [[{"role": "user", "content": f"What is {10 + i % 60} + {69 - i % 50}?"}] for i in range(prompts)]
+    params = SamplingParams(max_new_tokens=new_tokens)
+
+    def per_prompt(adapter: str | None) -> float:
+        engine.generate([GenerationRequest(q, params, adapter) for q in asks[:batch]])  # warm up
+        t = time.perf_counter()
+        for start in range(0, prompts, batch):
+            engine.generate([GenerationRequest(q, params, adapter) for q in asks[start:start + batch]])
+        return (time.perf_counter() - t) / prompts
+
+    out = {"no adapter loaded": per_prompt(None)}
+    engine.load_adapter("blank", folder)
+    out["base rows, an adapter loaded"] = per_prompt(None)
+    out["rows of the adapter"] = per_prompt("blank")
     return out
 
 
@@ -152,6 +179,8 @@ def run(model: str = DEFAULT_SPEC, new_tokens: int = 64, repeats: int = 8, threa
         agent.close()
     results["decode_step_s"] = {dtype: {int(n): s for n, s in by_rows.items()}  # JSON keys come back as strings
                                 for dtype, by_rows in fresh.call("bench.system1", "decode_step_seconds", path).items()}
+    with tempfile.TemporaryDirectory() as folder:
+        results["adapter_batch_s"] = fresh.call("bench.system1", "adapter_batch_seconds", path, dtype, folder)
     return results
 
 
@@ -174,4 +203,6 @@ def report(results: dict) -> str:
     lines.append("seconds per decode step, by rows decoding together: " + " ".join(f"{n:>6}" for n in counts))
     for dtype, row in steps.items():
         lines.append(f"  {dtype:<9}" + " ".join(f"{row[n]:6.3f}" for n in counts))
+    lines.append("seconds per prompt, System 1 sums in batches of 16, 3 new tokens: " + ", ".join(
+        f"{what} {seconds:.4f}" for what, seconds in results["adapter_batch_s"].items()))
     return "\n".join(lines)

@@ -119,3 +119,5 @@ def test_system1_runs_and_reports_the_facts_and_the_step_table(tiny_model_dir: P
     assert set(steps) == {"float32", "bfloat16"} and all(set(by_rows) == {1, 2, 3, 4, 8} for by_rows in steps.values())
     assert all(s > 0 for by_rows in steps.values() for s in by_rows.values())
     assert "seconds per decode step" in system1.report(results)
+    assert set(results["adapter_batch_s"]) == {"no adapter loaded", "base rows, an adapter loaded", "rows of the adapter"}
+    assert all(s > 0 for s in results["adapter_batch_s"].values()) and "batches of 16" in system1.report(results)
