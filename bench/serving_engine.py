@@ -189,15 +189,6 @@ def _until(condition, timeout: float) -> None:
         time.sleep(0.005)
 
 
-def blank_adapters(model_path: str, folders: list[str]) -> None:
-    """Save a blank LoRA adapter (B = 0) of the model into each folder: what a swap benchmark swaps is measured
-    for the swap, not for what it learned. Run in a fresh process (:mod:`bench.fresh`)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_path), LoraConfig(r=8, lora_alpha=16))
-    for folder in folders:
-        model.save_pretrained(folder)
 
 
 def hot_swap_under_load(agent: Agent, url: str, clients: int = 4, seconds: float = 4.0) -> dict[str, Any]:
@@ -233,7 +224,7 @@ def hot_swap_under_load(agent: Agent, url: str, clients: int = 4, seconds: float
     with tempfile.TemporaryDirectory(prefix="s2agent-bench-swap-") as tmp:
         versions = []
         folders = [str(Path(tmp) / f"swap-{seed}") for seed in (1, 2)]
-        fresh.call("bench.serving_engine", "blank_adapters", agent.model_path, folders)
+        fresh.call("bench.system1", "blank_adapters", agent.model_path, folders)
         for folder in folders:
             version = agent.store.next_adapter_version()
             agent.store.register_adapter(version, str(folder), agent.serving_version(None))

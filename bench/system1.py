@@ -68,13 +68,22 @@ def decode_step_seconds(path: str, rows: tuple[int, ...] = (1, 2, 3, 4, 8), new_
     return out
 
 
+def blank_adapters(model_path: str, folders: list[str]) -> None:
+    """Save a blank LoRA adapter (B = 0) of the model into each folder: what a swap benchmark swaps is measured
+    for the swap, not for what it learned. Run in a fresh process (:mod:`bench.fresh`)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_path), LoraConfig(r=8, lora_alpha=16))
+    for folder in folders:
+        model.save_pretrained(folder)
+
+
 def adapter_batch_seconds(path: str, dtype: str, folder: str, batch: int = 16, prompts: int = 96,
                           new_tokens: int = 3) -> dict[str, float]:
     """Seconds per prompt of short System 1 answers (sums, ``new_tokens`` each) in batches of ``batch`` on the
     bare engine: with no adapter loaded, for base rows beside a loaded adapter, and for rows of that adapter (a
     blank one, saved into ``folder``: its cost, not what it learned). :func:`run` calls it in a fresh process."""
-    from bench.serving_engine import blank_adapters
-
     blank_adapters(path, [folder])
     engine = HFBackend(path, dtype=cpu_dtype(dtype))
     asks = [[{"role": "user", "content": f"What is {10 + i % 60} + {69 - i % 50}?"}] for i in range(prompts)]
