@@ -488,7 +488,7 @@ class Client:
                      reasoning_tokens=(details.reasoning_tokens or 0) if details else 0)
 
     def ask_all(self, queries: Sequence[Query], clients: int, route: str | None = None, desc: str | None = None,
-                bar: tqdm | None = None, pace: "Pace | None" = None) -> list[Reply]:
+                bar: tqdm | None = None, pace: Pace | None = None) -> list[Reply]:
         """``queries`` from ``clients`` concurrent clients, each sending one request after the other (no sooner
         than ``pace`` lets it); progress on ``bar``, or on a bar of its own named ``desc``."""
         own = tqdm(total=len(queries), desc=desc, leave=False) if bar is None and desc else None

@@ -311,9 +311,10 @@ def completion(row: Row) -> Completion:
                       tokens=row.tokens, top_logprobs=row.top_logprobs)
 
 
-def _contiguous_input(module: torch.nn.Module, args: tuple) -> tuple:
-    """Forward pre-hook: the module's first input as a contiguous tensor (a no-op when it already is)."""
-    return (args[0].contiguous(), *args[1:])
+def _contiguous_input(module: torch.nn.Module, args: tuple) -> tuple | None:
+    """Forward pre-hook: the module's first positional input as a contiguous tensor (a no-op when it already
+    is; None, leaving the call as it is, when it has none)."""
+    return (args[0].contiguous(), *args[1:]) if args else None
 
 
 def _common_prefix(prompts: list[list[int]]) -> int:
