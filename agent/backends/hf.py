@@ -106,10 +106,11 @@ class HFBackend:
         with self._lock:
             if self.adapters.pop(name, None) is None:
                 return
+            remaining = next(iter(self.adapters), None)
+            if remaining is not None and self.model.active_adapter == name:
+                self.model.set_adapter(remaining)  # else PEFT picks one itself, with a warning
             self.model.delete_adapter(name)
-            if self.adapters:
-                self.model.set_adapter(next(iter(self.adapters)))
-            else:  # no adapter left: take the LoRA layers out again, so the base model runs bare
+            if remaining is None:  # no adapter left: take the LoRA layers out again, so the base model runs bare
                 self.base_model = self.model.unload()
                 self.model = self.base_model
 
