@@ -66,7 +66,8 @@ kills the process group half a second after that as a last resort.
 
 Linux only: ``RLIMIT_AS`` is not enforced on macOS, and Windows has no ``resource`` module.
 
-The program must assign a variable ``answer``; its value comes back as ``str(answer)``, with
+The program assigns a variable ``answer`` (else the name its last top-level assignment binds: "total =
+16 + 63" answers 79); its value comes back as ``str(answer)``, with
 integral floats written as integers ("85", not "85.0") so that they vote like System 1's answers, and
 a list or tuple as its items joined by ", " ("3, 7, 12", what a person writes, not Python's brackets).
 """
@@ -321,6 +322,14 @@ except SyntaxError as error:
 problem = check(tree)
 if problem:
     reply(ok=False, error=problem)
+# Without an ``answer``, the value the last top-level assignment stored is the answer: a small model often
+# names its result otherwise ("total = 16 + 63"), and that program still answers.
+fallback = None
+for statement in tree.body:
+    targets = statement.targets if isinstance(statement, ast.Assign) else (
+        [statement.target] if isinstance(statement, (ast.AnnAssign, ast.AugAssign)) else [])
+    if len(targets) == 1 and isinstance(targets[0], ast.Name):
+        fallback = targets[0].id
 code = compile(tree, "<program>", "exec")
 scope = {"__builtins__": SAFE_BUILTINS}
 del source, tree
@@ -329,9 +338,10 @@ signal.signal(signal.SIGALRM, lambda signum, frame: reply(ok=False, error="timeo
 signal.setitimer(signal.ITIMER_REAL, timeout_s)
 try:
     exec(code, scope)
-    if "answer" not in scope:
+    name = "answer" if "answer" in scope else fallback
+    if name not in scope:
         reply(ok=False, error="the program did not set a variable 'answer'")
-    answer = scope["answer"]
+    answer = scope[name]
     shown = lambda x: str(int(x)) if isinstance(x, float) and x.is_integer() else str(x)  # noqa: E731
     value = ", ".join(map(shown, answer)) if isinstance(answer, (list, tuple)) else shown(answer)
 except MemoryError:

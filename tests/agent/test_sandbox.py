@@ -39,6 +39,10 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="th
         ("answer = sorted([31, 7, 12])", "7, 12, 31"),  # a list reads as a person writes it
         ("answer = (2.0, 'b', 0.5)", "2, b, 0.5"),
         ("answer = [[1, 2], 3]", "[1, 2], 3"),
+        ("total = 16 + 63", "79"),  # no ``answer``: the last top-level assignment's value
+        ("ans = 16 + 63\nprint(ans)", "79"),
+        ("n: int = 3\nn += 4", "7"),
+        ("answer = 2\nextra = 9", "2"),  # ``answer`` wins wherever it is
     ],
 )
 def test_programs_run(code: str, value: str) -> None:
@@ -62,7 +66,8 @@ ESCAPES = {
     "format_walk": "answer = '{0.__class__.__mro__}'.format(1)",
     "class_def": "class A:\n    pass\nanswer = A",
     "write_file": "f = open('pwned.txt', 'w')\nf.write('x')\nanswer = 1",
-    "missing_answer": "x = 1",
+    "missing_answer": "print(16 + 63)",  # nothing assigned: no answer to read
+    "missing_answer_in_a_loop": "for i in range(3):\n    x = i",  # only a top-level assignment stands in
     "exception": "answer = 1 / 0",
     "syntax": "answer = (",
 }
