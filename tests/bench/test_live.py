@@ -61,7 +61,9 @@ def test_live_replay_runs_a_real_server_and_writes_its_measures(tiny_model_dir: 
     windows = result["windows"]
     assert [(w["window"], w["queries_served"], w["n"]) for w in windows] == [(1, 6, 6), (2, 12, 12 - 6)]
     assert all(w["errors"] == 0 for w in windows) and result["errors_outside_windows"] == 0  # every request 2xx
-    assert result["requests"] == 2 * 4 + 4 * 3 + 12
+    assert result["requests"] == 2 * 4 + 4 * 3 + 12 + 6  # the last window's 6 again, on System 1 alone
+    alone = result["system1_alone"]
+    assert alone["n"] == 6 and alone["errors"] == [] and 0 < alone["latency_p50_s"] <= alone["latency_p95_s"]
     for w in windows:
         assert sum(w["families"].values()) == w["n"]
         for key in ("system2_share", "system2_answered_share", "served_accuracy"):
@@ -85,6 +87,8 @@ def test_live_replay_runs_a_real_server_and_writes_its_measures(tiny_model_dir: 
     assert (out / "live.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
     assert "no request failed" in printed and printed.count("\n") > len(windows) + 6
+    assert "System 1 alone on the last window's queries again" in printed
+    assert "System 1 alone on the same queries p50" in result["checks"][3]["measured"]
 
 
 def _stand_in(tmp_path: Path) -> live.ServerProcess:
@@ -167,3 +171,26 @@ def test_a_pace_starts_requests_an_interval_apart_from_any_client_and_never_burs
     pace.wait()
     pace.wait()
     assert time.monotonic() - first >= 0.045
+
+
+def test_the_background_latency_bar_compares_with_system1_alone_on_the_same_queries() -> None:
+    def window(p50: float, background: float) -> dict:
+        return {"promoted": [], "system2_tokens_per_query_metrics": 10.0, "system2_tokens_per_query_responses": 0.0,
+                "system2_share": 0.5, "latency_p50_s": p50, "probe": {"latency_p50_s": 0.3},
+                "system2_background_share": background, "errors": 0}
+
+    def p50_check(result: dict) -> dict:
+        result.update(retention={"kept_share": None, "kept": 0, "right_start": 0}, errors_outside_windows=0,
+                      requests=10)
+        return live.checks(result)[3]
+
+    background = {"windows": [window(0.7, 0.5), window(0.57, 0.5)], "system1_alone": {"latency_p50_s": 0.4}}
+    check = p50_check(background)
+    assert check["result"] == "pass"  # 0.57 <= 1.5 x 0.4, although 1.5 x the probes' 0.3 would fail
+    assert "same queries p50 0.40 s (on the probes 0.30 s)" in check["measured"]
+    assert p50_check({**background, "system1_alone": {"latency_p50_s": 0.3}})["result"] == "fail"
+    # inline: only halving counts, whatever System 1 alone takes
+    assert p50_check({"windows": [window(1.6, 0.0), window(0.5, 0.0)], "system1_alone": {"latency_p50_s": 0.1}}
+                     )["result"] == "pass"
+    assert p50_check({"windows": [window(1.6, 0.0), window(0.9, 0.0)], "system1_alone": {"latency_p50_s": 0.8}}
+                     )["result"] == "fail"
