@@ -865,7 +865,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax2 = ax.twinx()
     ax2.plot(served, [w["latency_p50_s"] for w in windows], "^:", color="C2", label="p50 latency (s)")
     ax2.plot([0, *served], [result["probe_start"]["latency_p50_s"], *(w["probe"]["latency_p50_s"] for w in windows)],
-             ".:", color="C7", label="p50 of a plain System 1 answer (s)")
+             ".:", color="C7", label="p50 of System 1 on the held-out probes (s)")
+    if alone := (result.get("system1_alone") or {}).get("latency_p50_s"):
+        ax2.plot([served[-1]], [alone], "*", color="C2", markersize=11,
+                 label="p50 of System 1 alone, last window's queries (s)")
     ax2.set_ylabel("seconds")
     ax2.set_ylim(bottom=0)
     for w in windows:
