@@ -245,7 +245,7 @@ def _consolidate_locked(agent: Learner, owner, scope, dry_run, min_examples, epo
     serving = store.serving_adapter(scope) or (store.serving_adapter(None) if scope else None)
     retention_inputs = _retention_inputs(agent, cfg)
     n_retention_train = min(int(cfg.retention_ratio * (len(new) + len(replay) + len(variations.train))),
-                            sum(1 for p in retention_inputs if not _held_out(p, cfg.seed)))
+                            sum(1 for p in retention_inputs if not retention_held_out(p, cfg.seed)))
     report = ConsolidationReport(
         "dry-run", "", scope=scope, parent_version=serving.version if serving else None, n_new=len(new),
         n_deferred=len(cap.deferred), n_replay=len(replay), n_holdout=len(holdout),
@@ -463,11 +463,11 @@ def split_retention(inputs: Sequence[str], answers: Sequence[str], seed: int
     holdout: list[tuple[str, str]] = []
     for prompt, answer in zip(inputs, answers):
         if answer.strip():
-            (holdout if _held_out(prompt, seed) else train).append((prompt, answer))
+            (holdout if retention_held_out(prompt, seed) else train).append((prompt, answer))
     return train, holdout
 
 
-def _held_out(prompt: str, seed: int) -> bool:
+def retention_held_out(prompt: str, seed: int) -> bool:
     """Whether a retention prompt is in the seeded half that gates candidates (never trained on)."""
     return holdout_bucket(prompt, seed + 1) < 0.5
 
@@ -480,7 +480,7 @@ def _retention_prompts_used(inputs: Sequence[str], n_train: int, all_train: bool
     used: list[str] = []
     trained = held = 0
     for prompt in inputs:
-        if _held_out(prompt, seed):
+        if retention_held_out(prompt, seed):
             if max_holdout is None or held < max_holdout:
                 used.append(prompt)
                 held += 1

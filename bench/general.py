@@ -9,7 +9,8 @@
    promotes the **general** adapter, both in subprocesses with this process's configuration (``--model``,
    ``--db``) and nothing else: the defaults decide;
 3. the same questions again, answered by whatever serves now; facts kept = the share of the facts the base
-   model answered right that are still right.
+   model answered right that are still right, also split by whether the fact's question is one of the shipped
+   retention prompts a run trains on (the held-out half gates; facts outside both show what carries over).
 
 Writes ``results.json`` into ``--out``.
 """
@@ -25,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from agent import Agent, AgentConfig
+from agent.consolidation import retention_held_out
+from agent.data import general_prompts
 from bench import evaluate
 from bench.live import FACTS
 from bench.tasks import TASKS
@@ -74,6 +77,11 @@ def run(config: AgentConfig, task_name: str, n: int, n_eval: int, out: Path) -> 
     kept = sum(after["facts_right"][i] for i in right_before)
     result.update(before=before, after=after, facts_right_before=len(right_before), facts_kept=kept,
                   facts_kept_share=kept / len(right_before) if right_before else None)
+    shipped = {p.strip().lower() for p in general_prompts()[:config.consolidation.retention_prompts]}
+    trainable = [FACTS[i].question.strip().lower() in shipped
+                 and not retention_held_out(FACTS[i].question, config.consolidation.seed) for i in right_before]
+    result["facts_in_retention_training"] = {
+        "right_before": sum(trainable), "kept": sum(after["facts_right"][i] for i, t in zip(right_before, trainable) if t)}
     (out / "results.json").write_text(json.dumps(result, indent=2))
     return result
 
@@ -91,5 +99,7 @@ def report(r: dict[str, Any]) -> str:
         f"  System 1 on held-out items, seen operands: {b['accuracy_seen']:.2f} -> {a['accuracy_seen']:.2f}; "
         f"unseen operands: {b['accuracy_unseen']:.2f} -> {a['accuracy_unseen']:.2f}",
         f"  general facts: {r['facts_right_before']} of {len(b['facts_right'])} right before, {r['facts_kept']} of them "
-        f"still right after = {share:.2f}" if share is not None else "  general facts: none right before",
+        f"still right after = {share:.2f}; of them {r['facts_in_retention_training']['right_before']} are retention "
+        f"training prompts, {r['facts_in_retention_training']['kept']} kept" if share is not None
+        else "  general facts: none right before",
     ])

@@ -68,6 +68,8 @@ def test_general_imports_with_the_cli_and_measures_before_and_after(tiny_model_d
     assert result["adapter"] is not None and result["adapter"]["scope"] is None  # the general adapter
     assert result["adapter"]["status"] in ("promoted", "rejected") and result["adapter"]["n_train"] > 0
     assert len(result["before"]["facts_right"]) == len(result["after"]["facts_right"]) > 20
+    split = result["facts_in_retention_training"]  # the facts that are also retention training prompts
+    assert 0 <= split["kept"] <= split["right_before"] <= result["facts_right_before"]
     assert (tmp_path / "out" / "results.json").exists() and "general facts" in general.report(result)
 
 
