@@ -283,6 +283,7 @@ def _consolidate_locked(agent: Learner, owner, scope, dry_run, min_examples, epo
         retention_kl_pairs = retention_train  # the KL term (retention_kl_weight) sees every training prompt
         retention_train = retention_train[:n_retention_train]
         report.n_retention, report.n_retention_holdout = len(retention_train), len(retention_holdout)
+        report.metrics["n_retention_train"] = len(retention_train)  # the first ones of the training half trained
         system_prompt = agent.config.system_prompt
         examples = [TrainingExample(system1_messages(e.input), e.target) for e in [*new, *replay, *variations.train]]
         examples += [TrainingExample(system1_messages(p), a) for p, a in retention_train]

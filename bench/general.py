@@ -10,7 +10,7 @@
    ``--db``) and nothing else: the defaults decide;
 3. the same questions again, answered by whatever serves now; facts kept = the share of the facts the base
    model answered right that are still right, also split by whether the fact's question is one of the shipped
-   retention prompts a run trains on (the held-out half gates; facts outside both show what carries over).
+   retention prompts the run trained on (facts it never trained on show what carries over).
 
 Writes ``results.json`` into ``--out``.
 """
@@ -72,16 +72,20 @@ def run(config: AgentConfig, task_name: str, n: int, n_eval: int, out: Path) -> 
                 "version": adapter.version, "status": adapter.status, "scope": adapter.scope,
                 "n_train": adapter.n_train, **{k: adapter.metrics.get(k) for k in (
                     "retention", "retention_likelihood", "retention_kl", "holdout_accuracy_candidate",
-                    "holdout_accuracy_serving", "status_reason")}}
+                    "holdout_accuracy_serving", "status_reason", "n_retention_train")}}
     right_before = [i for i, ok in enumerate(before["facts_right"]) if ok]
     kept = sum(after["facts_right"][i] for i in right_before)
     result.update(before=before, after=after, facts_right_before=len(right_before), facts_kept=kept,
                   facts_kept_share=kept / len(right_before) if right_before else None)
-    shipped = {p.strip().lower() for p in general_prompts()[:config.consolidation.retention_prompts]}
-    trainable = [FACTS[i].question.strip().lower() in shipped
-                 and not retention_held_out(FACTS[i].question, config.consolidation.seed) for i in right_before]
-    result["facts_in_retention_training"] = {
-        "right_before": sum(trainable), "kept": sum(after["facts_right"][i] for i, t in zip(right_before, trainable) if t)}
+    # A fresh store has no history: the retention prompts are the shipped ones, and the run trained on the first
+    # ``n_retention_train`` of those outside the held-out half.
+    cfg = config.consolidation
+    training_half = [p.strip().lower() for p in general_prompts()[:cfg.retention_prompts]
+                     if not retention_held_out(p, cfg.seed)]
+    trained = set(training_half[:(result["adapter"] or {}).get("n_retention_train") or 0])
+    was_trained = [i for i in right_before if FACTS[i].question.strip().lower() in trained]
+    result["facts_in_retention_training"] = {"right_before": len(was_trained),
+                                             "kept": sum(after["facts_right"][i] for i in was_trained)}
     (out / "results.json").write_text(json.dumps(result, indent=2))
     return result
 
