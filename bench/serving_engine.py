@@ -189,8 +189,6 @@ def _until(condition, timeout: float) -> None:
         time.sleep(0.005)
 
 
-
-
 def hot_swap_under_load(agent: Agent, url: str, clients: int = 4, seconds: float = 4.0) -> dict[str, Any]:
     """``clients`` loop System 1 requests while the serving adapter changes base -> v1 -> v2, ``seconds`` apart."""
     import httpx
