@@ -68,9 +68,16 @@ class LiveCall:
 
     async def first(self, request: Request) -> Piece | None:
         """Wait for the first piece (or the end), cancelling the call if the client leaves meanwhile; what the
-        call raised is raised here, as the HTTP error it maps to."""
-        await _watch(request, self.task, self.cancel, lambda: not self.pieces.empty(),
-                     "before its first token was generated")
+        call raised is raised here, as the HTTP error it maps to. The piece is taken the moment it comes (the
+        client check runs between pieces' waits, never before a piece that is there)."""
+        getter = asyncio.ensure_future(self.pieces.get())
+        try:
+            await _watch(request, {self.task, getter}, self.cancel, "before its first token was generated")
+        finally:
+            if not getter.done():
+                getter.cancel()
+        if getter.done() and not getter.cancelled():
+            return getter.result()
         if self.pieces.empty():
             await self.task  # raises the call's error, if any
         return await self.next_piece()
@@ -88,7 +95,7 @@ async def call_unless_gone(request: Request, operation: str, fn: Callable[..., T
     cancel = threading.Event()
     task = asyncio.ensure_future(call(operation, fn, *args, cancel=cancel, **kwargs))
     try:
-        await _watch(request, task, cancel, lambda: False, "before its answer was generated")
+        await _watch(request, {task}, cancel, "before its answer was generated")
     except BaseException:
         cancel.set()
         task.add_done_callback(_quietly)
@@ -96,13 +103,12 @@ async def call_unless_gone(request: Request, operation: str, fn: Callable[..., T
     return task.result()
 
 
-async def _watch(request: Request, task: asyncio.Future, cancel: threading.Event, ready: Callable[[], bool],
-                 what: str) -> None:
-    """Wait until ``ready()`` or ``task`` ends, checking every :data:`DISCONNECT_POLL_S` that the client is still
+async def _watch(request: Request, waiting: set[asyncio.Future], cancel: threading.Event, what: str) -> None:
+    """Wait until one of ``waiting`` is done, checking every :data:`DISCONNECT_POLL_S` that the client is still
     there; if it left, set ``cancel`` and raise its 499."""
-    while not ready() and not task.done():
-        await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-        if not ready() and not task.done() and await request.is_disconnected():
+    while not any(f.done() for f in waiting):
+        await asyncio.wait(waiting, timeout=DISCONNECT_POLL_S, return_when=asyncio.FIRST_COMPLETED)
+        if not any(f.done() for f in waiting) and await request.is_disconnected():
             cancel.set()
             raise client_gone(what)
 

@@ -86,6 +86,23 @@ def test_tokens_arrive_while_the_answer_is_still_decoding(client, agent, metered
     assert interaction.final_answer == text
 
 
+def test_the_first_token_is_sent_when_decoded_not_at_the_next_client_check(client, agent, metered, monkeypatch):
+    """While it waits for the first token the route also checks, every ``DISCONNECT_POLL_S``, that the client is
+    still there; the token must not wait for that check. With the check an hour away, the first text still
+    comes while the decode is held after 3 steps (it once came only at the check: 0.25 s, most of a short
+    answer on a GPU)."""
+    monkeypatch.setattr("agent.server.live.DISCONNECT_POLL_S", 3600.0)
+    metered.release(3)
+    stream = client.with_options(timeout=30, max_retries=0).chat.completions.create(
+        model="default", messages=ask("Name a colour, now."), max_tokens=64, stream=True,
+        logit_bias=no_eos(agent), extra_body={"s2agent": {"route": "system1"}})
+    chunks = iter(stream)
+    assert next(chunks).choices[0].delta.role == "assistant"
+    assert next(chunks).choices[0].delta.content
+    metered.release(10_000)
+    assert list(chunks)[-1].choices[0].finish_reason == "length"
+
+
 def test_a_client_that_leaves_cancels_its_generation(server, agent, metered):
     question = "Tell a long story about a coin."
     batcher = agent.backend
