@@ -2,8 +2,9 @@
 
 What is verified and what is not
 --------------------------------
-No GPU is available where this project's CI runs, so this module has **not been run against a real vLLM
-engine**. It follows vLLM's online-serving API (``vllm==0.33``), the one vLLM's own OpenAI server drives:
+No GPU is available where this project's CI runs. This module has run against a real engine once (vLLM 0.26.0
+on an H200: ``bench/gpu_check.sh`` and the behavioural tests below passed; the README has the figures). It
+follows vLLM's online-serving API (``vllm==0.33``), the one vLLM's own OpenAI server drives:
 
 - ``AsyncLLM.from_engine_args(AsyncEngineArgs(model=..., enable_lora=True, max_loras=..., max_lora_rank=...,
   max_model_len=..., gpu_memory_utilization=..., ...))`` (``vllm.v1.engine.async_llm``);
@@ -115,12 +116,16 @@ class VLLMBackend:
             from vllm.engine.arg_utils import AsyncEngineArgs
             from vllm.inputs import TokensPrompt
             from vllm.lora.request import LoRARequest
+            from vllm.sampling_params import RequestOutputKind
             from vllm.v1.engine.async_llm import AsyncLLM
         except ImportError as exc:
             raise ImportError(INSTALL_HINT) from exc
         from transformers import AutoTokenizer
 
         self._vllm_sampling_params = vllm.SamplingParams
+        # A streamed request reads the engine's output at every step; any other only its last, as vLLM's own
+        # server asks for it: the engine's process then sends nothing, and this loop does nothing, per step.
+        self._output_kind = {True: RequestOutputKind.CUMULATIVE, False: RequestOutputKind.FINAL_ONLY}
         self._tokens_prompt = TokensPrompt
         self._lora_request = LoRARequest
         self.model_path = model_path
@@ -333,8 +338,8 @@ class VLLMBackend:
         async def run(job: _Job) -> None:
             request_id = f"s2agent-{next(self._request_ids)}"
             async for output in self.engine.generate(self._tokens_prompt(prompt_token_ids=job.ids),
-                                                     self._sampling_params(job), request_id, lora_request=job.lora,
-                                                     priority=handle.request.priority):
+                                                     self._sampling_params(job, handle.stream), request_id,
+                                                     lora_request=job.lora, priority=handle.request.priority):
                 for sample in output.outputs:
                     final = sample.finish_reason is not None
                     completion = self._completion(sample, job) if final else None
@@ -375,7 +380,7 @@ class VLLMBackend:
                 if not self._running[lora_id]:
                     self._retire(lora_id)
 
-    def _sampling_params(self, job: _Job):
+    def _sampling_params(self, job: _Job, stream: bool):
         p = job.params
         greedy = p.temperature <= 0
         return self._vllm_sampling_params(
@@ -392,6 +397,7 @@ class VLLMBackend:
             frequency_penalty=float(p.frequency_penalty),
             logit_bias=dict(p.logit_bias) or None,
             skip_special_tokens=True,
+            output_kind=self._output_kind[stream],
         )
 
     def _decode(self, token_ids: Sequence[int]) -> str:

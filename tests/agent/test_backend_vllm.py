@@ -117,8 +117,9 @@ def stub_vllm(monkeypatch, tiny_model_dir):
     tok = script_engine(_StubAsyncLLM, tiny_model_dir)
     modules = {name: types.ModuleType(name) for name in (
         "vllm", "vllm.inputs", "vllm.lora", "vllm.lora.request", "vllm.engine", "vllm.engine.arg_utils",
-        "vllm.v1", "vllm.v1.engine", "vllm.v1.engine.async_llm")}
+        "vllm.v1", "vllm.v1.engine", "vllm.v1.engine.async_llm", "vllm.sampling_params")}
     modules["vllm"].SamplingParams = lambda **kw: types.SimpleNamespace(**kw)
+    modules["vllm.sampling_params"].RequestOutputKind = types.SimpleNamespace(CUMULATIVE=0, FINAL_ONLY=2)
     modules["vllm.inputs"].TokensPrompt = lambda **kw: dict(kw)
     modules["vllm.lora.request"].LoRARequest = lambda name, lora_id, path: types.SimpleNamespace(
         lora_name=name, lora_int_id=lora_id, lora_path=path)

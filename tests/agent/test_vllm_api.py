@@ -27,6 +27,7 @@ from vllm.inputs import TokensPrompt  # noqa: E402
 from vllm.logprobs import Logprob  # noqa: E402
 from vllm.lora.request import LoRARequest  # noqa: E402
 from vllm.outputs import CompletionOutput, RequestOutput  # noqa: E402
+from vllm.sampling_params import RequestOutputKind  # noqa: E402
 from vllm.v1.engine.async_llm import AsyncLLM  # noqa: E402
 
 from agent.backends.base import BACKGROUND, GenerationRequest, SamplingParams  # noqa: E402
@@ -141,6 +142,7 @@ def test_requests_are_real_vllm_objects_and_outputs_are_read_from_real_ones(back
     assert [(p.n, p.seed) for p in params] == [(1, None), (1, 5), (1, 6), (2, None)]
     assert params[0].temperature == 0.0 and params[3].top_k == 7 and params[3].stop == [" B"]
     assert all(p.logprobs == 0 and engine_less.eos_token_id in p.stop_token_ids for p in params)
+    assert all(p.output_kind == RequestOutputKind.FINAL_ONLY for p in params)  # nothing sent per step
     first = out[0][0]
     assert first.token_ids == EngineLessAsyncLLM.stream and first.finish_reason == "stop"  # the EOS is dropped
     assert first.logprobs == [-0.25] * len(first.token_ids) and first.text == " A B 0123"
@@ -152,6 +154,7 @@ def test_streaming_reads_real_cumulative_outputs_and_a_cancel_reaches_the_engine
     handle = backend.submit(GenerationRequest(ASK, SamplingParams(max_new_tokens=32)))
     deltas = list(handle.deltas(timeout=10))
     assert len(deltas) > 3 and "".join(d.text for d in deltas) == handle.result()[0].text == " A B 0123"
+    assert EngineLessAsyncLLM.instances[-1].calls[-1][1].output_kind == RequestOutputKind.CUMULATIVE
     assert "await self.abort(" in inspect.getsource(AsyncLLM.generate)  # vLLM aborts a generate that is cancelled
     engine = EngineLessAsyncLLM.instances[-1]
     EngineLessAsyncLLM.hold = threading.Event()
