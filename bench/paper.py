@@ -14,6 +14,7 @@ items of entities never seen in training, with its retention scores (regenerated
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import tempfile
@@ -144,7 +145,8 @@ def run(settings: PaperSettings, config: AgentConfig, out: Path) -> dict:
     backend = backend_for(config, resolve_model(config.model, config.cache_dir))
     started = time.perf_counter()
     rows: list[dict] = []
-    with tempfile.TemporaryDirectory(prefix="s2agent-paper-") as tmp:
+    # closed here, not at exit: vLLM's engine process, left running, keeps the interpreter from exiting
+    with tempfile.TemporaryDirectory(prefix="s2agent-paper-") as tmp, contextlib.closing(backend):
         for task in load_tasks(settings):
             rows += run_task(task, settings, config, backend, Path(tmp))
             (out / "results.json").write_text(json.dumps({"rows": rows}, indent=2))
