@@ -15,7 +15,8 @@ under System 2 load (:mod:`bench.serving_engine`).
 
 With ``--url`` it starts nothing and drives a server already running there, any OpenAI-compatible one (this
 runtime's, vLLM's own ``vllm serve``), with plain chat requests for ``--served-model`` and no ``s2agent``
-field: ``bench/gpu_check.sh`` compares ``agent serve --backend vllm`` with ``vllm serve`` this way.
+field, then streams ``max(4, --requests-per-client)`` chats one at a time for the time to first token:
+``bench/gpu_check.sh`` compares ``agent serve`` on the vLLM backend with ``vllm serve`` this way.
 """
 
 from __future__ import annotations
@@ -170,11 +171,15 @@ def run_external(url: str, model: str, clients: Sequence[int] = (1, 8, 64), requ
     """Drive the server already running at ``url`` (see the module docstring); one row per client count."""
     results: dict = {"model": model, "url": url, "max_tokens": max_tokens, "requests_per_client": requests_per_client,
                      "runs": []}
+    from bench.serving_engine import time_to_first_token
+
     drive(url, 1, 1, max_tokens, model=model, system1=False)  # warm up
     for n in clients:
         row = drive(url, n, requests_per_client, max_tokens, model=model, system1=False)
         row["batching"], row["mean_batch_rows"] = "external", None
         results["runs"].append(row)
+    results["ttft"] = time_to_first_token(url, max(4, requests_per_client), max_tokens, None, model=model,
+                                          system1=False)
     return results
 
 
@@ -187,6 +192,10 @@ def report(results: dict) -> str:
             p50, p99 = (f"{r[k]:.2f}" if r[k] is not None else "-" for k in ("latency_p50_s", "latency_p99_s"))
             lines.append(f"{r['clients']:>8}{r['tokens_per_s']:>10.1f}{r['requests_per_s']:>8.2f}{p50:>8}{p99:>8}"
                          f"{r['errors']:>8}")
+        if "ttft" in results:
+            t = results["ttft"]
+            lines.append(f"streamed, 1 client, {t['requests']} requests: time to first token p50 {t['ttft_p50_s']:.3f} s"
+                         f" = {t['ttft_over_answer_p50']:.2f} of the answer's {t['answer_p50_s']:.3f} s")
         lines += [f"error ({r['clients']} clients): {e}" for r in results["runs"] for e in r["error_examples"]]
         return "\n".join(lines)
     lines = [f"model {results['model']}: {results['requests_per_client']} requests per client, "

@@ -46,17 +46,20 @@ def _no_eos(agent: Agent) -> dict[str, float]:
     return {str(agent.backend.inner.tokenizer.eos_token_id): -100}
 
 
-def time_to_first_token(url: str, requests: int, max_tokens: int, bias: dict[str, float] | None) -> dict[str, Any]:
-    """``requests`` streamed chats, one at a time: first-text-chunk and whole-answer times."""
+def time_to_first_token(url: str, requests: int, max_tokens: int, bias: dict[str, float] | None,
+                        model: str = "default", system1: bool = True) -> dict[str, Any]:
+    """``requests`` streamed chats, one at a time: first-text-chunk and whole-answer times. ``system1``: force
+    System 1 with this runtime's ``s2agent`` field (False: a plain OpenAI request, for any server)."""
     import httpx
 
     first: list[float] = []
     whole: list[float] = []
     with httpx.Client(base_url=url, timeout=600, trust_env=False) as http:
         for i in range(requests):
-            body: dict[str, Any] = {"model": "default", "max_tokens": max_tokens, "stream": True,
-                                    "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
-                                    "s2agent": {"route": "system1"}}
+            body: dict[str, Any] = {"model": model, "max_tokens": max_tokens, "stream": True,
+                                    "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]}
+            if system1:
+                body["s2agent"] = {"route": "system1"}
             if bias:
                 body["logit_bias"] = bias
             t = time.perf_counter()
@@ -64,13 +67,24 @@ def time_to_first_token(url: str, requests: int, max_tokens: int, bias: dict[str
             with http.stream("POST", "/v1/chat/completions", json=body) as response:
                 response.raise_for_status()
                 for line in response.iter_lines():
-                    if seen is None and '"content": "' in line and '"content": ""' not in line:
+                    if seen is None and _has_text(line):
                         seen = time.perf_counter() - t
             whole.append(time.perf_counter() - t)
             first.append(seen if seen is not None else whole[-1])
     ratio = [f / w for f, w in zip(first, whole) if w > 0]
     return {"requests": requests, "max_tokens": max_tokens, "ttft_p50_s": statistics.median(first),
             "answer_p50_s": statistics.median(whole), "ttft_over_answer_p50": statistics.median(ratio)}
+
+
+def _has_text(line: str) -> bool:
+    """Whether one server-sent-events line is a chunk carrying answer text (any server's JSON spacing)."""
+    if not line.startswith("data:") or line.endswith("[DONE]"):
+        return False
+    try:
+        choices = json.loads(line[len("data:"):]).get("choices") or []
+    except ValueError:
+        return False
+    return any((c.get("delta") or {}).get("content") for c in choices)
 
 
 def raw_generate(model_path: str, dtype: str, system_prompt: str | None, batch: int, max_tokens: int,

@@ -56,7 +56,18 @@ def test_serving_drives_a_server_already_running(tiny_model_dir: Path, tmp_path:
         results = serving.run_external(server.url, "default", clients=[1, 3], requests_per_client=2, max_tokens=4)
     assert [(r["clients"], r["requests"], r["errors"]) for r in results["runs"]] == [(1, 2, 0), (3, 6, 0)]
     assert all(r["completion_tokens"] > 0 for r in results["runs"])
-    assert server.url in serving.report(results)
+    ttft = results["ttft"]  # streamed: the first text chunk comes no later than the whole answer
+    assert ttft["requests"] == 4 and 0 < ttft["ttft_p50_s"] <= ttft["answer_p50_s"]
+    assert server.url in serving.report(results) and "time to first token" in serving.report(results)
+
+
+def test_a_text_chunk_is_recognised_whatever_the_servers_json_spacing() -> None:
+    from bench.serving_engine import _has_text
+
+    assert _has_text('data: {"choices": [{"index": 0, "delta": {"content": "Hi"}}]}')
+    assert _has_text('data: {"choices":[{"index":0,"delta":{"content":"Hi"}}]}')  # vLLM's compact JSON
+    assert not _has_text('data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}')
+    assert not _has_text("data: [DONE]") and not _has_text(": keep-alive") and not _has_text("data: {oops")
 
 
 def test_general_imports_with_the_cli_and_measures_before_and_after(tiny_model_dir: Path, tmp_path: Path) -> None:
