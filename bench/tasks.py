@@ -112,7 +112,8 @@ def coin_flip(n_train: int = 200, n_eval: int = 100, seed: int = 0) -> Task:
 
 
 ADDITION_WORDINGS = ("What is {a} plus {b}?", "Add {a} and {b}.")
-"""Sums in words: no PAL family's pattern matches them, so program-aided System 2 uses its generic shots."""
+"""Sums in words: program-aided System 2 gives them its ``arithmetic_words`` shots, as it does to such a
+question that comes untagged."""
 
 
 def arithmetic(terms: int = 2, n_train: int = 200, n_eval: int = 100, seed: int = 0, words: bool = False) -> Task:
@@ -133,7 +134,7 @@ def arithmetic(terms: int = 2, n_train: int = 200, n_eval: int = 100, seed: int 
     rng, taken = random.Random(seed), set()
     train = _unique(maker(10, 69), n_train, rng, taken)
     name = "addition_words" if words else "addition" if terms == 2 else "add_sub"
-    return Task(name, "number", "generic" if words else "arithmetic", train,
+    return Task(name, "number", "arithmetic_words" if words else "arithmetic", train,
                 _unique(maker(10, 69), n_eval, rng, taken), _unique(maker(70, 99), n_eval, rng, taken))
 
 

@@ -162,6 +162,21 @@ PAL_FAMILIES: dict[str, dict] = {
             ("What is 12 * 7?", "answer = 12 * 7"),
         ),
     },
+    "arithmetic_words": {
+        # Two numbers and an operation in words. With the generic shots the model often computed another
+        # operation ("Add 47 and 38." -> 47 * 38), so k = 4 programs disagreed and nothing was kept.
+        "match": r"^\s*(?:(?:what is|compute|calculate)\s+-?\d+(?:\.\d+)?\s+(?:plus|minus|times|multiplied by|divided by)"
+                 r"|(?:what is\s+)?the\s+(?:sum|difference|product)\s+of\s+-?\d+(?:\.\d+)?\s+and"
+                 r"|(?:add|subtract|multiply|divide)\s+-?\d+(?:\.\d+)?\s+(?:and|from|by|to))"
+                 r"\s+-?\d+(?:\.\d+)?\s*[?.!]?\s*$",
+        "answer_kind": "number",
+        "shots": (
+            ("What is 25 plus 16?", "answer = 25 + 16"),
+            ("Add 12 and 30.", "answer = 12 + 30"),
+            ("Subtract 9 from 30.", "answer = 30 - 9"),
+            ("What is 6 times 7?", "answer = 6 * 7"),
+        ),
+    },
     "coin_flip": {
         "match": r"\bcoin\b.*\bheads up\b",
         "answer_kind": "yesno",

@@ -393,6 +393,11 @@ LAST_LETTER = "Take the last letters of the words in 'river cloud' and concatena
         ("What is 47 + 38 - 21?", "arithmetic", "number"),
         ("A coin is heads up. Ann flips the coin. Is the coin still heads up?", "coin_flip", "yesno"),
         ("How many legs do 3 spiders have?", "generic", "text"),
+        ("Add 47 and 38.", "arithmetic_words", "number"),
+        ("What is 47 plus 38?", "arithmetic_words", "number"),
+        ("Subtract 9 from 30.", "arithmetic_words", "number"),
+        ("Add salt and pepper to the soup.", "generic", "text"),
+        ("Add 2 and 3 and 4, then halve it.", "generic", "text"),
     ],
 )
 def test_pal_picks_family_by_regex(query, family, kind):
