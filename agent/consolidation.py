@@ -245,7 +245,7 @@ def _consolidate_locked(agent: Learner, owner, scope, dry_run, min_examples, epo
     serving = store.serving_adapter(scope) or (store.serving_adapter(None) if scope else None)
     retention_inputs = _retention_inputs(agent, cfg)
     n_retention_train = min(int(cfg.retention_ratio * (len(new) + len(replay) + len(variations.train))),
-                            sum(1 for p in retention_inputs if not retention_held_out(p, cfg.seed)))
+                            sum(1 for p in retention_inputs if not _held_out(p, cfg.seed)))
     report = ConsolidationReport(
         "dry-run", "", scope=scope, parent_version=serving.version if serving else None, n_new=len(new),
         n_deferred=len(cap.deferred), n_replay=len(replay), n_holdout=len(holdout),
@@ -283,7 +283,7 @@ def _consolidate_locked(agent: Learner, owner, scope, dry_run, min_examples, epo
         retention_kl_pairs = retention_train  # the KL term (retention_kl_weight) sees every training prompt
         retention_train = retention_train[:n_retention_train]
         report.n_retention, report.n_retention_holdout = len(retention_train), len(retention_holdout)
-        report.metrics["n_retention_train"] = len(retention_train)  # the first ones of the training half trained
+        report.metrics["retention_trained"] = [p for p, _ in retention_train]  # kept with the adapter: what it saw
         system_prompt = agent.config.system_prompt
         examples = [TrainingExample(system1_messages(e.input), e.target) for e in [*new, *replay, *variations.train]]
         examples += [TrainingExample(system1_messages(p), a) for p, a in retention_train]
@@ -464,11 +464,11 @@ def split_retention(inputs: Sequence[str], answers: Sequence[str], seed: int
     holdout: list[tuple[str, str]] = []
     for prompt, answer in zip(inputs, answers):
         if answer.strip():
-            (holdout if retention_held_out(prompt, seed) else train).append((prompt, answer))
+            (holdout if _held_out(prompt, seed) else train).append((prompt, answer))
     return train, holdout
 
 
-def retention_held_out(prompt: str, seed: int) -> bool:
+def _held_out(prompt: str, seed: int) -> bool:
     """Whether a retention prompt is in the seeded half that gates candidates (never trained on)."""
     return holdout_bucket(prompt, seed + 1) < 0.5
 
@@ -481,7 +481,7 @@ def _retention_prompts_used(inputs: Sequence[str], n_train: int, all_train: bool
     used: list[str] = []
     trained = held = 0
     for prompt in inputs:
-        if retention_held_out(prompt, seed):
+        if _held_out(prompt, seed):
             if max_holdout is None or held < max_holdout:
                 used.append(prompt)
                 held += 1

@@ -26,8 +26,6 @@ from pathlib import Path
 from typing import Any
 
 from agent import Agent, AgentConfig
-from agent.consolidation import retention_held_out
-from agent.data import general_prompts
 from bench import evaluate
 from bench.live import FACTS
 from bench.tasks import TASKS
@@ -72,17 +70,14 @@ def run(config: AgentConfig, task_name: str, n: int, n_eval: int, out: Path) -> 
                 "version": adapter.version, "status": adapter.status, "scope": adapter.scope,
                 "n_train": adapter.n_train, **{k: adapter.metrics.get(k) for k in (
                     "retention", "retention_likelihood", "retention_kl", "holdout_accuracy_candidate",
-                    "holdout_accuracy_serving", "status_reason", "n_retention_train")}}
+                    "holdout_accuracy_serving", "status_reason")}}
     right_before = [i for i, ok in enumerate(before["facts_right"]) if ok]
     kept = sum(after["facts_right"][i] for i in right_before)
     result.update(before=before, after=after, facts_right_before=len(right_before), facts_kept=kept,
                   facts_kept_share=kept / len(right_before) if right_before else None)
-    # A fresh store has no history: the retention prompts are the shipped ones, and the run trained on the first
-    # ``n_retention_train`` of those outside the held-out half.
-    cfg = config.consolidation
-    training_half = [p.strip().lower() for p in general_prompts()[:cfg.retention_prompts]
-                     if not retention_held_out(p, cfg.seed)]
-    trained = set(training_half[:(result["adapter"] or {}).get("n_retention_train") or 0])
+    # the retention prompts the run trained on, as its adapter's metrics record them
+    trained_on = (adapter.metrics.get("retention_trained") or []) if adapter else []
+    trained = {p.strip().lower() for p in trained_on}
     was_trained = [i for i in right_before if FACTS[i].question.strip().lower() in trained]
     result["facts_in_retention_training"] = {"right_before": len(was_trained),
                                              "kept": sum(after["facts_right"][i] for i in was_trained)}

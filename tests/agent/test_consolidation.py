@@ -177,7 +177,8 @@ def test_retention_data_keeps_what_system1_already_does(learning_config, polite_
             agent.answer(q)
         report = agent.consolidate()
         assert report.n_retention_holdout >= 16
-        assert report.metrics["n_retention_train"] == report.n_retention  # kept with the adapter's metrics
+        trained = report.metrics["retention_trained"]  # kept with the adapter's metrics
+        assert len(trained) == report.n_retention and all(isinstance(p, str) and p for p in trained)
         if retention_ratio == 0.0:
             assert report.n_retention == 0
             assert report.status == "rejected" and report.metrics["retention"] < 0.5, report.reason
