@@ -54,7 +54,6 @@ from agent.variations import Variations, make_variations, solved
 from policies.answers import answers_match, normalise, similarity
 from policies.routing import logprob_confidence, takeover_threshold
 from policies.sources import cap_by_source
-from policies.variations import wording
 from store import Example, Interaction, Store
 
 logger = logging.getLogger(__name__)
@@ -517,11 +516,10 @@ def _gate(agent: Learner, report, holdout, retention_holdout, candidate, served:
         reasons.append(f"holdout accuracy {m['holdout_accuracy_serving']:.2f} -> {m['holdout_accuracy_candidate']:.2f}")
         routing = agent.config.routing
         if routing.estimator == "logprob" and routing.takeover_precision > 0:
-            records = [(round(logprob_confidence(c.logprobs, routing.quantile), 4), _right(c.text, t, kind),
-                        wording(i)[0]) for c, t, i in zip(answers, targets, inputs)]
+            records = [(round(logprob_confidence(c.logprobs, routing.quantile), 4), _right(c.text, t, kind))
+                       for c, t in zip(answers, targets)]
             m["routing_records"] = records  # where serving's TakeoverEvidence starts from
-            threshold = takeover_threshold([r[:2] for r in records], floor=routing.threshold,
-                                           target_precision=routing.takeover_precision)
+            threshold = takeover_threshold(records, floor=routing.threshold, target_precision=routing.takeover_precision)
             if threshold is not None and threshold > routing.threshold:
                 m["routing_threshold"] = threshold
                 precision = f"{routing.takeover_precision:g} of its held-out answers agree with System 2's"

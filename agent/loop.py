@@ -256,7 +256,7 @@ class Agent:
         else:
             score = logprob_confidence(s1.logprobs, routing.quantile)
             estimator = "logprob"
-        decision = self._route(route, score, estimator, version, query)
+        decision = self._route(route, score, estimator, version)
         answer = Answer(
             text=s1.text, route="system1", confidence=score, method=None, adapter_version=version,
             tokens=tokens_s1, latency_ms=0.0, system1_text=s1.text, prompt_tokens=s1.prompt_tokens,
@@ -285,7 +285,7 @@ class Agent:
             else:
                 self._run_system2(answer, query, method, tag, cancel, teach=teach)
                 if teach:
-                    self._checked_by_system2(answer, query, s1.text, tag)
+                    self._checked_by_system2(answer, s1.text, tag)
                 # a source that may not teach does not shape the scopes either: its input joins no index
                 if tag is None and answer.accepted and self.config.scoping.auto and teach:
                     tag = answer.tag = self._assign_scope(answer, query)
@@ -473,13 +473,11 @@ class Agent:
 
     def takeover(self) -> dict[str | None, dict[str, Any]]:
         """Per scope this process serves an adapter for: ``version``, ``threshold`` (the confidence its answers
-        need to stand without System 2; None: ``routing.threshold``), ``records`` (the answers of it checked
-        against System 2 that the threshold rests on, its gate's included) and ``wordings`` (the wordings of its
-        inputs that follow a threshold of their own, with it)."""
+        need to stand without System 2; None: ``routing.threshold``) and ``records`` (the answers of it checked
+        against System 2 that the threshold rests on, its gate's included)."""
         with self._takeover_lock:
             return {scope: {"version": version, "threshold": self._takeover.threshold(version),
-                            "records": self._takeover.records(version),
-                            "wordings": self._takeover.wordings(version)}
+                            "records": self._takeover.records(version)}
                     for scope, version in self.serving_adapters().items()}
 
     def adapter_failures(self) -> list[dict[str, Any]]:
@@ -701,7 +699,7 @@ class Agent:
         return slot if slot else (None, None)
 
     # --- System 2 --------------------------------------------------------------------------
-    def _checked_by_system2(self, answer: Answer, query: str, system1_text: str, tag: str | None) -> None:
+    def _checked_by_system2(self, answer: Answer, system1_text: str, tag: str | None) -> None:
         """System 2 accepted an answer to an input the adapter ``answer.adapter_version`` served: one more record
         of whether that adapter's own answer was right (:class:`~policies.routing.TakeoverEvidence`). Only for
         sources that may teach (the caller checks)."""
@@ -711,12 +709,12 @@ class Agent:
         kind = self.answer_kind(tag)
         right = answers_match(normalise(system1_text, kind), normalise(answer.text, kind), kind)
         with self._takeover_lock:
-            self._takeover.add(answer.adapter_version, answer.confidence, right, query)
+            self._takeover.add(answer.adapter_version, answer.confidence, right)
 
-    def _route(self, route: str, score: float, estimator: str, version: int | None, query: str) -> RouteDecision:
+    def _route(self, route: str, score: float, estimator: str, version: int | None) -> RouteDecision:
         if route == "auto":
             with self._takeover_lock:
-                threshold = self._takeover.threshold(version, query) if estimator == "logprob" else None
+                threshold = self._takeover.threshold(version) if estimator == "logprob" else None
             decision = self.router.route(score, adapter_threshold=threshold)
             decision.estimator = estimator
             return decision
@@ -932,7 +930,7 @@ class Agent:
                         adapter_version=item.adapter_version, tokens=0, latency_ms=0.0,
                         system1_text=item.system1_text, tag=item.tag, interaction_id=item.interaction_id)
         self._apply_system2(answer, result)
-        self._checked_by_system2(answer, item.query, item.system1_text, item.tag)
+        self._checked_by_system2(answer, item.system1_text, item.tag)
         if item.interaction_id is not None:  # the System 1 answer's row says what System 2 then spent and decided
             self.store.add_background_label(
                 item.interaction_id, method=result.method, tokens_system2=answer.tokens_system2,

@@ -212,11 +212,6 @@ class Metrics:
             family("s2agent_takeover_records", "gauge",
                    "Answers of the adapter serving a scope checked against System 2's (its gate's and in serving).",
                    [("s2agent_takeover_records", {"scope": scope}, t["records"]) for scope, t in sorted(takeover.items())])
-            family("s2agent_takeover_wordings", "gauge",
-                   "Wordings of a scope's inputs (numbers taken out) with enough checked answers to follow a "
-                   "takeover threshold of their own; the others follow the scope's.",
-                   [("s2agent_takeover_wordings", {"scope": scope}, len(t.get("wordings", {})))
-                    for scope, t in sorted(takeover.items())])
             running = snapshot.get("consolidation")
             family("s2agent_consolidation_running", "gauge",
                    "Whether a consolidation holds the store's lock now, in any process (1) or not (0).",

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from typing import Literal, Sequence
 
 from policies.answers import AnswerKind, answers_match
-from policies.variations import wording
 
 logger = logging.getLogger(__name__)
 
@@ -259,87 +258,48 @@ def takeover_threshold(records: Sequence[tuple[float, bool]], *, floor: float, t
     Why: a gate compares a candidate with what serves, and on a scope's first run that is the base model,
     which gets nothing right; so an adapter trained on a few dozen examples is promoted at 0.5-0.7 on its
     holdout and then answers at confidences the global threshold accepts (a sums adapter answered 24 sums at
-    0.51-0.98 and got 13 right). Calibrated on its own answers, it answers alone only where it was right.
-
-    One pass over the records sorted by confidence, highest first (serving calls this on every checked
-    answer, with hundreds of records)."""
+    0.51-0.98 and got 13 right). Calibrated on its own answers, it answers alone only where it was right."""
     if len(records) < MIN_CALIBRATION_RECORDS:
         return None
-    ranked = sorted(((score, right) for score, right in records if score >= floor), reverse=True)
-    found: float | None = None
-    kept = agreed = 0
-    for i, (score, right) in enumerate(ranked):
-        kept, agreed = kept + 1, agreed + right
-        if i + 1 < len(ranked) and ranked[i + 1][0] == score:
-            continue  # a threshold keeps every record at its score
-        if kept >= MIN_CALIBRATION_RECORDS and agreed / kept >= target_precision:
-            found = score  # the lowest so far; a lower score may still qualify
-    if found is None:
-        return math.nextafter(1.0, math.inf)  # wrong wherever it was sure: nothing alone (scores are at most 1)
-    if found == ranked[-1][0]:
-        return floor  # every record from the floor up qualifies: the floor itself is the lowest threshold
-    return found
-
-
-MIN_WORDING_RECORDS = 10
-"""Checked answers an input's wording needs before it follows a threshold of its own (:class:`TakeoverEvidence`)."""
-
-Record = tuple[float, bool, str | None]
-"""(confidence, agreed with System 2's answer, the input's wording or None)."""
+    for threshold in [floor, *sorted({score for score, _ in records if score > floor})]:
+        kept = [right for score, right in records if score >= threshold]
+        if len(kept) >= MIN_CALIBRATION_RECORDS and sum(kept) / len(kept) >= target_precision:
+            return threshold
+    return math.nextafter(1.0, math.inf)  # wrong wherever it was sure: nothing alone (scores are at most 1)
 
 
 class TakeoverEvidence:
     """What each served adapter's answers have shown so far, and the threshold it follows
-    (:func:`takeover_threshold` over the records), for its whole scope and for each wording of its inputs.
+    (:func:`takeover_threshold` over the records).
 
     An adapter starts with its gate's records (its held-out answers). Then every input it serves that still goes
     to System 2 (below its threshold) and gets an accepted answer is one more record: System 1's answer and its
     confidence are there, System 2's is the label. So an adapter that was unsure at promotion takes its inputs
     over as its answers prove right at lower confidences, without another training run. Only the most recent
     ``keep`` live records count, beside the gate's. Records come only from sources that may teach: a client
-    that chose agreeing inputs could otherwise lower the bar for everyone. Not thread-safe: the caller locks.
-
-    **Per wording** (the input with its numbers taken out, :func:`policies.variations.wording`): once
-    :data:`MIN_WORDING_RECORDS` records share an input's wording, that wording follows a threshold calibrated
-    on its own records, not the scope's. Why: one scope holds several phrasings of its task, and a first
-    adapter learns them unevenly (a live sums adapter answered "What is A plus B?" right 14 times of 16 and
-    "Add A and B." 8 of 23); one threshold over all of them kept the well-learned phrasing on System 2 and,
-    once live checks of that phrasing had lowered it, let the other answer alone, wrongly. Inputs of a wording
-    with fewer records (every question without numbers: counting, sorting) follow the scope's threshold."""
+    that chose agreeing inputs could otherwise lower the bar for everyone. Not thread-safe: the caller locks."""
 
     def __init__(self, floor: float, target_precision: float, keep: int = 500) -> None:
         self.floor, self.target_precision, self.keep = floor, target_precision, keep
-        self._gate: dict[int, list[Record]] = {}
-        self._live: dict[int, deque[Record]] = {}
+        self._gate: dict[int, list[tuple[float, bool]]] = {}
+        self._live: dict[int, deque[tuple[float, bool]]] = {}
         self._thresholds: dict[int, float | None] = {}
-        self._by_wording: dict[int, dict[str, float | None]] = {}
 
-    def start(self, version: int, gate_records: Sequence[Sequence]) -> None:
-        """Follow ``version`` from its gate's records, ``(confidence, right[, wording])`` each (again from those
-        alone if it was followed before)."""
-        self._gate[version] = [(float(r[0]), bool(r[1]), r[2] if len(r) > 2 else None) for r in gate_records]
+    def start(self, version: int, gate_records: Sequence[tuple[float, bool]]) -> None:
+        """Follow ``version`` from its gate's records (again from those alone if it was followed before)."""
+        self._gate[version] = [(float(score), bool(right)) for score, right in gate_records]
         self._live[version] = deque(maxlen=self.keep)
         self._update(version)
 
-    def add(self, version: int, score: float, right: bool, query: str | None = None) -> None:
-        """One more answer of ``version`` (to ``query``) checked against System 2's (ignored for a version not
-        followed)."""
+    def add(self, version: int, score: float, right: bool) -> None:
+        """One more answer of ``version`` checked against System 2's (ignored for a version not followed)."""
         if version in self._live:
-            self._live[version].append((score, right, _wording(query)))
+            self._live[version].append((score, right))
             self._update(version)
 
-    def threshold(self, version: int | None, query: str | None = None) -> float | None:
-        """The threshold ``version``'s answer to ``query`` needs now: its wording's own, else the scope's; None:
-        the configured one (or not followed)."""
-        if version is None:
-            return None
-        own = self._by_wording.get(version, {})
-        key = _wording(query)
-        return own[key] if key in own else self._thresholds.get(version)
-
-    def wordings(self, version: int) -> dict[str, float | None]:
-        """The wordings of ``version``'s inputs that follow a threshold of their own, with it."""
-        return dict(self._by_wording.get(version, {}))
+    def threshold(self, version: int | None) -> float | None:
+        """The threshold ``version``'s answers need now; None: the configured one (or not followed)."""
+        return self._thresholds.get(version) if version is not None else None
 
     def records(self, version: int) -> int:
         """How many records ``version``'s threshold rests on."""
@@ -347,18 +307,5 @@ class TakeoverEvidence:
 
     def _update(self, version: int) -> None:
         records = [*self._gate[version], *self._live[version]]
-        self._thresholds[version] = self._calibrate(records)
-        grouped: dict[str, list[Record]] = {}
-        for record in records:
-            if record[2] is not None:
-                grouped.setdefault(record[2], []).append(record)
-        self._by_wording[version] = {key: self._calibrate(group) for key, group in grouped.items()
-                                     if len(group) >= MIN_WORDING_RECORDS}
-
-    def _calibrate(self, records: Sequence[Record]) -> float | None:
-        return takeover_threshold([(score, right) for score, right, _ in records], floor=self.floor,
-                                  target_precision=self.target_precision)
-
-
-def _wording(query: str | None) -> str | None:
-    return wording(query)[0] if query is not None else None
+        self._thresholds[version] = takeover_threshold(records, floor=self.floor,
+                                                       target_precision=self.target_precision)

@@ -112,34 +112,11 @@ def test_an_adapter_unsure_at_promotion_takes_over_as_system2_confirms_its_answe
         assert [a.adapter_version for a in routes] == [2] * 6 and {a.text for a in routes} == {"85"}
         assert [a.route for a in routes] == ["system2"] * 5 + ["system1"]  # 5 confirmations, then alone
         assert routes[-1].route_reason["threshold"] == routes[-1].confidence > 0.0
-        assert agent.takeover() == {None: {"version": 2, "threshold": routes[-1].confidence, "records": 10,
-                                            "wordings": {}}}  # 5 answers of one wording: too few of its own
+        assert agent.takeover() == {None: {"version": 2, "threshold": routes[-1].confidence, "records": 10}}
         text = Metrics().render(store_snapshot(agent))
         assert f's2agent_takeover_threshold{{scope="general"}} {routes[-1].confidence}' in text
         assert 's2agent_takeover_records{scope="general"} 10' in text
-        assert 's2agent_takeover_wordings{scope="general"} 0' in text
 
-
-
-def test_a_wording_that_proved_itself_answers_alone_while_the_rest_of_its_scope_waits(learning_config):
-    """The gate's records carry each held-out input's wording; one with enough right answers follows its own
-    threshold (``policies.routing.MIN_WORDING_RECORDS``), inputs of other wordings the scope's."""
-    learning_config.routing.threshold = 0.0
-    with Agent(learning_config) as agent:
-        for q in TAUGHT:
-            agent.store.add_example(q, "85", method="arith", agreement=1.0)
-        assert agent.consolidate().status == "promoted"
-        records = [[0.0, True, "What is {#} + {#}?"]] * 10 + [[0.0, False, "Add {#} and {#}."]] * 10
-        agent.store.register_adapter(version=2, path=str(agent.config.adapters_path() / "v1"), parent=1,
-                                     metrics={"routing_records": records})  # 10 of 20 right: the scope waits
-        agent.store.promote_adapter(2)
-        agent.refresh_adapters(force=True)
-        plus, add = agent.answer(UNSEEN[0]), agent.answer("Add 40 and 45.")
-        assert (plus.route, plus.method, plus.route_reason["threshold"]) == ("system1", None, 0.0)
-        assert add.method == "arith" and add.route_reason["threshold"] > 1.0  # System 2 ran for it
-        assert agent.takeover()[None]["wordings"] == {"What is {#} + {#}?": 0.0,
-                                                      "Add {#} and {#}.": add.route_reason["threshold"]}
-        assert 's2agent_takeover_wordings{scope="general"} 2' in Metrics().render(store_snapshot(agent))
 
 def test_dry_run_and_min_examples_change_nothing(learning_config):
     with Agent(learning_config) as agent:

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import math
-import random
 
 import pytest
 
 from policies.routing import (
-    MIN_WORDING_RECORDS,
     ROUTERS,
     RouteDecision,
     ThresholdRouter,
@@ -161,37 +159,3 @@ def test_takeover_evidence_lets_an_adapter_take_over_as_its_answers_prove_right(
     for score, right in [(0.6, False)] * 5 + [(0.6, True)] * 5:
         small.add(1, score, right)
     assert small.records(1) == 5 and small.threshold(1) == 0.5  # only the last 5 live records count
-
-
-def test_takeover_evidence_gives_each_wording_with_enough_answers_its_own_threshold() -> None:
-    """One scope, two phrasings learned unevenly: each follows its own answers once it has
-    ``MIN_WORDING_RECORDS`` of them; an input of any other wording follows the scope's threshold."""
-    evidence = TakeoverEvidence(floor=0.5, target_precision=0.9)
-    plus = [(0.6 + 0.01 * i, True, "What is {#} plus {#}?") for i in range(MIN_WORDING_RECORDS)]
-    add = [(0.7 + 0.01 * i, i % 2 == 0, "Add {#} and {#}.") for i in range(MIN_WORDING_RECORDS)]
-    evidence.start(1, [*plus, *add, (0.95, True), (0.96, True), (0.97, True), (0.98, True), (0.99, True)])
-    assert evidence.threshold(1, "What is 12 plus 30?") == 0.5  # right at every confidence it gave
-    assert evidence.threshold(1, "Add 12 and 30.") > 1.0  # wrong half the time at every confidence: none alone
-    assert evidence.threshold(1, "How many r's are in strawberry?") == 0.95  # the scope's: 0.9 right from 0.95
-    assert evidence.threshold(1) == 0.95
-    assert evidence.wordings(1) == {"What is {#} plus {#}?": 0.5, "Add {#} and {#}.": evidence.threshold(1, "Add 1 and 2.")}
-    for _ in range(MIN_WORDING_RECORDS):  # a third wording checked live, right at 0.55: it earns its own
-        assert evidence.threshold(1, "Compute 4 + 5.") == 0.95
-        evidence.add(1, 0.55, True, "Compute 40 + 2.")
-    assert evidence.threshold(1, "Compute 4 + 5.") == 0.5
-
-
-@pytest.mark.parametrize("seed", range(20))
-def test_takeover_threshold_is_the_lowest_threshold_that_meets_the_target(seed: int) -> None:
-    """Against the definition, evaluated at every candidate threshold (the floor and every score above it)."""
-    rng = random.Random(seed)
-    records = [(round(rng.random(), 1), rng.random() < 0.8) for _ in range(rng.randint(5, 40))]
-    floor, target = rng.choice([0.0, 0.3, 0.5]), rng.choice([0.7, 0.9, 1.0])
-
-    def meets(threshold: float) -> bool:
-        kept = [right for score, right in records if score >= threshold]
-        return len(kept) >= 5 and sum(kept) / len(kept) >= target
-
-    candidates = [t for t in [floor, *sorted({s for s, _ in records if s > floor})] if meets(t)]
-    expected = candidates[0] if candidates else math.nextafter(1.0, math.inf)
-    assert takeover_threshold(records, floor=floor, target_precision=target) == expected
