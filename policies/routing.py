@@ -258,14 +258,26 @@ def takeover_threshold(records: Sequence[tuple[float, bool]], *, floor: float, t
     Why: a gate compares a candidate with what serves, and on a scope's first run that is the base model,
     which gets nothing right; so an adapter trained on a few dozen examples is promoted at 0.5-0.7 on its
     holdout and then answers at confidences the global threshold accepts (a sums adapter answered 24 sums at
-    0.51-0.98 and got 13 right). Calibrated on its own answers, it answers alone only where it was right."""
+    0.51-0.98 and got 13 right). Calibrated on its own answers, it answers alone only where it was right.
+
+    One pass over the records sorted by confidence, highest first (serving calls this on every checked
+    answer, with hundreds of records)."""
     if len(records) < MIN_CALIBRATION_RECORDS:
         return None
-    for threshold in [floor, *sorted({score for score, _ in records if score > floor})]:
-        kept = [right for score, right in records if score >= threshold]
-        if len(kept) >= MIN_CALIBRATION_RECORDS and sum(kept) / len(kept) >= target_precision:
-            return threshold
-    return math.nextafter(1.0, math.inf)  # wrong wherever it was sure: nothing alone (scores are at most 1)
+    ranked = sorted(((score, right) for score, right in records if score >= floor), reverse=True)
+    found: float | None = None
+    kept = agreed = 0
+    for i, (score, right) in enumerate(ranked):
+        kept, agreed = kept + 1, agreed + right
+        if i + 1 < len(ranked) and ranked[i + 1][0] == score:
+            continue  # a threshold keeps every record at its score
+        if kept >= MIN_CALIBRATION_RECORDS and agreed / kept >= target_precision:
+            found = score  # the lowest so far; a lower score may still qualify
+    if found is None:
+        return math.nextafter(1.0, math.inf)  # wrong wherever it was sure: nothing alone (scores are at most 1)
+    if found == ranked[-1][0]:
+        return floor  # every record from the floor up qualifies: the floor itself is the lowest threshold
+    return found
 
 
 class TakeoverEvidence:

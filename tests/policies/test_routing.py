@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 
@@ -159,3 +160,19 @@ def test_takeover_evidence_lets_an_adapter_take_over_as_its_answers_prove_right(
     for score, right in [(0.6, False)] * 5 + [(0.6, True)] * 5:
         small.add(1, score, right)
     assert small.records(1) == 5 and small.threshold(1) == 0.5  # only the last 5 live records count
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_takeover_threshold_is_the_lowest_threshold_that_meets_the_target(seed: int) -> None:
+    """Against the definition, evaluated at every candidate threshold (the floor and every score above it)."""
+    rng = random.Random(seed)
+    records = [(round(rng.random(), 1), rng.random() < 0.8) for _ in range(rng.randint(5, 40))]
+    floor, target = rng.choice([0.0, 0.3, 0.5]), rng.choice([0.7, 0.9, 1.0])
+
+    def meets(threshold: float) -> bool:
+        kept = [right for score, right in records if score >= threshold]
+        return len(kept) >= 5 and sum(kept) / len(kept) >= target
+
+    candidates = [t for t in [floor, *sorted({s for s, _ in records if s > floor})] if meets(t)]
+    expected = candidates[0] if candidates else math.nextafter(1.0, math.inf)
+    assert takeover_threshold(records, floor=floor, target_precision=target) == expected
