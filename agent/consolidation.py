@@ -61,11 +61,11 @@ logger = logging.getLogger(__name__)
 LOCK_NAME = "consolidation"
 TMP_PREFIX = ".tmp-"
 RETENTION_SIMILARITY = 0.8
+"""Long answers count as retained when their token-level F1 with the old answer reaches this."""
 SCOPED_RETENTION_HOLDOUT = 16
 """Held-out retention prompts a scoped run answers and scores. Its retention is reported, not gated, and every
 held-out prompt costs a run beside live traffic an answer and a scoring pass: 64 of them were about a minute of a
 sums scope's first run in the live replay, which decides how soon its adapter serves."""
-"""Long answers count as retained when their token-level F1 with the old answer reaches this."""
 STORE_CHECK_MAX_AGE_S = 300.0
 """A consolidation checks the store's pages (``PRAGMA quick_check``) before it writes, unless a check passed
 this recently (its process opened the store with one moments ago); see :mod:`store.integrity`."""
@@ -244,7 +244,8 @@ def _consolidate_locked(agent: Learner, owner, scope, dry_run, min_examples, epo
     variations = _variations(agent, scope, [*new, *replay], holdout)
     serving = store.serving_adapter(scope) or (store.serving_adapter(None) if scope else None)
     retention_inputs = _retention_inputs(agent, cfg)
-    n_retention_train = min(int(cfg.retention_ratio * (len(new) + len(replay) + len(variations.train))),
+    ratio = cfg.retention_ratio if scope is None else cfg.scoped_retention_ratio
+    n_retention_train = min(int(ratio * (len(new) + len(replay) + len(variations.train))),
                             sum(1 for p in retention_inputs if not _held_out(p, cfg.seed)))
     report = ConsolidationReport(
         "dry-run", "", scope=scope, parent_version=serving.version if serving else None, n_new=len(new),

@@ -47,13 +47,19 @@ def settings(base: ConsolidationConfig, n_train: int) -> list[tuple[str, Consoli
         ("at least 24 steps", replace(base, min_steps=24), n_train),
         ("at least 48 steps", replace(base, min_steps=48), n_train),
         ("half the data", base, n_train // 2),
-        ("no retention", replace(base, retention_ratio=0.0), n_train),
-        ("retention 1:1", replace(base, retention_ratio=1.0, retention_prompts=128), n_train),
+        ("no retention", _retention(base, 0.0), n_train),
+        ("retention 1:4", _retention(base, 0.25), n_train),
+        ("retention 1:1", _retention(base, 1.0, retention_prompts=128), n_train),
         ("KL 1", replace(base, retention_kl_weight=1.0), n_train),
         ("KL 3", replace(base, retention_kl_weight=3.0), n_train),
-        ("KL 3 only", replace(base, retention_ratio=0.0, retention_kl_weight=3.0), n_train),
+        ("KL 3 only", _retention(base, 0.0, retention_kl_weight=3.0), n_train),
         ("KL 3 + lr 3e-4", replace(base, retention_kl_weight=3.0, learning_rate=3e-4), n_train),
     ]
+
+
+def _retention(base: ConsolidationConfig, ratio: float, **changes) -> ConsolidationConfig:
+    """``base`` with ``ratio`` retention examples per task example, for the scoped and the general adapter alike."""
+    return replace(base, retention_ratio=ratio, scoped_retention_ratio=ratio, **changes)
 
 
 def run(config: AgentConfig, task_name: str, n_train: int, n_eval: int, out: Path,

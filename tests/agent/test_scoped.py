@@ -130,6 +130,22 @@ def test_general_retention_gates_the_general_adapter_but_not_a_scoped_one(config
     assert general.status == "rejected" and "retention" in general.reason
 
 
+
+@pytest.mark.parametrize("scoped_ratio", [0.0, 1.0])
+def test_a_scoped_run_trains_retention_data_only_when_asked(config, scoped_ratio):
+    """``scoped_retention_ratio`` (0 by default) sets a scoped run's retention data; ``retention_ratio`` the
+    general adapter's. Retention is reported for both."""
+    config.consolidation.retention_ratio = 1.0 - scoped_ratio
+    config.consolidation.scoped_retention_ratio = scoped_ratio
+    with Agent(config) as agent:
+        for q in QUESTIONS:
+            agent.answer(q, tag="arith")
+        scoped = agent.consolidate(scope="arith", dry_run=True)
+        assert (scoped.n_retention > 0) == bool(scoped_ratio)
+        report = agent.consolidate(scope="arith")
+    assert report.n_retention == len(report.metrics["retention_trained"]) == scoped.n_retention
+    assert report.n_retention_holdout > 0 and "retention_likelihood" in report.metrics
+
 def test_untagged_traffic_groups_itself_into_a_scope_that_learns_and_serves(config, capsys):
     """No tag anywhere: accepted sums form a scope by themselves, it gets its own adapter, and new sums
     are served by it while a general question stays on the base model."""
