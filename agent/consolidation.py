@@ -52,7 +52,7 @@ from agent.retention import likelihood_retention
 from agent.training import TrainingDiverged, train_lora, training_device
 from agent.variations import Variations, make_variations, solved
 from policies.answers import answers_match, normalise, similarity
-from policies.routing import logprob_confidence, takeover_threshold
+from policies.routing import MIN_CALIBRATION_RECORDS, logprob_confidence, takeover_threshold
 from policies.sources import cap_by_source
 from store import Example, Interaction, Store
 
@@ -521,13 +521,19 @@ def _gate(agent: Learner, report, holdout, retention_holdout, candidate, served:
                        for c, t in zip(answers, targets)]
             m["routing_records"] = records  # where serving's TakeoverEvidence starts from
             threshold = takeover_threshold(records, floor=routing.threshold, target_precision=routing.takeover_precision)
-            if threshold is not None and threshold > routing.threshold:
+            if threshold > routing.threshold:
                 m["routing_threshold"] = threshold
                 precision = f"{routing.takeover_precision:g} of its held-out answers agree with System 2's"
                 reasons.append(f"answers alone at confidence >= {threshold:.2f}, where {precision}"
-                               if threshold <= 1.0 else f"answers nothing alone yet: at no confidence do {precision}")
+                               if threshold <= 1.0 else
+                               f"answers nothing alone yet: {len(records)} held-out answers are too few to tell"
+                               if len(records) < MIN_CALIBRATION_RECORDS else
+                               f"answers nothing alone yet: at no confidence do {precision}")
     else:
         reasons.append("no holdout examples yet")
+        if agent.config.routing.estimator == "logprob" and agent.config.routing.takeover_precision > 0:
+            m["routing_records"] = []  # nothing to trust it by: System 2 checks its answers first
+            reasons.append("answers nothing alone until System 2 has checked its answers")
     if retention_holdout:
         # The general adapter is gated by the configured measure and reports both. A scoped adapter never
         # answers general prompts: its retention is reported, not gated, by the likelihood measure only

@@ -95,6 +95,22 @@ def test_an_adapter_promoted_over_a_base_that_knew_nothing_answers_alone_only_wh
         assert (answer.adapter_version, answer.route, answer.text) == (1, "system2", "85")
 
 
+
+def test_an_adapter_with_no_held_out_answers_waits_for_system2_to_check_its_own(learning_config):
+    """Nothing to calibrate on (here no holdout at all; in a live replay one held-out word): it answers nothing
+    alone until System 2 has agreed with 5 of its answers (``policies.routing.MIN_CALIBRATION_RECORDS``)."""
+    learning_config.routing.threshold = 0.0  # alone, every answer of System 1 would stand
+    learning_config.consolidation.holdout_fraction = 0.0
+    with Agent(learning_config) as agent:
+        for q in TAUGHT:
+            agent.store.add_example(q, "85", method="arith", agreement=1.0)
+        report = agent.consolidate()
+        assert report.status == "promoted" and report.n_holdout == 0
+        assert report.metrics["routing_records"] == [] and "until System 2 has checked" in report.reason
+        routes = [agent.answer(q) for q in UNSEEN[:6]]
+        assert {a.adapter_version for a in routes} == {1} and {a.text for a in routes} == {"85"}
+        assert [a.route for a in routes] == ["system2"] * 5 + ["system1"]  # 5 agreeing checks, then alone
+
 def test_an_adapter_unsure_at_promotion_takes_over_as_system2_confirms_its_answers(learning_config):
     """Each input it serves that System 2 still answers is one more record of whether its own answer was right
     (``policies.routing.TakeoverEvidence``): once 5 of them agree at a confidence, it answers alone there."""
