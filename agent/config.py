@@ -316,7 +316,7 @@ class ConsolidationConfig:
     variations: int = within("[0, inf)", 192)
     """A run trains on at least this many task examples where program-aided System 2 solved enough of them
     (``agent.variations``): new questions of each wording it solved at least 3 times, with numbers drawn from
-    the range the scope asked, labelled by one of its programs that reproduces the wording's other accepted
+    the range the scope asked and quoted words from the model's vocabulary, labelled by one of its programs that reproduces the wording's other accepted
     answers; ``holdout_fraction`` more join the gate's holdout. A scope's first run has a few dozen real
     examples, which teach the answer's form more than the task. 0: real examples only."""
     retention_ratio: float = within("[0, inf)", 0.25)

@@ -50,7 +50,7 @@ from agent.errors import ConfigError, ConsolidationInterrupted
 from agent.prompting import TrainingExample, system1_messages
 from agent.retention import likelihood_retention
 from agent.training import TrainingDiverged, train_lora, training_device
-from agent.variations import Variations, make_variations, solved
+from agent.variations import Variations, make_variations, solved, vocabulary
 from policies.answers import answers_match, normalise, similarity
 from policies.routing import MIN_CALIBRATION_RECORDS, logprob_confidence, takeover_threshold
 from policies.sources import cap_by_source
@@ -354,7 +354,8 @@ def _variations(agent: Learner, scope: str | None, trained: Sequence[Example], h
         return Variations()
     n_holdout = round(n_train * cfg.holdout_fraction / (1 - cfg.holdout_fraction))
     return make_variations(solved(agent.store, trained), n_train, n_holdout, agent.answer_kind(scope),
-                           seed=cfg.seed, taken=[e.input for e in holdout])
+                           seed=cfg.seed, taken=[e.input for e in holdout],
+                           words=lambda: vocabulary(agent.model_path))
 
 
 def replay_examples(store: Store, cfg, n_new: int, tag: str | None, untagged_only: bool) -> list:

@@ -8,7 +8,7 @@ import random
 import pytest
 
 from agent import Agent
-from agent.variations import MIN_SOLVED, Solved, make_variations, solved
+from agent.variations import MIN_SOLVED, Solved, make_variations, solved, vocabulary
 from policies.variations import wording
 from store import Store
 
@@ -58,10 +58,42 @@ def test_a_wording_whose_programs_disagree_with_its_answers_makes_nothing():
     assert (made.train, made.holdout, made.unverified) == ([], [], ["What is {#} + {#}?"])
 
 
-def test_too_few_solved_questions_or_no_numbers_make_nothing():
+def test_too_few_solved_questions_or_no_values_make_nothing():
     assert make_variations(sums(pairs=SUMS[:MIN_SOLVED - 1]), 20, 0, "number").train == []
-    words = [Solved(f"Last letters of '{w}'?", w[-1], f"answer = '{w}'[-1]") for w in ("abc", "dog", "cat", "owl")]
-    assert make_variations(words, 20, 0, "text").train == []
+    unquoted = [Solved(f"Last letter of {w}?", w[-1], f"answer = '{w}'[-1]") for w in ("abc", "dog", "cat", "owl")]
+    assert make_variations(unquoted, 20, 0, "text").train == []
+
+
+COUNTING = ["pepper", "zipper", "stone", "dream", "night"]
+FRUIT = ["apple", "banana", "cherry", "melon", "grape", "lemons", "peach", "mango"]
+
+
+def test_quoted_words_vary_too_labelled_by_the_program_that_counted_them():
+    counted = [Solved(f"Count the letters in the word '{w}'.", str(len(w)), f'answer = len("{w}")') for w in COUNTING]
+    asked = []
+
+    def words():
+        asked.append(1)
+        return ["ox", "kiwi", "strawberries", *FRUIT]
+
+    made = make_variations(counted, 6, 2, "number", words=words)
+    assert len(asked) == 1 and made.made == {"Count the letters in the word '{#}'.": 8}
+    for example in made.train + made.holdout:
+        (word,) = wording(example.input)[1]
+        assert word in FRUIT  # as long as the scope's words, 5-6 letters
+        assert example.target == str(len(word))  # the program's answer, run in the sandbox
+    # a wording of numbers only never asks for the vocabulary
+    make_variations(sums(), 5, 0, "number", words=words)
+    assert len(asked) == 1
+
+
+def test_the_vocabulary_is_the_tokenizers_lowercase_whole_words(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    words = vocabulary(str(tiny_model_dir))
+    tokens = AutoTokenizer.from_pretrained(tiny_model_dir).get_vocab()
+    assert words == tuple(sorted(words))
+    assert all(w.isalpha() and w.islower() and 3 <= len(w) <= 12 and "Ġ" + w in tokens for w in words)
 
 
 def test_a_program_that_fails_on_new_numbers_labels_nothing_there():

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from policies.variations import HOLE, allocate, fill, new_questions, ranges, template, wording
+from policies.variations import HOLE, Words, allocate, fill, new_questions, ranges, template, wording
 
 
 def test_a_wording_takes_out_whole_numbers_only():
@@ -15,6 +15,15 @@ def test_a_wording_takes_out_whole_numbers_only():
     # decimals, thousands, leading zeros and digits inside words would not read the same written back
     assert wording("Is 3.5 more than 1,000 or 07 in x2?") == ("Is 3.5 more than 1,000 or 07 in x2?", ())
     assert wording(f"Is {HOLE} 4?") == (f"Is {HOLE} 4?", ())
+
+
+def test_a_wording_takes_out_quoted_words_with_their_quotes_kept():
+    assert wording("Count the letters in the word 'pepper'.") == (f"Count the letters in the word '{HOLE}'.", ("pepper",))
+    assert wording('Take the last letters of "plant glass" and 12.') == (f'Take the last letters of "{HOLE}" and {HOLE}.',
+                                                                        ("plant glass", 12))
+    # an apostrophe is no quote; a quote around anything but words (digits, a trailing space) is not varied
+    assert wording("It's John's 'dog'") == (f"It's John's '{HOLE}'", ("dog",))
+    assert wording("Is 'x2' or 'a b ' it?") == ("Is 'x2' or 'a b ' it?", ())
 
 
 def test_fill_puts_values_back_in_order():
@@ -33,12 +42,24 @@ def test_a_template_marks_the_literals_that_are_the_questions_numbers():
     assert template("Double 21.", "answer = 21 + 21").program_for((4,)) == "answer = 4 + 4"
 
 
+def test_a_template_marks_the_string_literals_that_are_the_questions_quoted_words():
+    t = template("Take the last letters of the words in 'plant glass'.",
+                 "words = 'plant glass'.split()\nanswer = ''.join(w[-1] for w in words)")
+    assert t is not None and t.program_for(("new words here",)) == (
+        "words = \"new words here\".split()\nanswer = ''.join(w[-1] for w in words)")
+    assert template("How many letters in 'pepper' times 3?", 'answer = len("pepper") * 3').program_for(("ab", 5)) == (
+        'answer = len("ab") * 5')
+
+
 @pytest.mark.parametrize("question, program", [
     ("What is 4 + 4?", "answer = 4 + 4"),              # which literal is which number?
     ("What is the capital of France?", "answer = 1"),  # no number to vary
     ("What is 47 + 38?", "answer = 47 + 40 - 2"),      # 38 is not in the program
     ("What is 47 + 38?", "answer = int('47') + 38"),   # 47 only inside a string
     ("What is 47 + 38?", "answer = (47 + 38"),         # does not tokenize
+    ("Count the letters in 'pepper'.", "answer = len('pep' + 'per')"),  # the word is not one literal
+    ("Count the letters in 'pepper'.", "answer = len(f'pepper')"),      # an f-string is more than its text
+    ("Count 'ab' and 'ab'.", "answer = len('ab')"),                     # which literal is which word?
 ])
 def test_no_template_where_a_program_cannot_be_rerun_on_other_numbers(question, program):
     assert template(question, program) is None
@@ -56,6 +77,20 @@ def test_new_questions_stay_in_the_range_and_never_repeat_a_known_one():
     # a slot that never varied keeps its value; a range with few questions gives fewer
     few = new_questions(shape, [(3, 3), (1, 4)], 10, random.Random(0), {fill(shape, (3, 1))})
     assert sorted(few) == [(3, 2), (3, 3), (3, 4)]
+
+
+def test_quoted_words_are_drawn_as_many_and_as_long_as_the_scopes_were():
+    shape, _ = wording("Take the last letters of the words in 'plant glass'.")
+    bounds = ranges([("plant glass",), ("sea otter",), ("a big dog",)])
+    assert bounds == [Words(count=(2, 3), length=(1, 5), seen=("a", "big", "dog", "glass", "otter", "plant", "sea"))]
+    vocabulary = ["ox", "toolong", "cat", "pear", "x1y", "mouse", "sheep"]
+    drawn = new_questions(shape, bounds, 40, random.Random(0), set(), vocabulary=vocabulary)
+    assert len(drawn) == 40 and len(set(drawn)) == 40
+    for (words,) in drawn:
+        assert 2 <= len(words.split()) <= 3 and set(words.split()) <= {"ox", "cat", "pear", "mouse", "sheep"}
+    # without a vocabulary the words the scope quoted are recombined
+    alone = new_questions(shape, bounds[:1], 10, random.Random(0), set())
+    assert alone and all(set(words.split()) <= set(bounds[0].seen) for (words,) in alone)
 
 
 def test_allocate_keeps_each_wordings_share():
