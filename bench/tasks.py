@@ -50,6 +50,13 @@ class Task:
     eval: list[Item]
     unseen: list[Item]
 
+    def __post_init__(self) -> None:
+        # a pool of entities too small for the training items asked for leaves nothing to evaluate on, and an
+        # accuracy over no items would print as 0.00
+        if not self.eval:
+            raise ValueError(f"task {self.name}: no held-out items left after {len(self.train)} training items "
+                             "(its pool of questions is too small): ask for fewer training items")
+
 
 def _split_pool(pool: list[str], seed: int, unseen_share: float = 0.3) -> tuple[list[str], list[str]]:
     rng = random.Random(seed)

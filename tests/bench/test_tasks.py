@@ -34,3 +34,9 @@ def test_counting_sorting_and_sums_in_words_have_right_answers() -> None:
         a, b = map(int, re.findall(r"\d+", item.input))
         assert item.answer == str(a + b) and "+" not in item.input
     assert {i.input.split()[0] for i in words.train} == {"What", "Add"}
+
+
+def test_a_task_whose_pool_the_training_items_exhaust_is_refused() -> None:
+    # counting has 2 phrasings of ~88 seen words: 176 questions, all taken by the training items
+    with pytest.raises(ValueError, match="no held-out items left after 176 training items"):
+        tasks.counting(n_train=200, n_eval=50)
