@@ -50,13 +50,6 @@ class Task:
     eval: list[Item]
     unseen: list[Item]
 
-    def __post_init__(self) -> None:
-        # a pool of entities too small for the training items asked for leaves nothing to evaluate on, and an
-        # accuracy over no items would print as 0.00
-        if not self.eval:
-            raise ValueError(f"task {self.name}: no held-out items left after {len(self.train)} training items "
-                             "(its pool of questions is too small): ask for fewer training items")
-
 
 def _split_pool(pool: list[str], seed: int, unseen_share: float = 0.3) -> tuple[list[str], list[str]]:
     rng = random.Random(seed)
@@ -67,6 +60,9 @@ def _split_pool(pool: list[str], seed: int, unseen_share: float = 0.3) -> tuple[
 
 
 def _unique(make: Callable[[random.Random], Item], n: int, rng: random.Random, taken: set[str]) -> list[Item]:
+    """Up to ``n`` items none of which is in ``taken`` (then added to it). Fewer when the pool runs short;
+    none at all is an error, since a split with no items (held-out ones, after training took the pool)
+    would print an accuracy of 0.00 over nothing."""
     items: list[Item] = []
     tries = 0
     while len(items) < n and tries < n * 200:
@@ -75,6 +71,9 @@ def _unique(make: Callable[[random.Random], Item], n: int, rng: random.Random, t
         if item.input not in taken:
             taken.add(item.input)
             items.append(item)
+    if n > 0 and not items:
+        raise ValueError(f"no question left to draw after {len(taken)}: the task's pool is too small for the "
+                         "items asked for; ask for fewer training items")
     return items
 
 

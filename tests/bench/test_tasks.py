@@ -38,5 +38,5 @@ def test_counting_sorting_and_sums_in_words_have_right_answers() -> None:
 
 def test_a_task_whose_pool_the_training_items_exhaust_is_refused() -> None:
     # counting has 2 phrasings of ~88 seen words: 176 questions, all taken by the training items
-    with pytest.raises(ValueError, match="no held-out items left after 176 training items"):
+    with pytest.raises(ValueError, match="no question left to draw after 176"):
         tasks.counting(n_train=200, n_eval=50)
