@@ -316,9 +316,10 @@ class ConsolidationConfig:
     variations: int = within("[0, inf)", 192)
     """A run trains on at least this many task examples where program-aided System 2 solved enough of them
     (``agent.variations``): new questions of each wording it solved at least 3 times, with numbers drawn from
-    the range the scope asked and quoted words from the model's vocabulary, labelled by one of its programs that reproduces the wording's other accepted
-    answers; ``holdout_fraction`` more join the gate's holdout. A scope's first run has a few dozen real
-    examples, which teach the answer's form more than the task. 0: real examples only."""
+    the range the scope asked and quoted words from the model's vocabulary, labelled by one of its programs
+    that reproduces the wording's other accepted answers; ``holdout_fraction`` more join the gate's holdout.
+    A scope's first run has a few dozen real examples, which teach the answer's form more than the task.
+    0: real examples only."""
     retention_ratio: float = within("[0, inf)", 0.25)
     """Retention examples (System 1's own confident answers) mixed in, per task example, in a run of the
     general adapter (``scoped_retention_ratio`` for a scoped one)."""
