@@ -508,6 +508,9 @@ def _gate(agent: Learner, report, holdout, retention_holdout, candidate, served:
     m = report.metrics
     reasons: list[str] = []
     ok = True
+    routing = agent.config.routing
+    # the adapter's own takeover threshold, calibrated on its held-out answers, decides when it answers alone
+    calibrated = routing.estimator == "logprob" and routing.takeover_precision > 0
     if holdout:
         inputs, targets = [e.input for e in holdout], [e.target for e in holdout]
         answers = agent.system1_batch(inputs, adapter=candidate)
@@ -516,8 +519,7 @@ def _gate(agent: Learner, report, holdout, retention_holdout, candidate, served:
         better = m["holdout_accuracy_candidate"] >= m["holdout_accuracy_serving"] - cfg.gate_margin
         ok &= better
         reasons.append(f"holdout accuracy {m['holdout_accuracy_serving']:.2f} -> {m['holdout_accuracy_candidate']:.2f}")
-        routing = agent.config.routing
-        if routing.estimator == "logprob" and routing.takeover_precision > 0:
+        if calibrated:
             records = [(round(logprob_confidence(c.logprobs, routing.quantile), 4), _right(c.text, t, kind))
                        for c, t in zip(answers, targets)]
             m["routing_records"] = records  # where serving's TakeoverEvidence starts from
@@ -532,7 +534,7 @@ def _gate(agent: Learner, report, holdout, retention_holdout, candidate, served:
                                f"answers nothing alone yet: at no confidence do {precision}")
     else:
         reasons.append("no holdout examples yet")
-        if agent.config.routing.estimator == "logprob" and agent.config.routing.takeover_precision > 0:
+        if calibrated:
             m["routing_records"] = []  # nothing to trust it by: System 2 checks its answers first
             reasons.append("answers nothing alone until System 2 has checked its answers")
     if retention_holdout:
