@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 from agent.auth import LOCAL
 from agent.backends import (
     BACKGROUND,
+    IDLE,
     Backend,
     Completion,
     GenerationRequest,
@@ -781,17 +782,20 @@ class Agent:
             self.routing_memory.record(query, name, bool(answer.accepted))
 
     def system2(self, query: str, *, method: str | None = None, tag: str | None = None, k: int | None = None,
-                threshold: float | None = None, cancel: threading.Event | None = None) -> System2Result:
+                threshold: float | None = None, cancel: threading.Event | None = None,
+                priority: int = BACKGROUND) -> System2Result:
         """Run System 2 alone on ``query``: ``k`` samples and the consistency decision; nothing is logged.
 
-        Useful to label data offline; ``answer`` uses it for the queries it routes to System 2.
+        Useful to label data offline; ``answer`` uses it for the queries it routes to System 2. ``priority``: the
+        local engine's for its samples (:data:`agent.backends.IDLE`: only while serving has nothing else to do,
+        as background labels run).
         """
         cfg = self.config.system2
         name = self._method_name(method, tag)
         solver = self._method(name, tag)  # an unknown name, or a teacher method without a teacher: ConfigError
         on_teacher, base = split_method(name)
         deadline = time.monotonic() + cfg.timeout_s
-        lm = self._lm(deadline, cancel)
+        lm = self._lm(deadline, cancel, priority)
         options = {"k": k or cfg.samples, "threshold": cfg.agreement_threshold if threshold is None else threshold}
         teacher_fallback = (base == "auto" and not on_teacher and self.teacher is not None
                             and (cfg.teacher.auto or (cfg.fallback or "").startswith(TEACHER_PREFIX)))
@@ -852,9 +856,9 @@ class Agent:
         else:
             answer.error = "System 2 gave no parsable answer"
 
-    def _lm(self, deadline: float, cancel: threading.Event | None = None):
-        """System 2's LM on the local backend: every call is dropped at the next decode step once ``deadline``
-        (``system2.timeout_s``) passes or ``cancel`` is set, instead of decoding on for nobody."""
+    def _lm(self, deadline: float, cancel: threading.Event | None = None, priority: int = BACKGROUND):
+        """System 2's LM on the local backend, at ``priority``: every call is dropped at the next decode step once
+        ``deadline`` (``system2.timeout_s``) passes or ``cancel`` is set, instead of decoding on for nobody."""
         seed = self.config.seed
 
         def run(calls: Sequence[Call]) -> list[list[Completion]]:
@@ -867,7 +871,7 @@ class Agent:
                     [{"role": role, "content": content} for role, content in call.messages],
                     SamplingParams(n=call.n, temperature=call.temperature, top_k=call.top_k,
                                    max_new_tokens=call.max_new_tokens, stop=tuple(call.stop), seed=seed),
-                    priority=BACKGROUND,
+                    priority=priority,
                 )
                 for call in calls
             ]
@@ -925,7 +929,7 @@ class Agent:
 
     def _label_deferred(self, item: Deferred) -> Label:
         """System 2 on a queued query, recorded as the inline path records it (linked to its interaction)."""
-        result = self.system2(item.query, method=item.method, tag=item.tag)
+        result = self.system2(item.query, method=item.method, tag=item.tag, priority=IDLE)
         answer = Answer(text=item.system1_text, route="system1", confidence=item.confidence, method=result.method,
                         adapter_version=item.adapter_version, tokens=0, latency_ms=0.0,
                         system1_text=item.system1_text, tag=item.tag, interaction_id=item.interaction_id)

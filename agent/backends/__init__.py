@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from agent.backends.base import BACKGROUND, INTERACTIVE, Backend, Completion, GenerationRequest, SamplingParams
+from agent.backends.base import BACKGROUND, IDLE, INTERACTIVE, Backend, Completion, GenerationRequest, SamplingParams
 from agent.errors import AdapterError, ConfigError, PromptTooLongError
 from agent.prompting import Message, Prompt
 
@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BACKGROUND",
+    "IDLE",
     "INTERACTIVE",
     "AdapterError",
     "Backend",

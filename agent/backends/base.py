@@ -47,6 +47,10 @@ INTERACTIVE = 0
 """The priority of work a user waits for: System 1 answers, plain completions."""
 BACKGROUND = 1
 """The priority of work that can wait a little for it: System 2's samples, evaluation and retention batches."""
+IDLE = 2
+"""The priority of work nobody waits for: System 2 labelling queries in the background
+(``system2.mode = "background"``). The CPU engine runs it only when nothing more urgent runs or waits, so that
+labelling takes the time serving leaves idle, not the users' (:mod:`agent.backends.batching`)."""
 
 
 @dataclass(frozen=True)
@@ -58,7 +62,8 @@ class GenerationRequest:
     priority: int = INTERACTIVE
     """Lower runs first, as in vLLM's priority scheduling. The CPU engine admits lower values first and, while
     rows of a lower value decode, prefills a higher value's prompt a chunk at a time between several of their
-    steps (:mod:`agent.backends.batching`); vLLM's scheduler orders and preempts by it."""
+    steps; :data:`IDLE` rows wait whole while anything else runs (:mod:`agent.backends.batching`). vLLM's
+    scheduler orders and preempts by it."""
 
 
 @dataclass

@@ -23,6 +23,14 @@ prompt (150-250 tokens after the shared few-shot prefix) took 0.3-0.6 s in float
 decode steps; paced, a System 1 answer decoding beside it pays a quarter of that per step, and System 2
 still gets its prompt in (its rows then decode beside System 1's at full speed).
 
+:data:`~agent.backends.base.IDLE` work (System 2 labelling in the background: nobody waits for it) runs in a
+lane of its own: its rows never share a step with others, and neither decode nor prefill while any other row
+decodes or prefills; they wait with their cache, and go on when serving has nothing else to do. Shared
+steps cost System 1 too much for work nobody waits for: back to back with PAL labels (4 samples each)
+decoding beside them, 16-token System 1 answers took 0.86 s at the median against 0.60 s alone. Under a
+load that never leaves the engine idle, background labels wait until their time budget
+(``system2.timeout_s``) runs out and count as failed: labelling gives way, serving does not.
+
 Admission keeps at most ``max_batch`` rows decoding. Requests are admitted in arrival order; one that does not
 fit yet lets later, smaller ones pass for up to :data:`HEAD_OF_LINE_S` seconds, after which nothing passes it
 (so short requests are not held behind a large one, and the large one is not starved). A single request larger
@@ -51,7 +59,7 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import torch
 
-from agent.backends.base import Completion, GenerationRequest, Prompt
+from agent.backends.base import IDLE, Completion, GenerationRequest, Prompt
 from agent.backends.decode_batch import DecodeBatch, Row, merge
 from agent.backends.hf import completion
 from agent.backends.stream import Delta, Handle, results, text_delta
@@ -63,6 +71,15 @@ HEAD_OF_LINE_S = 1.0
 """How long the oldest waiting request may be passed by later ones that fit the batch when it does not."""
 BACKGROUND_PREFILL_EVERY = 4
 """While rows of a lower priority run, a higher priority's prefill advances one pass in this many iterations."""
+
+
+def _lane(priority: int) -> int:
+    """0: rows someone waits for; 1: :data:`~agent.backends.base.IDLE` rows (see the module docstring)."""
+    return int(priority >= IDLE)
+
+
+def _rows(batch: DecodeBatch | None) -> int:
+    return len(batch.rows) if batch is not None else 0
 
 
 class StepEngine(Protocol):
@@ -117,6 +134,10 @@ class _Prefill:
     def priority(self) -> int:
         return min(job.priority for job, _, _ in self.items)
 
+    @property
+    def lane(self) -> int:
+        return _lane(self.priority)
+
 
 class BatchingBackend:
     """Wraps a :class:`StepEngine`; the ``Backend`` protocol plus :meth:`submit`, thread-safe."""
@@ -162,6 +183,8 @@ class BatchingBackend:
         """Scheduler iterations with work to do (prefill passes and/or a decode step each)."""
         self.paced_passes = 0
         """Prefill passes held back because rows of a lower priority were running."""
+        self.parked_steps = 0
+        """Iterations in which :data:`~agent.backends.base.IDLE` rows waited (without a step) for others."""
         self._worker = threading.Thread(target=self._run, name="s2agent-scheduler", daemon=True)
         self._worker.start()
 
@@ -254,27 +277,46 @@ class BatchingBackend:
             self._cond.notify()
 
     def _run(self) -> None:
-        batch: DecodeBatch | None = None
+        lanes: list[DecodeBatch | None] = [None, None]  # see _lane
         while True:
             self._run_control()
-            groups = self._admit((len(batch.rows) if batch else 0) + sum(p.rows for p in self._prefilling))
+            groups = self._admit(lanes)
             if groups is None:
                 return
             self.iterations += 1
+            stepping: int | None = None
             try:
                 with self.inner.lock, torch.inference_mode():
-                    batch = self._drop_expired(batch)
+                    lanes = [self._drop_expired(batch) for batch in lanes]
                     if groups:
-                        self._start_prefill([job for group in groups for job in group])
-                    batch = self._advance_prefills(batch)
-                    if batch is not None and batch.rows:
-                        batch = self._step(batch)
-                    self._retire_adapters(batch)
+                        self._start_prefills([job for group in groups for job in group])
+                    lanes = self._advance_prefills(lanes)
+                    stepping = self._lane_to_step(lanes)
+                    if stepping is not None:
+                        lanes[stepping] = self._step(lanes[stepping])
+                    stepping = None
+                    self._retire_adapters(lanes)
             except Exception as exc:  # noqa: BLE001 - a failed step fails its rows' callers, not the worker
-                logger.exception("decode step failed; failing the %d requests in it", len(batch.rows) if batch else 0)
-                for job in {row.owner for row in batch.rows} if batch else ():
+                failing = [stepping] if stepping is not None else [0, 1]
+                rows = [row for k in failing for row in (lanes[k].rows if lanes[k] else [])]
+                logger.exception("decode step failed; failing the %d requests in it", len({row.owner for row in rows}))
+                for job in {row.owner for row in rows}:
                     job.handle.fail(exc)
-                batch = None
+                for k in failing:
+                    lanes[k] = None
+
+    def _lane_to_step(self, lanes: list[DecodeBatch | None]) -> int | None:
+        """The lane whose rows take this iteration's decode step: IDLE rows only when no other row decodes or
+        prefills."""
+        if _rows(lanes[0]):
+            self.parked_steps += bool(_rows(lanes[1]))
+            return 0
+        if not _rows(lanes[1]):
+            return None
+        if any(prefill.lane == 0 for prefill in self._prefilling):
+            self.parked_steps += 1
+            return None
+        return 1
 
     def _run_control(self) -> None:
         """Run the work other threads handed over (:attr:`_control`), each failure going to its caller."""
@@ -290,10 +332,14 @@ class BatchingBackend:
             else:
                 done.set_result(None)
 
-    def _admit(self, running: int) -> list[list[_Job]] | None:
-        """The groups to admit now; waits while nothing runs. None: closed and nothing left to do."""
+    def _admit(self, lanes: list[DecodeBatch | None]) -> list[list[_Job]] | None:
+        """The groups to admit now, at most ``max_batch`` rows per lane (IDLE rows do not step with others);
+        waits while nothing runs. None: closed and nothing left to do."""
+        rows = [_rows(batch) for batch in lanes]
+        for prefill in self._prefilling:
+            rows[prefill.lane] += prefill.rows
         with self._cond:
-            if running == 0:
+            if sum(rows) == 0:
                 while not self._waiting and not self._closed and not self._control:
                     self._cond.wait(timeout=0.5)
                     self._retire_idle()
@@ -307,13 +353,13 @@ class BatchingBackend:
                     while self._rows_waiting() < self.max_batch and (left := end - time.monotonic()) > 0:
                         self._cond.wait(timeout=left)
             taken: list[list[_Job]] = []
-            rows, now = running, time.monotonic()
+            now = time.monotonic()
             for group in sorted(self._waiting, key=lambda g: min(job.priority for job in g)):  # stable: then arrival
-                size = sum(job.rows for job in group)
-                if rows + size <= self.max_batch or rows == 0:
+                size, lane = sum(job.rows for job in group), _lane(min(job.priority for job in group))
+                if rows[lane] + size <= self.max_batch or rows[lane] == 0:
                     self._waiting.remove(group)
                     taken.append(group)
-                    rows += size
+                    rows[lane] += size
                 elif now - group[0].submitted > HEAD_OF_LINE_S:
                     break  # it has waited long enough: nothing passes it any more
             return taken
@@ -334,6 +380,11 @@ class BatchingBackend:
         logger.info("dropped %d request(s) whose caller went away", len(gone))
         return self.inner.drop(batch, gone)
 
+    def _start_prefills(self, jobs: list[_Job]) -> None:
+        """Begin prefilling ``jobs`` (those still wanted, whose prompts are valid): one shared prefill per lane."""
+        for lane in (0, 1):
+            self._start_prefill([job for job in jobs if _lane(job.priority) == lane])
+
     def _start_prefill(self, jobs: list[_Job]) -> None:
         """Begin prefilling ``jobs`` (those still wanted, whose prompts are valid), as one shared prefill."""
         items = []
@@ -351,12 +402,13 @@ class BatchingBackend:
             self._prefilling.append(_Prefill(items, self.inner.prefill_steps(items, self.prefill_chunk)))
             self.prefills_started += 1
 
-    def _advance_prefills(self, batch: DecodeBatch | None) -> DecodeBatch | None:
-        """One pass of each prefill in progress; the rows of those that finished join ``batch``. A prefill whose
-        callers all went away is dropped; one that fails is split into one prefill per request, so the request
-        that made it fail fails alone. While rows of a lower priority run, a prefill of a higher one is paced
-        (:data:`BACKGROUND_PREFILL_EVERY`)."""
-        running = [row.owner.priority for row in batch.rows] if batch else []
+    def _advance_prefills(self, lanes: list[DecodeBatch | None]) -> list[DecodeBatch | None]:
+        """One pass of each prefill in progress; the rows of those that finished join their lane's batch. A
+        prefill whose callers all went away is dropped; one that fails is split into one prefill per request, so
+        the request that made it fail fails alone. While rows of a lower priority run, a prefill of a higher one
+        is paced (:data:`BACKGROUND_PREFILL_EVERY`), and an IDLE one waits."""
+        lanes = list(lanes)
+        running = [row.owner.priority for row in lanes[0].rows] if lanes[0] else []
         urgent = min(running + [prefill.priority for prefill in self._prefilling], default=0)
         paced_turn = self.iterations % BACKGROUND_PREFILL_EVERY == 0
         for prefill in list(self._prefilling):
@@ -367,7 +419,7 @@ class BatchingBackend:
                 self.dropped_rows += prefill.rows
                 logger.info("dropped a prefill of %d request(s) whose callers went away", len(prefill.items))
                 continue
-            if prefill.priority > urgent and not paced_turn:
+            if prefill.priority > urgent and (prefill.lane == 1 or not paced_turn):
                 self.paced_passes += 1
                 continue
             try:
@@ -389,8 +441,8 @@ class BatchingBackend:
                 job.completions = [None] * request.params.n
                 job.left = request.params.n
                 self.admitted_rows += request.params.n
-            batch = merge(batch, fresh)
-        return batch
+            lanes[prefill.lane] = merge(lanes[prefill.lane], fresh)
+        return lanes
 
     def _step(self, batch: DecodeBatch) -> DecodeBatch:
         stepped = list(batch.rows)
@@ -416,12 +468,12 @@ class BatchingBackend:
                     job.handle.finish([c for c in job.completions if c is not None])
         return batch
 
-    def _retire_adapters(self, batch: DecodeBatch | None) -> None:
+    def _retire_adapters(self, lanes: list[DecodeBatch | None]) -> None:
         """Unload adapters marked for it that no running row uses any more."""
         with self._cond:
             if not self._unloading:
                 return
-            used = {row.adapter for row in batch.rows} if batch else set()
+            used = {row.adapter for batch in lanes if batch is not None for row in batch.rows}
             used |= {request.adapter for prefill in self._prefilling for _, request, _ in prefill.items}
             ready = [name for name in self._unloading if name not in used]
             for name in ready:

@@ -12,6 +12,7 @@ import threading
 import pytest
 
 from agent import Agent
+from agent.backends import BACKGROUND, IDLE, INTERACTIVE
 from agent.metrics import Metrics
 from policies.lm import Call
 from policies.system2 import METHODS
@@ -160,3 +161,27 @@ def test_an_inline_agent_starts_no_worker(tiny_config, monkeypatch):
         assert agent.answer(QUESTIONS[0]).route == "system2"
         assert not [t for t in threading.enumerate() if t.name.startswith("system2-background")]
         assert agent.background_stats()["queued"] == 0
+
+
+def test_background_labels_run_at_idle_priority_and_inline_ones_do_not(config, monkeypatch):
+    """The engine gives background labels only the time serving leaves idle (``IDLE``); a user who waits
+    for System 2 inline gets ``BACKGROUND``, ahead of them."""
+    config.system2.method = "gated"
+    Gated.gate.set()
+    with Agent(config) as agent:
+        seen: list[int] = []
+        for name in ("generate", "submit"):
+            real = getattr(agent.backend, name)
+
+            def spy(requests, *args, _real=real, **kwargs):
+                seen.extend(r.priority for r in (requests if isinstance(requests, list) else [requests]))
+                return _real(requests, *args, **kwargs)
+
+            monkeypatch.setattr(agent.backend, name, spy)
+        agent.answer(QUESTIONS[0])
+        wait_for(lambda: agent.background_stats()["labelled"] == 1, what="the label")
+        labelled = list(seen)
+        config.system2.mode = "inline"
+        assert agent.answer(QUESTIONS[1]).route == "system2"
+    assert labelled == [INTERACTIVE, IDLE]  # System 1's answer, then the label's one model call
+    assert seen[len(labelled):] == [INTERACTIVE, BACKGROUND]

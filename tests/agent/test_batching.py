@@ -11,6 +11,7 @@ import torch
 
 from agent.backends import (
     BACKGROUND,
+    IDLE,
     INTERACTIVE,
     AdapterError,
     Backend,
@@ -19,7 +20,7 @@ from agent.backends import (
     SamplingParams,
 )
 from agent.backends import stream
-from agent.backends.batching import BACKGROUND_PREFILL_EVERY, BatchingBackend
+from agent.backends.batching import BACKGROUND_PREFILL_EVERY, BatchingBackend, _Job
 from agent.backends.hf import HFBackend
 from agent.errors import GenerationCancelled
 
@@ -250,6 +251,7 @@ class Recording(HFBackend):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.events: list[tuple[str, str]] = []
+        self.step_priorities: list[set[int]] = []
         self.on_pass = lambda: None
 
     def prefill_steps(self, items, chunk):
@@ -259,6 +261,8 @@ class Recording(HFBackend):
             yield out
 
     def step(self, batch):
+        if all(isinstance(row.owner, _Job) for row in batch.rows):  # the scheduler's rows, not a plain generate's
+            self.step_priorities.append({row.owner.priority for row in batch.rows})
         batch, finished = super().step(batch)
         self.events.append(("step", ""))
         self.events += [("done", row.owner.handle.request.prompt) for row in finished if hasattr(row.owner, "handle")]
@@ -346,6 +350,43 @@ def test_interactive_requests_are_admitted_before_background_ones_that_came_firs
         batcher.close()
     done = [prompt for kind, prompt in engine.events if kind == "done"]
     assert done == [PROMPTS[0], PROMPTS[2], PROMPTS[1]]
+
+
+def test_idle_rows_wait_whole_while_interactive_rows_decode(tiny_model_dir: Path) -> None:
+    """Background labels never share a step with a user's request: their rows wait with their cache, go on
+    afterwards, and end as if they had run alone. The idle lane does not take the user's batch slot either."""
+    engine = Recording(str(tiny_model_dir), model_name="tiny-llama", threads=1)
+    [[alone]] = engine.generate([GenerationRequest(PROMPTS[0], endless(engine, 40))])
+    batcher = BatchingBackend(engine, max_batch=1, max_wait_ms=0)
+    try:
+        idle = batcher.submit(GenerationRequest(PROMPTS[0], endless(engine, 40), priority=IDLE))
+        next(idle.deltas())
+        [[urgent]] = batcher.generate([GenerationRequest(PROMPTS[1], endless(engine, 8))])
+        assert not idle.done  # it waited: 8 steps of the user's row ran while it had 39 left
+        [labelled] = idle.result(timeout=60)
+    finally:
+        batcher.close()
+    assert urgent.num_tokens == 8 and labelled.token_ids == alone.token_ids
+    assert all(len(priorities) == 1 for priorities in engine.step_priorities)  # never in one step
+    assert engine.step_priorities.count({INTERACTIVE}) == 8 and batcher.parked_steps >= 8
+    assert engine.step_priorities[-1] == {IDLE}
+
+
+def test_an_idle_prefill_waits_for_interactive_rows(tiny_model_dir: Path) -> None:
+    engine = Recording(str(tiny_model_dir), model_name="tiny-llama", threads=1)
+    batcher = BatchingBackend(engine, max_wait_ms=0, prefill_chunk=8)
+    try:
+        decoding = batcher.submit(GenerationRequest(PROMPTS[0], endless(engine, 60)))
+        next(decoding.deltas())
+        idle = batcher.submit(GenerationRequest(LONG, SamplingParams(max_new_tokens=2), priority=IDLE))
+        decoding.result(timeout=60)
+        idle.result(timeout=60)
+    finally:
+        batcher.close()
+    passes = [k for k, event in enumerate(engine.events) if event == ("pass", LONG)]
+    last_interactive_step = max(k for k, event in enumerate(engine.events) if event == ("done", PROMPTS[0]))
+    assert len(passes) > 10 and min(passes) > last_interactive_step  # not one pass beside the user's row
+    assert batcher.paced_passes >= 1
 
 
 def test_adapters_are_loaded_on_the_worker_thread(tiny_model_dir: Path, tmp_path: Path) -> None:
