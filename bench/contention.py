@@ -12,9 +12,11 @@ repeated ``--repeats`` times (interleaved, so that a change in the machine's loa
   (``scheduler.process`` thread, or child with 1 or 2 torch threads, niced by ``scheduler.nice``), and the
   same requests are timed once it holds the store's lock (that is, from its retention answers on); the run is
   then left to finish, and its duration reported;
-- ``inline`` / ``background``: ``--system2-queries`` additions sent to System 2 (PAL, k=4) by the router,
-  inline (the user waits) or in background mode; then, in background mode, ``--system2-queries`` System 1
-  requests timed while the queue is being labelled, and the time until every label is stored.
+- ``inline`` / ``background``: ``--system2-queries`` additions sent to System 2 (PAL, k=4) by the router, one
+  after another, inline (the user waits) or in background mode (each System 1 pass at most 16 new tokens, as in
+  ``none``: in background mode the routed p50 is System 1's latency while the labels of the queries before it
+  run); then, in background mode, ``--system2-queries`` System 1 requests timed while the queue is still being
+  labelled, and the time until every label is stored.
 The load average is read before and after each condition: on a shared machine it says how much to trust a row.
 """
 
@@ -86,7 +88,7 @@ def _system2(agent: Agent, n: int, background: bool) -> dict:
     answered = []
     for item in items:
         t = time.perf_counter()
-        answer = agent.answer(item.input, tag="addition")
+        answer = agent.answer(item.input, tag="addition", max_new_tokens=MAX_TOKENS)
         answered.append(time.perf_counter() - t)
     out: dict = {"routed_latencies": answered}
     if background:
