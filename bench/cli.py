@@ -46,12 +46,15 @@ def build_parser(prog: str = "agent bench") -> argparse.ArgumentParser:
     p = sub.add_parser("contention", help="System 1 latency with a consolidation (thread / niced child) or "
                                           "background System 2 running")
     p.add_argument("--conditions", default="none,thread,child,child-2t,inline,background",
-                   help="comma-separated: none, thread, child, child-2t, inline, background")
+                   help="comma-separated: none, thread, child, child-2t, child-nolend, inline, background")
     p.add_argument("--examples", type=int, default=100, help="additions imported before each consolidation")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--requests", type=int, default=30, help="System 1 requests timed per condition")
     p.add_argument("--repeats", type=int, default=2, help="passes over all conditions, interleaved")
     p.add_argument("--system2-queries", dest="system2_queries", type=int, default=10)
+    p.add_argument("--gap", type=float, default=0.0,
+                   help="seconds between timed System 1 requests (0: back to back; users who leave the engine idle "
+                        "between requests)")
     p.add_argument("--no-finish", dest="finish", action="store_false",
                    help="stop each consolidation after the timed requests instead of timing the whole run")
     p.add_argument("--json", action="store_true")
@@ -321,7 +324,7 @@ def run(args: argparse.Namespace, config: AgentConfig) -> int:
                 {k: v for k, v in row.items() if not k.endswith("latencies")}, default=str) + "\n")
 
         results = contention.run(config, conditions, args.examples, args.epochs, args.requests, args.repeats,
-                                 args.system2_queries, args.finish, progress=progress)
+                                 args.system2_queries, args.finish, progress=progress, gap=args.gap)
         sys.stdout.write((json.dumps(results, indent=2) if args.json else contention.report(results)) + "\n")
         return 0
     if args.bench_cmd == "abuse":

@@ -2,14 +2,17 @@
 in a thread or in a niced child process, and with System 2 labelling in the background.
 
     agent bench contention [--model default] [--examples 100] [--epochs 1] [--requests 30] [--repeats 2]
-                           [--conditions none,thread,child,child-2t,inline,background] [--system2-queries 10]
+                           [--conditions none,thread,child,child-2t,child-nolend,inline,background]
+                           [--system2-queries 10] [--gap 0]
 
 Each condition starts from a fresh temporary store; conditions run one after the other and the whole set is
 repeated ``--repeats`` times (interleaved, so that a change in the machine's load hits every condition):
-- ``none``: ``--requests`` System 1 answers (``route="system1"``, at most 16 new tokens), one at a time;
-- ``thread`` / ``child`` / ``child-2t``: ``--examples`` two-digit additions are imported into the store (the
-  ``{"input", "target"}`` lines ``agent store import`` takes), a consolidation is started by the scheduler
-  (``scheduler.process`` thread, or child with 1 or 2 torch threads, niced by ``scheduler.nice``), and the
+- ``none``: ``--requests`` System 1 answers (``route="system1"``, at most 16 new tokens), one at a time,
+  ``--gap`` seconds apart (0: back to back);
+- ``thread`` / ``child`` / ``child-2t`` / ``child-nolend``: ``--examples`` two-digit additions are imported into
+  the store (the ``{"input", "target"}`` lines ``agent store import`` takes), a consolidation is started by the
+  scheduler (``scheduler.process`` thread, or child with 1 or 2 torch threads, niced by ``scheduler.nice``;
+  ``child-nolend``: the default child, but serving keeps all its threads, ``scheduler.lend_cores = false``), and the
   same requests are timed once it holds the store's lock (that is, from its retention answers on); the run is
   then left to finish, and its duration reported;
 - ``inline`` / ``background``: ``--system2-queries`` additions sent to System 2 (PAL, k=4) by the router, one
@@ -34,7 +37,7 @@ from pathlib import Path
 from agent import Agent, AgentConfig
 from bench import tasks
 
-CONDITIONS = ("none", "thread", "child", "child-2t", "inline", "background")
+CONDITIONS = ("none", "thread", "child", "child-2t", "child-nolend", "inline", "background")
 MAX_TOKENS = 16
 """Length limit of each timed System 1 answer (a short answer, as a sum's)."""
 QUESTIONS = [f"What is {a} + {b}?" for a, b in zip(range(71, 99), range(98, 70, -1))]
@@ -46,10 +49,13 @@ def _quantile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def _time_system1(agent: Agent, n: int, busy=lambda: True) -> tuple[list[float], int]:
-    """Latencies of ``n`` System 1 answers, and how many of them started while ``busy()`` was true."""
+def _time_system1(agent: Agent, n: int, busy=lambda: True, gap: float = 0.0) -> tuple[list[float], int]:
+    """Latencies of ``n`` System 1 answers, ``gap`` seconds apart, and how many of them started while ``busy()``
+    was true."""
     latencies, overlapped = [], 0
     for i in range(n):
+        if i and gap:
+            time.sleep(gap)
         overlapped += bool(busy())
         t = time.perf_counter()
         agent.answer(QUESTIONS[i % len(QUESTIONS)], route="system1", max_new_tokens=MAX_TOKENS)
@@ -65,7 +71,7 @@ def _seed(agent: Agent, examples: int, folder: Path) -> int:
     return agent.store.import_examples(path)
 
 
-def _consolidation(agent: Agent, requests: int, finish: bool) -> dict:
+def _consolidation(agent: Agent, requests: int, finish: bool, gap: float) -> dict:
     scheduler = agent.start_scheduler()  # no trigger is configured: the run is started by hand below
     runner = threading.Thread(target=scheduler.run_now, kwargs={"trigger": "bench"}, daemon=True)
     started = time.perf_counter()
@@ -73,7 +79,7 @@ def _consolidation(agent: Agent, requests: int, finish: bool) -> dict:
     while agent.running_consolidation() is None and runner.is_alive():
         time.sleep(0.05)
     lock_after = time.perf_counter() - started
-    latencies, overlapped = _time_system1(agent, requests, busy=runner.is_alive)
+    latencies, overlapped = _time_system1(agent, requests, busy=runner.is_alive, gap=gap)
     if not finish:
         scheduler.shutdown()
     runner.join()
@@ -104,7 +110,7 @@ def _system2(agent: Agent, n: int, background: bool) -> dict:
 
 
 def run_condition(base: AgentConfig, condition: str, examples: int, epochs: int, requests: int,
-                  system2_queries: int, finish: bool) -> dict:
+                  system2_queries: int, finish: bool, gap: float = 0.0) -> dict:
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="s2agent-bench-contention-") as home:
         cfg = copy.deepcopy(base)
@@ -114,6 +120,7 @@ def run_condition(base: AgentConfig, condition: str, examples: int, epochs: int,
         cfg.scheduler.interval_minutes = cfg.scheduler.min_pending = None
         cfg.scheduler.process = "thread" if condition == "thread" else "child"
         cfg.scheduler.train_threads = 2 if condition == "child-2t" else 1
+        cfg.scheduler.lend_cores = condition != "child-nolend"
         cfg.system2.methods_by_tag = {"addition": "pal"}
         cfg.system2.samples = 4
         cfg.system2.mode = "background" if condition == "background" else "inline"
@@ -123,10 +130,10 @@ def run_condition(base: AgentConfig, condition: str, examples: int, epochs: int,
             _time_system1(agent, 3)  # warm-up
             row: dict = {"condition": condition}
             if condition == "none":
-                row["latencies"], row["overlapped"] = _time_system1(agent, requests)
-            elif condition in ("thread", "child", "child-2t"):
+                row["latencies"], row["overlapped"] = _time_system1(agent, requests, gap=gap)
+            elif condition in ("thread", "child", "child-2t", "child-nolend"):
                 row["seeded"] = _seed(agent, examples, Path(home))
-                row.update(_consolidation(agent, requests, finish))
+                row.update(_consolidation(agent, requests, finish, gap))
             else:
                 row.update(_system2(agent, system2_queries, background=condition == "background"))
     for key in ("latencies", "routed_latencies"):
@@ -139,17 +146,17 @@ def run_condition(base: AgentConfig, condition: str, examples: int, epochs: int,
 
 
 def run(config: AgentConfig, conditions: list[str], examples: int = 100, epochs: int = 1, requests: int = 30,
-        repeats: int = 2, system2_queries: int = 10, finish: bool = True, progress=None) -> dict:
+        repeats: int = 2, system2_queries: int = 10, finish: bool = True, progress=None, gap: float = 0.0) -> dict:
     rows = []
     for repeat in range(repeats):
         for condition in conditions:
-            row = run_condition(config, condition, examples, epochs, requests, system2_queries, finish)
+            row = run_condition(config, condition, examples, epochs, requests, system2_queries, finish, gap)
             row["repeat"] = repeat + 1
             rows.append(row)
             if progress:
                 progress(row)
     return {"model": config.model, "cpus": os.cpu_count(), "examples": examples, "epochs": epochs, "requests": requests,
-            "rows": rows, "summary": summarize(rows)}
+            "gap": gap, "rows": rows, "summary": summarize(rows)}
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -171,7 +178,8 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 
 def report(result: dict) -> str:
-    lines = [f"model {result['model']}, {result['cpus']} CPUs; System 1 answers of at most {MAX_TOKENS} tokens",
+    apart = f", {result['gap']:g} s apart" if result.get("gap") else ", back to back"
+    lines = [f"model {result['model']}, {result['cpus']} CPUs; System 1 answers of at most {MAX_TOKENS} tokens{apart}",
              f"{'condition':<11} {'S1 p50':>7} {'S1 p90':>7} {'routed p50':>10} {'run s':>6} {'labelled s':>10}"
              f"  overlapped  load (1 min, before/after)"]
 

@@ -100,16 +100,16 @@ def test_consolidation_trains_gates_and_times_the_swap(tiny_model_dir: Path) -> 
 
 
 def test_contention_times_system1_beside_each_kind_of_background_work(tiny_model_dir: Path) -> None:
-    results = contention.run(tiny(tiny_model_dir), ["none", "child", "background"], examples=30, requests=3,
-                             repeats=1, system2_queries=2)
+    results = contention.run(tiny(tiny_model_dir), ["none", "child-nolend", "background"], examples=30, requests=3,
+                             repeats=1, system2_queries=2, gap=0.05)
 
     none, child, background = results["rows"]
     assert len(none["latencies"]) == len(child["latencies"]) == 3 and none["overlapped"] == 3
     assert child["seeded"] == 30 and child["run_status"] in ("promoted", "rejected") and child["run_seconds"] > 0
     assert len(background["routed_latencies"]) == 2 and background["last_route_reason"] == "queued"
     assert background["background"]["labelled"] + background["background"]["failed"] == 2
-    assert [s["condition"] for s in results["summary"]] == ["none", "child", "background"]
-    assert "S1 p50" in contention.report(results)
+    assert [s["condition"] for s in results["summary"]] == ["none", "child-nolend", "background"]
+    assert "S1 p50" in contention.report(results) and "0.05 s apart" in contention.report(results)
 
 
 def test_embed_example_runs(tiny_model_dir: Path) -> None:
