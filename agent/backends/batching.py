@@ -298,9 +298,9 @@ class BatchingBackend:
                     self._retire_adapters(lanes)
             except Exception as exc:  # noqa: BLE001 - a failed step fails its rows' callers, not the worker
                 failing = [stepping] if stepping is not None else [0, 1]
-                rows = [row for k in failing for row in (lanes[k].rows if lanes[k] else [])]
-                logger.exception("decode step failed; failing the %d requests in it", len({row.owner for row in rows}))
-                for job in {row.owner for row in rows}:
+                jobs = {row.owner for k in failing for row in (lanes[k].rows if lanes[k] else [])}
+                logger.exception("decode step failed; failing the %d requests in it", len(jobs))
+                for job in jobs:
                     job.handle.fail(exc)
                 for k in failing:
                     lanes[k] = None
