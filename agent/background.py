@@ -5,7 +5,9 @@ query to System 2: it offers the query to a :class:`System2Queue` and answers wi
 bounded (``system2.queue_size``): when it is full the query is dropped, and counted, rather than letting
 a backlog grow without limit. ``system2.workers`` threads take queries in order and call a labelling
 function (:meth:`agent.Agent._label_deferred`: System 2, the consistency filter, and the example stored
-exactly as the inline path stores it).
+exactly as the inline path stores it). The labelling function may also decline a query when its turn
+comes (``skipped``): the System 2 memory learns from the labels done while the query waited, and a kind of
+input it now knows System 2 never pays off for is not worth the idle time (see ``_label_deferred``).
 
 A query waits in the queue until its interaction has been logged (:meth:`Deferred.logged`), so that the
 stored example can point at it. :meth:`System2Queue.close` stops taking queries, drops those still
@@ -42,6 +44,8 @@ class Deferred:
     interaction_id: int | None = None
     source: str | None = None
     """Who asked (an API key's name, ``local``): the stored example records it."""
+    explore: bool = False
+    """Queued although the System 2 memory said skip (drawn to explore): labelled whatever it says later."""
     _logged: threading.Event = field(default_factory=threading.Event, repr=False)
 
     def logged(self, interaction_id: int | None) -> None:
@@ -56,13 +60,16 @@ class Label:
 
     accepted: bool
     tokens: int
+    skipped: bool = False
+    """System 2 was not run: by the time the query's turn came, it was no longer worth running."""
 
 
-COUNTERS = ("queued", "dropped", "labelled", "accepted", "failed", "tokens")
+COUNTERS = ("queued", "dropped", "labelled", "accepted", "skipped", "failed", "tokens")
 """``queued``: queries taken into the queue; ``dropped``: refused because it was full, or still waiting
 at close; ``labelled``: System 2 reached a decision; ``accepted``: that decision passed the consistency
-filter and joined the buffer as pending; ``failed``: System 2 raised (timeout, closing, an error);
-``tokens``: tokens System 2 generated in the background."""
+filter and joined the buffer as pending; ``skipped``: not run when its turn came (the System 2 memory,
+which learnt while it waited, says System 2 does not pay off for inputs like it); ``failed``: System 2
+raised (timeout, closing, an error); ``tokens``: tokens System 2 generated in the background."""
 
 
 class System2Queue:
@@ -137,4 +144,7 @@ class System2Queue:
                 logger.warning("background System 2 failed on %r: %s", item.query[:80], exc)
                 self._count(failed=1)
                 continue
-            self._count(labelled=1, accepted=int(label.accepted), tokens=label.tokens)
+            if label.skipped:
+                self._count(skipped=1)
+            else:
+                self._count(labelled=1, accepted=int(label.accepted), tokens=label.tokens)

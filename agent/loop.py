@@ -280,7 +280,8 @@ class Agent:
         elif decision.route == "system2":
             if route == "auto" and self.config.system2.mode == "background":
                 if teach:
-                    deferred = self._defer_system2(answer, query, method, tag, source)
+                    deferred = self._defer_system2(answer, query, method, tag, source,
+                                                   explore=verdict is not None and verdict.explored)
                 else:
                     answer.route_reason["system2"] = "not queued: the source may not teach"
             else:
@@ -918,17 +919,31 @@ class Agent:
 
     # --- background System 2 ---------------------------------------------------------------
     def _defer_system2(self, answer: Answer, query: str, method: str | None, tag: str | None,
-                       source: str) -> Deferred | None:
+                       source: str, explore: bool = False) -> Deferred | None:
         """Offer ``query`` to the background queue; the user keeps System 1's ``answer``, which says whether
         System 2 was ``queued`` or ``dropped`` (queue full) in ``route_reason["system2"]``."""
         item = Deferred(query, method, tag, answer.system1_text, answer.confidence, answer.adapter_version,
-                        source=source)
+                        source=source, explore=explore)
         queued = self._system2_queue.offer(item)
         answer.route_reason["system2"] = "queued" if queued else "dropped"
         return item if queued else None
 
     def _label_deferred(self, item: Deferred) -> Label:
-        """System 2 on a queued query, recorded as the inline path records it (linked to its interaction)."""
+        """System 2 on a queued query, recorded as the inline path records it (linked to its interaction).
+
+        The System 2 memory judges the query again first. It judged it when the query was queued, but a queue
+        that labels only in serving's idle time lags minutes behind the traffic, and the labels done meanwhile
+        are evidence: in the live replay nearly all of the first hundred queries were queued before any label told the
+        memory that sorting and general questions never pay off, and labelling them (up to 8 s each, alone)
+        held back the sums behind them, which do. Such a query is skipped, as it would be if asked now; one
+        queued to explore (the memory said skip, and it was drawn to run anyway) is not judged again."""
+        name = self._method_name(item.method, item.tag)
+        verdict = None if item.explore else self.routing_memory.judge(item.query, name)
+        if verdict is not None and verdict.skip:
+            if item.interaction_id is not None:
+                self.store.add_background_label(item.interaction_id, method=None, route_reason={
+                    "system2": "skipped", "memory": verdict.as_dict()})
+            return Label(accepted=False, tokens=0, skipped=True)
         result = self.system2(item.query, method=item.method, tag=item.tag, priority=IDLE)
         answer = Answer(text=item.system1_text, route="system1", confidence=item.confidence, method=result.method,
                         adapter_version=item.adapter_version, tokens=0, latency_ms=0.0,
@@ -943,7 +958,7 @@ class Agent:
                 teacher_completion_tokens=answer.teacher_completion_tokens,
                 # the samples too, as inline: audit, and the programs a consolidation's variations start from
                 route_reason={"system2": "labelled", "samples": answer.route_reason.get("samples", [])})
-        self.routing_memory.record(item.query, self._method_name(item.method, item.tag), bool(answer.accepted))
+        self.routing_memory.record(item.query, name, bool(answer.accepted))
         tag = item.tag
         if tag is None and answer.accepted and self.config.scoping.auto:
             tag = self._assign_scope(answer, item.query)  # the example joins its scope; the logged answer stays
@@ -953,7 +968,8 @@ class Agent:
     def background_stats(self) -> dict[str, int]:
         """Background System 2 (``system2.mode = "background"``) since this agent started: queries
         ``queued``, ``dropped`` (queue full, or waiting at close), ``labelled``, ``accepted`` into the buffer,
-        ``failed``, System 2 ``tokens`` spent, and ``waiting`` now."""
+        ``skipped`` at their turn (see :meth:`_label_deferred`), ``failed``, System 2 ``tokens`` spent, and
+        ``waiting`` now."""
         return self._system2_queue.stats()
 
 

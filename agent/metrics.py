@@ -146,9 +146,10 @@ class Metrics:
         if background is not None:
             family("s2agent_system2_background_total", "counter",
                    "Background System 2 (system2.mode = background): queries queued, dropped (queue full or "
-                   "closing), labelled, accepted into the buffer, failed.",
+                   "closing), labelled, accepted into the buffer, skipped when their turn came (the System 2 memory "
+                   "had learnt it does not pay off for such inputs), failed.",
                    [("s2agent_system2_background_total", {"event": e}, background.get(e, 0))
-                    for e in ("queued", "dropped", "labelled", "accepted", "failed")])
+                    for e in ("queued", "dropped", "labelled", "accepted", "skipped", "failed")])
             family("s2agent_system2_background_tokens_total", "counter",
                    "Tokens System 2 generated in the background.",
                    [("s2agent_system2_background_tokens_total", {}, background.get("tokens", 0))])

@@ -550,6 +550,8 @@ class ServerState:
     """Serving adapter version per scope (``general`` for the unscoped one), from ``GET /v1/models``."""
     background_waiting: float | None = None
     """Queries waiting for a background System 2 label (``s2agent_system2_background_waiting``)."""
+    background: dict[str, int] = field(default_factory=dict)
+    """Background System 2 events so far (``s2agent_system2_background_total``): queued, labelled, skipped..."""
 
 
 def server_state(client: Client, previous: ServerState | None = None) -> tuple[ServerState, str | None]:
@@ -567,7 +569,10 @@ def server_state(client: Client, previous: ServerState | None = None) -> tuple[S
     tokens = samples.get(("s2agent_tokens_generated_total", frozenset({("system", "system2")})))
     runs = {dict(labels).get("result", "?"): int(v) for (name, labels), v in samples.items()
             if name == "s2agent_consolidation_runs_total"}
-    return ServerState(tokens, runs, adapters, samples.get(("s2agent_system2_background_waiting", frozenset()))), None
+    background = {dict(labels).get("event", "?"): int(v) for (name, labels), v in samples.items()
+                  if name == "s2agent_system2_background_total"}
+    return ServerState(tokens, runs, adapters, samples.get(("s2agent_system2_background_waiting", frozenset())),
+                       background), None
 
 
 # --- measuring ----------------------------------------------------------------------------------------------
@@ -657,6 +662,9 @@ def window_record(index: int, served: int, replies: Sequence[Reply], probed: Seq
         "errors": len(errors), "error_examples": errors[:3],
         "probe": probe_summary(probed),
         "adapters": after.adapters, "promoted": promoted, "consolidation_runs": after.runs,
+        # background mode: what the label queue did during the window, and how many it left waiting
+        "background": {event: n - before.background.get(event, 0) for event, n in after.background.items()},
+        "background_waiting": after.background_waiting,
     }
 
 
@@ -811,12 +819,12 @@ def checks(result: dict[str, Any]) -> list[dict[str, str]]:
 def report(result: dict[str, Any]) -> str:
     """One row per window, then the checks."""
     head = (f"{'served':>7} {'S2 share':>8} {'skipped':>7} {'S2 tok/q':>9} {'(resp.)':>8} {'S1 probe':>8} {'served acc':>10} "
-            f"{'p50 s':>6} {'p95 s':>6} {'S1 p50':>6} {'errors':>6}  adapters")
+            f"{'p50 s':>6} {'p95 s':>6} {'S1 p50':>6} {'errors':>6} {'waiting':>7}  adapters")
     start = result["probe_start"]
     lines = [f"model {result['model']}; server: {' '.join(result['server']['command'][3:])}",
              head,
              (f"{0:>7} {'':>8} {'':>7} {'':>9} {'':>8} {_fmt(start['accuracy']):>8} {'':>10} {'':>6} {'':>6} "
-              f"{_fmt(start['latency_p50_s']):>6} {start['errors']:>6}  base")]
+              f"{_fmt(start['latency_p50_s']):>6} {start['errors']:>6} {'':>7}  base")]
     for w in result["windows"]:
         adapters = ", ".join(f"{scope} v{v}" for scope, v in sorted(w["adapters"].items())) or "base"
         if w["promoted"]:
@@ -826,7 +834,8 @@ def report(result: dict[str, Any]) -> str:
             f"{_fmt(w['system2_tokens_per_query_metrics'], '.1f'):>9} "
             f"{_fmt(w['system2_tokens_per_query_responses'], '.1f'):>8} "
             f"{_fmt(w['probe']['accuracy']):>8} {_fmt(w['served_accuracy']):>10} {_fmt(w['latency_p50_s']):>6} "
-            f"{_fmt(w['latency_p95_s']):>6} {_fmt(w['probe']['latency_p50_s']):>6} {w['errors']:>6}  {adapters}")
+            f"{_fmt(w['latency_p95_s']):>6} {_fmt(w['probe']['latency_p50_s']):>6} {w['errors']:>6} "
+            f"{_fmt(w.get('background_waiting'), '.0f'):>7}  {adapters}")
     if alone := result.get("system1_alone"):
         lines.append(f"System 1 alone on the last window's queries again: p50 {_fmt(alone['latency_p50_s'])} s, "
                      f"p95 {_fmt(alone['latency_p95_s'])} s")

@@ -65,21 +65,25 @@ class InteractionsMixin(StoreBase):
                     session.execute(insert(Interaction), group)
         return len(checked)
 
-    def add_background_label(self, interaction_id: int, *, method: str, tokens_system2: int, system2_calls: int,
-                             accepted: bool, votes: Optional[dict[str, Any]] = None, teacher_prompt_tokens: int = 0,
-                             teacher_completion_tokens: int = 0, route_reason: Optional[dict[str, Any]] = None) -> bool:
+    def add_background_label(self, interaction_id: int, *, method: Optional[str], tokens_system2: int = 0,
+                             system2_calls: int = 0, accepted: bool = False, votes: Optional[dict[str, Any]] = None,
+                             teacher_prompt_tokens: int = 0, teacher_completion_tokens: int = 0,
+                             route_reason: Optional[dict[str, Any]] = None) -> bool:
         """What System 2 spent and decided in the background, added to the interaction whose query it labelled:
         its route stays what the user got (System 1), and its System 2 tokens, calls and teacher tokens count in
-        :meth:`stats` like an inline run's. ``route_reason`` keys are merged in. False: no such interaction."""
+        :meth:`stats` like an inline run's. ``route_reason`` keys are merged in. ``method`` None: System 2 did
+        not run after all (the label was skipped), and only ``route_reason`` is merged. False: no such
+        interaction."""
         with self._write() as session:
             row = session.get(Interaction, interaction_id)
             if row is None:
                 return False
-            row.method, row.accepted, row.votes = method, accepted, votes
-            row.tokens_system2 = (row.tokens_system2 or 0) + tokens_system2
-            row.system2_calls = (row.system2_calls or 0) + system2_calls
-            row.teacher_prompt_tokens = (row.teacher_prompt_tokens or 0) + teacher_prompt_tokens
-            row.teacher_completion_tokens = (row.teacher_completion_tokens or 0) + teacher_completion_tokens
+            if method is not None:
+                row.method, row.accepted, row.votes = method, accepted, votes
+                row.tokens_system2 = (row.tokens_system2 or 0) + tokens_system2
+                row.system2_calls = (row.system2_calls or 0) + system2_calls
+                row.teacher_prompt_tokens = (row.teacher_prompt_tokens or 0) + teacher_prompt_tokens
+                row.teacher_completion_tokens = (row.teacher_completion_tokens or 0) + teacher_completion_tokens
             if route_reason:
                 row.route_reason = {**(row.route_reason or {}), **route_reason}
             return True

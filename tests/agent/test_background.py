@@ -70,8 +70,8 @@ def test_background_answers_with_system1_and_stores_the_label_later(config):
             assert a.route_reason["system2"] == "queued" and a.votes is None and a.tokens_system2 == 0
         wait_for(lambda: agent.background_stats()["labelled"] == 4, what="the four labels")
         stats = agent.background_stats()
-        assert stats == {"queued": 4, "dropped": 0, "labelled": 4, "accepted": 3, "failed": 0, "tokens": 48,
-                         "waiting": 0}  # 4 samples x 3 tokens each
+        assert stats == {"queued": 4, "dropped": 0, "labelled": 4, "accepted": 3, "skipped": 0, "failed": 0,
+                         "tokens": 48, "waiting": 0}  # 4 samples x 3 tokens each
 
         examples = {e.input: e for e in agent.store.list_examples()}
         for a, q in zip(answers, [*QUESTIONS[:3], "Name a primary colour."]):
@@ -125,13 +125,46 @@ def test_a_full_queue_drops_and_counts(config):
         assert [a.route_reason["system2"] for a in dropped] == ["dropped"] * 3
         assert all(a.route == "system1" for a in [first, *queued, *dropped])
         assert agent.background_stats() | {"tokens": 0} == {
-            "queued": 3, "dropped": 3, "labelled": 0, "accepted": 0, "failed": 0, "tokens": 0, "waiting": 2}
+            "queued": 3, "dropped": 3, "labelled": 0, "accepted": 0, "skipped": 0, "failed": 0, "tokens": 0,
+            "waiting": 2}
         assert agent.store.get_interaction(dropped[0].interaction_id).route_reason["system2"] == "dropped"
 
         Gated.gate.set()
         wait_for(lambda: agent.background_stats()["labelled"] == 3, what="the queued labels")
         assert sorted(e.input for e in agent.store.list_examples(status="pending")) == sorted(QUESTIONS[:3])
         assert agent.background_stats()["tokens"] > 0
+
+
+def test_a_waiting_query_is_skipped_when_the_labels_done_meanwhile_say_system2_does_not_pay_off(config):
+    """Six capitals queue while the first is held: the memory knows nothing yet, so all six are queued. Their
+    labels fail one by one; after four failures the memory says skip, and the last two never run."""
+    config.system2.method = "gated"  # arith's split votes on anything but a sum: every capital is rejected
+    config.routing.memory_explore = 0.0
+    capitals = [f"What is the capital of {c}?" for c in ("France", "Peru", "Japan", "Chile", "Kenya", "Nepal")]
+    with Agent(config) as agent:
+        answers = [agent.answer(q) for q in capitals]
+        assert [a.route_reason["system2"] for a in answers] == ["queued"] * 6
+        Gated.gate.set()
+        wait_for(lambda: agent.background_stats()["waiting"] == 0 and
+                 sum(agent.background_stats()[k] for k in ("labelled", "skipped")) == 6, what="the six turns")
+        stats = agent.background_stats()
+        assert (stats["labelled"], stats["accepted"], stats["skipped"]) == (4, 0, 2)
+        rows = [agent.store.get_interaction(a.interaction_id) for a in answers]
+        assert [r.route_reason["system2"] for r in rows] == ["labelled"] * 4 + ["skipped"] * 2
+        assert rows[4].route_reason["memory"] == {"skip": True, "evidence": 4, "paid_off": 0, "explored": False,
+                                                  "repeated": False}
+        assert (rows[4].method, rows[4].tokens_system2) == (None, 0)  # no System 2 run is counted for it
+        assert [(r.method, r.accepted) for r in rows[:4]] == [("gated", False)] * 4
+        assert agent.store.stats()["interactions"]["system2_runs"] == 4
+        text = Metrics().render(None, stats)
+        assert 's2agent_system2_background_total{event="skipped"} 2' in text
+
+        # A query queued to explore (the memory said skip, it was drawn to run anyway) is labelled at its turn.
+        agent.routing_memory._loaded().explore = 1.0
+        explored = agent.answer("What is the capital of Italy?")
+        assert explored.route_reason["memory"]["explored"] and explored.route_reason["system2"] == "queued"
+        wait_for(lambda: agent.background_stats()["labelled"] == 5, what="the explored label")
+        assert agent.background_stats()["skipped"] == 2
 
 
 def test_close_stops_the_workers_and_drops_what_still_waits(config):
@@ -150,7 +183,8 @@ def test_close_stops_the_workers_and_drops_what_still_waits(config):
     closer.join(10)
     assert not closer.is_alive() and not any(t.is_alive() for t in workers)
     assert agent.background_stats() | {"tokens": 0} == {
-        "queued": 4, "dropped": 3, "labelled": 0, "accepted": 0, "failed": 1, "tokens": 0, "waiting": 0}
+        "queued": 4, "dropped": 3, "labelled": 0, "accepted": 0, "skipped": 0, "failed": 1, "tokens": 0,
+        "waiting": 0}
 
 
 def test_an_inline_agent_starts_no_worker(tiny_config, monkeypatch):

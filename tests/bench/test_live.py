@@ -144,6 +144,12 @@ def test_a_window_counts_system2_inline_and_queued_in_the_background_but_not_ski
     assert record["system2_answered_share"] == 1 / 6
     assert record["system2_background_share"] == 2 / 6 and record["system2_skipped_share"] == 1 / 6
     assert record["served_accuracy"] == 1.0
+    assert record["background"] == {} and record["background_waiting"] is None
+
+    before = live.ServerState(10.0, {}, {}, 7.0, {"queued": 20, "labelled": 5, "skipped": 0})
+    after = live.ServerState(30.0, {}, {}, 3.0, {"queued": 24, "labelled": 9, "skipped": 4})
+    record = live.window_record(2, 12, replies, [], before, after, 6.0)
+    assert record["background"] == {"queued": 4, "labelled": 4, "skipped": 4} and record["background_waiting"] == 3.0
 
 
 def test_a_pace_starts_requests_an_interval_apart_from_any_client_and_never_bursts_to_catch_up() -> None:
