@@ -608,6 +608,12 @@ class AgentConfig:
     prefill_chunk: int | None = within("[1, inf)", 256)
     """Most prompt tokens one prefill pass computes (``hf`` backend) before the running rows take a decode step:
     a long prompt delays the others by one chunk, not by its whole prefill. Unset: each prompt in one pass."""
+    idle_share: float = within("[0, 0.9]", 0.25)
+    """``hf`` backend: share of a busy engine's time that background System 2 labels (``system2.mode =
+    "background"``) are guaranteed; they also get all of its idle time. A user's request then takes up to
+    ``1 / (1 - idle_share)`` as long while labels wait (1.33x at 0.25). 0: idle time only, which in the live
+    replay labelled ~4 queries a minute while ~20 were queued (README, "Serving while training, and background
+    System 2")."""
     seed: int | None = None
     """Seeds sampling (System 2 and sampled System 1 answers) for reproducible runs; unset: not seeded."""
     routing: RoutingConfig = field(default_factory=RoutingConfig)

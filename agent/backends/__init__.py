@@ -35,7 +35,7 @@ __all__ = [
 
 def make_backend(kind: str, model_path: str, *, model_name: str, system_prompt: str | None = None,
                  threads: int | None = None, max_batch: int = 16, batch_wait_ms: float = 5.0,
-                 prefill_chunk: int | None = 256, dtype: str = "auto",
+                 prefill_chunk: int | None = 256, idle_share: float = 0.0, dtype: str = "auto",
                  vllm_engine: dict[str, Any] | None = None) -> Backend:
     """Build the backend named in the config (``hf`` or ``vllm``); ``dtype``: the ``hf`` engine's
     (:attr:`agent.config.AgentConfig.dtype`); ``vllm_engine``: the ``[vllm]`` section's engine arguments
@@ -46,7 +46,8 @@ def make_backend(kind: str, model_path: str, *, model_name: str, system_prompt: 
 
         engine = HFBackend(model_path, model_name=model_name, system_prompt=system_prompt, threads=threads,
                            dtype=cpu_dtype(dtype))
-        return BatchingBackend(engine, max_batch=max_batch, max_wait_ms=batch_wait_ms, prefill_chunk=prefill_chunk)
+        return BatchingBackend(engine, max_batch=max_batch, max_wait_ms=batch_wait_ms, prefill_chunk=prefill_chunk,
+                               idle_share=idle_share)
     if kind == "vllm":
         from agent.backends.vllm import VLLMBackend
 
@@ -60,8 +61,8 @@ def backend_for(config: AgentConfig, model_path: str) -> Backend:
 
     return make_backend(config.backend, model_path, model_name=display_name(config.model),
                         system_prompt=config.system_prompt, threads=config.threads, max_batch=config.max_batch,
-                        batch_wait_ms=config.batch_wait_ms, prefill_chunk=config.prefill_chunk, dtype=config.dtype,
-                        vllm_engine=config.vllm.engine_kwargs())
+                        batch_wait_ms=config.batch_wait_ms, prefill_chunk=config.prefill_chunk,
+                        idle_share=config.idle_share, dtype=config.dtype, vllm_engine=config.vllm.engine_kwargs())
 
 
 def serving_dtype(config: AgentConfig) -> str:

@@ -27,9 +27,16 @@ still gets its prompt in (its rows then decode beside System 1's at full speed).
 lane of its own: its rows never share a step with others, and neither decode nor prefill while any other row
 decodes or prefills; they wait with their cache, and go on when serving has nothing else to do. Shared
 steps cost System 1 too much for work nobody waits for: back to back with PAL labels (4 samples each)
-decoding beside them, 16-token System 1 answers took 0.86 s at the median against 0.60 s alone. Under a
-load that never leaves the engine idle, background labels wait until their time budget
-(``system2.timeout_s``) runs out and count as failed: labelling gives way, serving does not.
+decoding beside them, 16-token System 1 answers took 0.86 s at the median against 0.60 s alone.
+
+Idle time alone is too little where users keep the engine busy: in the live replay (two clients, a question
+every 2.5 s) labels ran at ~4 a minute while ~20 a minute were queued. So the lane is guaranteed a share of a
+busy engine (``idle_share``): while its work waits, it earns ``idle_share / (1 - idle_share)`` of the time of
+each iteration the others run, and whenever its credit is not negative it takes one iteration alone (its
+prefill pass and/or its decode step) and pays that iteration's time. Over a busy stretch it gets about
+``idle_share`` of the engine, so a user's request takes at most about ``1 / (1 - idle_share)`` as long; 0:
+idle time only. Under a load that never leaves the engine idle and a share of 0, background labels wait until
+their time budget (``system2.timeout_s``) runs out and count as failed: labelling gives way, serving does not.
 
 Admission keeps at most ``max_batch`` rows decoding. Requests are admitted in arrival order; one that does not
 fit yet lets later, smaller ones pass for up to :data:`HEAD_OF_LINE_S` seconds, after which nothing passes it
@@ -76,6 +83,14 @@ BACKGROUND_PREFILL_EVERY = 4
 def _lane(priority: int) -> int:
     """0: rows someone waits for; 1: :data:`~agent.backends.base.IDLE` rows (see the module docstring)."""
     return int(priority >= IDLE)
+
+
+def _held(prefill: "_Prefill", urgent: int, paced_turn: bool, idle_turn: bool) -> bool:
+    """Whether ``prefill`` skips this iteration: on the IDLE lane's turn every other lane's does; otherwise one
+    of a higher priority than the most urgent work is paced (``paced_turn``), and an IDLE one waits."""
+    if idle_turn:
+        return prefill.lane == 0
+    return prefill.priority > urgent and (prefill.lane == 1 or not paced_turn)
 
 
 def _rows(batch: DecodeBatch | None) -> int:
@@ -143,8 +158,14 @@ class BatchingBackend:
     """Wraps a :class:`StepEngine`; the ``Backend`` protocol plus :meth:`submit`, thread-safe."""
 
     def __init__(self, inner: StepEngine, max_batch: int = 16, max_wait_ms: float = 5.0,
-                 prefill_chunk: int | None = 256) -> None:
+                 prefill_chunk: int | None = 256, idle_share: float = 0.0) -> None:
+        if not 0.0 <= idle_share < 1.0:
+            raise ValueError(f"idle_share must be in [0, 1), got {idle_share}")
         self.inner = inner
+        self.idle_share = idle_share
+        """Share of a busy engine's time the IDLE lane is guaranteed (see the module docstring)."""
+        self._idle_credit = 0.0
+        """Seconds of engine time the IDLE lane has earned while it waited, less what its turns took."""
         self.max_batch = max(1, max_batch)
         self.max_wait = max(0.0, max_wait_ms) / 1000
         """When the engine is idle, how long the first request waits for others to share its prefill."""
@@ -182,9 +203,11 @@ class BatchingBackend:
         self.iterations = 0
         """Scheduler iterations with work to do (prefill passes and/or a decode step each)."""
         self.paced_passes = 0
-        """Prefill passes held back because rows of a lower priority were running."""
+        """Prefill passes held back: rows of a lower priority were running, or it was the IDLE lane's turn."""
         self.parked_steps = 0
         """Iterations in which :data:`~agent.backends.base.IDLE` rows waited (without a step) for others."""
+        self.idle_turns = 0
+        """Iterations the IDLE lane took from a busy engine, by its share (``idle_share``)."""
         self._worker = threading.Thread(target=self._run, name="s2agent-scheduler", daemon=True)
         self._worker.start()
 
@@ -285,17 +308,20 @@ class BatchingBackend:
                 return
             self.iterations += 1
             stepping: int | None = None
+            started = time.perf_counter()
             try:
                 with self.inner.lock, torch.inference_mode():
                     lanes = [self._drop_expired(batch) for batch in lanes]
                     if groups:
                         self._start_prefills([job for group in groups for job in group])
-                    lanes = self._advance_prefills(lanes)
-                    stepping = self._lane_to_step(lanes)
+                    busy, turn = self._idle_turn(lanes)
+                    lanes = self._advance_prefills(lanes, turn)
+                    stepping = self._lane_to_step(lanes, turn)
                     if stepping is not None:
                         lanes[stepping] = self._step(lanes[stepping])
                     stepping = None
                     self._retire_adapters(lanes)
+                self._pay_idle(busy, turn, time.perf_counter() - started)
             except Exception as exc:  # noqa: BLE001 - a failed step fails its rows' callers, not the worker
                 failing = [stepping] if stepping is not None else [0, 1]
                 jobs = {row.owner for k in failing for row in (lanes[k].rows if lanes[k] else [])}
@@ -305,9 +331,27 @@ class BatchingBackend:
                 for k in failing:
                     lanes[k] = None
 
-    def _lane_to_step(self, lanes: list[DecodeBatch | None]) -> int | None:
+    def _idle_turn(self, lanes: list[DecodeBatch | None]) -> tuple[bool, bool]:
+        """(whether IDLE work waits beside others' work, whether it takes this iteration by its share)."""
+        idle = bool(_rows(lanes[1])) or any(prefill.lane == 1 for prefill in self._prefilling)
+        others = bool(_rows(lanes[0])) or any(prefill.lane == 0 for prefill in self._prefilling)
+        busy = idle and others
+        return busy, busy and self.idle_share > 0 and self._idle_credit >= 0
+
+    def _pay_idle(self, busy: bool, turn: bool, seconds: float) -> None:
+        """The IDLE lane's credit after an iteration of ``seconds``: a turn pays its time; an iteration it
+        waited through earns it ``idle_share / (1 - idle_share)`` of that time."""
+        if turn:
+            self.idle_turns += 1
+            self._idle_credit -= seconds
+        elif busy:
+            self._idle_credit += seconds * self.idle_share / (1.0 - self.idle_share)
+
+    def _lane_to_step(self, lanes: list[DecodeBatch | None], idle_turn: bool = False) -> int | None:
         """The lane whose rows take this iteration's decode step: IDLE rows only when no other row decodes or
-        prefills."""
+        prefills, or on a turn of their own (``idle_turn``)."""
+        if idle_turn:
+            return 1 if _rows(lanes[1]) else None
         if _rows(lanes[0]):
             self.parked_steps += bool(_rows(lanes[1]))
             return 0
@@ -402,11 +446,13 @@ class BatchingBackend:
             self._prefilling.append(_Prefill(items, self.inner.prefill_steps(items, self.prefill_chunk)))
             self.prefills_started += 1
 
-    def _advance_prefills(self, lanes: list[DecodeBatch | None]) -> list[DecodeBatch | None]:
+    def _advance_prefills(self, lanes: list[DecodeBatch | None], idle_turn: bool = False
+                          ) -> list[DecodeBatch | None]:
         """One pass of each prefill in progress; the rows of those that finished join their lane's batch. A
         prefill whose callers all went away is dropped; one that fails is split into one prefill per request, so
         the request that made it fail fails alone. While rows of a lower priority run, a prefill of a higher one
-        is paced (:data:`BACKGROUND_PREFILL_EVERY`), and an IDLE one waits."""
+        is paced (:data:`BACKGROUND_PREFILL_EVERY`), and an IDLE one waits; on the IDLE lane's turn
+        (``idle_turn``) only its prefills advance."""
         lanes = list(lanes)
         running = [row.owner.priority for row in lanes[0].rows] if lanes[0] else []
         urgent = min(running + [prefill.priority for prefill in self._prefilling], default=0)
@@ -419,7 +465,7 @@ class BatchingBackend:
                 self.dropped_rows += prefill.rows
                 logger.info("dropped a prefill of %d request(s) whose callers went away", len(prefill.items))
                 continue
-            if prefill.priority > urgent and (prefill.lane == 1 or not paced_turn):
+            if _held(prefill, urgent, paced_turn, idle_turn):
                 self.paced_passes += 1
                 continue
             try:

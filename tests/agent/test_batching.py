@@ -372,6 +372,30 @@ def test_idle_rows_wait_whole_while_interactive_rows_decode(tiny_model_dir: Path
     assert engine.step_priorities[-1] == {IDLE}
 
 
+def test_idle_rows_take_their_share_of_a_busy_engine_alone(tiny_model_dir: Path) -> None:
+    """With ``idle_share``, a label makes progress while a user's row keeps the engine busy: it takes whole
+    iterations of its own (never a shared step), about one in two at a share of 0.5, and ends as if alone."""
+    engine = Recording(str(tiny_model_dir), model_name="tiny-llama", threads=1)
+    [[alone]] = engine.generate([GenerationRequest(PROMPTS[0], endless(engine, 30))])
+    batcher = BatchingBackend(engine, max_wait_ms=0, prefill_chunk=8, idle_share=0.5)
+    try:
+        busy = batcher.submit(GenerationRequest(PROMPTS[1], endless(engine, 400)))
+        next(busy.deltas())
+        [[labelled]] = batcher.generate([GenerationRequest(PROMPTS[0], endless(engine, 30), priority=IDLE)])
+        assert not busy.done  # the label ended while the user's row still decoded
+        busy.result(timeout=60)
+    finally:
+        batcher.close()
+    assert labelled.token_ids == alone.token_ids
+    assert all(len(priorities) == 1 for priorities in engine.step_priorities)  # never in one step
+    idle_steps = [k for k, p in enumerate(engine.step_priorities) if p == {IDLE}]
+    assert len(idle_steps) == 30 and batcher.idle_turns >= 30
+    interleaved = engine.step_priorities[idle_steps[0]:idle_steps[-1] + 1]
+    assert 0.2 < len(idle_steps) / len(interleaved) < 0.8  # about half of the busy stretch: timed, so loosely
+    with pytest.raises(ValueError, match="idle_share"):
+        BatchingBackend(engine, idle_share=1.0)
+
+
 def test_an_idle_prefill_waits_for_interactive_rows(tiny_model_dir: Path) -> None:
     engine = Recording(str(tiny_model_dir), model_name="tiny-llama", threads=1)
     batcher = BatchingBackend(engine, max_wait_ms=0, prefill_chunk=8)
