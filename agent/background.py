@@ -3,11 +3,17 @@
 With ``system2.mode = "background"``, :meth:`agent.Agent.answer` does not wait when the router sends a
 query to System 2: it offers the query to a :class:`System2Queue` and answers with System 1. The queue is
 bounded (``system2.queue_size``): when it is full the query is dropped, and counted, rather than letting
-a backlog grow without limit. ``system2.workers`` threads take queries in order and call a labelling
-function (:meth:`agent.Agent._label_deferred`: System 2, the consistency filter, and the example stored
-exactly as the inline path stores it). The labelling function may also decline a query when its turn
-comes (``skipped``): the System 2 memory learns from the labels done while the query waited, and a kind of
-input it now knows System 2 never pays off for is not worth the idle time (see ``_label_deferred``).
+a backlog grow without limit. ``system2.workers`` threads take queries and call a labelling function
+(:meth:`agent.Agent._label_deferred`: System 2, the consistency filter, and the example stored exactly as
+the inline path stores it). The labelling function may also decline a query when its turn comes
+(``skipped``): the System 2 memory learns from the labels done while the query waited, and a kind of input
+it now knows System 2 never pays off for is not worth the idle time.
+
+Which query's turn it is: the oldest, unless an ``order`` function scores the waiting queries (highest
+first, the oldest among equals; :meth:`agent.Agent._label_order` ranks them by how likely System 2 is to
+pay off). On a CPU that labels only in serving's spare time, the queue lags minutes behind the traffic; in
+arrival order, the sums a scope needs to start learning waited behind general questions and sorting, which
+cost up to 8 s of labelling each and never pay off.
 
 A query waits in the queue until its interaction has been logged (:meth:`Deferred.logged`), so that the
 stored example can point at it. :meth:`System2Queue.close` stops taking queries, drops those still
@@ -19,10 +25,9 @@ failed. Thread-safe.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -75,27 +80,28 @@ raised (timeout, closing, an error); ``tokens``: tokens System 2 generated in th
 class System2Queue:
     """A bounded queue of :class:`Deferred` queries and the threads that label them."""
 
-    def __init__(self, size: int, workers: int, label: Callable[[Deferred], Label]) -> None:
-        self._queue: queue.Queue[Deferred] = queue.Queue(maxsize=max(1, size))
+    def __init__(self, size: int, workers: int, label: Callable[[Deferred], Label],
+                 order: Callable[[Sequence[Deferred]], Sequence[float]] | None = None) -> None:
+        self._size = max(1, size)
+        self._waiting: list[Deferred] = []
+        """Oldest first."""
         self._label = label
+        self._order = order
         self._n_workers = max(1, workers)
         self._threads: list[threading.Thread] = []
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
         self._counts = dict.fromkeys(COUNTERS, 0)
         self.closing = threading.Event()
 
     def offer(self, item: Deferred) -> bool:
         """Queue ``item``; False (and counted as dropped) when the queue is full or closing."""
         with self._lock:
-            if self.closing.is_set():
+            if self.closing.is_set() or len(self._waiting) >= self._size:
                 self._counts["dropped"] += 1
                 return False
-            try:
-                self._queue.put_nowait(item)
-            except queue.Full:
-                self._counts["dropped"] += 1
-                return False
+            self._waiting.append(item)
             self._counts["queued"] += 1
+            self._lock.notify()
             if not self._threads:  # started on first use: an agent that never defers has no threads
                 self._threads = [threading.Thread(target=self._work, name=f"system2-background-{i}", daemon=True)
                                  for i in range(self._n_workers)]
@@ -106,18 +112,15 @@ class System2Queue:
     def stats(self) -> dict[str, int]:
         """The counters (see :data:`COUNTERS`) and ``waiting``: queries in the queue now."""
         with self._lock:
-            return {**self._counts, "waiting": self._queue.qsize()}
+            return {**self._counts, "waiting": len(self._waiting)}
 
     def close(self, timeout: float = 30.0) -> None:
         """Stop: drop what is still waiting, and wait up to ``timeout`` seconds for the workers."""
         with self._lock:
             self.closing.set()
-            while True:
-                try:
-                    self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                self._counts["dropped"] += 1
+            self._counts["dropped"] += len(self._waiting)
+            self._waiting.clear()
+            self._lock.notify_all()
             threads = list(self._threads)
         for thread in threads:
             thread.join(timeout)
@@ -129,11 +132,33 @@ class System2Queue:
             for key, n in increments.items():
                 self._counts[key] += n
 
+    def _take(self) -> Deferred | None:
+        """The query whose turn it is (None: nothing waits within a short wait, or closing). ``order`` runs
+        outside the lock, so that queries are offered meanwhile without waiting for it."""
+        with self._lock:
+            if not self._waiting:
+                self._lock.wait(timeout=0.2)
+            waiting = list(self._waiting)
+        if not waiting or self.closing.is_set():
+            return None
+        chosen = waiting[0]
+        if self._order is not None and len(waiting) > 1:
+            try:
+                scores = self._order(waiting)
+                chosen = waiting[max(range(len(waiting)), key=lambda i: (scores[i], -i))]  # the oldest among equals
+            except Exception:  # noqa: BLE001 - a failed ranking falls back to arrival order, it stops nothing
+                logger.exception("ranking the background System 2 queue failed; taking the oldest query")
+        with self._lock:
+            for k, queued in enumerate(self._waiting):
+                if queued is chosen:  # another worker may have taken it meanwhile
+                    del self._waiting[k]
+                    return chosen
+        return None
+
     def _work(self) -> None:
         while not self.closing.is_set():
-            try:
-                item = self._queue.get(timeout=0.2)
-            except queue.Empty:
+            item = self._take()
+            if item is None:
                 continue
             if not item._logged.wait(LOG_WAIT_SECONDS) or self.closing.is_set():
                 self._count(dropped=1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
+from typing import Sequence
 
 from agent.config import RoutingConfig
 from policies.system2_memory import MemoryVerdict, System2Memory
@@ -51,6 +52,14 @@ class RoutingMemory:
             if verdict.skip or verdict.explored:
                 self._counts["skipped" if verdict.skip else "explored"] += 1
         return verdict
+
+    def judge_many(self, queries: Sequence[str], method: str) -> list[MemoryVerdict] | None:
+        """The memory's verdicts on many ``queries`` at once, counting nothing and drawing no exploration (see
+        :meth:`policies.system2_memory.System2Memory.judge_many`); None when ``routing.memory`` is off."""
+        if not self.config.memory:
+            return None
+        with self._lock:
+            return self._loaded().judge_many(queries, method)
 
     def record(self, query: str, method: str, paid_off: bool) -> None:
         """One System 2 run's outcome (a teaching source's only: see ``routing.memory``)."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
@@ -40,6 +41,12 @@ class MemoryVerdict:
     """The evidence said skip, but this input was drawn to run System 2 anyway (``explore``)."""
     repeated: bool = False
     """The evidence is this very input, asked before (``repeat_failures``)."""
+
+    @property
+    def expected_yield(self) -> float:
+        """The chance that System 2 pays off for this input, by Laplace's rule of succession over the similar
+        inputs: (paid off + 1) / (evidence + 2); 0.5 for a kind of input the memory has not seen."""
+        return (self.paid_off + 1) / (self.evidence + 2)
 
     def as_dict(self) -> dict[str, object]:
         return {"skip": self.skip, "evidence": self.evidence, "paid_off": self.paid_off, "explored": self.explored,
@@ -116,20 +123,30 @@ class System2Memory:
 
     def judge(self, text: str, method: str) -> MemoryVerdict:
         """Whether to skip System 2 (``method``) on ``text``, and the evidence for it."""
+        [verdict] = self.judge_many([text], method)
+        return self._skip(verdict.evidence, verdict.paid_off, verdict.repeated) if verdict.skip else verdict
+
+    def judge_many(self, texts: Sequence[str], method: str) -> list[MemoryVerdict]:
+        """What the memory says about each of ``texts``, in one product with its outcomes, without drawing
+        whether a would-be skip explores (:meth:`judge` draws that): a queue of inputs waiting for System 2
+        is looked over as a whole with this."""
         outcomes = self._methods.get(method)
-        if outcomes is None:
-            return MemoryVerdict(skip=False, evidence=0, paid_off=0)
-        failed, paid = outcomes.by_text.get(_key(text), (0, 0))
-        if self.repeat_failures and failed >= self.repeat_failures and not paid:
-            return self._skip(failed, 0, repeated=True)
-        sims = outcomes.features[:outcomes.size] @ featurise([text])[0]
-        close = np.flatnonzero(sims >= self.min_similarity)
-        if len(close) > self.neighbours:
-            close = close[np.argsort(sims[close])[-self.neighbours:]]
-        evidence, paid_off = len(close), int(outcomes.paid[close].sum())
-        if evidence < self.min_evidence or paid_off >= self.min_yield * evidence:
-            return MemoryVerdict(skip=False, evidence=evidence, paid_off=paid_off)
-        return self._skip(evidence, paid_off)
+        if outcomes is None or not texts:
+            return [MemoryVerdict(skip=False, evidence=0, paid_off=0) for _ in texts]
+        similarities = featurise(texts) @ outcomes.features[:outcomes.size].T
+        verdicts = []
+        for text, sims in zip(texts, similarities):
+            failed, paid = outcomes.by_text.get(_key(text), (0, 0))
+            if self.repeat_failures and failed >= self.repeat_failures and not paid:
+                verdicts.append(MemoryVerdict(skip=True, evidence=failed, paid_off=0, repeated=True))
+                continue
+            close = np.flatnonzero(sims >= self.min_similarity)
+            if len(close) > self.neighbours:
+                close = close[np.argsort(sims[close])[-self.neighbours:]]
+            evidence, paid_off = len(close), int(outcomes.paid[close].sum())
+            skip = evidence >= self.min_evidence and paid_off < self.min_yield * evidence
+            verdicts.append(MemoryVerdict(skip=skip, evidence=evidence, paid_off=paid_off))
+        return verdicts
 
     def _skip(self, evidence: int, paid_off: int, repeated: bool = False) -> MemoryVerdict:
         """Skip, unless this input is drawn to explore."""

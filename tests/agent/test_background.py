@@ -12,6 +12,7 @@ import threading
 import pytest
 
 from agent import Agent
+from agent.background import Deferred, Label, System2Queue
 from agent.backends import BACKGROUND, IDLE, INTERACTIVE
 from agent.metrics import Metrics
 from policies.lm import Call
@@ -38,8 +39,11 @@ class Gated(Arithmetic):
     name = "gated"
     gate = threading.Event()
     entered = threading.Event()
+    asked: list[str] = []
+    """The queries System 2 ran on, in order."""
 
     def sample(self, query, lm, k):
+        Gated.asked.append(query)
         Gated.entered.set()
         assert Gated.gate.wait(30), "the test never opened the gate"
         generated = lm([Call((("user", query),), n=1, max_new_tokens=2)])
@@ -55,6 +59,7 @@ def config(tiny_config, monkeypatch):
     monkeypatch.setitem(METHODS, "gated", Gated)
     Gated.gate.clear()
     Gated.entered.clear()
+    Gated.asked.clear()
     tiny_config.routing.threshold = 1.0  # the router sends every query to System 2
     tiny_config.system2.method = "arith"
     tiny_config.system2.mode = "background"
@@ -167,6 +172,29 @@ def test_a_waiting_query_is_skipped_when_the_labels_done_meanwhile_say_system2_d
         assert agent.background_stats()["skipped"] == 2
 
 
+def test_the_queue_labels_what_pays_off_first_and_skips_what_does_not_before_anything(config):
+    """With evidence in the memory, a waiting sum (accepted before) is labelled before a kind never seen, and a
+    capital (System 2 always failed on them) is skipped before either; equals go oldest first."""
+    config.system2.method = "gated"
+    config.routing.memory_explore = 0.0
+    with Agent(config) as agent:
+        agent.answer(QUESTIONS[2])
+        assert Gated.entered.wait(10)  # held at the gate: the rest wait in the queue
+        later = ["Sort these words: pear, apple, fig.", QUESTIONS[3], "What is the capital of Kenya?", QUESTIONS[4],
+                 "What is the capital of Nepal?"]
+        for question in later:  # the memory knows nothing yet: all queued
+            assert agent.answer(question).route_reason["system2"] == "queued"
+        for country in ("France", "Peru", "Japan", "Chile"):  # meanwhile, labels (of another worker) taught it
+            agent.routing_memory.record(f"What is the capital of {country}?", "gated", paid_off=False)
+        for question in QUESTIONS[:2]:
+            agent.routing_memory.record(question, "gated", paid_off=True)
+        Gated.gate.set()
+        wait_for(lambda: agent.background_stats()["waiting"] == 0 and
+                 sum(agent.background_stats()[k] for k in ("labelled", "skipped")) == 6, what="every turn")
+        assert Gated.asked == [QUESTIONS[2], QUESTIONS[3], QUESTIONS[4], "Sort these words: pear, apple, fig."]
+        assert agent.background_stats()["skipped"] == 2
+
+
 def test_close_stops_the_workers_and_drops_what_still_waits(config):
     config.system2.method = "gated"
     agent = Agent(config)
@@ -219,3 +247,26 @@ def test_background_labels_run_at_idle_priority_and_inline_ones_do_not(config, m
         assert agent.answer(QUESTIONS[1]).route == "system2"
     assert labelled == [INTERACTIVE, IDLE]  # System 1's answer, then the label's one model call
     assert seen[len(labelled):] == [INTERACTIVE, BACKGROUND]
+
+
+def test_a_queue_whose_ranking_fails_labels_in_arrival_order():
+    labelled: list[str] = []
+
+    def label(item: Deferred) -> Label:
+        labelled.append(item.query)
+        return Label(accepted=True, tokens=1)
+
+    def broken(waiting):
+        raise RuntimeError("a broken ranking")
+
+    queue = System2Queue(size=8, workers=1, label=label, order=broken)
+    items = [Deferred(f"query {i}", None, None, "", None, None) for i in range(3)]
+    try:
+        for item in items:  # none is logged yet: the worker holds the first it takes
+            assert queue.offer(item)
+        for item in items:
+            item.logged(None)
+        wait_for(lambda: queue.stats()["labelled"] == 3, what="three labels")
+    finally:
+        queue.close()
+    assert labelled == ["query 0", "query 1", "query 2"]

@@ -95,3 +95,25 @@ def test_a_question_asked_again_after_system2_failed_on_it_is_skipped_at_once():
     ring.add(SUMS[0], "auto", paid_off=True)
     ring.add(SUMS[1], "auto", paid_off=True)
     assert not ring.judge(CAPITALS[0], "auto").skip
+
+
+def test_a_queue_is_judged_as_a_whole_as_each_input_alone_and_ranked_by_expected_yield():
+    memory = System2Memory(min_evidence=4, explore=1.0)  # judge() explores every would-be skip; judge_many never
+    for question in CAPITALS[:4]:
+        memory.add(question, "auto", paid_off=False)
+    for question in SUMS[:3]:
+        memory.add(question, "auto", paid_off=True)
+    memory.add("Count the letters in 'pear'.", "auto", paid_off=False)
+    waiting = [CAPITALS[5], "Sort these words: pear, apple, fig.", SUMS[4], "Count the letters in 'plum'.", CAPITALS[0]]
+    verdicts = memory.judge_many(waiting, "auto")
+    for text, verdict in zip(waiting, verdicts):
+        alone = memory.judge(text, "auto")
+        assert (verdict.skip, verdict.evidence, verdict.paid_off, verdict.repeated) == (
+            alone.explored, alone.evidence, alone.paid_off, alone.repeated)
+        assert not verdict.explored
+    assert [v.skip for v in verdicts] == [True, False, False, False, True]
+    assert verdicts[4].repeated  # asked before, and System 2 failed on it
+    # sums 3 of 3: 0.8; a kind never seen: 0.5; counting 0 of 1: 0.33; capitals 0 of 4: 0.17
+    assert [round(v.expected_yield, 2) for v in verdicts[:4]] == [0.17, 0.5, 0.8, 0.33]
+    assert memory.judge_many(waiting, "teacher:pal") == [memory.judge(CAPITALS[5], "teacher:pal")] * 5
+    assert memory.judge_many([], "auto") == []
