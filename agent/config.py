@@ -608,12 +608,14 @@ class AgentConfig:
     prefill_chunk: int | None = within("[1, inf)", 256)
     """Most prompt tokens one prefill pass computes (``hf`` backend) before the running rows take a decode step:
     a long prompt delays the others by one chunk, not by its whole prefill. Unset: each prompt in one pass."""
-    idle_share: float = within("[0, 0.9]", 0.25)
+    idle_share: float = within("[0, 0.9]", 0.0)
     """``hf`` backend: share of a busy engine's time that background System 2 labels (``system2.mode =
-    "background"``) are guaranteed; they also get all of its idle time. A user's request then takes up to
-    ``1 / (1 - idle_share)`` as long while labels wait (1.33x at 0.25). 0: idle time only, which in the live
-    replay labelled ~4 queries a minute while ~20 were queued (README, "Serving while training, and background
-    System 2")."""
+    "background"``) are guaranteed, beside all of its idle time; 0: idle time only. A user's request then
+    takes about ``1 / (1 - idle_share)`` as long while labels wait: back to back, 1.43x at 0.25 and 1.87x at
+    0.5 (a label's prefill pass outlasts a user's decode step). In the live replay at 0.25 the labels kept up
+    with the traffic, but its users' median answer took 2.74 s in the first window against 1.25-1.50 s with
+    idle time only (README, "Serving while training, and background System 2"): for a machine whose spare
+    time does not keep up with the labels, and whose users accept slower answers for faster learning."""
     seed: int | None = None
     """Seeds sampling (System 2 and sampled System 1 answers) for reproducible runs; unset: not seeded."""
     routing: RoutingConfig = field(default_factory=RoutingConfig)
