@@ -9,11 +9,13 @@ the inline path stores it). The labelling function may also decline a query when
 (``skipped``): the System 2 memory learns from the labels done while the query waited, and a kind of input
 it now knows System 2 never pays off for is not worth the idle time.
 
-Which query's turn it is: the oldest, unless an ``order`` function scores the waiting queries (highest
-first, the oldest among equals; :meth:`agent.Agent._label_order` ranks them by how likely System 2 is to
-pay off). On a CPU that labels only in serving's spare time, the queue lags minutes behind the traffic; in
-arrival order, the sums a scope needs to start learning waited behind general questions and sorting, which
-cost up to 8 s of labelling each and never pay off.
+Which query's turn it is: the oldest, or, on every other turn when an ``order`` function scores the waiting
+queries, the highest scored (the oldest among equals; :meth:`agent.Agent._label_order` ranks them by how
+likely System 2 is to pay off). On a CPU that labels only in serving's spare time, the queue lags minutes
+behind the traffic: in arrival order, the sums a scope needs to start learning waited behind general
+questions and sorting, which cost up to 8 s of labelling each and never pay off; ranked alone, those were
+never labelled, so the System 2 memory never learned to skip them, and 0.92 of a live replay's last
+window was still queued for System 2. Taking the oldest on the other turns starves no kind of input.
 
 A query waits in the queue until its interaction has been logged (:meth:`Deferred.logged`), so that the
 stored example can point at it. :meth:`System2Queue.close` stops taking queries, drops those still
@@ -91,6 +93,7 @@ class System2Queue:
         self._threads: list[threading.Thread] = []
         self._lock = threading.Condition()
         self._counts = dict.fromkeys(COUNTERS, 0)
+        self._turns = 0
         self.closing = threading.Event()
 
     def offer(self, item: Deferred) -> bool:
@@ -133,8 +136,8 @@ class System2Queue:
                 self._counts[key] += n
 
     def _take(self) -> Deferred | None:
-        """The query whose turn it is (None: nothing waits within a short wait, or closing). ``order`` runs
-        outside the lock, so that queries are offered meanwhile without waiting for it."""
+        """The query whose turn it is: the oldest, or every other turn the best ranked (None: nothing waits within
+        a short wait, or closing). ``order`` runs outside the lock, so that queries are offered meanwhile."""
         with self._lock:
             if not self._waiting:
                 self._lock.wait(timeout=0.2)
@@ -142,7 +145,8 @@ class System2Queue:
         if not waiting or self.closing.is_set():
             return None
         chosen = waiting[0]
-        if self._order is not None and len(waiting) > 1:
+        self._turns += 1  # workers race on it at worst: a turn more of one kind or the other
+        if self._order is not None and len(waiting) > 1 and self._turns % 2 == 0:
             try:
                 scores = self._order(waiting)
                 chosen = waiting[max(range(len(waiting)), key=lambda i: (scores[i], -i))]  # the oldest among equals

@@ -930,7 +930,8 @@ class Agent:
         return item if queued else None
 
     def _label_order(self, waiting: Sequence[Deferred]) -> list[float]:
-        """Which waiting query to label next (highest first; :class:`agent.background.System2Queue`): one the
+        """Which waiting query to label next on the queue's ranked turns (highest first; every other turn takes the
+        oldest: :class:`agent.background.System2Queue`): one the
         System 2 memory would now skip comes first, since skipping costs a judgement and frees the queue; then
         by the chance that System 2 pays off for it (:attr:`policies.system2_memory.MemoryVerdict.expected_yield`:
         sums that were all accepted before 0.8 and more, a kind not seen yet 0.5, sorting that never was
