@@ -142,11 +142,12 @@ class System2Queue:
             if not self._waiting:
                 self._lock.wait(timeout=0.2)
             waiting = list(self._waiting)
+            self._turns += bool(waiting)
+            ranked = self._turns % 2 == 0
         if not waiting or self.closing.is_set():
             return None
         chosen = waiting[0]
-        self._turns += 1  # workers race on it at worst: a turn more of one kind or the other
-        if self._order is not None and len(waiting) > 1 and self._turns % 2 == 0:
+        if self._order is not None and len(waiting) > 1 and ranked:
             try:
                 scores = self._order(waiting)
                 chosen = waiting[max(range(len(waiting)), key=lambda i: (scores[i], -i))]  # the oldest among equals
