@@ -930,12 +930,12 @@ class Agent:
         return item if queued else None
 
     def _label_order(self, waiting: Sequence[Deferred]) -> list[float]:
-        """Which waiting query to label next on the queue's ranked turns (highest first; every other turn takes the
-        oldest: :class:`agent.background.System2Queue`): one the
-        System 2 memory would now skip comes first, since skipping costs a judgement and frees the queue; then
-        by the chance that System 2 pays off for it (:attr:`policies.system2_memory.MemoryVerdict.expected_yield`:
-        sums that were all accepted before 0.8 and more, a kind not seen yet 0.5, sorting that never was
-        below 0.2). A query queued to explore is ranked by its chance, as it will be labelled whatever."""
+        """Which waiting query to label next on the queue's ranked turns (highest first; every other turn takes
+        the oldest: :class:`agent.background.System2Queue`): one the System 2 memory would now skip comes first,
+        since skipping costs a judgement and frees the queue; then by the chance that System 2 pays off for it
+        (:attr:`policies.system2_memory.MemoryVerdict.expected_yield`: sums that were all accepted before 0.8
+        and more, a kind not seen yet 0.5, sorting that never was below 0.2). A query queued to explore is
+        ranked by its chance, as it will be labelled whatever."""
         scores = [0.5] * len(waiting)
         by_method: dict[str, list[int]] = {}
         for i, item in enumerate(waiting):
@@ -951,9 +951,9 @@ class Agent:
 
         The System 2 memory judges the query again first. It judged it when the query was queued, but a queue
         that labels only in serving's idle time lags minutes behind the traffic, and the labels done meanwhile
-        are evidence: in the live replay nearly all of the first hundred queries were queued before any label told the
-        memory that sorting and general questions never pay off, and labelling them (up to 8 s each, alone)
-        held back the sums behind them, which do. Such a query is skipped, as it would be if asked now; one
+        are evidence: in the live replay nearly all of the first hundred queries were queued before any label
+        told the memory that sorting and general questions never pay off, and labelling them (up to 8 s each,
+        alone) held back the sums behind them, which do. Such a query is skipped, as it would be if asked now; one
         queued to explore (the memory said skip, and it was drawn to run anyway) is not judged again."""
         name = self._method_name(item.method, item.tag)
         verdict = None if item.explore else self.routing_memory.judge(item.query, name)

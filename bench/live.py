@@ -567,12 +567,15 @@ def server_state(client: Client, previous: ServerState | None = None) -> tuple[S
         logger.warning("the server did not report its state: %s", exc)
         return ServerState(None, {}, dict(previous.adapters) if previous else {}), f"{type(exc).__name__}: {exc}"
     tokens = samples.get(("s2agent_tokens_generated_total", frozenset({("system", "system2")})))
-    runs = {dict(labels).get("result", "?"): int(v) for (name, labels), v in samples.items()
-            if name == "s2agent_consolidation_runs_total"}
-    background = {dict(labels).get("event", "?"): int(v) for (name, labels), v in samples.items()
-                  if name == "s2agent_system2_background_total"}
+    runs = _by_label(samples, "s2agent_consolidation_runs_total", "result")
+    background = _by_label(samples, "s2agent_system2_background_total", "event")
     return ServerState(tokens, runs, adapters, samples.get(("s2agent_system2_background_waiting", frozenset())),
                        background), None
+
+
+def _by_label(samples: dict[tuple[str, frozenset], float], name: str, label: str) -> dict[str, int]:
+    """The counter ``name``'s samples by the value of their ``label``."""
+    return {dict(labels).get(label, "?"): int(v) for (sample, labels), v in samples.items() if sample == name}
 
 
 # --- measuring ----------------------------------------------------------------------------------------------
