@@ -476,6 +476,14 @@ class SchedulerConfig:
     beside two clients that kept both cores busy, a training step took 54 s instead of 2.3 s and a scope's
     first run did not finish within the live replay. False: serving keeps every core while a run goes on."""
 
+    pause_for_users: float = within("[0, inf)", 2.0)
+    """Child process, CPU engine, with ``lend_cores``: the child pauses while users' requests (and inline System
+    2, which a user waits for) are in the engine, which then computes with all its threads, for at most this
+    many seconds at a stretch; it then computes for a quarter of that beside them before it may pause again,
+    so a server that is never idle still trains, at about a fifth of the speed. 0: the child computes beside
+    users. In the live replay, System 1 answers took 1.3 s at the median while a run trained beside them, 0.53
+    s with nothing running (README, "Serving while training")."""
+
     def __post_init__(self) -> None:
         _check_fields(self)
 

@@ -46,6 +46,8 @@ from apscheduler.triggers.interval import IntervalTrigger
 from agent.auth import OPERATOR_SOURCES
 from agent.config import AgentConfig
 from agent.consolidation import ConsolidationReport, Learner, cleanup_after_crash, in_holdout, uncapped_sources
+from agent.pausing import PauseLine
+from policies.yielding import TrainerTurns
 from store.schema import utcnow
 
 logger = logging.getLogger(__name__)
@@ -65,6 +67,9 @@ _OVERLAP_FILTER = _OverlapIsExpected()
 CHILD_STOP_SECONDS = 30.0
 """After SIGTERM, how long a consolidation child may take to stop at its next training step before it is
 killed (a training step takes a few seconds on 2 cores; the gate is not interruptible)."""
+PAUSE_RUN_SHARE = 0.25
+"""After the longest pause for users (``scheduler.pause_for_users``), the child computes for this share of it
+beside them before it may pause again: about a fifth of its speed under a load that leaves no gap."""
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])
 """The folder holding this ``agent`` package: put first on the child's path, so it runs this same code."""
 _BOOTSTRAP = ("import os, runpy, sys; os.nice(int(sys.argv.pop(1))); "
@@ -87,11 +92,12 @@ def default_train_threads() -> int:
     return max(1, (os.cpu_count() or 2) // 2)
 
 
-def worker_command(config_file: str, report_file: str, scope: str | None, nice: int, log_level: str
-                   ) -> list[str]:
+def worker_command(config_file: str, report_file: str, scope: str | None, nice: int, log_level: str,
+                   pause_fd: int | None = None) -> list[str]:
     """The child's command line: ``python -m agent.worker ...`` behind a bootstrap that first renices it."""
     command = [sys.executable, "-c", _BOOTSTRAP, str(max(0, nice)), "--config", config_file,
                "--report", report_file, "--log-level", log_level]
+    command += ["--pause-fd", str(pause_fd)] if pause_fd is not None else []
     return command + (["--scope", scope] if scope is not None else [])
 
 
@@ -203,10 +209,14 @@ class ConsolidationScheduler:
                        PYTHONPATH=os.pathsep.join(filter(None, [PACKAGE_ROOT, os.environ.get("PYTHONPATH")])))
             env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle torch threads sleep instead of spinning on a core
             level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
-            command = worker_command(config_file, report_file, scope, self.config.nice, str(level))
             started = time.perf_counter()
-            with self._cores_lent(threads):
-                self.child = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL)
+            with self._cores_lent(threads) as pauses:
+                command = worker_command(config_file, report_file, scope, self.config.nice, str(level),
+                                         pauses.read_fd if pauses else None)
+                self.child = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL,
+                                              pass_fds=(pauses.read_fd,) if pauses else ())
+                if pauses:
+                    pauses.child_started()
                 logger.info("consolidation running in process %s (scope %s)", self.child.pid, scope or "general")
                 try:
                     code = self._wait(self.child)
@@ -222,19 +232,26 @@ class ConsolidationScheduler:
         return report
 
     @contextmanager
-    def _cores_lent(self, child_threads: int) -> Iterator[None]:
-        """While the child runs, serving computes on the cores it leaves (``scheduler.lend_cores``); only the
-        CPU engine has threads to lend (:meth:`agent.backends.batching.BatchingBackend.set_threads`)."""
-        set_threads = getattr(self.agent.backend, "set_threads", None)
-        if not self.config.lend_cores or set_threads is None:
-            yield
+    def _cores_lent(self, child_threads: int) -> Iterator[PauseLine | None]:
+        """While the child runs, serving computes on the cores it leaves (``scheduler.lend_cores``), and, with
+        ``scheduler.pause_for_users``, takes them all back while users are served, the child paused through the
+        :class:`~agent.pausing.PauseLine` given (None: no pauses). Only the CPU engine has threads to lend
+        (:meth:`agent.backends.batching.BatchingBackend.lend_cores`)."""
+        lend = getattr(self.agent.backend, "lend_cores", None)
+        if not self.config.lend_cores or lend is None:
+            yield None
             return
         cores = os.cpu_count() or 1
-        set_threads(max(1, min(self.agent.config.threads or cores, cores - child_threads)))
+        threads = max(1, min(self.agent.config.threads or cores, cores - child_threads))
+        wait = self.config.pause_for_users
+        pauses = PauseLine() if wait else None
+        lend(threads, pauses, TrainerTurns(wait, wait * PAUSE_RUN_SHARE) if pauses else None)
         try:
-            yield
+            yield pauses
         finally:
-            set_threads(None)
+            lend(None)
+            if pauses:
+                pauses.close()
 
     def _wait(self, child: subprocess.Popen) -> int:
         """Wait for ``child``; once shutdown has begun, SIGTERM it and kill it after ``CHILD_STOP_SECONDS``."""

@@ -1,6 +1,7 @@
 """The consolidation child process: one run, off the serving process, at a lower CPU priority.
 
     python -m agent.worker --config CONFIG.json --report REPORT.json [--scope TAG] [--log-level INFO]
+                           [--pause-fd FD]
 
 The scheduler (``scheduler.process = "child"``, the default) starts it for each run
 (:func:`agent.scheduler.worker_command`), with its CPU priority already lowered by ``scheduler.nice`` and
@@ -10,7 +11,8 @@ already applied), loaded back exactly with :meth:`AgentConfig.from_dict`; the en
 again. Torch gets ``scheduler.train_threads`` threads. The worker builds an :class:`agent.Agent` on the
 same store and model, runs :meth:`agent.Agent.consolidate` for ``--scope``, and writes the
 :class:`agent.consolidation.ConsolidationReport` as JSON to ``REPORT.json``. The serving process picks a
-promoted adapter up through its store polling; nothing is sent back but the report.
+promoted adapter up through its store polling; nothing is sent back but the report. With ``--pause-fd``, the
+server pauses the run while users are served, through that inherited pipe (:mod:`agent.pausing`).
 
 SIGTERM or SIGINT stops the run at its next training step (recorded as ``failed``, nothing promoted, the
 lock released); so does the parent process going away. A run killed outright is crash-safe
@@ -31,6 +33,7 @@ from typing import Any, Sequence
 
 from agent.config import AgentConfig
 from agent.loop import Agent
+from agent.pausing import follow_pauses
 from agent.scheduler import default_train_threads
 
 logger = logging.getLogger("agent.worker")
@@ -64,6 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--report", required=True, help="where to write the run's report, as JSON")
     parser.add_argument("--scope", help="task tag of the scoped adapter to train (default: the general one)")
     parser.add_argument("--log-level", default="WARNING")
+    parser.add_argument("--pause-fd", type=int, help="a pipe on which the server pauses the run (agent.pausing)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.WARNING), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s[consolidation %(process)d]: %(message)s")
@@ -79,6 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     with open(args.config) as f:
         config = child_config(json.load(f))
     threading.Thread(target=_watch_parent, args=(stop,), name="watch-parent", daemon=True).start()
+    if args.pause_fd is not None:
+        follow_pauses(args.pause_fd)
 
     with Agent(config) as agent:
         if stop.is_set():

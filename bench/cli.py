@@ -46,7 +46,7 @@ def build_parser(prog: str = "agent bench") -> argparse.ArgumentParser:
     p = sub.add_parser("contention", help="System 1 latency with a consolidation (thread / niced child) or "
                                           "background System 2 running")
     p.add_argument("--conditions", default="none,thread,child,child-2t,inline,background",
-                   help="comma-separated: none, thread, child, child-2t, child-nolend, inline, background")
+                   help="comma-separated: none, thread, child, child-2t, child-nolend, child-nopause, inline, background")
     p.add_argument("--examples", type=int, default=100, help="additions imported before each consolidation")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--requests", type=int, default=30, help="System 1 requests timed per condition")

@@ -2,17 +2,18 @@
 in a thread or in a niced child process, and with System 2 labelling in the background.
 
     agent bench contention [--model default] [--examples 100] [--epochs 1] [--requests 30] [--repeats 2]
-                           [--conditions none,thread,child,child-2t,child-nolend,inline,background]
+                           [--conditions none,thread,child,child-2t,child-nolend,child-nopause,inline,background]
                            [--system2-queries 10] [--gap 0]
 
 Each condition starts from a fresh temporary store; conditions run one after the other and the whole set is
 repeated ``--repeats`` times (interleaved, so that a change in the machine's load hits every condition):
 - ``none``: ``--requests`` System 1 answers (``route="system1"``, at most 16 new tokens), one at a time,
   ``--gap`` seconds apart (0: back to back);
-- ``thread`` / ``child`` / ``child-2t`` / ``child-nolend``: ``--examples`` two-digit additions are imported into
-  the store (the ``{"input", "target"}`` lines ``agent store import`` takes), a consolidation is started by the
-  scheduler (``scheduler.process`` thread, or child with 1 or 2 torch threads, niced by ``scheduler.nice``;
-  ``child-nolend``: the default child, but serving keeps all its threads, ``scheduler.lend_cores = false``), and the
+- ``thread`` / ``child`` / ``child-2t`` / ``child-nolend`` / ``child-nopause``: ``--examples`` two-digit
+  additions are imported into the store (the ``{"input", "target"}`` lines ``agent store import`` takes), a
+  consolidation is started by the scheduler (``scheduler.process`` thread, or child with 1 or 2 torch threads, niced by ``scheduler.nice``;
+  ``child-nolend``: the default child, but serving keeps all its threads, ``scheduler.lend_cores = false``;
+  ``child-nopause``: it computes beside the timed requests, ``scheduler.pause_for_users = 0``), and the
   same requests are timed once it holds the store's lock (that is, from its retention answers on); the run is
   then left to finish, and its duration reported;
 - ``inline`` / ``background``: ``--system2-queries`` additions sent to System 2 (PAL, k=4) by the router, one
@@ -37,7 +38,8 @@ from pathlib import Path
 from agent import Agent, AgentConfig
 from bench import tasks
 
-CONDITIONS = ("none", "thread", "child", "child-2t", "child-nolend", "inline", "background")
+CONDITIONS = ("none", "thread", "child", "child-2t", "child-nolend", "child-nopause", "inline", "background")
+CHILDREN = ("thread", "child", "child-2t", "child-nolend", "child-nopause")
 MAX_TOKENS = 16
 """Length limit of each timed System 1 answer (a short answer, as a sum's)."""
 QUESTIONS = [f"What is {a} + {b}?" for a, b in zip(range(71, 99), range(98, 70, -1))]
@@ -121,6 +123,8 @@ def run_condition(base: AgentConfig, condition: str, examples: int, epochs: int,
         cfg.scheduler.process = "thread" if condition == "thread" else "child"
         cfg.scheduler.train_threads = 2 if condition == "child-2t" else 1
         cfg.scheduler.lend_cores = condition != "child-nolend"
+        if condition == "child-nopause":
+            cfg.scheduler.pause_for_users = 0.0
         cfg.system2.methods_by_tag = {"addition": "pal"}
         cfg.system2.samples = 4
         cfg.system2.mode = "background" if condition == "background" else "inline"
@@ -131,7 +135,7 @@ def run_condition(base: AgentConfig, condition: str, examples: int, epochs: int,
             row: dict = {"condition": condition}
             if condition == "none":
                 row["latencies"], row["overlapped"] = _time_system1(agent, requests, gap=gap)
-            elif condition in ("thread", "child", "child-2t", "child-nolend"):
+            elif condition in CHILDREN:
                 row["seeded"] = _seed(agent, examples, Path(home))
                 row.update(_consolidation(agent, requests, finish, gap))
             else:

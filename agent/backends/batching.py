@@ -43,6 +43,12 @@ fit yet lets later, smaller ones pass for up to :data:`HEAD_OF_LINE_S` seconds, 
 (so short requests are not held behind a large one, and the large one is not starved). A single request larger
 than ``max_batch`` runs alone. The server bounds how many requests may wait (``server.max_queued``).
 
+Cores lent to a training process beside the engine (:meth:`BatchingBackend.lend_cores`, the consolidation
+child): the engine computes with fewer threads while that process computes. With a pause callback and
+:class:`~policies.yielding.TrainerTurns`, the process is paused whenever users' work (anything not IDLE) is in
+the engine, and the engine then takes back every thread: the callback is called as soon as such a request
+arrives, and again when the last of it leaves (or when the trainer has waited its longest pause).
+
 Adapters: a request names its adapter when it is admitted; :meth:`BatchingBackend.unload_adapter` refuses new
 requests for it at once but unloads it only when no running row uses it, so a hot-swap never fails a request
 in flight.
@@ -71,6 +77,7 @@ from agent.backends.decode_batch import DecodeBatch, Row, merge
 from agent.backends.hf import completion
 from agent.backends.stream import Delta, Handle, results, text_delta
 from agent.errors import AdapterError
+from policies.yielding import TrainerTurns
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +121,17 @@ class StepEngine(Protocol):
     def load_adapter(self, name: str, path: str) -> None: ...
     def unload_adapter(self, name: str) -> None: ...
     def close(self) -> None: ...
+
+
+@dataclass
+class _Lending:
+    """Cores lent to a training process (:meth:`BatchingBackend.lend_cores`)."""
+
+    threads: int
+    """The engine's torch threads while that process computes."""
+    pause: Callable[[bool], None] | None
+    turns: TrainerTurns | None
+    paused: bool = False
 
 
 @dataclass(eq=False)
@@ -180,7 +198,9 @@ class BatchingBackend:
         self._control: deque[tuple[Callable[[], None], Future[None]]] = deque()
         """Work the worker runs between two steps for another thread (adapter loads), with its caller's future."""
         self._threads_at_start: int | None = None
-        """The worker's torch threads before :meth:`set_threads` first changed them."""
+        """The worker's torch threads before :meth:`lend_cores` first changed them."""
+        self._lending: _Lending | None = None
+        """Cores lent to a training process now (:meth:`lend_cores`), else None; read and changed under ``_cond``."""
         self._unloading: set[str] = set()
         self._closed = False
         self.steps = 0
@@ -242,19 +262,29 @@ class BatchingBackend:
 
         self._on_worker(load)
 
-    def set_threads(self, threads: int | None) -> None:
-        """Compute with ``threads`` torch threads from the next step on (None: as many as at the start).
+    def lend_cores(self, threads: int | None, pause: Callable[[bool], None] | None = None,
+                   turns: TrainerTurns | None = None) -> None:
+        """Lend a training process beside the engine the cores ``threads`` leaves: compute with ``threads``
+        torch threads from the next step on (None: take them back, computing with as many as at the start).
 
-        The consolidation scheduler lends a training process the cores it computes on this way: at a lower
-        CPU priority alone, that process gets only what a busy server leaves (a training step 54 s instead of
-        2.3 s beside two clients). Torch's thread count is the calling thread's OpenMP setting, so the worker,
-        which runs every forward pass, sets it itself."""
+        At a lower CPU priority alone, that process gets only what a busy server leaves (a training step 54 s
+        instead of 2.3 s beside two clients). With ``pause`` and ``turns``, the process computes only when
+        ``turns`` says so: ``pause(True)`` as soon as users' work reaches the engine, which then computes with
+        every thread, and ``pause(False)`` when it has left (see :class:`~policies.yielding.TrainerTurns`);
+        ``pause`` is called under the engine's lock and must return at once. Torch's thread count is the calling
+        thread's OpenMP setting, so the worker, which runs every forward pass, sets it itself."""
 
         def apply() -> None:
             if self._threads_at_start is None:
                 self._threads_at_start = torch.get_num_threads()
-            torch.set_num_threads(threads or self._threads_at_start)
-            logger.info("serving computes with %d torch thread(s)", torch.get_num_threads())
+            with self._cond:
+                before, self._lending = self._lending, _Lending(threads, pause, turns) if threads else None
+                if before is not None and before.paused:
+                    before.pause(False)  # a process is never left paused
+            self._apply_threads()
+            logger.info("serving computes with %d torch thread(s)%s", torch.get_num_threads(),
+                        f" ({self._threads_at_start} while users' requests pause the training process)"
+                        if self._lending and pause and turns else "")
 
         self._on_worker(apply)
 
@@ -297,6 +327,8 @@ class BatchingBackend:
             if self._closed:
                 raise RuntimeError("the backend is closed")
             self._waiting.append([_Job(h, now) for h in handles])
+            if any(_lane(h.request.priority) == 0 for h in handles):
+                self._trainer_turn(users=True)  # now, not after the iteration in progress
             self._cond.notify()
 
     def _run(self) -> None:
@@ -306,6 +338,7 @@ class BatchingBackend:
             groups = self._admit(lanes)
             if groups is None:
                 return
+            self._apply_threads()
             self.iterations += 1
             stepping: int | None = None
             started = time.perf_counter()
@@ -330,6 +363,7 @@ class BatchingBackend:
                     job.handle.fail(exc)
                 for k in failing:
                     lanes[k] = None
+            self._after_iteration(lanes)
 
     def _idle_turn(self, lanes: list[DecodeBatch | None]) -> tuple[bool, bool]:
         """(whether IDLE work waits beside others' work, whether it takes this iteration by its share)."""
@@ -361,6 +395,32 @@ class BatchingBackend:
             self.parked_steps += 1
             return None
         return 1
+
+    def _apply_threads(self) -> None:
+        """On the worker: all the threads unless cores are lent to a process that computes now."""
+        lending = self._lending
+        threads = lending.threads if lending is not None and not lending.paused else self._threads_at_start
+        if threads and torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+    def _trainer_turn(self, users: bool) -> None:
+        """With ``_cond`` held: pause or resume the process the cores are lent to, as its turns say."""
+        lending = self._lending
+        if lending is None or lending.pause is None or lending.turns is None:
+            return
+        paused = not lending.turns.computes(users, time.monotonic())
+        if paused != lending.paused:
+            lending.paused = paused
+            lending.pause(paused)
+
+    def _after_iteration(self, lanes: list[DecodeBatch | None]) -> None:
+        """Whether users' work is left, for the process the cores are lent to (the next iteration sets the
+        threads it computes with)."""
+        if self._lending is None:
+            return
+        users = bool(_rows(lanes[0])) or any(prefill.lane == 0 for prefill in self._prefilling)
+        with self._cond:
+            self._trainer_turn(users or any(_lane(job.priority) == 0 for group in self._waiting for job in group))
 
     def _run_control(self) -> None:
         """Run the work other threads handed over (:attr:`_control`), each failure going to its caller."""

@@ -23,6 +23,8 @@ from agent.backends import stream
 from agent.backends.batching import BACKGROUND_PREFILL_EVERY, BatchingBackend, _Job
 from agent.backends.hf import HFBackend
 from agent.errors import GenerationCancelled
+from policies.yielding import TrainerTurns
+from tests.conftest import wait_for
 
 PROMPTS = [
     "The capital of France is", "What is 47 + 38?", "apple house", "Alice flips the coin.",
@@ -435,29 +437,79 @@ def test_adapters_are_loaded_on_the_worker_thread(tiny_model_dir: Path, tmp_path
     assert Loads.threads == ["s2agent-scheduler", "s2agent-scheduler"]
 
 
-def test_set_threads_changes_the_threads_the_steps_compute_with(tiny_model_dir: Path) -> None:
+class CountsThreads(HFBackend):
+    """Records the torch threads and the priorities of each decode step."""
+
+    seen: list[tuple[int, frozenset[int]]] = []
+
+    def step(self, batch):
+        self.seen.append((torch.get_num_threads(), frozenset(row.owner.priority for row in batch.rows)))
+        return super().step(batch)
+
+
+def test_lent_cores_change_the_threads_the_steps_compute_with(tiny_model_dir: Path) -> None:
     """The scheduler lends a training process cores this way: torch's thread count belongs to the thread that
     sets it, so it must be the worker's, the one every forward pass runs on."""
-
-    class Counts(HFBackend):
-        seen: list[int] = []
-
-        def step(self, batch):
-            self.seen.append(torch.get_num_threads())
-            return super().step(batch)
-
-    batcher = BatchingBackend(Counts(str(tiny_model_dir), model_name="tiny-llama", threads=1), max_wait_ms=0)
+    CountsThreads.seen = []
+    batcher = BatchingBackend(CountsThreads(str(tiny_model_dir), model_name="tiny-llama", threads=2), max_wait_ms=0)
     try:
         batcher.generate([GenerationRequest(PROMPTS[0], PARAMS)])
-        assert set(Counts.seen) == {1}
-        batcher.set_threads(2)
-        Counts.seen.clear()
+        assert {threads for threads, _ in CountsThreads.seen} == {2}
+        batcher.lend_cores(1)  # no pauses: users compute with the cores left too
+        CountsThreads.seen.clear()
         batcher.generate([GenerationRequest(PROMPTS[0], PARAMS)])
-        assert set(Counts.seen) == {2}
-        batcher.set_threads(None)  # back to what the worker started with
-        Counts.seen.clear()
+        assert {threads for threads, _ in CountsThreads.seen} == {1}
+        batcher.lend_cores(None)  # back to what the worker started with
+        CountsThreads.seen.clear()
         batcher.generate([GenerationRequest(PROMPTS[0], PARAMS)])
-        assert set(Counts.seen) == {1}
+        assert {threads for threads, _ in CountsThreads.seen} == {2}
+    finally:
+        batcher.close()
+
+
+def test_a_trainer_pauses_while_users_are_served_and_they_get_every_thread(tiny_model_dir: Path) -> None:
+    """With a pause line, the process the cores are lent to is paused as soon as a user's request arrives
+    (before it is admitted) and resumed when it has left; IDLE work alone never pauses it, and computes with the
+    cores left to the engine, users' work with all of them."""
+    CountsThreads.seen = []
+    batcher = BatchingBackend(CountsThreads(str(tiny_model_dir), model_name="tiny-llama", threads=2), max_wait_ms=0)
+    calls: list[bool] = []
+    try:
+        batcher.lend_cores(1, calls.append, TrainerTurns(max_pause=60.0, run_for=1.0))
+        batcher.generate([GenerationRequest(PROMPTS[0], PARAMS, priority=IDLE)])
+        assert calls == [] and {threads for threads, _ in CountsThreads.seen} == {1}
+        CountsThreads.seen.clear()
+        batcher.generate([GenerationRequest(PROMPTS[1], PARAMS)])
+        wait_for(lambda: calls == [True, False], what="the trainer to be paused, then resumed")
+        assert {threads for threads, _ in CountsThreads.seen} == {2}
+        batcher.generate([GenerationRequest(PROMPTS[1], PARAMS, priority=BACKGROUND)])  # inline System 2: a user waits
+        wait_for(lambda: calls == [True, False, True, False], what="a second pause")
+        batcher.lend_cores(None)
+        assert calls == [True, False, True, False]  # it was not paused: nothing more to say
+    finally:
+        batcher.close()
+
+
+def test_a_trainer_paused_longer_than_its_longest_pause_computes_beside_users(tiny_model_dir: Path) -> None:
+    """Users that never leave the engine idle get the trainer paused at most ``max_pause`` at a stretch; taking
+    the cores back resumes a paused trainer."""
+    engine = CountsThreads(str(tiny_model_dir), model_name="tiny-llama", threads=2)
+    batcher = BatchingBackend(engine, max_wait_ms=0)
+    calls: list[bool] = []
+    try:
+        batcher.lend_cores(1, calls.append, TrainerTurns(max_pause=0.05, run_for=60.0))
+        CountsThreads.seen = []
+        batcher.generate([GenerationRequest(PROMPTS[0], endless(engine, 300))])
+        assert calls == [True, False]  # paused at once, then its turn came while the request still decoded
+        threads = [threads for threads, _ in CountsThreads.seen]
+        assert threads[0] == 2 and threads[-1] == 1  # every thread while it waited, the cores left after
+        batcher.lend_cores(1, calls.append, TrainerTurns(max_pause=60.0, run_for=0.0))
+        calls.clear()
+        handle = batcher.submit(GenerationRequest(PROMPTS[0], endless(engine, 300)))
+        assert calls == [True]
+        batcher.lend_cores(None)  # the process goes on at once, while the request still runs
+        assert calls == [True, False]
+        handle.result()
     finally:
         batcher.close()
 

@@ -287,6 +287,7 @@ def test_each_scope_consolidates_in_a_niced_child_and_its_adapter_serves_here_wi
         expected_nice = min(19, os.getpriority(os.PRIO_PROCESS, 0) + config.scheduler.nice)
         wait_for(lambda: os.getpriority(os.PRIO_PROCESS, child.pid) == expected_nice, what="the child to renice")
         assert b"OMP_NUM_THREADS=1\0" in Path(f"/proc/{child.pid}/environ").read_bytes()
+        assert b"--pause-fd" in Path(f"/proc/{child.pid}/cmdline").read_bytes()  # serving pauses it for users
 
         # While it trains, the child holds the store's lock: the CLI and /metrics show it; serving goes on.
         # The child is frozen (SIGSTOP) while it holds the lock, so a fast machine cannot finish the run
@@ -326,7 +327,8 @@ def test_each_scope_consolidates_in_a_niced_child_and_its_adapter_serves_here_wi
         assert 's2agent_serving_adapter_version{scope="arith"} 1' in text
     lent = max(1, min(2, (os.cpu_count() or 1) - 1))
     assert [r.getMessage() for r in caplog.records if r.name == "agent.backends.batching"] == [
-        f"serving computes with {lent} torch thread(s)", "serving computes with 2 torch thread(s)"]
+        f"serving computes with {lent} torch thread(s) (2 while users' requests pause the training process)",
+        "serving computes with 2 torch thread(s)"]
 
 
 def test_the_child_gets_the_effective_configuration(config, tmp_path, monkeypatch):
