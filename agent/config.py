@@ -476,13 +476,14 @@ class SchedulerConfig:
     beside two clients that kept both cores busy, a training step took 54 s instead of 2.3 s and a scope's
     first run did not finish within the live replay. False: serving keeps every core while a run goes on."""
 
-    pause_for_users: float = within("[0, inf)", 2.0)
+    pause_for_users: float = within("[0, inf)", 1.0)
     """Child process, CPU engine, with ``lend_cores``: the child pauses while users' requests (and inline System
     2, which a user waits for) are in the engine, which then computes with all its threads, for at most this
-    many seconds at a stretch; it then computes for a quarter of that beside them before it may pause again,
-    so a server that is never idle still trains, at about a fifth of the speed. 0: the child computes beside
-    users. In the live replay, System 1 answers took 1.3 s at the median while a run trained beside them, 0.53
-    s with nothing running (README, "Serving while training")."""
+    many seconds at a stretch; it then computes as long beside them before it may pause again, so a server that
+    is never idle still trains at about half the speed. 0: the child computes beside users. With users 1.5 s
+    apart, System 1 took 0.94 s at p50 during a run (1.23 s without pauses, 0.89 s with nothing running); at 2 s
+    of pause for 0.5 s of computing, a run in the live replay (two clients) trained 3x slower than without
+    (README, "Serving while training")."""
 
     def __post_init__(self) -> None:
         _check_fields(self)

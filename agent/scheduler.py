@@ -11,11 +11,12 @@ Two triggers (``[scheduler]`` in the config; ``agent serve`` starts them unless 
 Where a run happens (``scheduler.process``):
 - ``child`` (default): a separate process, ``python -m agent.worker`` (:mod:`agent.worker`), started at a
   lower CPU priority (``scheduler.nice``) with few torch threads (``scheduler.train_threads``), built from
-  this process's effective configuration. Serving keeps its interpreter and its cores' priority; the
-  promoted adapter reaches it through the store (:meth:`agent.Agent.refresh_adapters`), without a restart.
-  ``shutdown()`` sends the child SIGTERM, which stops its training at the next step; a child that does not
-  exit within ``CHILD_STOP_SECONDS`` is killed (a consolidation is crash-safe, see
-  :mod:`agent.consolidation`).
+  this process's effective configuration. Serving lends it cores (``scheduler.lend_cores``) and takes them back,
+  the child paused, while users are served (``scheduler.pause_for_users``, :mod:`agent.pausing`). Serving keeps
+  its interpreter and its cores' priority; the promoted adapter reaches it through the store
+  (:meth:`agent.Agent.refresh_adapters`), without a restart. ``shutdown()`` sends the child SIGTERM, which
+  stops its training at the next step; a child that does not exit within ``CHILD_STOP_SECONDS`` is killed (a
+  consolidation is crash-safe, see :mod:`agent.consolidation`).
 - ``thread``: in the scheduler's worker thread of this process, sharing its torch threads with serving.
 
 Runs never overlap: APScheduler's ``max_instances=1`` and a lock inside the process, and the store's
@@ -67,9 +68,6 @@ _OVERLAP_FILTER = _OverlapIsExpected()
 CHILD_STOP_SECONDS = 30.0
 """After SIGTERM, how long a consolidation child may take to stop at its next training step before it is
 killed (a training step takes a few seconds on 2 cores; the gate is not interruptible)."""
-PAUSE_RUN_SHARE = 0.25
-"""After the longest pause for users (``scheduler.pause_for_users``), the child computes for this share of it
-beside them before it may pause again: about a fifth of its speed under a load that leaves no gap."""
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])
 """The folder holding this ``agent`` package: put first on the child's path, so it runs this same code."""
 _BOOTSTRAP = ("import os, runpy, sys; os.nice(int(sys.argv.pop(1))); "
@@ -245,7 +243,7 @@ class ConsolidationScheduler:
         threads = max(1, min(self.agent.config.threads or cores, cores - child_threads))
         wait = self.config.pause_for_users
         pauses = PauseLine() if wait else None
-        lend(threads, pauses, TrainerTurns(wait, wait * PAUSE_RUN_SHARE) if pauses else None)
+        lend(threads, pauses, TrainerTurns(wait) if pauses else None)
         try:
             yield pauses
         finally:

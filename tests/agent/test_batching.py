@@ -475,7 +475,7 @@ def test_a_trainer_pauses_while_users_are_served_and_they_get_every_thread(tiny_
     batcher = BatchingBackend(CountsThreads(str(tiny_model_dir), model_name="tiny-llama", threads=2), max_wait_ms=0)
     calls: list[bool] = []
     try:
-        batcher.lend_cores(1, calls.append, TrainerTurns(max_pause=60.0, run_for=1.0))
+        batcher.lend_cores(1, calls.append, TrainerTurns(turn=60.0))
         batcher.generate([GenerationRequest(PROMPTS[0], PARAMS, priority=IDLE)])
         assert calls == [] and {threads for threads, _ in CountsThreads.seen} == {1}
         CountsThreads.seen.clear()
@@ -491,19 +491,21 @@ def test_a_trainer_pauses_while_users_are_served_and_they_get_every_thread(tiny_
 
 
 def test_a_trainer_paused_longer_than_its_longest_pause_computes_beside_users(tiny_model_dir: Path) -> None:
-    """Users that never leave the engine idle get the trainer paused at most ``max_pause`` at a stretch; taking
-    the cores back resumes a paused trainer."""
+    """Users that never leave the engine idle get the trainer paused at most a turn at a stretch; taking the cores
+    back resumes a paused trainer."""
     engine = CountsThreads(str(tiny_model_dir), model_name="tiny-llama", threads=2)
     batcher = BatchingBackend(engine, max_wait_ms=0)
     calls: list[bool] = []
     try:
-        batcher.lend_cores(1, calls.append, TrainerTurns(max_pause=0.05, run_for=60.0))
+        batcher.lend_cores(1, calls.append, TrainerTurns(turn=0.05))
         CountsThreads.seen = []
         batcher.generate([GenerationRequest(PROMPTS[0], endless(engine, 300))])
-        assert calls == [True, False]  # paused at once, then its turn came while the request still decoded
+        wait_for(lambda: calls and not calls[-1], what="the trainer to compute once the request is done")
+        # paused at once, then its turn came while the request still decoded, and so on, turn by turn
+        assert len(calls) > 2 and calls == [True, False] * (len(calls) // 2)
         threads = [threads for threads, _ in CountsThreads.seen]
-        assert threads[0] == 2 and threads[-1] == 1  # every thread while it waited, the cores left after
-        batcher.lend_cores(1, calls.append, TrainerTurns(max_pause=60.0, run_for=0.0))
+        assert threads[0] == 2 and 1 in threads  # every thread while it waited, the cores left on its turns
+        batcher.lend_cores(1, calls.append, TrainerTurns(turn=60.0))
         calls.clear()
         handle = batcher.submit(GenerationRequest(PROMPTS[0], endless(engine, 300)))
         assert calls == [True]
