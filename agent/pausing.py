@@ -8,8 +8,10 @@ module by module, while it is paused: training steps, the gate's System 1 answer
 alike, with nothing to change in the code that runs them. Waiting happens only inside model computations,
 never inside a store transaction, so a paused process holds no lock the server could wait on.
 
-A pause is seen at the next module boundary: a decoder layer of a 135M model on one thread is a few
-milliseconds forward, a little more backward. Loading the model is not paused (it runs once per process).
+A pause is seen at the next module boundary (every linear layer is one; in a backward pass, every module
+output that needs a gradient). Loading the model is not paused (it runs once per process). The hooks cost
+nothing measurable: two steps of the embedded model's training took 9.2-10.0 s with them, 9.4-11.1 s
+without, to the same loss.
 """
 
 from __future__ import annotations
