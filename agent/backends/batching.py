@@ -367,9 +367,7 @@ class BatchingBackend:
 
     def _idle_turn(self, lanes: list[DecodeBatch | None]) -> tuple[bool, bool]:
         """(whether IDLE work waits beside others' work, whether it takes this iteration by its share)."""
-        idle = bool(_rows(lanes[1])) or any(prefill.lane == 1 for prefill in self._prefilling)
-        others = bool(_rows(lanes[0])) or any(prefill.lane == 0 for prefill in self._prefilling)
-        busy = idle and others
+        busy = self._lane_busy(lanes, 1) and self._lane_busy(lanes, 0)
         return busy, busy and self.idle_share > 0 and self._idle_credit >= 0
 
     def _pay_idle(self, busy: bool, turn: bool, seconds: float) -> None:
@@ -418,9 +416,13 @@ class BatchingBackend:
         threads it computes with)."""
         if self._lending is None:
             return
-        users = bool(_rows(lanes[0])) or any(prefill.lane == 0 for prefill in self._prefilling)
+        users = self._lane_busy(lanes, 0)
         with self._cond:
             self._trainer_turn(users or any(_lane(job.priority) == 0 for group in self._waiting for job in group))
+
+    def _lane_busy(self, lanes: list[DecodeBatch | None], lane: int) -> bool:
+        """Whether rows of ``lane`` (see :func:`_lane`) decode or prefill."""
+        return bool(_rows(lanes[lane])) or any(prefill.lane == lane for prefill in self._prefilling)
 
     def _run_control(self) -> None:
         """Run the work other threads handed over (:attr:`_control`), each failure going to its caller."""
