@@ -18,14 +18,17 @@ from tests.conftest import wait_for
 REPO = Path(__file__).resolve().parents[2]
 
 CHILD = """
-import sys, torch
+import sys, time, torch
 from agent.pausing import follow_pauses
-follow_pauses(int(sys.argv[1]))
+computes = follow_pauses(int(sys.argv[1]))
 torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1))
 if sys.argv[2] == "backward":
     loss = model(torch.randn(32, 64)).pow(2).mean()
     print("forward", flush=True)
+    while computes.is_set():  # the pause has reached this process before the backward pass starts
+        time.sleep(0.01)
+    print("paused", flush=True)
     sys.stdin.readline()
     loss.backward()
     print("backward", flush=True)
@@ -92,9 +95,10 @@ def test_a_paused_process_takes_no_step_until_resumed_or_the_server_is_gone(chil
 def test_a_pause_holds_a_backward_pass_too(child: Child) -> None:
     wait_for(lambda: child.printed == ["forward"], timeout=60, what="the child's forward pass")
     child.line(True)
+    wait_for(lambda: child.printed == ["forward", "paused"], what="the pause to reach the child")
     child.tell()  # now the backward pass
     time.sleep(1.0)
-    assert child.printed == ["forward"]
+    assert child.printed == ["forward", "paused"]
     child.line(False)
-    wait_for(lambda: child.printed == ["forward", "backward"], what="the backward pass once resumed")
+    wait_for(lambda: child.printed == ["forward", "paused", "backward"], what="the backward pass once resumed")
     child.tell()
