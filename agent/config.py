@@ -480,10 +480,11 @@ class SchedulerConfig:
     """Child process, CPU engine, with ``lend_cores``: the child pauses while users' requests (and inline System
     2, which a user waits for) are in the engine, which then computes with all its threads, for at most this
     many seconds in all (pauses add up over gaps shorter than that); it then computes as long beside them
-    before it may pause again, so a server that is never idle still trains at about half the speed. 0: the child computes beside users. With users 1.5 s
-    apart, System 1 took 0.88 s at p50 during a run (1.23 s without pauses, 0.87 s with nothing running), and
-    the run 439 s instead of 356 s; at 2 s of pause for 0.5 s of computing, a run in the live replay (two
-    clients) trained 3x slower than without (README, "Serving while training")."""
+    before it may pause again, so a server that is never idle still trains at about half the speed. 0: the
+    child computes beside users. With users 1.5 s apart, System 1 took 0.88 s at p50 during a run (1.23 s
+    without pauses, 0.87 s with nothing running), and the run 439 s instead of 356 s; at 2 s of pause for
+    0.5 s of computing, a run in the live replay (two clients) trained 3x slower than without (README,
+    "Serving while training")."""
 
     def __post_init__(self) -> None:
         _check_fields(self)

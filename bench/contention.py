@@ -11,11 +11,11 @@ repeated ``--repeats`` times (interleaved, so that a change in the machine's loa
   ``--gap`` seconds apart (0: back to back);
 - ``thread`` / ``child`` / ``child-2t`` / ``child-nolend`` / ``child-nopause``: ``--examples`` two-digit
   additions are imported into the store (the ``{"input", "target"}`` lines ``agent store import`` takes), a
-  consolidation is started by the scheduler (``scheduler.process`` thread, or child with 1 or 2 torch threads, niced by ``scheduler.nice``;
-  ``child-nolend``: the default child, but serving keeps all its threads, ``scheduler.lend_cores = false``;
-  ``child-nopause``: it computes beside the timed requests, ``scheduler.pause_for_users = 0``), and the
-  same requests are timed once it holds the store's lock (that is, from its retention answers on); the run is
-  then left to finish, and its duration reported;
+  consolidation is started by the scheduler (``scheduler.process`` thread, or child with 1 or 2 torch
+  threads, niced by ``scheduler.nice``; ``child-nolend``: the default child, but serving keeps all its
+  threads, ``scheduler.lend_cores = false``; ``child-nopause``: it computes beside the timed requests,
+  ``scheduler.pause_for_users = 0``), and the same requests are timed once it holds the store's lock (that
+  is, from its retention answers on); the run is then left to finish, and its duration reported;
 - ``inline`` / ``background``: ``--system2-queries`` additions sent to System 2 (PAL, k=4) by the router, one
   after another, inline (the user waits) or in background mode (each System 1 pass at most 16 new tokens, as in
   ``none``: in background mode the routed p50 is System 1's latency while the labels of the queries before it
