@@ -23,7 +23,8 @@ server has:
    query, both from the server's counter on ``GET /metrics`` (which also counts System 2 work done in the
    background) and from the responses' ``usage.completion_tokens_details.reasoning_tokens``; p50/p95
    latency of the replay requests; errors; the adapters serving per scope (``GET /v1/models``) and the
-   consolidation runs (``/metrics``); and System 1 accuracy on a fixed set of held-out task inputs
+   consolidation runs (``/metrics``); the examples the server learned (its buffer, ``/metrics``) and at
+   what rate per hour, inline or in the background alike; and System 1 accuracy on a fixed set of held-out task inputs
    (``--probes`` per task family) sent with ``s2agent.route = system1``, whose answers are known to this
    replay, never to the server.
 4. General facts are asked with ``route = system1`` at the start and at the end; retention is the share
@@ -552,6 +553,11 @@ class ServerState:
     """Queries waiting for a background System 2 label (``s2agent_system2_background_waiting``)."""
     background: dict[str, int] = field(default_factory=dict)
     """Background System 2 events so far (``s2agent_system2_background_total``): queued, labelled, skipped..."""
+    examples: int | None = None
+    """Examples the server has learned so far: its buffer but the rejected rows (``s2agent_buffer_examples``),
+    whether System 2 labelled them inline or in the background."""
+    at: float = field(default_factory=time.monotonic)
+    """When it was read (``time.monotonic``): rates are over the time between two reads."""
 
 
 def server_state(client: Client, previous: ServerState | None = None) -> tuple[ServerState, str | None]:
@@ -570,7 +576,15 @@ def server_state(client: Client, previous: ServerState | None = None) -> tuple[S
     runs = _by_label(samples, "s2agent_consolidation_runs_total", "result")
     background = _by_label(samples, "s2agent_system2_background_total", "event")
     return ServerState(tokens, runs, adapters, samples.get(("s2agent_system2_background_waiting", frozenset())),
-                       background), None
+                       background, learned_examples(samples)), None
+
+
+def learned_examples(samples: dict[tuple[str, frozenset], float]) -> int | None:
+    """The server's buffer but its rejected rows (``s2agent_buffer_examples``): the examples it has learned;
+    None when the store did not answer (``s2agent_store_up`` 0), so there are no counts to read."""
+    if not samples.get(("s2agent_store_up", frozenset())):
+        return None
+    return sum(n for status, n in _by_label(samples, "s2agent_buffer_examples", "status").items() if status != "rejected")
 
 
 def _by_label(samples: dict[tuple[str, frozenset], float], name: str, label: str) -> dict[str, int]:
@@ -579,6 +593,13 @@ def _by_label(samples: dict[tuple[str, frozenset], float], name: str, label: str
 
 
 # --- measuring ----------------------------------------------------------------------------------------------
+def learning_rate(before: ServerState, after: ServerState) -> float | None:
+    """Examples learned per hour between two reads of the server's state (None when either has no count)."""
+    if before.examples is None or after.examples is None or after.at <= before.at:
+        return None
+    return round((after.examples - before.examples) * 3600 / (after.at - before.at), 1)
+
+
 def percentile(values: Sequence[float], q: float) -> float | None:
     """Nearest-rank percentile (``q`` in [0, 1]); None for no values."""
     if not values:
@@ -647,6 +668,7 @@ def window_record(index: int, served: int, replies: Sequence[Reply], probed: Seq
               else after.system2_tokens - before.system2_tokens)
     promoted = [f"{scope} v{v}" for scope, v in sorted(after.adapters.items()) if before.adapters.get(scope) != v]
     scored = [r.correct for r in ok if r.query.family in KINDS]
+    learned = None if before.examples is None or after.examples is None else after.examples - before.examples
     errors = [r.error for r in (*replies, *probed) if not r.ok] + list(other_errors)
     return {
         "window": index, "queries_served": served, "n": n, "seconds": round(seconds, 2),
@@ -668,6 +690,9 @@ def window_record(index: int, served: int, replies: Sequence[Reply], probed: Seq
         # background mode: what the label queue did during the window, and how many it left waiting
         "background": {event: n - before.background.get(event, 0) for event, n in after.background.items()},
         "background_waiting": after.background_waiting,
+        # what the window taught: examples stored, and at what rate (the issue's "examples learned per hour")
+        "examples_learned": learned,
+        "examples_per_hour": learning_rate(before, after),
     }
 
 
@@ -721,6 +746,7 @@ def run(settings: LiveSettings, model: str, out: Path, cache_dir: str | None = N
         other_errors += [r.error for r in baseline if not r.ok]
         state, error = server_state(client)
         other_errors += [error] if error else []
+        replay_start = state
         pace = Pace(settings.interval_s) if settings.interval_s > 0 else None
         with tqdm(total=len(stream), desc="replay", unit="query") as bar:
             for index, start in enumerate(range(0, len(stream), settings.window), 1):
@@ -738,6 +764,9 @@ def run(settings: LiveSettings, model: str, out: Path, cache_dir: str | None = N
                             record["system2_share"], record["probe"]["accuracy"], record["latency_p50_s"],
                             record["adapters"] or "none")
                 _write(out, result)
+        result["examples_learned"] = (None if state.examples is None or replay_start.examples is None
+                                      else state.examples - replay_start.examples)
+        result["examples_per_hour"] = learning_rate(replay_start, state)  # over the replay, probes included
         result["system1_alone"] = system1_alone(client, batch, settings.clients, settings.interval_s)
         other_errors += result["system1_alone"]["errors"]
         result["retention_end"], failed = retention(client, facts, settings.clients, "general facts (end)")
@@ -822,12 +851,12 @@ def checks(result: dict[str, Any]) -> list[dict[str, str]]:
 def report(result: dict[str, Any]) -> str:
     """One row per window, then the checks."""
     head = (f"{'served':>7} {'S2 share':>8} {'skipped':>7} {'S2 tok/q':>9} {'(resp.)':>8} {'S1 probe':>8} {'served acc':>10} "
-            f"{'p50 s':>6} {'p95 s':>6} {'S1 p50':>6} {'errors':>6} {'waiting':>7}  adapters")
+            f"{'p50 s':>6} {'p95 s':>6} {'S1 p50':>6} {'errors':>6} {'waiting':>7} {'learned':>7}  adapters")
     start = result["probe_start"]
     lines = [f"model {result['model']}; server: {' '.join(result['server']['command'][3:])}",
              head,
              (f"{0:>7} {'':>8} {'':>7} {'':>9} {'':>8} {_fmt(start['accuracy']):>8} {'':>10} {'':>6} {'':>6} "
-              f"{_fmt(start['latency_p50_s']):>6} {start['errors']:>6} {'':>7}  base")]
+              f"{_fmt(start['latency_p50_s']):>6} {start['errors']:>6} {'':>7} {'':>7}  base")]
     for w in result["windows"]:
         adapters = ", ".join(f"{scope} v{v}" for scope, v in sorted(w["adapters"].items())) or "base"
         if w["promoted"]:
@@ -838,10 +867,13 @@ def report(result: dict[str, Any]) -> str:
             f"{_fmt(w['system2_tokens_per_query_responses'], '.1f'):>8} "
             f"{_fmt(w['probe']['accuracy']):>8} {_fmt(w['served_accuracy']):>10} {_fmt(w['latency_p50_s']):>6} "
             f"{_fmt(w['latency_p95_s']):>6} {_fmt(w['probe']['latency_p50_s']):>6} {w['errors']:>6} "
-            f"{_fmt(w.get('background_waiting'), '.0f'):>7}  {adapters}")
+            f"{_fmt(w.get('background_waiting'), '.0f'):>7} {_fmt(w.get('examples_learned'), 'd'):>7}  {adapters}")
     if alone := result.get("system1_alone"):
         lines.append(f"System 1 alone on the last window's queries again: p50 {_fmt(alone['latency_p50_s'])} s, "
                      f"p95 {_fmt(alone['latency_p95_s'])} s")
+    if result.get("examples_learned") is not None:
+        lines.append(f"examples learned during the replay: {result['examples_learned']} "
+                     f"({_fmt(result['examples_per_hour'], '.0f')} per hour)")
     runs = result["windows"][-1]["consolidation_runs"] if result["windows"] else {}
     lines.append(f"consolidation runs: {', '.join(f'{k} {v}' for k, v in sorted(runs.items()) if v) or 'none'}; "
                  f"general facts right: {result['retention']['right_start']} of {result['retention']['facts']} at "

@@ -75,6 +75,9 @@ def test_live_replay_runs_a_real_server_and_writes_its_measures(tiny_model_dir: 
         assert sum(w["probe"]["served_by"].values()) == 4  # which scope and adapter answered each probe
         assert all(k.split(": ")[0] in live.KINDS for k in w["probe"]["served_by"])
         assert isinstance(w["adapters"], dict) and isinstance(w["consolidation_runs"], dict)
+        assert w["examples_learned"] >= 0 and w["examples_per_hour"] >= 0  # the buffer's counts were read
+    assert result["examples_learned"] == sum(w["examples_learned"] for w in windows)
+    assert result["examples_per_hour"] >= 0
     assert 0.0 <= result["probe_start"]["accuracy"] <= 1.0
 
     kept = result["retention"]
@@ -146,10 +149,24 @@ def test_a_window_counts_system2_inline_and_queued_in_the_background_but_not_ski
     assert record["served_accuracy"] == 1.0
     assert record["background"] == {} and record["background_waiting"] is None
 
-    before = live.ServerState(10.0, {}, {}, 7.0, {"queued": 20, "labelled": 5, "skipped": 0})
-    after = live.ServerState(30.0, {}, {}, 3.0, {"queued": 24, "labelled": 9, "skipped": 4})
+    assert record["examples_learned"] is None and record["examples_per_hour"] is None  # no buffer counts read
+
+    before = live.ServerState(10.0, {}, {}, 7.0, {"queued": 20, "labelled": 5, "skipped": 0}, examples=12, at=100.0)
+    after = live.ServerState(30.0, {}, {}, 3.0, {"queued": 24, "labelled": 9, "skipped": 4}, examples=15, at=190.0)
     record = live.window_record(2, 12, replies, [], before, after, 6.0)
     assert record["background"] == {"queued": 4, "labelled": 4, "skipped": 4} and record["background_waiting"] == 3.0
+    # 3 examples in the 90 s between the two reads (not the 6 s of replay alone: labels go on during the probes)
+    assert record["examples_learned"] == 3 and record["examples_per_hour"] == 120.0
+
+
+def test_examples_learned_are_the_buffer_but_its_rejected_rows_read_from_real_metrics_text() -> None:
+    from agent.metrics import Metrics
+
+    snapshot = {"system2_acceptance_rate": 0.5, "buffer": {"pending": 3, "used": 2, "holdout": 1, "rejected": 4},
+                "runs": {}, "serving": {}}
+    assert live.learned_examples(live.parse_metrics(Metrics().render(snapshot))) == 6
+    assert live.learned_examples(live.parse_metrics(Metrics().render({**snapshot, "buffer": {}}))) == 0
+    assert live.learned_examples(live.parse_metrics(Metrics().render(None))) is None  # the store did not answer
 
 
 def test_a_pace_starts_requests_an_interval_apart_from_any_client_and_never_bursts_to_catch_up() -> None:
