@@ -24,8 +24,8 @@ server has:
    background) and from the responses' ``usage.completion_tokens_details.reasoning_tokens``; p50/p95
    latency of the replay requests; errors; the adapters serving per scope (``GET /v1/models``) and the
    consolidation runs (``/metrics``); the examples the server learned (its buffer, ``/metrics``) and at
-   what rate per hour, inline or in the background alike; and System 1 accuracy on a fixed set of held-out task inputs
-   (``--probes`` per task family) sent with ``s2agent.route = system1``, whose answers are known to this
+   what rate per hour, inline or in the background alike; and System 1 accuracy on a fixed set of held-out
+   task inputs (``--probes`` per task family) sent with ``s2agent.route = system1``, whose answers are known to this
    replay, never to the server.
 4. General facts are asked with ``route = system1`` at the start and at the end; retention is the share
    of the facts right at the start that are still right at the end.
@@ -584,7 +584,8 @@ def learned_examples(samples: dict[tuple[str, frozenset], float]) -> int | None:
     None when the store did not answer (``s2agent_store_up`` 0), so there are no counts to read."""
     if not samples.get(("s2agent_store_up", frozenset())):
         return None
-    return sum(n for status, n in _by_label(samples, "s2agent_buffer_examples", "status").items() if status != "rejected")
+    buffer = _by_label(samples, "s2agent_buffer_examples", "status")
+    return sum(n for status, n in buffer.items() if status != "rejected")
 
 
 def _by_label(samples: dict[tuple[str, frozenset], float], name: str, label: str) -> dict[str, int]:
@@ -593,11 +594,17 @@ def _by_label(samples: dict[tuple[str, frozenset], float], name: str, label: str
 
 
 # --- measuring ----------------------------------------------------------------------------------------------
+def examples_between(before: ServerState, after: ServerState) -> int | None:
+    """Examples learned between two reads of the server's state (None when either has no count)."""
+    return None if before.examples is None or after.examples is None else after.examples - before.examples
+
+
 def learning_rate(before: ServerState, after: ServerState) -> float | None:
-    """Examples learned per hour between two reads of the server's state (None when either has no count)."""
-    if before.examples is None or after.examples is None or after.at <= before.at:
+    """Examples learned per hour between two reads of the server's state."""
+    learned = examples_between(before, after)
+    if learned is None or after.at <= before.at:
         return None
-    return round((after.examples - before.examples) * 3600 / (after.at - before.at), 1)
+    return round(learned * 3600 / (after.at - before.at), 1)
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -668,7 +675,6 @@ def window_record(index: int, served: int, replies: Sequence[Reply], probed: Seq
               else after.system2_tokens - before.system2_tokens)
     promoted = [f"{scope} v{v}" for scope, v in sorted(after.adapters.items()) if before.adapters.get(scope) != v]
     scored = [r.correct for r in ok if r.query.family in KINDS]
-    learned = None if before.examples is None or after.examples is None else after.examples - before.examples
     errors = [r.error for r in (*replies, *probed) if not r.ok] + list(other_errors)
     return {
         "window": index, "queries_served": served, "n": n, "seconds": round(seconds, 2),
@@ -691,7 +697,7 @@ def window_record(index: int, served: int, replies: Sequence[Reply], probed: Seq
         "background": {event: n - before.background.get(event, 0) for event, n in after.background.items()},
         "background_waiting": after.background_waiting,
         # what the window taught: examples stored, and at what rate (the issue's "examples learned per hour")
-        "examples_learned": learned,
+        "examples_learned": examples_between(before, after),
         "examples_per_hour": learning_rate(before, after),
     }
 
@@ -764,8 +770,7 @@ def run(settings: LiveSettings, model: str, out: Path, cache_dir: str | None = N
                             record["system2_share"], record["probe"]["accuracy"], record["latency_p50_s"],
                             record["adapters"] or "none")
                 _write(out, result)
-        result["examples_learned"] = (None if state.examples is None or replay_start.examples is None
-                                      else state.examples - replay_start.examples)
+        result["examples_learned"] = examples_between(replay_start, state)
         result["examples_per_hour"] = learning_rate(replay_start, state)  # over the replay, probes included
         result["system1_alone"] = system1_alone(client, batch, settings.clients, settings.interval_s)
         other_errors += result["system1_alone"]["errors"]
