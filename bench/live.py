@@ -25,8 +25,8 @@ server has:
    latency of the replay requests; errors; the adapters serving per scope (``GET /v1/models``) and the
    consolidation runs (``/metrics``); the examples the server learned (its buffer, ``/metrics``) and at
    what rate per hour, inline or in the background alike; and System 1 accuracy on a fixed set of held-out
-   task inputs (``--probes`` per task family) sent with ``s2agent.route = system1``, whose answers are known to this
-   replay, never to the server.
+   task inputs (``--probes`` per task family) sent with ``s2agent.route = system1``, whose answers are known
+   to this replay, never to the server.
 4. General facts are asked with ``route = system1`` at the start and at the end; retention is the share
    of the facts right at the start that are still right at the end.
 
