@@ -96,6 +96,8 @@ def build_parser(prog: str = "agent bench") -> argparse.ArgumentParser:
     p.add_argument("--task", default="addition")
     p.add_argument("--n", type=int, default=300, help="examples imported")
     p.add_argument("--n-eval", type=int, default=50, help="held-out items per column")
+    p.add_argument("--fractions", help="also measure the trained adapter with its LoRA update scaled to these "
+                                       "fractions, comma-separated (e.g. 0.1): what almost no learning costs")
     p.add_argument("--out", default="bench/out/general")
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("system2", help="System 2 seconds, tokens and label quality for k = 1, 4, 8 samples")
@@ -132,6 +134,16 @@ def _positive_ints(text: str, option: str) -> list[int]:
         raise SystemExit(f"{option} expects comma-separated integers, got {text!r}") from None
     if not values or min(values) < 1:
         raise SystemExit(f"{option} expects positive integers, got {text!r}")
+    return values
+
+
+def _fractions(text: str, option: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise SystemExit(f"{option} expects comma-separated numbers, got {text!r}") from None
+    if not values or not all(0 <= v <= 1 for v in values):
+        raise SystemExit(f"{option} expects fractions between 0 and 1, got {text!r}")
     return values
 
 
@@ -267,7 +279,8 @@ def run(args: argparse.Namespace, config: AgentConfig) -> int:
     if args.bench_cmd == "general":
         from bench import general
 
-        result = general.run(config, args.task, args.n, args.n_eval, Path(args.out))
+        fractions = _fractions(args.fractions, "--fractions") if args.fractions else None
+        result = general.run(config, args.task, args.n, args.n_eval, Path(args.out), fractions)
         sys.stdout.write((json.dumps(result, indent=2) if args.json else general.report(result)) + "\n")
         return 0
     if args.bench_cmd == "system2":

@@ -1,6 +1,6 @@
 """Teach the general adapter a task from imported examples, with the defaults, as a user would.
 
-    agent bench general [--task addition] [--n 300] [--n-eval 50] [--out bench/out/general]
+    agent bench general [--task addition] [--n 300] [--n-eval 50] [--fractions 0.1] [--out bench/out/general]
 
 1. A fresh data folder; the base model answers the general facts (``bench.live.FACTS``) and the task's held-out
    items (``eval``: operands seen in training; ``unseen``: operands never seen) with System 1;
@@ -12,12 +12,21 @@
    model answered right that are still right, also split by whether the fact's question is one of the shipped
    retention prompts the run trained on (facts it never trained on show what carries over).
 
+The bar (facts kept >= 0.9) counts each fact the base model's greedy answer gets right, and many of those are
+coin flips: the answer reaches its word only through a token whose two likeliest candidates tie at the serving
+dtype's resolution. Two measures say how much of the bar is that noise, with no adapter involved or with almost
+none: the same base weights in the other dtype (``numerics``: bfloat16 against float32), and the trained adapter
+with its update scaled down (``--fractions``: 0.1 keeps a tenth of every LoRA update, which learns almost
+nothing of the task). ``robust`` counts the facts kept among those the base model gets right in both dtypes.
+
 Writes ``results.json`` into ``--out``.
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -25,18 +34,74 @@ import time
 from pathlib import Path
 from typing import Any
 
+from safetensors.torch import load_file, save_file
+
 from agent import Agent, AgentConfig
+from agent.backends import serving_dtype
 from bench import evaluate
 from bench.live import FACTS
 from bench.tasks import TASKS
 
 
+def _facts_right(agent: Agent, adapter: str | None = None) -> tuple[list[bool], list[str]]:
+    facts = agent.system1_batch([f.question for f in FACTS], adapter=adapter, max_new_tokens=48)
+    return [f.known_in(c.text) for f, c in zip(FACTS, facts)], [c.text for c in facts]
+
+
 def _answers(agent: Agent, task, n_eval: int) -> dict[str, Any]:
-    facts = agent.system1_batch([f.question for f in FACTS], max_new_tokens=48)
+    right, texts = _facts_right(agent)
     seen = evaluate.system1(agent, task.eval[:n_eval], task.kind, desc="seen operands")
     unseen = evaluate.system1(agent, task.unseen[:n_eval], task.kind, desc="unseen operands")
-    return {"facts_right": [f.known_in(c.text) for f, c in zip(FACTS, facts)], "facts_text": [c.text for c in facts],
+    return {"facts_right": right, "facts_text": texts,
             "accuracy_seen": seen.accuracy, "accuracy_unseen": unseen.accuracy, "serving": agent.serving_version(None)}
+
+
+def _kept(before: list[bool], after: list[bool], among: list[bool] | None = None) -> dict[str, int]:
+    """How many facts right in ``before`` (and in ``among``) are still right in ``after``."""
+    right = [i for i, ok in enumerate(before) if ok and (among is None or among[i])]
+    return {"right_before": len(right), "kept": sum(after[i] for i in right)}
+
+
+def _other_numerics(config: AgentConfig, home: Path) -> dict[str, Any] | None:
+    """The base model's facts computed in the other CPU dtype (float32 against bfloat16): same weights, other
+    rounding. None on a backend whose dtype this bench does not switch (vLLM)."""
+    if config.backend != "hf":
+        return None
+    twin = copy.deepcopy(config)
+    twin.dtype = "float32" if serving_dtype(config) == "bfloat16" else "bfloat16"
+    twin.db, twin.adapters_dir = str(home / "numerics.db"), str(home / "numerics-adapters")
+    with Agent(twin) as agent:
+        right, texts = _facts_right(agent)
+    return {"dtype": twin.dtype, "facts_right": right, "facts_text": texts}
+
+
+def scaled_adapter(folder: Path, fraction: float, dest: Path) -> Path:
+    """A copy of the LoRA adapter in ``folder`` whose update is ``fraction`` of the original (every ``lora_B``
+    matrix scaled, so any backend that loads the adapter serves the scaled update)."""
+    dest.mkdir(parents=True)
+    for item in folder.iterdir():
+        if item.is_file() and item.name != "adapter_model.safetensors":
+            shutil.copy2(item, dest / item.name)
+    weights = load_file(str(folder / "adapter_model.safetensors"))
+    save_file({k: v * fraction if "lora_B" in k else v for k, v in weights.items()},
+              str(dest / "adapter_model.safetensors"))
+    return dest
+
+
+def _fractions(agent: Agent, task, n_eval: int, folder: Path, fractions: list[float], before: list[bool],
+               home: Path) -> list[dict[str, Any]]:
+    rows = []
+    for i, fraction in enumerate(fractions):
+        name = f"fraction-{i}"
+        agent.backend.load_adapter(name, str(scaled_adapter(folder, fraction, home / name)))
+        try:
+            right, texts = _facts_right(agent, adapter=name)
+            unseen = evaluate.system1(agent, task.unseen[:n_eval], task.kind, adapter=name, desc=f"x{fraction:g}")
+        finally:
+            agent.backend.unload_adapter(name)
+        rows.append({"fraction": fraction, **_kept(before, right), "accuracy_unseen": unseen.accuracy,
+                     "facts_text": texts})
+    return rows
 
 
 def _cli(config: AgentConfig, *args: str) -> str:
@@ -48,12 +113,14 @@ def _cli(config: AgentConfig, *args: str) -> str:
     return done.stdout
 
 
-def run(config: AgentConfig, task_name: str, n: int, n_eval: int, out: Path) -> dict[str, Any]:
+def run(config: AgentConfig, task_name: str, n: int, n_eval: int, out: Path,
+        fractions: list[float] | None = None) -> dict[str, Any]:
     task = TASKS[task_name](n_train=n, n_eval=n_eval)
     out.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"task": task.name, "n": n, "n_eval": n_eval, "model": config.model}
     with tempfile.TemporaryDirectory(prefix="s2agent-bench-general-") as home:
         config.db, config.adapters_dir = str(Path(home) / "agent.db"), str(Path(home) / "adapters")
+        numerics = _other_numerics(config, Path(home))
         with Agent(config) as agent:
             before = _answers(agent, task, n_eval)
             data = Path(home) / "examples.jsonl"
@@ -71,24 +138,30 @@ def run(config: AgentConfig, task_name: str, n: int, n_eval: int, out: Path) -> 
                 "n_train": adapter.n_train, **{k: adapter.metrics.get(k) for k in (
                     "retention", "retention_likelihood", "retention_kl", "holdout_accuracy_candidate",
                     "holdout_accuracy_serving", "status_reason")}}
-    right_before = [i for i, ok in enumerate(before["facts_right"]) if ok]
-    kept = sum(after["facts_right"][i] for i in right_before)
-    result.update(before=before, after=after, facts_right_before=len(right_before), facts_kept=kept,
-                  facts_kept_share=kept / len(right_before) if right_before else None)
+            result["fractions"] = _fractions(agent, task, n_eval, Path(adapter.path), fractions, before["facts_right"],
+                                             Path(home)) if adapter and fractions and Path(adapter.path).is_dir() else []
+    kept = _kept(before["facts_right"], after["facts_right"])
+    result.update(before=before, after=after, facts_right_before=kept["right_before"], facts_kept=kept["kept"],
+                  facts_kept_share=kept["kept"] / kept["right_before"] if kept["right_before"] else None)
     # the retention prompts the run trained on, as its adapter's metrics record them
-    trained_on = (adapter.metrics.get("retention_trained") or []) if adapter else []
-    trained = {p.strip().lower() for p in trained_on}
-    was_trained = [i for i in right_before if FACTS[i].question.strip().lower() in trained]
-    result["facts_in_retention_training"] = {"right_before": len(was_trained),
-                                             "kept": sum(after["facts_right"][i] for i in was_trained)}
+    trained = {p.strip().lower() for p in ((adapter.metrics.get("retention_trained") or []) if adapter else [])}
+    result["facts_in_retention_training"] = _kept(before["facts_right"], after["facts_right"],
+                                                  among=[f.question.strip().lower() in trained for f in FACTS])
+    if numerics is not None:
+        result["numerics"] = {**numerics, **_kept(before["facts_right"], numerics["facts_right"])}
+        result["robust"] = _kept(before["facts_right"], after["facts_right"], among=numerics["facts_right"])
     (out / "results.json").write_text(json.dumps(result, indent=2))
     return result
 
 
+def _share(kept: dict[str, int]) -> str:
+    return f"{kept['kept']} of {kept['right_before']}" + (
+        f" = {kept['kept'] / kept['right_before']:.2f}" if kept["right_before"] else "")
+
+
 def report(r: dict[str, Any]) -> str:
     a, b, adapter = r["after"], r["before"], r["adapter"] or {}
-    share = r["facts_kept_share"]
-    return "\n".join([
+    lines = [
         f"{r['task']}: {r['n']} correct examples imported untagged, then `agent consolidate` with the defaults "
         f"({r['consolidate_seconds']:.0f} s)",
         f"  {r['consolidate'].splitlines()[-1] if r['consolidate'] else ''}",
@@ -97,8 +170,15 @@ def report(r: dict[str, Any]) -> str:
         f"{adapter.get('retention_likelihood')}, text {adapter.get('retention')}",
         f"  System 1 on held-out items, seen operands: {b['accuracy_seen']:.2f} -> {a['accuracy_seen']:.2f}; "
         f"unseen operands: {b['accuracy_unseen']:.2f} -> {a['accuracy_unseen']:.2f}",
-        f"  general facts: {r['facts_right_before']} of {len(b['facts_right'])} right before, {r['facts_kept']} of them "
-        f"still right after = {share:.2f}; of them {r['facts_in_retention_training']['right_before']} are retention "
-        f"training prompts, {r['facts_in_retention_training']['kept']} kept" if share is not None
-        else "  general facts: none right before",
-    ])
+        f"  general facts: {r['facts_right_before']} of {len(b['facts_right'])} right before, still right after: "
+        f"{_share({'right_before': r['facts_right_before'], 'kept': r['facts_kept']})}; of them "
+        f"{r['facts_in_retention_training']['right_before']} are retention training prompts, "
+        f"{r['facts_in_retention_training']['kept']} kept",
+    ]
+    if "numerics" in r:
+        n = r["numerics"]
+        lines += [f"  the base model in {n['dtype']} (same weights, other rounding) gets {_share(n)} of them right",
+                  f"  facts the base model gets right in both dtypes, still right after: {_share(r['robust'])}"]
+    lines += [f"  the adapter at {f['fraction']:g} of its update: facts still right {_share(f)}; unseen operands "
+              f"{f['accuracy_unseen']:.2f}" for f in r.get("fractions", [])]
+    return "\n".join(lines)

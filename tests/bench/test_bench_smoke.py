@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from agent import AgentConfig
+from agent.backends import serving_dtype
 from bench import consolidation, contention, serving
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -73,7 +74,7 @@ def test_a_text_chunk_is_recognised_whatever_the_servers_json_spacing() -> None:
 def test_general_imports_with_the_cli_and_measures_before_and_after(tiny_model_dir: Path, tmp_path: Path) -> None:
     from bench import general
 
-    result = general.run(tiny(tiny_model_dir), "addition", n=40, n_eval=4, out=tmp_path / "out")
+    result = general.run(tiny(tiny_model_dir), "addition", n=40, n_eval=4, out=tmp_path / "out", fractions=[0.0, 1.0])
 
     assert result["import"].startswith("imported 40 examples")
     assert result["adapter"] is not None and result["adapter"]["scope"] is None  # the general adapter
@@ -81,7 +82,15 @@ def test_general_imports_with_the_cli_and_measures_before_and_after(tiny_model_d
     assert len(result["before"]["facts_right"]) == len(result["after"]["facts_right"]) > 20
     split = result["facts_in_retention_training"]  # the facts that are also retention training prompts
     assert 0 <= split["kept"] <= split["right_before"] <= result["facts_right_before"]
+    # the same base weights in the other dtype answer the same facts
+    assert result["numerics"]["dtype"] != serving_dtype(tiny(tiny_model_dir))
+    assert len(result["numerics"]["facts_text"]) == len(result["before"]["facts_text"])
+    assert result["robust"]["kept"] <= result["robust"]["right_before"] <= result["facts_right_before"]
+    none, whole = result["fractions"]
+    assert none["facts_text"] == result["before"]["facts_text"]  # no update at all answers as the base model
+    assert whole["facts_text"] == result["after"]["facts_text"] or result["adapter"]["status"] != "promoted"
     assert (tmp_path / "out" / "results.json").exists() and "general facts" in general.report(result)
+    assert "other rounding" in general.report(result) and "at 0 of its update" in general.report(result)
 
 
 def test_consolidation_trains_gates_and_times_the_swap(tiny_model_dir: Path) -> None:
