@@ -12,12 +12,12 @@
    model answered right that are still right, also split by whether the fact's question is one of the shipped
    retention prompts the run trained on (facts it never trained on show what carries over).
 
-The bar (facts kept >= 0.9) counts each fact the base model's greedy answer gets right, and many of those are
-coin flips: the answer reaches its word only through a token whose two likeliest candidates tie at the serving
-dtype's resolution. Two measures say how much of the bar is that noise, with no adapter involved or with almost
-none: the same base weights in the other dtype (``numerics``: bfloat16 against float32), and the trained adapter
-with its update scaled down (``--fractions``: 0.1 keeps a tenth of every LoRA update, which learns almost
-nothing of the task). ``robust`` counts the facts kept among those the base model gets right in both dtypes.
+The bar (facts kept >= 0.9) counts each fact the base model's greedy answer gets right, some of them by a coin
+flip: a 135M model's rambling answer can reach the word through a token its two likeliest candidates nearly
+tie on. Two measures say how much of the bar that is, with no adapter involved or almost none: the same base
+weights computed in the other dtype (``numerics``: float32 against bfloat16, other rounding only), and the
+trained adapter with its update scaled down (``--fractions``: 0.1 keeps a tenth of every LoRA update, which
+learns almost nothing of the task). ``robust`` counts the facts kept among those both dtypes get right.
 
 Writes ``results.json`` into ``--out``.
 """
