@@ -2,7 +2,8 @@
 
     agent bench general [--task addition] [--n 300] [--n-eval 50] [--fractions 0.1] [--out bench/out/general]
 
-1. A fresh data folder; the base model answers the general facts (``bench.live.FACTS``) and the task's held-out
+1. A fresh data folder; the base model answers the general facts (the live replay's 32, ``bench.live.FACTS``, and
+   96 more, ``bench.facts.MORE_FACTS``) and the task's held-out
    items (``eval``: operands seen in training; ``unseen``: operands never seen) with System 1;
 2. ``--n`` correct task examples are written as ``{"input", "target"}`` lines and imported *untagged* with the
    real CLI (``agent store import``), then ``agent consolidate`` trains, gates and (if the gate passes)
@@ -39,13 +40,19 @@ from safetensors.torch import load_file, save_file
 from agent import Agent, AgentConfig
 from agent.backends import serving_dtype
 from bench import evaluate
+from bench.facts import MORE_FACTS
 from bench.live import FACTS
 from bench.tasks import TASKS
 
 
+ALL_FACTS = (*FACTS, *MORE_FACTS)
+IN_REPLAY = [i < len(FACTS) for i in range(len(ALL_FACTS))]
+"""Which of ``ALL_FACTS`` are the live replay's: the set the facts bar was first measured on."""
+
+
 def _facts_right(agent: Agent, adapter: str | None = None) -> tuple[list[bool], list[str]]:
-    facts = agent.system1_batch([f.question for f in FACTS], adapter=adapter, max_new_tokens=48)
-    return [f.known_in(c.text) for f, c in zip(FACTS, facts)], [c.text for c in facts]
+    facts = agent.system1_batch([f.question for f in ALL_FACTS], adapter=adapter, max_new_tokens=48)
+    return [f.known_in(c.text) for f, c in zip(ALL_FACTS, facts)], [c.text for c in facts]
 
 
 def _answers(agent: Agent, task, n_eval: int) -> dict[str, Any]:
@@ -60,6 +67,11 @@ def _kept(before: list[bool], after: list[bool], among: list[bool] | None = None
     """How many facts right in ``before`` (and in ``among``) are still right in ``after``."""
     right = [i for i, ok in enumerate(before) if ok and (among is None or among[i])]
     return {"right_before": len(right), "kept": sum(after[i] for i in right)}
+
+
+def _kept_both(before: list[bool], after: list[bool]) -> dict[str, dict[str, int]]:
+    """:func:`_kept` on the live replay's facts and on all of them."""
+    return {"replay": _kept(before, after, among=IN_REPLAY), "all": _kept(before, after)}
 
 
 def _other_numerics(config: AgentConfig, home: Path) -> dict[str, Any] | None:
@@ -99,7 +111,7 @@ def _fractions(agent: Agent, task, n_eval: int, folder: Path, fractions: list[fl
             unseen = evaluate.system1(agent, task.unseen[:n_eval], task.kind, adapter=name, desc=f"x{fraction:g}")
         finally:
             agent.backend.unload_adapter(name)
-        rows.append({"fraction": fraction, **_kept(before, right), "accuracy_unseen": unseen.accuracy,
+        rows.append({"fraction": fraction, **_kept_both(before, right), "accuracy_unseen": unseen.accuracy,
                      "facts_text": texts})
     return rows
 
@@ -140,15 +152,16 @@ def run(config: AgentConfig, task_name: str, n: int, n_eval: int, out: Path,
                     "holdout_accuracy_serving", "status_reason")}}
             result["fractions"] = _fractions(agent, task, n_eval, Path(adapter.path), fractions, before["facts_right"],
                                              Path(home)) if adapter and fractions and Path(adapter.path).is_dir() else []
-    kept = _kept(before["facts_right"], after["facts_right"])
+    kept = _kept(before["facts_right"], after["facts_right"], among=IN_REPLAY)  # the bar's set, as first measured
     result.update(before=before, after=after, facts_right_before=kept["right_before"], facts_kept=kept["kept"],
-                  facts_kept_share=kept["kept"] / kept["right_before"] if kept["right_before"] else None)
+                  facts_kept_share=kept["kept"] / kept["right_before"] if kept["right_before"] else None,
+                  all_facts=_kept(before["facts_right"], after["facts_right"]))
     # the retention prompts the run trained on, as its adapter's metrics record them
     trained = {p.strip().lower() for p in ((adapter.metrics.get("retention_trained") or []) if adapter else [])}
     result["facts_in_retention_training"] = _kept(before["facts_right"], after["facts_right"],
-                                                  among=[f.question.strip().lower() in trained for f in FACTS])
+                                                  among=[f.question.strip().lower() in trained for f in ALL_FACTS])
     if numerics is not None:
-        result["numerics"] = {**numerics, **_kept(before["facts_right"], numerics["facts_right"])}
+        result["numerics"] = {**numerics, **_kept_both(before["facts_right"], numerics["facts_right"])}
         result["robust"] = _kept(before["facts_right"], after["facts_right"], among=numerics["facts_right"])
     (out / "results.json").write_text(json.dumps(result, indent=2))
     return result
@@ -170,15 +183,17 @@ def report(r: dict[str, Any]) -> str:
         f"{adapter.get('retention_likelihood')}, text {adapter.get('retention')}",
         f"  System 1 on held-out items, seen operands: {b['accuracy_seen']:.2f} -> {a['accuracy_seen']:.2f}; "
         f"unseen operands: {b['accuracy_unseen']:.2f} -> {a['accuracy_unseen']:.2f}",
-        f"  general facts: {r['facts_right_before']} of {len(b['facts_right'])} right before, still right after: "
-        f"{_share({'right_before': r['facts_right_before'], 'kept': r['facts_kept']})}; of them "
-        f"{r['facts_in_retention_training']['right_before']} are retention training prompts, "
-        f"{r['facts_in_retention_training']['kept']} kept",
+        f"  general facts: the live replay's {len(FACTS)}: {r['facts_right_before']} right before, still right after: "
+        f"{_share({'right_before': r['facts_right_before'], 'kept': r['facts_kept']})}; all {len(ALL_FACTS)}: "
+        f"{_share(r['all_facts'])}; {r['facts_in_retention_training']['right_before']} of them are retention training "
+        f"prompts, {r['facts_in_retention_training']['kept']} kept",
     ]
     if "numerics" in r:
         n = r["numerics"]
-        lines += [f"  the base model in {n['dtype']} (same weights, other rounding) gets {_share(n)} of them right",
+        lines += [f"  the base model in {n['dtype']} (same weights, other rounding) gets {_share(n['replay'])} of the "
+                  f"replay's right, {_share(n['all'])} of all",
                   f"  facts the base model gets right in both dtypes, still right after: {_share(r['robust'])}"]
-    lines += [f"  the adapter at {f['fraction']:g} of its update: facts still right {_share(f)}; unseen operands "
-              f"{f['accuracy_unseen']:.2f}" for f in r.get("fractions", [])]
+    lines += [f"  the adapter at {f['fraction']:g} of its update: facts still right {_share(f['replay'])} of the "
+              f"replay's, {_share(f['all'])} of all; unseen operands {f['accuracy_unseen']:.2f}"
+              for f in r.get("fractions", [])]
     return "\n".join(lines)

@@ -85,7 +85,8 @@ def test_general_imports_with_the_cli_and_measures_before_and_after(tiny_model_d
     # the same base weights in the other dtype answer the same facts
     assert result["numerics"]["dtype"] != serving_dtype(tiny(tiny_model_dir))
     assert len(result["numerics"]["facts_text"]) == len(result["before"]["facts_text"])
-    assert result["robust"]["kept"] <= result["robust"]["right_before"] <= result["facts_right_before"]
+    assert result["robust"]["kept"] <= result["robust"]["right_before"] <= result["all_facts"]["right_before"]
+    assert result["facts_right_before"] <= result["all_facts"]["right_before"]  # the replay's facts are among all
     none, whole = result["fractions"]
     assert none["facts_text"] == result["before"]["facts_text"]  # no update at all answers as the base model
     assert whole["facts_text"] == result["after"]["facts_text"] or result["adapter"]["status"] != "promoted"
