@@ -278,10 +278,17 @@ def test_clients_that_hang_up_do_no_harm(server, http, agent, caplog):
                                               "max_tokens": 32, "s2agent": {"route": "system1"}}) as response:
                 assert response.status_code == 200
                 next(response.iter_lines())
-        # Whether the server notices the hang-up depends on timing (a short answer may be fully written
-        # first); what must hold is that the work is not lost and the server keeps serving.
+        # Whether the server notices the first hang-up depends on timing: noticed, System 2 is dropped at its
+        # next step and the 499 logged, with nothing recorded (`Agent.answer` records no cancelled answer);
+        # not noticed (a fast System 2), the answer is recorded as usual. One of the two must happen, and the
+        # server keeps serving either way.
+        def settled() -> bool:
+            cancelled = any(" 499 " in r.getMessage() and "client disconnected" in r.getMessage()
+                            for r in caplog.records)
+            return cancelled or any(i.input == question for i in agent.store.list_interactions(limit=50))
+
         deadline = time.monotonic() + 30
-        while not any(i.input == question for i in agent.store.list_interactions(limit=50)):
+        while not settled():
             assert time.monotonic() < deadline, [r.getMessage() for r in caplog.records]
             time.sleep(0.05)
         assert http.post(CHAT, json={"model": "default", "messages": ask("still there?")}).status_code == 200
