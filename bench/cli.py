@@ -13,7 +13,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from agent import AgentConfig
 
@@ -127,24 +127,23 @@ def build_parser(prog: str = "agent bench") -> argparse.ArgumentParser:
     return parser
 
 
-def _positive_ints(text: str, option: str) -> list[int]:
+def _numbers(text: str, option: str, parse: Callable[[str], float], ok: Callable[[float], bool], what: str) -> list:
+    """``option``'s comma-separated values, each parsed and checked; an error naming the option otherwise."""
     try:
-        values = [int(v) for v in text.split(",") if v.strip()]
+        values = [parse(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise SystemExit(f"{option} expects comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise SystemExit(f"{option} expects positive integers, got {text!r}")
+        raise SystemExit(f"{option} expects comma-separated {what}, got {text!r}") from None
+    if not values or not all(ok(v) for v in values):
+        raise SystemExit(f"{option} expects comma-separated {what}, got {text!r}")
     return values
+
+
+def _positive_ints(text: str, option: str) -> list[int]:
+    return _numbers(text, option, int, lambda v: v >= 1, "positive integers")
 
 
 def _fractions(text: str, option: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise SystemExit(f"{option} expects comma-separated numbers, got {text!r}") from None
-    if not values or not all(0 <= v <= 1 for v in values):
-        raise SystemExit(f"{option} expects fractions between 0 and 1, got {text!r}")
-    return values
+    return _numbers(text, option, float, lambda v: 0 <= v <= 1, "fractions between 0 and 1")
 
 
 def _add_paper(sub) -> None:
