@@ -132,7 +132,7 @@ def _numbers(text: str, option: str, parse: Callable[[str], float], ok: Callable
     try:
         values = [parse(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise SystemExit(f"{option} expects comma-separated {what}, got {text!r}") from None
+        values = []
     if not values or not all(ok(v) for v in values):
         raise SystemExit(f"{option} expects comma-separated {what}, got {text!r}")
     return values
