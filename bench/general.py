@@ -39,7 +39,7 @@ from safetensors.torch import load_file, save_file
 
 from agent import Agent, AgentConfig
 from agent.backends import serving_dtype
-from bench import evaluate
+from bench import evaluate, machine
 from bench.facts import MORE_FACTS
 from bench.live import FACTS
 from bench.tasks import TASKS
@@ -129,7 +129,8 @@ def run(config: AgentConfig, task_name: str, n: int, n_eval: int, out: Path,
         fractions: list[float] | None = None) -> dict[str, Any]:
     task = TASKS[task_name](n_train=n, n_eval=n_eval)
     out.mkdir(parents=True, exist_ok=True)
-    result: dict[str, Any] = {"task": task.name, "n": n, "n_eval": n_eval, "model": config.model}
+    result: dict[str, Any] = {"task": task.name, "n": n, "n_eval": n_eval, "model": config.model,
+                              "machine": machine.describe()}
     with tempfile.TemporaryDirectory(prefix="s2agent-bench-general-") as home:
         config.db, config.adapters_dir = str(Path(home) / "agent.db"), str(Path(home) / "adapters")
         numerics = _other_numerics(config, Path(home))
@@ -176,7 +177,8 @@ def report(r: dict[str, Any]) -> str:
     a, b, adapter = r["after"], r["before"], r["adapter"] or {}
     lines = [
         f"{r['task']}: {r['n']} correct examples imported untagged, then `agent consolidate` with the defaults "
-        f"({r['consolidate_seconds']:.0f} s)",
+        f"({r['consolidate_seconds']:.0f} s) on {r['machine']['cpu']}, torch {r['machine']['torch']} "
+        f"({r['machine']['torch_cpu_capability']})",
         f"  {r['consolidate'].splitlines()[-1] if r['consolidate'] else ''}",
         f"  general adapter: v{adapter.get('version')} {adapter.get('status')}, serving after: "
         f"{'v' + str(a['serving']) if a['serving'] else 'the base model'}; retention likelihood "

@@ -92,6 +92,8 @@ def test_general_imports_with_the_cli_and_measures_before_and_after(tiny_model_d
     assert whole["facts_text"] == result["after"]["facts_text"] or result["adapter"]["status"] != "promoted"
     assert (tmp_path / "out" / "results.json").exists() and "general facts" in general.report(result)
     assert "other rounding" in general.report(result) and "at 0 of its update" in general.report(result)
+    machine = result["machine"]  # greedy answers depend on the machine: the results say which one
+    assert machine["cpus"] >= 1 and machine["cpu"] and machine["torch"] in general.report(result)
 
 
 def test_consolidation_trains_gates_and_times_the_swap(tiny_model_dir: Path) -> None:

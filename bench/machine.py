@@ -1,0 +1,31 @@
+"""What a benchmark ran on, written into its results: greedy answers depend on it.
+
+The same code and weights give different greedy answers on two machines of one kind: the embedded model in
+bfloat16 answered 53 of the 128 general facts of ``agent bench general`` differently on two 2-core
+machines (the CPU kernels round differently), so its runs compare only on one machine.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+
+def _cpu_model() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def describe() -> dict[str, Any]:
+    """The CPU, how many cores, the kernels torch picked for it, and the library versions."""
+    import torch
+    import transformers
+
+    return {"cpu": _cpu_model(), "cpus": os.cpu_count(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
