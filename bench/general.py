@@ -20,7 +20,8 @@ weights computed in the other dtype (``numerics``: float32 against bfloat16, oth
 trained adapter with its update scaled down (``--fractions``: 0.1 keeps a tenth of every LoRA update, which
 learns almost nothing of the task). ``robust`` counts the facts kept among those both dtypes get right.
 
-Writes ``results.json`` into ``--out``.
+Writes ``results.json`` into ``--out``, with the machine it ran on (:mod:`bench.machine`): greedy answers, and so
+the facts a base model gets right, differ between machines.
 """
 
 from __future__ import annotations
