@@ -1,8 +1,8 @@
 """What a benchmark ran on, written into its results: greedy answers depend on it.
 
 The same code and weights can give different greedy answers on two machines: the embedded model in bfloat16
-answered 53 of the 128 general facts of ``agent bench general`` differently on two 2-core machines (other
-CPUs, whose kernels round differently; library versions were not recorded then), so its runs compare only on
+answered 53 of the 128 general facts of ``agent bench general`` differently on two 2-core machines (likely
+their CPU kernels rounding differently; library versions were not recorded then), so its runs compare only on
 one machine, and the results say which.
 """
 
