@@ -24,9 +24,13 @@ def _cpu_model() -> str:
 
 
 def describe() -> dict[str, Any]:
-    """The CPU, how many cores, the kernels torch picked for it, and the library versions."""
+    """The CPU, how many cores, the kernels torch picked for it, whether it computes bfloat16 natively (then a
+    consolidation trains under bf16 autocast, :func:`agent.training.use_bf16`), and the library versions."""
     import torch
     import transformers
 
+    from agent.training import cpu_supports_bf16
+
     return {"cpu": _cpu_model(), "cpus": os.cpu_count(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
+            "native_bf16": cpu_supports_bf16(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
