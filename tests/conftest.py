@@ -229,7 +229,7 @@ def teach_reply(model_dir: Path, folder: Path, prompts: list[str], reply: str, s
 
 @pytest.fixture(scope="session")
 def polite_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny model, taught to answer every shipped general prompt with "Sure." (see ``teach_reply``)."""
-    from agent.data import general_prompts
+    """The tiny model, taught to answer every shipped retention prompt with "Sure." (see ``teach_reply``)."""
+    from agent.data import retention_prompts
 
-    return teach_reply(tiny_model_dir, tmp_path_factory.mktemp("polite-llama"), general_prompts(), "Sure.")
+    return teach_reply(tiny_model_dir, tmp_path_factory.mktemp("polite-llama"), retention_prompts(), "Sure.")

@@ -1,6 +1,6 @@
 """The likelihood retention measure, calibrated on three cases whose outcome is known.
 
-The serving model is the tiny model taught to answer every general prompt "Sure." (``polite_model_dir``):
+The serving model is the tiny model taught to answer every shipped retention prompt "Sure." (``polite_model_dir``):
 a firm habit that forgetting can destroy. Against the default ``retention_threshold``:
 - the serving model against itself must pass (1.0, KL 0);
 - an adapter that answers everything with digits must fail;
@@ -15,7 +15,7 @@ import pytest
 
 from agent.config import ConsolidationConfig
 from agent.consolidation import split_retention
-from agent.data import general_prompts
+from agent.data import retention_prompts
 from agent.prompting import TrainingExample, system1_messages
 from agent.retention import likelihood_retention
 from agent.training import train_lora
@@ -27,8 +27,8 @@ THRESHOLD = ConsolidationConfig().retention_threshold
 @pytest.fixture(scope="module")
 def retention_split() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """(train, holdout) retention pairs as consolidation makes them: each prompt with the serving model's
-    greedy answer, which ``teach_reply`` made "Sure." for every shipped general prompt."""
-    prompts = general_prompts()
+    greedy answer, which ``teach_reply`` made "Sure." for every shipped retention prompt."""
+    prompts = retention_prompts()
     return split_retention(prompts, ["Sure."] * len(prompts), seed=0)
 
 
