@@ -45,11 +45,11 @@ from agent.answer_cache import AnswerCache, model_identity
 from agent.auth import OPERATOR_SOURCES, KeyRing
 from agent.backends import Backend, Completion, serving_dtype
 from agent.config import AgentConfig
-from agent.data import general_prompts
+from agent.data import retention_prompts
 from agent.errors import ConfigError, ConsolidationInterrupted
 from agent.prompting import TrainingExample, system1_messages
 from agent.retention import likelihood_retention
-from agent.training import TrainingDiverged, train_lora, training_device
+from agent.training import TrainingDiverged, scale_update, train_lora, training_device
 from agent.variations import Variations, make_variations, solved, vocabulary
 from policies.answers import answers_match, normalise, similarity
 from policies.routing import MIN_CALIBRATION_RECORDS, logprob_confidence, takeover_threshold
@@ -297,13 +297,16 @@ def _consolidate_locked(agent: Learner, owner, scope, dry_run, min_examples, epo
             if on_step:
                 on_step(i, total, loss)
 
+        # never from an adapter flagged by `store purge`: it learned from examples taken back
+        resume_from = serving_folder if (cfg.resume and serving and not serving.needs_retrain) else None
         stats = train_lora(
-            agent.model_path, examples, cfg, tmp,
-            # never from an adapter flagged by `store purge`: it learned from examples taken back
-            resume_from=serving_folder if (cfg.resume and serving and not serving.needs_retrain) else None,
+            agent.model_path, examples, cfg, tmp, resume_from=resume_from,
             system_prompt=system_prompt, epochs=epochs, on_step=step if not progress else _progress(step),
             kl_examples=[TrainingExample(system1_messages(p), a) for p, a in retention_kl_pairs],
         )
+        if scope is None and resume_from is None and cfg.general_update_scale != 1:
+            scale_update(tmp, cfg.general_update_scale)
+            report.metrics["update_scale"] = cfg.general_update_scale
         report.metrics.update(train_steps=stats.steps, train_seconds=round(stats.seconds, 2),
                               first_loss=stats.first_loss, last_loss=stats.last_loss, bf16=stats.bf16,
                               n_train=len(examples) - stats.n_dropped, n_dropped_too_long=stats.n_dropped,
@@ -396,11 +399,11 @@ def _next_version(agent: Learner) -> int:
 
 
 def _retention_inputs(agent: Learner, cfg) -> list[str]:
-    """Confident System 1 inputs from across the store's history, then the shipped general prompts."""
+    """Confident System 1 inputs from across the store's history, then the shipped retention prompts."""
     history = agent.confident_history(cfg.retention_prompts // 2, seed=cfg.seed)
     seen: set[str] = set()
     inputs: list[str] = []
-    for text in [i.input for i in history] + general_prompts():
+    for text in [i.input for i in history] + retention_prompts():
         key = text.strip().lower()
         if key not in seen:
             seen.add(key)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,6 +152,28 @@ def train_lora(
     logger.info("trained %d steps in %.1f s on %s (loss %.3f -> %.3f, bf16=%s)", step, seconds, device, first, last,
                 bf16)
     return TrainingStats(step, n_epochs, first, last, seconds, bf16, n_dropped, n_truncated, last_kl)
+
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def scale_update(folder: Path, fraction: float, dest: Path | None = None) -> Path:
+    """Make the LoRA adapter in ``folder`` (or a copy of it in ``dest``) carry ``fraction`` of its update.
+
+    Every ``lora_B`` matrix is scaled, so the adapter's weight change ``B @ A`` is too, and any backend that
+    loads the files serves the scaled update: a point on the straight line between the base model and the
+    trained one (weight-space interpolation, as WiSE-FT, Wortsman et al. 2022, does for whole models)."""
+    from safetensors.torch import load_file, save_file
+
+    if dest is not None:
+        dest.mkdir(parents=True)
+        for item in folder.iterdir():
+            if item.is_file() and item.name != ADAPTER_WEIGHTS:
+                shutil.copy2(item, dest / item.name)
+    target = dest if dest is not None else folder
+    weights = load_file(str(folder / ADAPTER_WEIGHTS))
+    save_file({k: v * fraction if "lora_B" in k else v for k, v in weights.items()}, str(target / ADAPTER_WEIGHTS))
+    return target
 
 
 def encode_examples(tokenizer, examples: Sequence[TrainingExample], max_length: int,

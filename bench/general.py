@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -36,10 +35,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file, save_file
-
 from agent import Agent, AgentConfig
 from agent.backends import serving_dtype
+from agent.training import scale_update
 from bench import evaluate, machine
 from bench.facts import MORE_FACTS
 from bench.live import FACTS
@@ -88,25 +86,12 @@ def _other_numerics(config: AgentConfig, home: Path) -> dict[str, Any] | None:
     return {"dtype": twin.dtype, "facts_right": right, "facts_text": texts}
 
 
-def scaled_adapter(folder: Path, fraction: float, dest: Path) -> Path:
-    """A copy of the LoRA adapter in ``folder`` whose update is ``fraction`` of the original (every ``lora_B``
-    matrix scaled, so any backend that loads the adapter serves the scaled update)."""
-    dest.mkdir(parents=True)
-    for item in folder.iterdir():
-        if item.is_file() and item.name != "adapter_model.safetensors":
-            shutil.copy2(item, dest / item.name)
-    weights = load_file(str(folder / "adapter_model.safetensors"))
-    save_file({k: v * fraction if "lora_B" in k else v for k, v in weights.items()},
-              str(dest / "adapter_model.safetensors"))
-    return dest
-
-
 def _fractions(agent: Agent, task, n_eval: int, folder: Path, fractions: list[float], before: list[bool],
                home: Path) -> list[dict[str, Any]]:
     rows = []
     for i, fraction in enumerate(fractions):
         name = f"fraction-{i}"
-        agent.backend.load_adapter(name, str(scaled_adapter(folder, fraction, home / name)))
+        agent.backend.load_adapter(name, str(scale_update(folder, fraction, home / name)))
         try:
             right, texts = _facts_right(agent, adapter=name)
             unseen = evaluate.system1(agent, task.unseen[:n_eval], task.kind, adapter=name, desc=f"x{fraction:g}")

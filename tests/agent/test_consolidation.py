@@ -7,7 +7,11 @@ now served with it, answers as System 2 taught.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
+import torch
+from safetensors.torch import load_file
 from sqlalchemy import text
 
 from agent import Agent
@@ -132,6 +136,29 @@ def test_an_adapter_unsure_at_promotion_takes_over_as_system2_confirms_its_answe
         text = Metrics().render(store_snapshot(agent))
         assert f's2agent_takeover_threshold{{scope="general"}} {routes[-1].confidence}' in text
         assert 's2agent_takeover_records{scope="general"} 10' in text
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # about the adapter's weights, not the store
+def test_the_general_adapter_serves_the_configured_share_of_its_update(learning_config, tmp_path):
+    """The same run at ``general_update_scale`` 1 and 0.5: the same ``lora_A``, half of every ``lora_B``, so
+    half of every layer's weight change ``B @ A``; the gate and serving see the scaled adapter."""
+    weights = {}
+    for scale in (1.0, 0.5):
+        config = copy.deepcopy(learning_config)
+        config.db, config.adapters_dir = str(tmp_path / f"{scale}.db"), str(tmp_path / f"adapters-{scale}")
+        config.consolidation.general_update_scale = scale
+        with Agent(config) as agent:
+            for q in TAUGHT:
+                agent.store.add_example(q, "85", method="arith", agreement=1.0)
+            report = agent.consolidate()
+            assert report.status == "promoted", report.reason
+            assert report.metrics.get("update_scale") == (None if scale == 1.0 else 0.5)
+            weights[scale] = load_file(str(config.adapters_path() / "v1" / "adapter_model.safetensors"))
+    whole, half = weights[1.0], weights[0.5]
+    assert whole.keys() == half.keys() and any("lora_B" in k for k in whole)
+    for key in whole:
+        expected = whole[key] * 0.5 if "lora_B" in key else whole[key]
+        assert torch.allclose(half[key], expected, atol=1e-6), key
 
 
 def test_dry_run_and_min_examples_change_nothing(learning_config):
