@@ -446,11 +446,13 @@ class Pace:
         self._next = time.monotonic()
         self._lock = threading.Lock()
 
-    def wait(self) -> None:
+    def wait(self) -> float:
+        """Sleep until this request's start; returns that start (``time.monotonic()``)."""
         with self._lock:
             start = max(self._next, time.monotonic())
             self._next = start + self.interval_s
         time.sleep(max(0.0, start - time.monotonic()))
+        return start
 
 
 class Client:
