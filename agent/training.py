@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from agent.backends.base import ADAPTER_WEIGHTS
 from agent.config import ConsolidationConfig
 from agent.errors import TrainingDiverged
 from agent.prompting import IGNORE_INDEX, TrainingExample, encode_example
@@ -152,9 +153,6 @@ def train_lora(
     logger.info("trained %d steps in %.1f s on %s (loss %.3f -> %.3f, bf16=%s)", step, seconds, device, first, last,
                 bf16)
     return TrainingStats(step, n_epochs, first, last, seconds, bf16, n_dropped, n_truncated, last_kl)
-
-
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 def scale_update(folder: Path, fraction: float, dest: Path | None = None) -> Path:

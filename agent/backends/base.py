@@ -112,15 +112,19 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+"""The weights file of a PEFT adapter folder, beside ``adapter_config.json``."""
+
+
 def validate_adapter_dir(path: str | Path) -> None:
     """Refuse a missing, incomplete or corrupted adapter folder before it reaches PEFT."""
     folder = Path(path)
     config = folder / "adapter_config.json"
-    weights = folder / "adapter_model.safetensors"
+    weights = folder / ADAPTER_WEIGHTS
     if not folder.is_dir():
         raise AdapterError(f"adapter folder {folder} does not exist")
     if not config.is_file() or not weights.is_file():
-        raise AdapterError(f"adapter folder {folder} is incomplete: needs adapter_config.json and adapter_model.safetensors")
+        raise AdapterError(f"adapter folder {folder} is incomplete: needs adapter_config.json and {ADAPTER_WEIGHTS}")
     try:
         json.loads(config.read_text())
     except (OSError, ValueError) as exc:
